@@ -1,0 +1,50 @@
+# Everything a fresh machine needs comes from here: system packages, the venv, the pins.
+SHELL := /bin/bash
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+WORK ?= work
+PRESET ?= default
+MODEL ?= tdnn
+APT_PACKAGES := espeak-ng flite sox
+TORCH_PIN := torch==2.13.0
+
+.PHONY: run test lint sysdeps venv clean
+
+sysdeps:
+	@missing=""; for c in espeak-ng flite sox; do command -v $$c >/dev/null || missing="$$missing $$c"; done; \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" = 0 ]; then \
+	    echo "installing system packages:$$missing"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(APT_PACKAGES) >/dev/null; \
+	  else echo "missing system packages:$$missing (run: sudo apt-get install $(APT_PACKAGES))"; exit 1; fi; \
+	fi
+
+$(BIN)/python:
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+
+# torch first, from the pinned CPU wheel, so nothing later resolves a CUDA build.
+$(VENV)/.stamp-install: pyproject.toml | $(BIN)/python
+	$(BIN)/pip install -q $(TORCH_PIN)
+	$(BIN)/pip install -q -e '.[dev]'
+	$(BIN)/python -c "import torch, tvm, tvm_ffi; print('torch', torch.__version__, '| tvm', tvm.__version__)"
+	touch $@
+
+venv: $(VENV)/.stamp-install
+
+run: sysdeps venv
+	$(BIN)/voxfit data make --preset $(PRESET) --out $(WORK)/corpus
+	$(BIN)/voxfit train --preset $(PRESET) --model $(MODEL) --corpus-dir $(WORK)/corpus --out $(WORK)/models
+	$(BIN)/python benchmarks/foundation.py --preset $(PRESET) --model $(MODEL) --work $(WORK)
+
+lint: venv
+	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/ruff format --check src tests benchmarks
+	$(BIN)/mypy
+
+test: sysdeps venv lint
+	$(BIN)/pytest -q
+
+clean:
+	rm -rf $(WORK) .pytest_cache .ruff_cache .mypy_cache

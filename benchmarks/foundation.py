@@ -1,0 +1,87 @@
+"""Foundation figures: corpus -> base model -> dev PER and per-speaker adaptation gain.
+
+Runs (or reuses, by content hash) the same steps as `voxfit data make` and `voxfit train`,
+then writes ``benchmarks/results/foundation.json`` and prints the figures as a table.
+
+    python benchmarks/foundation.py --preset default --model tdnn --work work
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+import torch
+
+from voxfit import __version__
+from voxfit.cli import print_report
+from voxfit.data import FeatureStore, load_manifest, make_corpus, preset
+from voxfit.train import adapt_preset, evaluate_cached, load_checkpoint, train_cached, train_preset
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--preset", default="default", choices=["tiny", "default"])
+    ap.add_argument("--model", default="tdnn", choices=["tdnn", "conformer"])
+    ap.add_argument("--work", type=Path, default=Path("work"))
+    ap.add_argument(
+        "--out", type=Path, default=Path(__file__).parent / "results" / "foundation.json"
+    )
+    args = ap.parse_args(argv)
+
+    t0 = time.monotonic()
+    manifest = load_manifest(make_corpus(preset(args.preset), args.work / "corpus"))
+    store = FeatureStore(manifest, args.work / "models" / "features")
+    path = train_cached(
+        manifest, store, args.model, args.preset, train_preset(args.preset), args.work / "models"
+    )
+    report = evaluate_cached(load_checkpoint(path), manifest, store, adapt_preset(args.preset))
+    print_report(report)
+    result = {
+        "dev_per": round(report.dev_per, 3),
+        "heldout_per_before": round(report.heldout_per_before, 3),
+        "heldout_per_after": round(report.heldout_per_after, 3),
+        "relative_reduction": round(report.relative_reduction, 4),
+        "adapter_param_fraction": round(report.adapter_param_fraction, 5),
+        "train_minutes": round(report.train_minutes, 2),
+        "n_train_speakers": report.n_train_speakers,
+        "n_heldout_speakers": report.n_heldout_speakers,
+        "n_params": report.n_params,
+        "adapter_params": report.adapter_params,
+        "adapt_seconds": round(report.adapt_seconds, 1),
+        "per_speaker": [
+            {
+                "speaker": r.speaker,
+                "per_before": round(r.per_before, 3),
+                "per_after": round(r.per_after, 3),
+            }
+            for r in report.speakers
+        ],
+        "preset": args.preset,
+        "model": args.model,
+        "corpus": manifest.source.parent.name,
+        "checkpoint": str(path),
+        "provenance": {
+            "voxfit": __version__,
+            "torch": str(torch.__version__),
+            "python": platform.python_version(),
+            "machine": platform.machine(),
+            "cpus": len(os.sched_getaffinity(0)),
+            "date": datetime.now(UTC).isoformat(timespec="seconds"),
+            "script_seconds": round(time.monotonic() - t0, 1),
+        },
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,199 @@
+"""The ``voxfit`` command line (typer). User errors print one line and exit 2."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated
+
+import typer
+from rich.console import Console
+from rich.logging import RichHandler
+from rich.table import Table
+
+from voxfit.errors import VoxfitError
+
+if TYPE_CHECKING:
+    from voxfit.data import Manifest
+    from voxfit.train import FoundationReport
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
+data_app = typer.Typer(no_args_is_help=True, help="Make or inspect the speech corpus.")
+app.add_typer(data_app, name="data")
+console = Console()
+err = Console(stderr=True)
+
+
+def _setup_logging(verbose: bool) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(message)s",
+        handlers=[RichHandler(console=err, show_path=False, show_time=False)],
+        force=True,
+    )
+
+
+Verbose = Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging.")]
+Preset = Annotated[str, typer.Option(help="Size preset: tiny (tests) or default.")]
+
+
+@data_app.command("make")
+def data_make(
+    preset: Preset = "default",
+    out: Annotated[
+        Path, typer.Option(help="Folder for corpora (one subfolder per settings hash).")
+    ] = Path("work/corpus"),
+    seed: Annotated[int, typer.Option(help="Corpus seed.")] = 0,
+    workers: Annotated[int, typer.Option(min=1, help="Parallel synthesis processes.")] = 2,
+    verbose: Verbose = False,
+) -> None:
+    """Synthesize the multi-speaker corpus (cached by a hash of its settings; resumable)."""
+    from voxfit.data import load_manifest, make_corpus
+    from voxfit.data import preset as corpus_preset
+
+    _setup_logging(verbose)
+    manifest_path = make_corpus(corpus_preset(preset, seed), out, workers=workers)
+    _print_corpus(load_manifest(manifest_path))
+    console.print(f"manifest: {manifest_path}")
+
+
+def _print_corpus(manifest: Manifest) -> None:
+    from voxfit.data import SPLITS
+
+    t = Table(title=f"corpus {manifest.source.parent.name}")
+    for col in ("split", "speakers", "utterances", "hours"):
+        t.add_column(col, justify="right" if col != "split" else "left")
+    for s in SPLITS:
+        utts = manifest.split(s)
+        hours = sum(u.duration_s for u in utts) / 3600
+        t.add_row(s, str(len(manifest.speakers(s))), str(len(utts)), f"{hours:.2f}")
+    console.print(t)
+
+
+def _resolve_manifest(manifest: Path | None, preset: str, corpus_dir: Path) -> Path:
+    from voxfit.data import make_corpus
+    from voxfit.data import preset as corpus_preset
+
+    if manifest is not None:
+        return manifest
+    return make_corpus(corpus_preset(preset), corpus_dir)
+
+
+@app.command()
+def train(
+    preset: Preset = "default",
+    model: Annotated[str, typer.Option(help="Model family member: tdnn or conformer.")] = "tdnn",
+    manifest: Annotated[
+        Path | None,
+        typer.Option(
+            help="Your own corpus manifest (JSONL); default: the preset's synthesized corpus."
+        ),
+    ] = None,
+    corpus_dir: Annotated[Path, typer.Option(help="Where `voxfit data make` put corpora.")] = Path(
+        "work/corpus"
+    ),
+    out: Annotated[Path, typer.Option(help="Folder for models and feature caches.")] = Path(
+        "work/models"
+    ),
+    max_minutes: Annotated[float | None, typer.Option(help="Cap on training wall time.")] = None,
+    epochs: Annotated[
+        int | None, typer.Option(min=1, help="Override the preset's epochs.")
+    ] = None,
+    verbose: Verbose = False,
+) -> None:
+    """Train the base model (cached), then report dev PER and per-speaker adaptation gain."""
+    from dataclasses import replace
+
+    from voxfit.data import FeatureStore, load_manifest
+    from voxfit.train import (
+        adapt_preset,
+        evaluate_cached,
+        load_checkpoint,
+        train_cached,
+        train_preset,
+    )
+
+    _setup_logging(verbose)
+    if model not in ("tdnn", "conformer"):
+        raise typer.BadParameter(f"{model!r} (choose tdnn or conformer)", param_hint="--model")
+    man = load_manifest(_resolve_manifest(manifest, preset, corpus_dir))
+    store = FeatureStore(man, out / "features")
+    cfg = train_preset(preset)
+    if max_minutes is not None:
+        cfg = replace(cfg, max_minutes=max_minutes)
+    if epochs is not None:
+        cfg = replace(cfg, epochs=epochs)
+    path = train_cached(man, store, model, preset, cfg, out)
+    console.print(f"checkpoint: {path}")
+    report = evaluate_cached(load_checkpoint(path), man, store, adapt_preset(preset))
+    print_report(report)
+
+
+@app.command("evaluate")
+def evaluate_cmd(
+    checkpoint: Annotated[Path, typer.Argument(help="checkpoint.pt written by `voxfit train`.")],
+    manifest: Annotated[Path, typer.Option(help="Corpus manifest with dev/adapt/eval splits.")],
+    preset: Annotated[str, typer.Option(help="Adaptation preset: tiny or default.")] = "default",
+    out: Annotated[Path, typer.Option(help="Folder for the feature cache.")] = Path("work/models"),
+    verbose: Verbose = False,
+) -> None:
+    """Dev PER and per held-out speaker PER before/after adapter-only adaptation."""
+    from voxfit.data import FeatureStore, load_manifest
+    from voxfit.train import adapt_preset, evaluate_cached, load_checkpoint
+
+    _setup_logging(verbose)
+    man = load_manifest(manifest)
+    report = evaluate_cached(
+        load_checkpoint(checkpoint), man, FeatureStore(man, out / "features"), adapt_preset(preset)
+    )
+    print_report(report)
+
+
+def print_report(report: FoundationReport) -> None:
+    """The foundation figures as two tables: per speaker and summary."""
+    t = Table(title="held-out speakers: PER (%) on their eval set")
+    for col in ("speaker", "adapt utts", "eval utts", "before", "after", "relative gain"):
+        t.add_column(col, justify="left" if col == "speaker" else "right")
+    for r in report.speakers:
+        gain = (r.per_before - r.per_after) / r.per_before if r.per_before else 0.0
+        t.add_row(
+            r.speaker,
+            str(r.n_adapt),
+            str(r.n_eval),
+            f"{r.per_before:.2f}",
+            f"{r.per_after:.2f}",
+            f"{100 * gain:.1f}%",
+        )
+    console.print(t)
+    s = Table(title="foundation summary")
+    s.add_column("figure")
+    s.add_column("value", justify="right")
+    for name, value in (
+        ("dev PER (%)", f"{report.dev_per:.2f}"),
+        ("held-out PER before adaptation (%, mean)", f"{report.heldout_per_before:.2f}"),
+        ("held-out PER after adaptation (%, mean)", f"{report.heldout_per_after:.2f}"),
+        ("relative PER reduction", f"{100 * report.relative_reduction:.1f}%"),
+        (
+            "adapter params / base params",
+            f"{report.adapter_params} / {report.n_params} "
+            f"({100 * report.adapter_param_fraction:.2f}%)",
+        ),
+        ("train minutes", f"{report.train_minutes:.1f}"),
+        ("adaptation seconds (all speakers)", f"{report.adapt_seconds:.0f}"),
+        (
+            "training / held-out speakers",
+            f"{report.n_train_speakers} / {report.n_heldout_speakers}",
+        ),
+    ):
+        s.add_row(name, value)
+    console.print(s)
+
+
+def main() -> None:
+    """Entry point: user errors become one line on stderr and exit code 2."""
+    try:
+        app()
+    except VoxfitError as e:
+        err.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+        sys.exit(2)

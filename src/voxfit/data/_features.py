@@ -1,0 +1,166 @@
+"""80-dim log-mel filterbank features in plain torch, cached per manifest.
+
+torchaudio cannot be installed beside torch 2.13, so the STFT and mel filters are computed
+here. Features are normalized per utterance (zero mean, unit variance per mel bin) so
+loudness and channel differences between engines do not become speaker identity.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
+
+from voxfit.data._manifest import Manifest, Utterance, read_wav
+from voxfit.errors import DataError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class FeatureConfig:
+    """Log-mel settings. Window and hop are in samples at ``sample_rate_hz``."""
+
+    sample_rate_hz: int = 16000
+    n_mels: int = 80
+    n_fft: int = 512
+    win_samples: int = 400  # 25 ms
+    hop_samples: int = 160  # 10 ms
+    fmin_hz: float = 20.0
+    fmax_hz: float = 7600.0
+    schema_version: int = 1
+
+
+def _hz_to_mel(f: torch.Tensor) -> torch.Tensor:
+    return 2595.0 * torch.log10(1.0 + f / 700.0)
+
+
+def _mel_to_hz(m: torch.Tensor) -> torch.Tensor:
+    return 700.0 * (10.0 ** (m / 2595.0) - 1.0)
+
+
+def mel_filterbank(cfg: FeatureConfig) -> torch.Tensor:
+    """Triangular HTK mel filters, shape (n_mels, n_fft // 2 + 1)."""
+    n_freqs = cfg.n_fft // 2 + 1
+    freqs = torch.linspace(0, cfg.sample_rate_hz / 2, n_freqs, dtype=torch.float64)
+    mels = torch.linspace(
+        _hz_to_mel(torch.tensor(cfg.fmin_hz)).item(),
+        _hz_to_mel(torch.tensor(cfg.fmax_hz)).item(),
+        cfg.n_mels + 2,
+        dtype=torch.float64,
+    )
+    edges = _mel_to_hz(mels)
+    lo, mid, hi = edges[:-2, None], edges[1:-1, None], edges[2:, None]
+    up = (freqs[None] - lo) / (mid - lo)
+    down = (hi - freqs[None]) / (hi - mid)
+    return torch.clamp(torch.minimum(up, down), min=0.0).float()
+
+
+def log_mel(samples: torch.Tensor, cfg: FeatureConfig | None = None) -> torch.Tensor:
+    """Normalized log-mel features of a mono waveform.
+
+    Args:
+        samples: float waveform in [-1, 1], shape (n_samples,), at ``cfg.sample_rate_hz``.
+
+    Returns:
+        Tensor (n_frames, n_mels), float32, each mel bin with zero mean and unit variance
+        over the utterance. n_frames = 1 + n_samples // hop (centered STFT).
+    """
+    cfg = cfg or FeatureConfig()
+    window = torch.hann_window(cfg.win_samples, dtype=torch.float32)
+    spec = torch.stft(
+        samples.float(),
+        n_fft=cfg.n_fft,
+        hop_length=cfg.hop_samples,
+        win_length=cfg.win_samples,
+        window=window,
+        center=True,
+        return_complex=True,
+    )
+    power = spec.abs().pow(2)  # (freq, frames)
+    mel = mel_filterbank(cfg) @ power
+    feats = torch.log(mel + 1e-6).T
+    mean = feats.mean(dim=0, keepdim=True)
+    std = feats.std(dim=0, keepdim=True).clamp_min(1e-3)
+    return (feats - mean) / std
+
+
+def load_samples(utt: Utterance, cfg: FeatureConfig) -> torch.Tensor:
+    """The utterance's waveform as float32 in [-1, 1].
+
+    Raises:
+        DataError: unreadable wav or a sample rate other than ``cfg.sample_rate_hz``.
+    """
+    if not os.path.isfile(utt.path):
+        raise DataError(f"{utt.path}: audio file not found")
+    pcm, rate = read_wav(utt.path)
+    if rate != cfg.sample_rate_hz:
+        raise DataError(
+            f"{utt.path}: sample rate {rate} Hz, expected {cfg.sample_rate_hz} Hz "
+            f"(resample with `sox in.wav -r {cfg.sample_rate_hz} out.wav`)"
+        )
+    return torch.from_numpy(np.frombuffer(pcm, dtype=np.int16).astype(np.float32) / 32768.0)
+
+
+class FeatureStore:
+    """Features of every utterance of a manifest, computed once and cached on disk.
+
+    The cache file name is a hash of the manifest's bytes and the feature config, so an
+    edited manifest or new settings never reuse stale features. Frames are stored as float16
+    in one array (memory-mapped on load) with per-utterance offsets.
+    """
+
+    def __init__(
+        self,
+        manifest: Manifest,
+        cache_dir: str | os.PathLike[str],
+        cfg: FeatureConfig | None = None,
+    ) -> None:
+        self.cfg = cfg or FeatureConfig()
+        self.manifest = manifest
+        h = hashlib.sha256(manifest.source.read_bytes())
+        h.update(json.dumps(asdict(self.cfg), sort_keys=True).encode())
+        self.key = h.hexdigest()[:16]
+        self.path = Path(cache_dir) / f"features-{self.key}.npz"
+        self._index = {u.path: i for i, u in enumerate(manifest.utterances)}
+        if not self.path.exists():
+            self._compute()
+        with np.load(self.path) as z:
+            self._frames = z["frames"]
+            self._offsets = z["offsets"]
+
+    def _compute(self) -> None:
+        utts = self.manifest.utterances
+        chunks: list[np.ndarray] = []
+        offsets = [0]
+        with Progress(
+            "[progress.description]{task.description}",
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeRemainingColumn(),
+        ) as bar:
+            task = bar.add_task("log-mel features", total=len(utts))
+            for u in utts:
+                f = log_mel(load_samples(u, self.cfg), self.cfg).numpy().astype(np.float16)
+                chunks.append(f)
+                offsets.append(offsets[-1] + f.shape[0])
+                bar.advance(task)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_name(self.path.stem + ".tmp.npz")
+        np.savez(tmp, frames=np.concatenate(chunks), offsets=np.asarray(offsets, np.int64))
+        os.replace(tmp, self.path)
+        log.info("wrote %s (%d utterances)", self.path, len(utts))
+
+    def __getitem__(self, utt: Utterance) -> torch.Tensor:
+        """Features of one utterance of the manifest: float32 (n_frames, n_mels)."""
+        i = self._index[utt.path]
+        return torch.from_numpy(
+            self._frames[self._offsets[i] : self._offsets[i + 1]].astype(np.float32)
+        )

@@ -1,0 +1,49 @@
+"""The acoustic model family and its declared compressible structure."""
+
+from voxfit.models._adapters import (
+    ResidualAdapter,
+    adapter_parameters,
+    freeze_backbone,
+    insert_adapters,
+)
+from voxfit.models._family import (
+    ConformerLiteCtc,
+    ModelConfig,
+    ModelKind,
+    TdnnCtc,
+    build_model,
+    count_parameters,
+    default_config,
+)
+from voxfit.models._structure import (
+    AdapterSlot,
+    ChannelGroup,
+    ChannelMember,
+    ModelStructure,
+    StructuredModel,
+    group_size,
+    prune_group,
+    validate_structure,
+)
+
+__all__ = [
+    "AdapterSlot",
+    "ChannelGroup",
+    "ChannelMember",
+    "ConformerLiteCtc",
+    "ModelConfig",
+    "ModelKind",
+    "ModelStructure",
+    "ResidualAdapter",
+    "StructuredModel",
+    "TdnnCtc",
+    "adapter_parameters",
+    "build_model",
+    "count_parameters",
+    "default_config",
+    "freeze_backbone",
+    "group_size",
+    "insert_adapters",
+    "prune_group",
+    "validate_structure",
+]

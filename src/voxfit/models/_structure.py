@@ -1,0 +1,229 @@
+"""The declaration of a model's compressible structure: the extension point for user models.
+
+A model that voxfit can search declares, in one place (its ``structure()`` method):
+
+- **channel groups**: sets of layer sides that share one channel axis and must be pruned
+  together (a conv's output channels, the BatchNorm after it, the next conv's input channels,
+  every residual branch writing into the same stream);
+- **quantizable layers**: the Conv1d/Linear modules whose weights may be quantized;
+- **adapter slots**: one per block, a module attribute holding ``nn.Identity`` that an
+  adapter replaces, with the channel group whose width it sees.
+
+:func:`prune_group` physically removes channels of one group; the declaration is validated by
+:func:`validate_structure` so a wrong declaration fails with a clear message instead of a
+shape error deep in a forward pass.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal, Protocol, runtime_checkable
+
+import torch
+from torch import nn
+
+from voxfit.errors import ModelError
+
+Side = Literal["out", "in", "norm", "depthwise"]
+Layout = Literal["BCT", "BTC"]
+
+
+@dataclass(frozen=True, slots=True)
+class ChannelMember:
+    """One side of one module that indexes a group's channels.
+
+    ``side``: "out" = output channels of a Conv1d/Linear; "in" = input channels;
+    "norm" = a BatchNorm1d/LayerNorm's features; "depthwise" = a depthwise Conv1d
+    (in = out = groups).
+    """
+
+    module: str
+    side: Side
+
+
+@dataclass(frozen=True, slots=True)
+class ChannelGroup:
+    """Channels pruned together. ``unit`` > 1 prunes whole blocks (e.g. attention heads)."""
+
+    name: str
+    members: tuple[ChannelMember, ...]
+    unit: int = 1
+
+
+@dataclass(frozen=True, slots=True)
+class AdapterSlot:
+    """Where an adapter may go: ``module`` holds nn.Identity; its width is ``group``'s size."""
+
+    name: str
+    module: str
+    group: str
+    layout: Layout
+
+
+@dataclass(frozen=True, slots=True)
+class ModelStructure:
+    """Everything compression and search need to know about a model's layers."""
+
+    groups: tuple[ChannelGroup, ...]
+    quantizable: tuple[str, ...]
+    adapter_slots: tuple[AdapterSlot, ...]
+
+    def group(self, name: str) -> ChannelGroup:
+        """The group called ``name``.
+
+        Raises:
+            ModelError: no such group (lists the declared ones).
+        """
+        for g in self.groups:
+            if g.name == name:
+                return g
+        raise ModelError(
+            f"unknown channel group {name!r}; declared: {', '.join(g.name for g in self.groups)}"
+        )
+
+
+@runtime_checkable
+class StructuredModel(Protocol):
+    """An acoustic model voxfit can compress.
+
+    ``forward(feats, lengths)`` takes features (batch, frames, n_mels) and valid frame counts
+    (batch,), and returns CTC log-probabilities (batch, frames', n_outputs) with their
+    lengths. ``structure()`` declares the compressible structure of the model *as it is now*
+    (after pruning, group sizes are smaller).
+    """
+
+    def structure(self) -> ModelStructure: ...
+
+    def __call__(
+        self, feats: torch.Tensor, lengths: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+
+def _module(model: nn.Module, path: str) -> nn.Module:
+    try:
+        return model.get_submodule(path)
+    except AttributeError:
+        raise ModelError(
+            f"structure names module {path!r}, which the model does not have"
+        ) from None
+
+
+def member_size(model: nn.Module, m: ChannelMember) -> int:
+    """Number of channels ``m`` currently indexes."""
+    mod = _module(model, m.module)
+    if isinstance(mod, nn.Conv1d):
+        if m.side == "depthwise":
+            if mod.groups != mod.in_channels or mod.in_channels != mod.out_channels:
+                raise ModelError(f"{m.module}: side 'depthwise' needs a depthwise Conv1d")
+            return mod.out_channels
+        if m.side in ("out", "in"):
+            if mod.groups != 1:
+                raise ModelError(f"{m.module}: grouped Conv1d must be declared 'depthwise'")
+            return mod.out_channels if m.side == "out" else mod.in_channels
+    elif isinstance(mod, nn.Linear) and m.side in ("out", "in"):
+        return mod.out_features if m.side == "out" else mod.in_features
+    elif isinstance(mod, nn.BatchNorm1d) and m.side == "norm":
+        return mod.num_features
+    elif isinstance(mod, nn.LayerNorm) and m.side == "norm" and len(mod.normalized_shape) == 1:
+        return mod.normalized_shape[0]
+    raise ModelError(f"{m.module}: side {m.side!r} is not supported on {type(mod).__name__}")
+
+
+def group_size(model: nn.Module, group: ChannelGroup) -> int:
+    """The group's current channel count (all members agree, else ModelError)."""
+    sizes = {m.module + ":" + m.side: member_size(model, m) for m in group.members}
+    if len(set(sizes.values())) != 1:
+        raise ModelError(f"group {group.name!r}: members disagree on channel count: {sizes}")
+    size = next(iter(sizes.values()))
+    if size % group.unit:
+        raise ModelError(
+            f"group {group.name!r}: size {size} is not a multiple of unit {group.unit}"
+        )
+    return size
+
+
+def validate_structure(model: nn.Module, structure: ModelStructure) -> None:
+    """Check that every declared module exists and every group is consistent.
+
+    Raises:
+        ModelError: naming the group, slot or module at fault.
+    """
+    names = [g.name for g in structure.groups]
+    if len(set(names)) != len(names):
+        raise ModelError(f"duplicate channel group names in {names}")
+    for g in structure.groups:
+        group_size(model, g)
+    for q in structure.quantizable:
+        if not isinstance(_module(model, q), nn.Conv1d | nn.Linear):
+            raise ModelError(f"quantizable layer {q!r} is not a Conv1d or Linear")
+    for s in structure.adapter_slots:
+        structure.group(s.group)
+        mod = _module(model, s.module)
+        if not isinstance(mod, nn.Identity) and not hasattr(mod, "adapter_kind"):
+            raise ModelError(f"adapter slot {s.name!r}: {s.module} must hold nn.Identity")
+
+
+def _take(t: torch.Tensor, dim: int, idx: torch.Tensor) -> nn.Parameter:
+    return nn.Parameter(t.detach().index_select(dim, idx).clone(), requires_grad=t.requires_grad)
+
+
+def _slice_member(model: nn.Module, m: ChannelMember, idx: torch.Tensor) -> None:
+    mod = _module(model, m.module)
+    n = int(idx.numel())
+    if isinstance(mod, nn.Conv1d | nn.Linear):
+        if m.side in ("out", "depthwise"):
+            mod.weight = _take(mod.weight, 0, idx)
+            if mod.bias is not None:
+                mod.bias = _take(mod.bias, 0, idx)
+        else:
+            mod.weight = _take(mod.weight, 1, idx)
+        if isinstance(mod, nn.Linear):
+            if m.side == "out":
+                mod.out_features = n
+            else:
+                mod.in_features = n
+        elif m.side == "depthwise":
+            mod.in_channels = mod.out_channels = mod.groups = n
+        elif m.side == "out":
+            mod.out_channels = n
+        else:
+            mod.in_channels = n
+    elif isinstance(mod, nn.BatchNorm1d):
+        if mod.weight is not None:
+            mod.weight = _take(mod.weight, 0, idx)
+            mod.bias = _take(mod.bias, 0, idx)
+        if mod.running_mean is not None and mod.running_var is not None:
+            mod.running_mean = mod.running_mean.index_select(0, idx).clone()
+            mod.running_var = mod.running_var.index_select(0, idx).clone()
+        mod.num_features = n
+    elif isinstance(mod, nn.LayerNorm):
+        if mod.weight is not None:
+            mod.weight = _take(mod.weight, 0, idx)
+        if mod.bias is not None:
+            mod.bias = _take(mod.bias, 0, idx)
+        mod.normalized_shape = (n,)
+
+
+def prune_group(model: nn.Module, group: ChannelGroup, keep: Sequence[int]) -> None:
+    """Physically keep only channels ``keep`` of ``group`` in every member (in place).
+
+    ``keep`` are channel indices; with ``unit`` > 1 they must cover whole units (for
+    attention heads: all of a head's channels or none).
+
+    Raises:
+        ModelError: empty or out-of-range ``keep``, or partial units.
+    """
+    size = group_size(model, group)
+    idx = torch.tensor(sorted(set(int(k) for k in keep)), dtype=torch.long)
+    if idx.numel() == 0:
+        raise ModelError(f"group {group.name!r}: cannot prune every channel")
+    if int(idx[0]) < 0 or int(idx[-1]) >= size:
+        raise ModelError(f"group {group.name!r}: keep indices must be in [0, {size})")
+    if group.unit > 1:
+        units = idx // group.unit
+        counts = torch.bincount(units, minlength=size // group.unit)
+        if bool(((counts != 0) & (counts != group.unit)).any()):
+            raise ModelError(f"group {group.name!r}: keep whole units of {group.unit} channels")
+    for m in group.members:
+        _slice_member(model, m, idx)

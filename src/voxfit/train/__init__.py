@@ -1,0 +1,52 @@
+"""Training the base model, speaker adaptation, PER, checkpoints and the foundation report."""
+
+from voxfit.train._batches import Batch, batches, collate
+from voxfit.train._loop import (
+    AdaptConfig,
+    TrainConfig,
+    TrainHistory,
+    adapt_speaker,
+    ctc_loss,
+    train_base,
+)
+from voxfit.train._per import edit_distance, error_counts, greedy_decode, phone_error_rate
+from voxfit.train._pipeline import (
+    Checkpoint,
+    FoundationReport,
+    SpeakerResult,
+    adapt_preset,
+    evaluate,
+    evaluate_cached,
+    load_checkpoint,
+    manifest_hash,
+    save_checkpoint,
+    train_cached,
+    train_preset,
+)
+
+__all__ = [
+    "AdaptConfig",
+    "Batch",
+    "Checkpoint",
+    "FoundationReport",
+    "SpeakerResult",
+    "TrainConfig",
+    "TrainHistory",
+    "adapt_preset",
+    "adapt_speaker",
+    "batches",
+    "collate",
+    "ctc_loss",
+    "edit_distance",
+    "error_counts",
+    "evaluate",
+    "evaluate_cached",
+    "greedy_decode",
+    "load_checkpoint",
+    "manifest_hash",
+    "phone_error_rate",
+    "save_checkpoint",
+    "train_base",
+    "train_cached",
+    "train_preset",
+]
