@@ -276,7 +276,7 @@ class ConformerLiteCtc(nn.Module):
                     ),
                 )
             )
-            quant += [f"{c}.pw_a", f"{c}.pw_gate", f"{c}.pw_out"]
+            quant += [f"{c}.pw_a", f"{c}.pw_gate", f"{c}.dw", f"{c}.pw_out"]
         stream.append(ChannelMember("head", "in"))
         quant.append("head")
         return ModelStructure(

@@ -1,0 +1,238 @@
+"""Compression plans: plain frozen data (stdlib only, cheap to import).
+
+A :class:`Candidate` says, for one model, how much of each channel group to keep, the weight
+and activation bit-widths of each quantizable layer, and the adapter size at each adapter
+slot. Anything not named keeps its default (keep everything, 32 bits, no adapter).
+Candidates hash stably, round-trip through plain dicts and YAML, and validate against a
+model's declared names with one-line errors that name the field.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from voxfit.errors import ConfigError
+
+__all__ = [
+    "ACT_BITS",
+    "PLAN_SCHEMA_VERSION",
+    "WEIGHT_BITS",
+    "AdapterPlan",
+    "Candidate",
+    "GroupPlan",
+    "LayerPlan",
+]
+
+PLAN_SCHEMA_VERSION = 1
+WEIGHT_BITS = (4, 8, 16, 32)
+ACT_BITS = (8, 16, 32)
+Importance = Literal["magnitude", "adaptation"]
+
+
+@dataclass(frozen=True, slots=True)
+class GroupPlan:
+    """Keep ``keep_ratio`` (0 < r <= 1) of channel group ``name``'s channels."""
+
+    name: str
+    keep_ratio: float = 1.0
+
+
+@dataclass(frozen=True, slots=True)
+class LayerPlan:
+    """Bit-widths of one quantizable layer (weights per output channel, activations per tensor)."""
+
+    name: str
+    weight_bits: int = 32
+    act_bits: int = 32
+
+
+@dataclass(frozen=True, slots=True)
+class AdapterPlan:
+    """A residual adapter of bottleneck ``dim`` at adapter slot ``slot`` (0 = none)."""
+
+    slot: str
+    dim: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Candidate:
+    """One point of a search space: the per-layer compression plan of one model."""
+
+    groups: tuple[GroupPlan, ...] = ()
+    layers: tuple[LayerPlan, ...] = ()
+    adapters: tuple[AdapterPlan, ...] = ()
+    importance: Importance = "magnitude"
+    schema_version: int = PLAN_SCHEMA_VERSION
+    note: str = field(default="", compare=False)
+
+    def __post_init__(self) -> None:
+        for g in self.groups:
+            if not isinstance(g.keep_ratio, int | float) or not 0.0 < g.keep_ratio <= 1.0:
+                raise ConfigError(f"groups.{g.name}.keep_ratio: {g.keep_ratio!r} not in (0, 1]")
+        for layer in self.layers:
+            if layer.weight_bits not in WEIGHT_BITS:
+                raise ConfigError(
+                    f"layers.{layer.name}.weight_bits: {layer.weight_bits!r} not in {WEIGHT_BITS}"
+                )
+            if layer.act_bits not in ACT_BITS:
+                raise ConfigError(
+                    f"layers.{layer.name}.act_bits: {layer.act_bits!r} not in {ACT_BITS}"
+                )
+        for a in self.adapters:
+            if not isinstance(a.dim, int) or a.dim < 0:
+                raise ConfigError(f"adapters.{a.slot}.dim: {a.dim!r} must be an integer >= 0")
+        if self.importance not in ("magnitude", "adaptation"):
+            raise ConfigError(f"importance: {self.importance!r} not in (magnitude, adaptation)")
+        if self.schema_version != PLAN_SCHEMA_VERSION:
+            raise ConfigError(
+                f"schema_version: {self.schema_version!r} "
+                f"(this voxfit reads {PLAN_SCHEMA_VERSION})"
+            )
+        for what, names in (
+            ("groups", [g.name for g in self.groups]),
+            ("layers", [x.name for x in self.layers]),
+            ("adapters", [a.slot for a in self.adapters]),
+        ):
+            dup = sorted({n for n in names if names.count(n) > 1})
+            if dup:
+                raise ConfigError(f"{what}: named more than once: {', '.join(dup)}")
+
+    # -- lookups -------------------------------------------------------------------------
+    def keep_ratio(self, group: str) -> float:
+        """Keep ratio of ``group`` (1.0 when the plan does not name it)."""
+        return next((g.keep_ratio for g in self.groups if g.name == group), 1.0)
+
+    def layer(self, name: str) -> LayerPlan:
+        """Bits of layer ``name`` (32/32 when the plan does not name it)."""
+        return next((x for x in self.layers if x.name == name), LayerPlan(name))
+
+    def adapter_dims(self) -> dict[str, int]:
+        """Slot -> bottleneck for every slot with an adapter."""
+        return {a.slot: a.dim for a in self.adapters if a.dim > 0}
+
+    def validate_names(
+        self, groups: Iterable[str], layers: Iterable[str], slots: Iterable[str]
+    ) -> None:
+        """Check every name against a model's declaration.
+
+        Raises:
+            ConfigError: ``<field>.<name>: not a ... of this model``, listing a few valid names.
+        """
+        for what, used, known in (
+            ("groups", [g.name for g in self.groups], set(groups)),
+            ("layers", [x.name for x in self.layers], set(layers)),
+            ("adapters", [a.slot for a in self.adapters], set(slots)),
+        ):
+            for name in used:
+                if name not in known:
+                    some = ", ".join(sorted(known)[:6])
+                    raise ConfigError(
+                        f"{what}.{name}: not a {what[:-1]} of this model (known: {some}, ...)"
+                    )
+
+    # -- serialization -------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        """Plain, YAML/JSON-ready dict; groups/layers/adapters as name -> settings maps."""
+        return {
+            "schema_version": self.schema_version,
+            "importance": self.importance,
+            "groups": {g.name: {"keep_ratio": g.keep_ratio} for g in self.groups},
+            "layers": {
+                x.name: {"weight_bits": x.weight_bits, "act_bits": x.act_bits} for x in self.layers
+            },
+            "adapters": {a.slot: {"dim": a.dim} for a in self.adapters},
+            **({"note": self.note} if self.note else {}),
+        }
+
+    @classmethod
+    def from_dict(cls, raw: Mapping[str, Any], source: str = "plan") -> Candidate:
+        """Inverse of :meth:`to_dict`; unknown keys are errors naming ``source`` and the key.
+
+        Raises:
+            ConfigError: unknown/missing keys or invalid values.
+        """
+        if not isinstance(raw, Mapping):
+            raise ConfigError(f"{source}: expected a mapping at the top level")
+        top = {"schema_version", "importance", "groups", "layers", "adapters", "note"}
+        unknown = sorted(set(raw) - top)
+        if unknown:
+            raise ConfigError(f"{source}: unknown key(s) {', '.join(map(str, unknown))}")
+        if "schema_version" not in raw:
+            raise ConfigError(f"{source}: missing key schema_version")
+
+        def entries(key: str, allowed: set[str]) -> list[tuple[str, dict[str, Any]]]:
+            section = raw.get(key) or {}
+            if not isinstance(section, Mapping):
+                raise ConfigError(f"{source}: {key} must be a mapping of name -> settings")
+            out = []
+            for name, settings in section.items():
+                if not isinstance(settings, Mapping):
+                    raise ConfigError(f"{source}: {key}.{name} must be a mapping")
+                bad = sorted(set(settings) - allowed)
+                if bad:
+                    raise ConfigError(f"{source}: {key}.{name}: unknown key(s) {', '.join(bad)}")
+                out.append((str(name), dict(settings)))
+            return out
+
+        try:
+            return cls(
+                groups=tuple(GroupPlan(n, **s) for n, s in entries("groups", {"keep_ratio"})),
+                layers=tuple(
+                    LayerPlan(n, **s) for n, s in entries("layers", {"weight_bits", "act_bits"})
+                ),
+                adapters=tuple(AdapterPlan(n, **s) for n, s in entries("adapters", {"dim"})),
+                importance=raw.get("importance", "magnitude"),
+                schema_version=raw["schema_version"],
+                note=str(raw.get("note", "")),
+            )
+        except ConfigError as e:
+            raise ConfigError(f"{source}: {e}") from None
+
+    def stable_hash(self) -> str:
+        """sha256 (16 hex) of the canonical plan: equal plans hash equal whatever their order.
+
+        Entries that equal the defaults (keep 1.0, 32/32 bits, adapter 0) do not change it.
+        """
+        canon = {
+            "v": self.schema_version,
+            "importance": self.importance,
+            "groups": sorted(
+                (g.name, float(g.keep_ratio)) for g in self.groups if g.keep_ratio != 1.0
+            ),
+            "layers": sorted(
+                (x.name, x.weight_bits, x.act_bits)
+                for x in self.layers
+                if (x.weight_bits, x.act_bits) != (32, 32)
+            ),
+            "adapters": sorted((a.slot, a.dim) for a in self.adapters if a.dim > 0),
+        }
+        return hashlib.sha256(json.dumps(canon, sort_keys=True).encode()).hexdigest()[:16]
+
+    def dump_yaml(self) -> str:
+        """YAML text of :meth:`to_dict` (pyyaml is imported only here)."""
+        import yaml
+
+        return str(yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+    @classmethod
+    def load_yaml(cls, text: str, source: str = "plan") -> Candidate:
+        """Parse YAML written by :meth:`dump_yaml`.
+
+        Raises:
+            ConfigError: YAML syntax errors (with line) or invalid content.
+        """
+        import yaml
+
+        try:
+            raw = yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            where = f":{mark.line + 1}" if mark is not None else ""
+            raise ConfigError(
+                f"{source}{where}: invalid YAML ({getattr(e, 'problem', e)})"
+            ) from None
+        return cls.from_dict(raw, source)

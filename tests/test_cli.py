@@ -1,0 +1,119 @@
+"""Every command the README documents, run for real on the tiny preset."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from voxfit.cli import app
+from voxfit.data import Manifest
+
+ROOT = Path(__file__).resolve().parents[1]
+runner = CliRunner()
+
+
+def test_help_lists_the_commands() -> None:
+    res = runner.invoke(app, ["--help"])
+    assert res.exit_code == 0
+    for cmd in ("data", "train", "evaluate"):
+        assert cmd in res.output
+
+
+@pytest.mark.slow
+def test_data_make_tiny_prints_the_split_table(tmp_path: Path, tiny_manifest: Manifest) -> None:
+    res = runner.invoke(app, ["data", "make", "--preset", "tiny", "--out", str(tmp_path)])
+    assert res.exit_code == 0, res.output
+    assert "manifest:" in res.output
+    for split in ("train", "dev", "adapt", "eval"):
+        assert split in res.output
+    made = next(tmp_path.glob("tiny-*/manifest.jsonl"))
+    # same settings, same corpus as the session fixture made elsewhere
+    assert made.parent.name == tiny_manifest.source.parent.name
+
+
+@pytest.mark.slow
+def test_train_then_evaluate_tiny(tmp_path: Path, tiny_manifest: Manifest) -> None:
+    out = tmp_path / "models"
+    res = runner.invoke(
+        app,
+        [
+            "train",
+            "--preset",
+            "tiny",
+            "--manifest",
+            str(tiny_manifest.source),
+            "--out",
+            str(out),
+            "--epochs",
+            "2",
+        ],
+    )
+    assert res.exit_code == 0, res.output
+    assert "foundation summary" in res.output
+    assert "dev PER" in res.output
+    ckpt = next(out.glob("tdnn-*/checkpoint.pt"))
+    res = runner.invoke(
+        app,
+        [
+            "evaluate",
+            str(ckpt),
+            "--manifest",
+            str(tiny_manifest.source),
+            "--preset",
+            "tiny",
+            "--out",
+            str(out),
+        ],
+    )
+    assert res.exit_code == 0, res.output
+    assert "held-out speakers" in res.output
+
+
+def test_unknown_model_kind_is_a_parameter_error(tmp_path: Path) -> None:
+    res = runner.invoke(app, ["train", "--model", "rnn", "--out", str(tmp_path)])
+    assert res.exit_code == 2
+    assert "rnn" in res.output
+
+
+@pytest.mark.slow
+def test_foundation_benchmark_writes_its_figures(tmp_path: Path, tiny_manifest: Manifest) -> None:
+    out = tmp_path / "foundation.json"
+    # Reuse the session's tiny corpus folder (made once) as this run's corpus cache.
+    work = tmp_path / "work"
+    (work / "corpus").mkdir(parents=True)
+    (work / "corpus" / tiny_manifest.source.parent.name).symlink_to(tiny_manifest.source.parent)
+    res = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "benchmarks" / "foundation.py"),
+            "--preset",
+            "tiny",
+            "--work",
+            str(work),
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert res.returncode == 0, res.stderr[-2000:]
+    figures = json.loads(out.read_text())
+    for key in (
+        "dev_per",
+        "heldout_per_before",
+        "heldout_per_after",
+        "adapter_param_fraction",
+        "train_minutes",
+        "n_train_speakers",
+        "n_heldout_speakers",
+    ):
+        assert key in figures
+    assert figures["n_train_speakers"] == len(tiny_manifest.speakers("train"))
+    assert figures["n_heldout_speakers"] == len(tiny_manifest.speakers("eval"))
+    assert 0 < figures["adapter_param_fraction"] < 0.05
