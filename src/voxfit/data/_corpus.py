@@ -37,6 +37,8 @@ from voxfit.errors import ConfigError, SynthesisError
 log = logging.getLogger(__name__)
 
 SAMPLE_RATE_HZ = 16000
+# Bump when synthesis changes the audio it makes: it is part of the settings hash.
+SYNTH_VERSION = 2
 Engine = Literal["espeak", "flite"]
 
 
@@ -213,6 +215,7 @@ def settings_hash(cfg: CorpusConfig) -> str:
         "words": hashlib.sha256(" ".join(_words()).encode()).hexdigest(),
         "engines": _engine_versions(),
         "labels_version": LABELS_VERSION,
+        "synth_version": SYNTH_VERSION,
     }
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:12]
 
@@ -299,9 +302,11 @@ def _synthesize(job: _Job) -> tuple[tuple[str, ...], float]:
             if s.reverb:
                 fx += ["reverb", str(s.reverb)]
             out = os.path.join(tmp, "out.wav")
+            # -R: repeatable mode, so sox's dither noise is the same on every run.
             _run(
                 [
                     "sox",
+                    "-R",
                     raw,
                     "-r",
                     str(SAMPLE_RATE_HZ),

@@ -112,8 +112,9 @@ def load_samples(utt: Utterance, cfg: FeatureConfig) -> torch.Tensor:
 class FeatureStore:
     """Features of every utterance of a manifest, computed once and cached on disk.
 
-    The cache file name is a hash of the manifest's bytes and the feature config, so an
-    edited manifest or new settings never reuse stale features. Frames are stored as float16
+    The cache file name is a hash of the manifest (its resolved path and bytes), the size and
+    mtime of every wav it names, and the feature config, so an edited manifest, re-made audio
+    or new settings never reuse stale features. Frames are stored as float16
     in one array (memory-mapped on load) with per-utterance offsets.
     """
 
@@ -125,7 +126,13 @@ class FeatureStore:
     ) -> None:
         self.cfg = cfg or FeatureConfig()
         self.manifest = manifest
-        h = hashlib.sha256(manifest.source.read_bytes())
+        h = hashlib.sha256(str(manifest.source.resolve()).encode())
+        h.update(manifest.source.read_bytes())
+        for u in manifest.utterances:
+            st = os.stat(u.path) if os.path.exists(u.path) else None
+            h.update(
+                f"{u.path}:{st.st_size if st else -1}:{st.st_mtime_ns if st else -1}".encode()
+            )
         h.update(json.dumps(asdict(self.cfg), sort_keys=True).encode())
         self.key = h.hexdigest()[:16]
         self.path = Path(cache_dir) / f"features-{self.key}.npz"

@@ -32,8 +32,8 @@ class TrainConfig:
     So on a slow machine the schedule still anneals fully before the time cap stops training.
     """
 
-    epochs: int = 14
-    max_minutes: float = 14.0
+    epochs: int = 20
+    max_minutes: float = 18.0
     warmup: float = 0.08  # fraction of progress
     max_batch_s: float = 100.0  # seconds of audio per batch
     lr: float = 2e-3
@@ -48,8 +48,8 @@ class TrainConfig:
 class AdaptConfig:
     """Per-speaker adaptation: residual adapters of ``bottleneck`` at every slot."""
 
-    bottleneck: int = 32
-    steps: int = 120
+    bottleneck: int = 24
+    steps: int = 150
     lr: float = 3e-3
     max_batch_s: float = 30.0
     seed: int = 0
