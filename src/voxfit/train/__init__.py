@@ -1,5 +1,14 @@
 """Training the base model, speaker adaptation, PER, checkpoints and the foundation report."""
 
+from voxfit.train._adapt import (
+    AdaptationResult,
+    ProxyConfig,
+    SpeakerAdaptation,
+    adaptation_proxy,
+    heldout_speakers,
+    measure_adaptation,
+    proxy_speakers,
+)
 from voxfit.train._batches import Batch, batches, collate
 from voxfit.train._loop import (
     AdaptConfig,
@@ -25,6 +34,13 @@ from voxfit.train._pipeline import (
 )
 
 __all__ = [
+    "AdaptationResult",
+    "ProxyConfig",
+    "SpeakerAdaptation",
+    "adaptation_proxy",
+    "heldout_speakers",
+    "measure_adaptation",
+    "proxy_speakers",
     "AdaptConfig",
     "Batch",
     "Checkpoint",

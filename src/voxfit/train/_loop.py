@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 import random
@@ -184,21 +185,30 @@ def adapt_speaker(
     cfg: AdaptConfig,
     slots: Sequence[str] | None = None,
 ) -> nn.Module:
-    """A copy of ``model`` with residual adapters trained on one speaker's utterances.
+    """A copy of ``model`` with its adapters trained on one speaker's utterances.
 
-    Only adapter parameters train; the backbone stays in eval mode (frozen BatchNorm
-    statistics, no dropout), as on a device that personalizes a shipped model.
+    A model that already carries adapters (e.g. from ``compress.apply``) has a copy of those
+    trained; otherwise residual adapters of ``cfg.bottleneck`` are inserted at ``slots``
+    (default: every declared slot). Only adapter parameters train; the backbone stays in eval
+    mode (frozen BatchNorm statistics, no dropout), as on a device that personalizes a
+    shipped model.
 
     Args:
-        slots: adapter slot names (default: every declared slot).
+        slots: adapter slot names for a model without adapters (default: every slot; pass
+            an empty list to measure a plan that has no adapters: nothing is trained).
     """
     if not adapt_utts:
         raise ConfigError("speaker has no adaptation utterances")
-    names = slots if slots is not None else [s.name for s in model.structure().adapter_slots]  # type: ignore[operator]
-    adapted = insert_adapters(model, {n: cfg.bottleneck for n in names})
+    if adapter_parameters(model):
+        adapted = copy.deepcopy(model)
+    else:
+        names = slots if slots is not None else [s.name for s in model.structure().adapter_slots]  # type: ignore[operator]
+        adapted = insert_adapters(model, {n: cfg.bottleneck for n in names})
     freeze_backbone(adapted)
     adapted.eval()
     params = adapter_parameters(adapted)
+    if not params:
+        return adapted
     opt = torch.optim.Adam(params, lr=cfg.lr)
     rng = random.Random(cfg.seed)
     groups: list[list[Utterance]] = []

@@ -1,0 +1,29 @@
+"""Compression: structured pruning, mixed-precision fake quantization, adapters.
+
+``apply(model, candidate)`` is the one verb; importance scores and quantizers are exposed
+for sensitivity analysis and tests.
+"""
+
+from voxfit.compress._apply import apply, plan_of
+from voxfit.compress._prune import kept_channels, magnitude_scores, prune_to_plan, taylor_scores
+from voxfit.compress._quant import (
+    ActivationQuantizer,
+    attach_activation_quantizers,
+    calibrate,
+    quantize_weight,
+)
+from voxfit.compress._saliency import adaptation_saliency
+
+__all__ = [
+    "ActivationQuantizer",
+    "adaptation_saliency",
+    "apply",
+    "attach_activation_quantizers",
+    "calibrate",
+    "kept_channels",
+    "magnitude_scores",
+    "plan_of",
+    "prune_to_plan",
+    "quantize_weight",
+    "taylor_scores",
+]

@@ -1,0 +1,100 @@
+"""``apply``: the one verb that turns a base model and a Candidate into a compressed copy."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterable, Mapping
+
+import torch
+from torch import nn
+
+from voxfit.compress._prune import magnitude_scores, prune_to_plan
+from voxfit.compress._quant import attach_activation_quantizers, calibrate, quantize_weight
+from voxfit.errors import ConfigError, ModelError
+from voxfit.models import StructuredModel, insert_adapters
+from voxfit.plan import Candidate
+
+PLAN_ATTR = "voxfit_plan"
+
+
+def apply(
+    model: nn.Module,
+    candidate: Candidate,
+    *,
+    channel_multiple: int = 1,
+    saliency: Mapping[str, torch.Tensor] | None = None,
+    calibration: Iterable[tuple[torch.Tensor, torch.Tensor]] | None = None,
+) -> nn.Module:
+    """A compressed copy of ``model`` following ``candidate``; ``model`` is never changed.
+
+    In order: structured pruning (keeping the most important channels of each group, counts
+    rounded to ``channel_multiple``), per-layer weight fake-quantization, adapters inserted at
+    full precision, and activation fake-quantizers calibrated on ``calibration`` batches.
+
+    Args:
+        saliency: per-group channel scores for ``importance: adaptation`` (see
+            :func:`adaptation_saliency`); ignored for magnitude importance.
+        calibration: (feats, lengths) batches of training data; needed when any layer has
+            8-bit activations.
+
+    Raises:
+        ConfigError: a plan name the model does not have, adaptation importance without
+            saliency scores, or 8-bit activations without calibration data.
+    """
+    if not isinstance(model, StructuredModel):
+        raise ModelError(f"{type(model).__name__} does not declare structure()")
+    structure = model.structure()
+    candidate.validate_names(
+        (g.name for g in structure.groups),
+        structure.quantizable,
+        (s.name for s in structure.adapter_slots),
+    )
+    if channel_multiple < 1:
+        raise ConfigError(f"channel_multiple: {channel_multiple} must be >= 1")
+    out: nn.Module = copy.deepcopy(model)
+    out.eval()
+
+    groups = {g: candidate.keep_ratio(g.name) for g in structure.groups}
+    groups = {g: r for g, r in groups.items() if r < 1.0}
+    if groups:
+        if candidate.importance == "adaptation":
+            if saliency is None:
+                raise ConfigError(
+                    "importance: adaptation needs saliency scores (compress.adaptation_saliency)"
+                )
+            missing = sorted(g.name for g in groups if g.name not in saliency)
+            if missing:
+                raise ConfigError(f"saliency has no scores for group(s) {', '.join(missing)}")
+            scores = {g.name: saliency[g.name] for g in groups}
+        else:
+            scores = {g.name: magnitude_scores(out, g) for g in groups}
+        prune_to_plan(out, groups, scores, channel_multiple)
+
+    with torch.no_grad():
+        for layer in candidate.layers:
+            if layer.weight_bits < 32:
+                weight = out.get_submodule(layer.name).weight
+                if not isinstance(weight, torch.Tensor):
+                    raise ModelError(f"layers.{layer.name}: has no weight tensor")
+                weight.copy_(quantize_weight(weight, layer.weight_bits))
+
+    dims = candidate.adapter_dims()
+    if dims:
+        out = insert_adapters(out, dims)
+
+    act = {x.name: x.act_bits for x in candidate.layers if x.act_bits < 32}
+    if act:
+        attach_activation_quantizers(out, act)
+        if any(b == 8 for b in act.values()):
+            if calibration is None:
+                raise ConfigError("8-bit activations need calibration batches (calibration=...)")
+            if calibrate(out, calibration) == 0:
+                raise ConfigError("calibration gave no batches")
+    setattr(out, PLAN_ATTR, candidate)
+    return out
+
+
+def plan_of(model: nn.Module) -> Candidate:
+    """The Candidate a compressed model was made from (an empty plan for a base model)."""
+    plan = getattr(model, PLAN_ATTR, None)
+    return plan if isinstance(plan, Candidate) else Candidate()
