@@ -150,6 +150,67 @@ def evaluate_cmd(
     print_report(report)
 
 
+@app.command("sensitivity")
+def sensitivity_cmd(
+    preset: Preset = "default",
+    model: Annotated[str, typer.Option(help="Model family member: tdnn or conformer.")] = "tdnn",
+    corpus_dir: Annotated[Path, typer.Option(help="Where `voxfit data make` put corpora.")] = Path(
+        "work/corpus"
+    ),
+    out: Annotated[Path, typer.Option(help="Folder for models and feature caches.")] = Path(
+        "work/models"
+    ),
+    report_dir: Annotated[Path, typer.Option(help="Where the table and heatmap go.")] = Path(
+        "work/sensitivity"
+    ),
+    keep_ratios: Annotated[
+        str, typer.Option(help="Comma-separated keep ratios.")
+    ] = "0.75,0.5,0.25",
+    weight_bits: Annotated[str, typer.Option(help="Comma-separated weight bit-widths.")] = "8,4",
+    channel_multiple: Annotated[int, typer.Option(min=1)] = 8,
+    full: Annotated[bool, typer.Option(help="Full adaptation measurement (slow).")] = False,
+    verbose: Verbose = False,
+) -> None:
+    """Per layer/group: dev PER and post-adaptation PER when only it is compressed."""
+    from voxfit.compress import SensitivityConfig, save_sensitivity, sensitivity
+    from voxfit.data import FeatureStore, load_manifest
+    from voxfit.train import adapt_preset, load_checkpoint, train_cached, train_preset
+
+    _setup_logging(verbose)
+    try:
+        ratios = tuple(float(x) for x in keep_ratios.split(","))
+        bits = tuple(int(x) for x in weight_bits.split(","))
+    except ValueError:
+        raise typer.BadParameter("expected comma-separated numbers") from None
+    man = load_manifest(_resolve_manifest(None, preset, corpus_dir))
+    store = FeatureStore(man, out / "features")
+    ckpt = load_checkpoint(train_cached(man, store, model, preset, train_preset(preset), out))
+    table = sensitivity(
+        ckpt.model,
+        man,
+        store,
+        ckpt.inventory,
+        adapt_preset(preset),
+        SensitivityConfig(ratios, bits, channel_multiple, full),
+    )
+    for p in save_sensitivity(table, report_dir):
+        console.print(f"wrote {p}")
+    worst = table.sort_values("post_adapt_per_delta", ascending=False).head(8)
+    t = Table(title="most sensitive for personalization (post-adaptation PER change)")
+    for col in ("layer/group", "setting", "dev PER +", "post-adapt PER +"):
+        t.add_column(
+            col, justify="left" if col != "dev PER +" and col != "post-adapt PER +" else "right"
+        )
+    for r in worst.itertuples():
+        t.add_row(
+            str(r.name),
+            str(r.setting),
+            f"{r.dev_per_delta:+.2f}",
+            f"{r.post_adapt_per_delta:+.2f}",
+        )
+    console.print(t)
+
+
 def print_report(report: FoundationReport) -> None:
     """The foundation figures as two tables: per speaker and summary."""
     t = Table(title="held-out speakers: PER (%) on their eval set")

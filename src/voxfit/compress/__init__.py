@@ -13,9 +13,13 @@ from voxfit.compress._quant import (
     quantize_weight,
 )
 from voxfit.compress._saliency import adaptation_saliency
+from voxfit.compress._sensitivity import SensitivityConfig, save_sensitivity, sensitivity
 
 __all__ = [
     "ActivationQuantizer",
+    "SensitivityConfig",
+    "save_sensitivity",
+    "sensitivity",
     "adaptation_saliency",
     "apply",
     "attach_activation_quantizers",

@@ -11,7 +11,6 @@ import hashlib
 import json
 import logging
 import os
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,8 +21,15 @@ from torch import nn
 from voxfit import __version__
 from voxfit.data import FeatureStore, Manifest, PhoneInventory
 from voxfit.errors import ConfigError, ModelError
-from voxfit.models import ModelConfig, build_model, count_parameters, default_config
-from voxfit.train._loop import AdaptConfig, TrainConfig, adapt_speaker, train_base
+from voxfit.models import (
+    ModelConfig,
+    build_model,
+    count_parameters,
+    default_config,
+    insert_adapters,
+)
+from voxfit.train._adapt import measure_adaptation
+from voxfit.train._loop import AdaptConfig, TrainConfig, train_base
 from voxfit.train._per import phone_error_rate
 
 log = logging.getLogger(__name__)
@@ -209,26 +215,26 @@ def evaluate(
     if ckpt.meta.get("corpus_hash") != manifest_hash(manifest):
         log.warning("checkpoint was trained on another manifest than %s", manifest.source)
     model, inv = ckpt.model, ckpt.inventory
-    adapt_sets, eval_sets = manifest.by_speaker("adapt"), manifest.by_speaker("eval")
-    speakers = sorted(set(adapt_sets) & set(eval_sets))
-    if not speakers:
-        raise ConfigError(
-            f"{manifest.source}: no held-out speaker has both adapt and eval utterances"
-        )
     dev_per = phone_error_rate(model, manifest.split("dev"), store, inv)
-    rows = []
-    adapter_params = 0
-    t0 = time.monotonic()
-    for spk in speakers:
-        before = phone_error_rate(model, eval_sets[spk], store, inv)
-        adapted = adapt_speaker(model, adapt_sets[spk], store, inv, adapt_cfg)
-        adapter_params = count_parameters(adapted) - count_parameters(model)
-        after = phone_error_rate(adapted, eval_sets[spk], store, inv)
-        log.info("%s: PER %.2f%% -> %.2f%%", spk, before, after)
-        rows.append(SpeakerResult(spk, len(adapt_sets[spk]), len(eval_sets[spk]), before, after))
-    adapt_s = time.monotonic() - t0
-    before_mean = sum(r.per_before for r in rows) / len(rows)
-    after_mean = sum(r.per_after for r in rows) / len(rows)
+    res = measure_adaptation(model, manifest, store, inv, adapt_cfg)
+    slots = [s.name for s in model.structure().adapter_slots]  # type: ignore[operator]
+    adapter_params = count_parameters(
+        insert_adapters(model, dict.fromkeys(slots, adapt_cfg.bottleneck))
+    ) - count_parameters(model)
+    adapt_sets, eval_sets = manifest.by_speaker("adapt"), manifest.by_speaker("eval")
+    rows = [
+        SpeakerResult(
+            x.speaker,
+            len(adapt_sets[x.speaker]),
+            len(eval_sets[x.speaker]),
+            x.per_before,
+            x.per_after,
+        )
+        for x in res.speakers
+    ]
+    for r in rows:
+        log.info("%s: PER %.2f%% -> %.2f%%", r.speaker, r.per_before, r.per_after)
+    before_mean, after_mean = res.per_before, res.per_after
     n_params = count_parameters(model)
     return FoundationReport(
         dev_per=dev_per,
@@ -239,9 +245,9 @@ def evaluate(
         n_params=n_params,
         adapter_param_fraction=adapter_params / n_params,
         train_minutes=float(ckpt.meta.get("train_minutes", 0.0)),
-        adapt_seconds=adapt_s,
+        adapt_seconds=res.seconds,
         n_train_speakers=len(manifest.speakers("train")),
-        n_heldout_speakers=len(speakers),
+        n_heldout_speakers=len(rows),
         speakers=rows,
         checkpoint=str(ckpt.path),
     )
