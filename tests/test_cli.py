@@ -117,3 +117,37 @@ def test_foundation_benchmark_writes_its_figures(tmp_path: Path, tiny_manifest: 
     assert figures["n_train_speakers"] == len(tiny_manifest.speakers("train"))
     assert figures["n_heldout_speakers"] == len(tiny_manifest.speakers("eval"))
     assert 0 < figures["adapter_param_fraction"] < 0.05
+
+
+@pytest.mark.slow
+def test_sensitivity_tiny_writes_table_and_heatmap(
+    tmp_path: Path, tiny_manifest: Manifest
+) -> None:
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    (corpus / tiny_manifest.source.parent.name).symlink_to(tiny_manifest.source.parent)
+    report = tmp_path / "sens"
+    res = runner.invoke(
+        app,
+        [
+            "sensitivity",
+            "--preset",
+            "tiny",
+            "--corpus-dir",
+            str(corpus),
+            "--out",
+            str(tmp_path / "models"),
+            "--report-dir",
+            str(report),
+            "--keep-ratios",
+            "0.5",
+            "--weight-bits",
+            "4",
+        ],
+    )
+    assert res.exit_code == 0, res.output
+    assert (report / "sensitivity.csv").exists()
+    assert (report / "sensitivity.html").exists()
+    assert "most sensitive for personalization" in res.output
+    bad = runner.invoke(app, ["sensitivity", "--preset", "tiny", "--weight-bits", "4,x"])
+    assert bad.exit_code == 2
