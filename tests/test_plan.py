@@ -26,6 +26,7 @@ def candidates(draw: st.DrawFn) -> Candidate:
         ),
         adapters=tuple(AdapterPlan(n, draw(st.integers(0, 64))) for n in ss),
         importance=draw(st.sampled_from(["magnitude", "adaptation"])),
+        recovery_steps=draw(st.integers(0, 500)),
     )
 
 
@@ -43,6 +44,7 @@ def test_hash_ignores_order_and_default_entries(c: Candidate) -> None:
         layers=tuple(reversed(c.layers)),
         adapters=(*reversed(c.adapters), AdapterPlan("unused-slot", 0)),
         importance=c.importance,
+        recovery_steps=c.recovery_steps,
     )
     assert shuffled.stable_hash() == c.stable_hash()
 
@@ -74,6 +76,7 @@ def test_defaults_for_unnamed_entries() -> None:
         (lambda: Candidate(layers=(LayerPlan("l", 8, 4),)), r"layers\.l\.act_bits: 4 not in"),
         (lambda: Candidate(adapters=(AdapterPlan("s", -1),)), r"adapters\.s\.dim: -1"),
         (lambda: Candidate(groups=(GroupPlan("g"), GroupPlan("g"))), "named more than once: g"),
+        (lambda: Candidate(recovery_steps=-5), "recovery_steps: -5 must be"),
     ],
 )
 def test_invalid_values_name_the_field(make, message: str) -> None:  # type: ignore[no-untyped-def]

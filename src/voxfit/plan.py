@@ -66,6 +66,7 @@ class Candidate:
     layers: tuple[LayerPlan, ...] = ()
     adapters: tuple[AdapterPlan, ...] = ()
     importance: Importance = "magnitude"
+    recovery_steps: int = 0  # distillation steps from the base model after pruning
     schema_version: int = PLAN_SCHEMA_VERSION
     note: str = field(default="", compare=False)
 
@@ -85,6 +86,8 @@ class Candidate:
         for a in self.adapters:
             if not isinstance(a.dim, int) or a.dim < 0:
                 raise ConfigError(f"adapters.{a.slot}.dim: {a.dim!r} must be an integer >= 0")
+        if not isinstance(self.recovery_steps, int) or self.recovery_steps < 0:
+            raise ConfigError(f"recovery_steps: {self.recovery_steps!r} must be an integer >= 0")
         if self.importance not in ("magnitude", "adaptation"):
             raise ConfigError(f"importance: {self.importance!r} not in (magnitude, adaptation)")
         if self.schema_version != PLAN_SCHEMA_VERSION:
@@ -140,6 +143,7 @@ class Candidate:
         return {
             "schema_version": self.schema_version,
             "importance": self.importance,
+            "recovery_steps": self.recovery_steps,
             "groups": {g.name: {"keep_ratio": g.keep_ratio} for g in self.groups},
             "layers": {
                 x.name: {"weight_bits": x.weight_bits, "act_bits": x.act_bits} for x in self.layers
@@ -157,7 +161,15 @@ class Candidate:
         """
         if not isinstance(raw, Mapping):
             raise ConfigError(f"{source}: expected a mapping at the top level")
-        top = {"schema_version", "importance", "groups", "layers", "adapters", "note"}
+        top = {
+            "schema_version",
+            "importance",
+            "recovery_steps",
+            "groups",
+            "layers",
+            "adapters",
+            "note",
+        }
         unknown = sorted(set(raw) - top)
         if unknown:
             raise ConfigError(f"{source}: unknown key(s) {', '.join(map(str, unknown))}")
@@ -186,6 +198,7 @@ class Candidate:
                 ),
                 adapters=tuple(AdapterPlan(n, **s) for n, s in entries("adapters", {"dim"})),
                 importance=raw.get("importance", "magnitude"),
+                recovery_steps=raw.get("recovery_steps", 0),
                 schema_version=raw["schema_version"],
                 note=str(raw.get("note", "")),
             )
@@ -200,6 +213,7 @@ class Candidate:
         canon = {
             "v": self.schema_version,
             "importance": self.importance,
+            "recovery_steps": self.recovery_steps,
             "groups": sorted(
                 (g.name, float(g.keep_ratio)) for g in self.groups if g.keep_ratio != 1.0
             ),

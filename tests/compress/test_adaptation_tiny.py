@@ -147,3 +147,23 @@ def test_sensitivity_table_and_heatmap(
     csv, html = save_sensitivity(table, tmp_path)
     assert csv.read_text().startswith("name,kind,setting,dev_per")
     assert "plotly" in html.read_text()[:5000].lower()
+
+
+def test_recovery_distills_a_pruned_model_toward_the_base(
+    base: nn.Module,
+    tiny_manifest: Manifest,
+    tiny_store: FeatureStore,
+    tiny_inventory: PhoneInventory,
+) -> None:
+    from voxfit.compress import Recovery, distill
+    from voxfit.errors import ConfigError
+
+    groups = tuple(GroupPlan(g.name, 0.5) for g in base.structure().groups)
+    with pytest.raises(ConfigError, match="recovery_steps > 0 needs recovery data"):
+        apply(base, Candidate(groups=groups, recovery_steps=5))
+    rec = Recovery(tiny_manifest.split("train"), tiny_store, tiny_inventory, lr=2e-3)
+    student = apply(base, Candidate(groups=groups))
+    losses = distill(student, base, 40, rec)
+    assert sum(losses[-5:]) < sum(losses[:5])
+    recovered = apply(base, Candidate(groups=groups, recovery_steps=3), recovery=rec)
+    assert not recovered.training

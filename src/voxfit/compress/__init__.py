@@ -5,6 +5,7 @@ for sensitivity analysis and tests.
 """
 
 from voxfit.compress._apply import apply, plan_of
+from voxfit.compress._distill import Recovery, distill
 from voxfit.compress._prune import kept_channels, magnitude_scores, prune_to_plan, taylor_scores
 from voxfit.compress._quant import (
     ActivationQuantizer,
@@ -17,6 +18,8 @@ from voxfit.compress._sensitivity import SensitivityConfig, save_sensitivity, se
 
 __all__ = [
     "ActivationQuantizer",
+    "Recovery",
+    "distill",
     "SensitivityConfig",
     "save_sensitivity",
     "sensitivity",

@@ -8,6 +8,7 @@ from collections.abc import Iterable, Mapping
 import torch
 from torch import nn
 
+from voxfit.compress._distill import Recovery, distill
 from voxfit.compress._prune import magnitude_scores, prune_to_plan
 from voxfit.compress._quant import attach_activation_quantizers, calibrate, quantize_weight
 from voxfit.errors import ConfigError, ModelError
@@ -24,6 +25,7 @@ def apply(
     channel_multiple: int = 1,
     saliency: Mapping[str, torch.Tensor] | None = None,
     calibration: Iterable[tuple[torch.Tensor, torch.Tensor]] | None = None,
+    recovery: Recovery | None = None,
 ) -> nn.Module:
     """A compressed copy of ``model`` following ``candidate``; ``model`` is never changed.
 
@@ -36,10 +38,13 @@ def apply(
             :func:`adaptation_saliency`); ignored for magnitude importance.
         calibration: (feats, lengths) batches of training data; needed when any layer has
             8-bit activations.
+        recovery: training data for the candidate's ``recovery_steps`` of distillation from
+            ``model`` after pruning (before quantization); needed when that is > 0.
 
     Raises:
         ConfigError: a plan name the model does not have, adaptation importance without
-            saliency scores, or 8-bit activations without calibration data.
+            saliency scores, 8-bit activations without calibration data, or recovery steps
+            without recovery data.
     """
     if not isinstance(model, StructuredModel):
         raise ModelError(f"{type(model).__name__} does not declare structure()")
@@ -69,6 +74,10 @@ def apply(
         else:
             scores = {g.name: magnitude_scores(out, g) for g in groups}
         prune_to_plan(out, groups, scores, channel_multiple)
+    if candidate.recovery_steps:
+        if recovery is None:
+            raise ConfigError("recovery_steps > 0 needs recovery data (recovery=Recovery(...))")
+        distill(out, model, candidate.recovery_steps, recovery)
 
     with torch.no_grad():
         for layer in candidate.layers:
