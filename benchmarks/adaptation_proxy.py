@@ -100,6 +100,7 @@ def candidates(
             c("adapters-alt-d8", adapters=at(*range(0, len(slots), 2), d=8)),
             c("adapters-all-d4", adapters=tuple(AdapterPlan(s, 4) for s in slots)),
             c("no-adapters", adapters=()),
+            c("lora-all-r8", adapters=tuple(AdapterPlan(x, 8, "lora") for x in slots)),
             c(
                 "w4-adapter-hosts",
                 wbits=4,

@@ -24,7 +24,10 @@ def candidates(draw: st.DrawFn) -> Candidate:
             LayerPlan(n, draw(st.sampled_from(WEIGHT_BITS)), draw(st.sampled_from(ACT_BITS)))
             for n in ls
         ),
-        adapters=tuple(AdapterPlan(n, draw(st.integers(0, 64))) for n in ss),
+        adapters=tuple(
+            AdapterPlan(n, draw(st.integers(0, 64)), draw(st.sampled_from(["residual", "lora"])))
+            for n in ss
+        ),
         importance=draw(st.sampled_from(["magnitude", "adaptation"])),
         recovery_steps=draw(st.integers(0, 500)),
     )

@@ -31,6 +31,7 @@ PLAN_SCHEMA_VERSION = 1
 WEIGHT_BITS = (4, 8, 16, 32)
 ACT_BITS = (8, 16, 32)
 Importance = Literal["magnitude", "adaptation"]
+AdapterKind = Literal["residual", "lora"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,10 +53,11 @@ class LayerPlan:
 
 @dataclass(frozen=True, slots=True)
 class AdapterPlan:
-    """A residual adapter of bottleneck ``dim`` at adapter slot ``slot`` (0 = none)."""
+    """An adapter at slot ``slot``: ``dim`` = bottleneck (residual) or rank (lora); 0 = none."""
 
     slot: str
     dim: int = 0
+    kind: AdapterKind = "residual"
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,6 +88,8 @@ class Candidate:
         for a in self.adapters:
             if not isinstance(a.dim, int) or a.dim < 0:
                 raise ConfigError(f"adapters.{a.slot}.dim: {a.dim!r} must be an integer >= 0")
+            if a.kind not in ("residual", "lora"):
+                raise ConfigError(f"adapters.{a.slot}.kind: {a.kind!r} not in (residual, lora)")
         if not isinstance(self.recovery_steps, int) or self.recovery_steps < 0:
             raise ConfigError(f"recovery_steps: {self.recovery_steps!r} must be an integer >= 0")
         if self.importance not in ("magnitude", "adaptation"):
@@ -114,8 +118,12 @@ class Candidate:
         return next((x for x in self.layers if x.name == name), LayerPlan(name))
 
     def adapter_dims(self) -> dict[str, int]:
-        """Slot -> bottleneck for every slot with an adapter."""
+        """Slot -> bottleneck (or rank) for every slot with an adapter."""
         return {a.slot: a.dim for a in self.adapters if a.dim > 0}
+
+    def adapter_kinds(self) -> dict[str, AdapterKind]:
+        """Slot -> adapter kind for every slot with an adapter."""
+        return {a.slot: a.kind for a in self.adapters if a.dim > 0}
 
     def validate_names(
         self, groups: Iterable[str], layers: Iterable[str], slots: Iterable[str]
@@ -148,7 +156,7 @@ class Candidate:
             "layers": {
                 x.name: {"weight_bits": x.weight_bits, "act_bits": x.act_bits} for x in self.layers
             },
-            "adapters": {a.slot: {"dim": a.dim} for a in self.adapters},
+            "adapters": {a.slot: {"dim": a.dim, "kind": a.kind} for a in self.adapters},
             **({"note": self.note} if self.note else {}),
         }
 
@@ -196,7 +204,9 @@ class Candidate:
                 layers=tuple(
                     LayerPlan(n, **s) for n, s in entries("layers", {"weight_bits", "act_bits"})
                 ),
-                adapters=tuple(AdapterPlan(n, **s) for n, s in entries("adapters", {"dim"})),
+                adapters=tuple(
+                    AdapterPlan(n, **s) for n, s in entries("adapters", {"dim", "kind"})
+                ),
                 importance=raw.get("importance", "magnitude"),
                 recovery_steps=raw.get("recovery_steps", 0),
                 schema_version=raw["schema_version"],
@@ -222,7 +232,7 @@ class Candidate:
                 for x in self.layers
                 if (x.weight_bits, x.act_bits) != (32, 32)
             ),
-            "adapters": sorted((a.slot, a.dim) for a in self.adapters if a.dim > 0),
+            "adapters": sorted((a.slot, a.dim, a.kind) for a in self.adapters if a.dim > 0),
         }
         return hashlib.sha256(json.dumps(canon, sort_keys=True).encode()).hexdigest()[:16]
 

@@ -89,7 +89,7 @@ def apply(
 
     dims = candidate.adapter_dims()
     if dims:
-        out = insert_adapters(out, dims)
+        out = insert_adapters(out, dims, candidate.adapter_kinds())
 
     act = {x.name: x.act_bits for x in candidate.layers if x.act_bits < 32}
     if act:

@@ -7,7 +7,7 @@ import math
 from torch import nn
 
 from voxfit.compress import ActivationQuantizer, plan_of
-from voxfit.models import ResidualAdapter
+from voxfit.models import Adapter
 
 
 def packed_size_bytes(model: nn.Module) -> int:
@@ -22,7 +22,7 @@ def packed_size_bytes(model: nn.Module) -> int:
     total = 0
     for mod_name, mod in model.named_modules():
         is_adapter_part = any(
-            isinstance(model.get_submodule(p), ResidualAdapter) for p in _prefixes(mod_name)
+            isinstance(model.get_submodule(p), Adapter) for p in _prefixes(mod_name)
         )
         for pname, p in mod.named_parameters(recurse=False):
             b = bits.get(mod_name, 32) if pname == "weight" and not is_adapter_part else 32

@@ -1,6 +1,9 @@
 """The acoustic model family and its declared compressible structure."""
 
 from voxfit.models._adapters import (
+    Adapter,
+    AdapterKind,
+    LoRAAdapter,
     ResidualAdapter,
     adapter_parameters,
     freeze_backbone,
@@ -27,6 +30,9 @@ from voxfit.models._structure import (
 )
 
 __all__ = [
+    "Adapter",
+    "AdapterKind",
+    "LoRAAdapter",
     "AdapterSlot",
     "ChannelGroup",
     "ChannelMember",

@@ -109,7 +109,13 @@ class TdnnCtc(nn.Module):
                 "head",
             ),
             adapter_slots=tuple(
-                AdapterSlot(f"blocks.{i}", f"blocks.{i}.adapter", "stream", "BCT")
+                AdapterSlot(
+                    f"blocks.{i}",
+                    f"blocks.{i}.adapter",
+                    "stream",
+                    "BCT",
+                    lora_target=f"blocks.{i}.conv2",
+                )
                 for i in range(n)
             ),
         )
@@ -283,7 +289,13 @@ class ConformerLiteCtc(nn.Module):
             groups=(ChannelGroup("stream", tuple(stream)), *groups),
             quantizable=tuple(quant),
             adapter_slots=tuple(
-                AdapterSlot(f"blocks.{i}", f"blocks.{i}.adapter", "stream", "BTC")
+                AdapterSlot(
+                    f"blocks.{i}",
+                    f"blocks.{i}.adapter",
+                    "stream",
+                    "BTC",
+                    lora_target=f"blocks.{i}.ff2.fc2",
+                )
                 for i in range(len(self.blocks))
             ),
         )

@@ -53,12 +53,18 @@ class ChannelGroup:
 
 @dataclass(frozen=True, slots=True)
 class AdapterSlot:
-    """Where an adapter may go: ``module`` holds nn.Identity; its width is ``group``'s size."""
+    """Where an adapter may go.
+
+    A residual adapter replaces ``module`` (an nn.Identity at the block's output) and is as
+    wide as ``group``; a LoRA adapter adds a low-rank delta to ``lora_target`` (a 1x1 Conv1d
+    or a Linear of the same block; "" = LoRA not offered here).
+    """
 
     name: str
     module: str
     group: str
     layout: Layout
+    lora_target: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -162,6 +168,8 @@ def validate_structure(model: nn.Module, structure: ModelStructure) -> None:
         mod = _module(model, s.module)
         if not isinstance(mod, nn.Identity) and not hasattr(mod, "adapter_kind"):
             raise ModelError(f"adapter slot {s.name!r}: {s.module} must hold nn.Identity")
+        if s.lora_target and not isinstance(_module(model, s.lora_target), nn.Conv1d | nn.Linear):
+            raise ModelError(f"adapter slot {s.name!r}: lora_target must be a Conv1d or Linear")
 
 
 def _take(t: torch.Tensor, dim: int, idx: torch.Tensor) -> nn.Parameter:
