@@ -6,6 +6,7 @@ for sensitivity analysis and tests.
 
 from voxfit.compress._apply import apply, plan_of
 from voxfit.compress._distill import Recovery, distill
+from voxfit.compress._export import OnnxExport, export_onnx
 from voxfit.compress._prune import kept_channels, magnitude_scores, prune_to_plan, taylor_scores
 from voxfit.compress._quant import (
     ActivationQuantizer,
@@ -18,6 +19,8 @@ from voxfit.compress._sensitivity import SensitivityConfig, save_sensitivity, se
 
 __all__ = [
     "ActivationQuantizer",
+    "OnnxExport",
+    "export_onnx",
     "Recovery",
     "distill",
     "SensitivityConfig",
