@@ -151,3 +151,44 @@ def test_sensitivity_tiny_writes_table_and_heatmap(
     assert "most sensitive for personalization" in res.output
     bad = runner.invoke(app, ["sensitivity", "--preset", "tiny", "--weight-bits", "4,x"])
     assert bad.exit_code == 2
+
+
+@pytest.mark.slow
+def test_adaptation_proxy_benchmark_tiny(tmp_path: Path, tiny_manifest: Manifest) -> None:
+    work = tmp_path / "work"
+    (work / "corpus").mkdir(parents=True)
+    (work / "corpus" / tiny_manifest.source.parent.name).symlink_to(tiny_manifest.source.parent)
+    out = tmp_path / "ap.json"
+    res = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "benchmarks" / "adaptation_proxy.py"),
+            "--preset",
+            "tiny",
+            "--work",
+            str(work),
+            "--out",
+            str(out),
+            "--channel-multiple",
+            "4",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=1200,
+    )
+    assert res.returncode == 0, res.stderr[-2000:]
+    r = json.loads(out.read_text())
+    assert r["n_candidates"] >= 16
+    assert len(r["rows"]) == r["n_candidates"]
+    for key in (
+        "spearman",
+        "dev_per_spearman",
+        "proxy_cost_fraction",
+        "aware_post_adapt_per",
+        "magnitude_post_adapt_per",
+        "packed_size_ratio_4bit",
+    ):
+        assert key in r
+    assert r["packed_size_ratio_4bit"] <= 1 / 6
+    names = [row["name"] for row in r["rows"]]
+    assert len(set(names)) == len(names)
