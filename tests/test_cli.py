@@ -17,6 +17,14 @@ ROOT = Path(__file__).resolve().parents[1]
 runner = CliRunner()
 
 
+def _work_with_tiny_corpus(tmp_path: Path, tiny_manifest: Manifest) -> Path:
+    """A work folder whose corpus cache holds the session's tiny corpus (no re-synthesis)."""
+    work = tmp_path / "work"
+    (work / "corpus").mkdir(parents=True)
+    (work / "corpus" / tiny_manifest.source.parent.name).symlink_to(tiny_manifest.source.parent)
+    return work
+
+
 def test_help_lists_the_commands() -> None:
     res = runner.invoke(app, ["--help"])
     assert res.exit_code == 0
@@ -83,10 +91,7 @@ def test_unknown_model_kind_is_a_parameter_error(tmp_path: Path) -> None:
 @pytest.mark.slow
 def test_foundation_benchmark_writes_its_figures(tmp_path: Path, tiny_manifest: Manifest) -> None:
     out = tmp_path / "foundation.json"
-    # Reuse the session's tiny corpus folder (made once) as this run's corpus cache.
-    work = tmp_path / "work"
-    (work / "corpus").mkdir(parents=True)
-    (work / "corpus" / tiny_manifest.source.parent.name).symlink_to(tiny_manifest.source.parent)
+    work = _work_with_tiny_corpus(tmp_path, tiny_manifest)
     res = subprocess.run(
         [
             sys.executable,
@@ -123,9 +128,7 @@ def test_foundation_benchmark_writes_its_figures(tmp_path: Path, tiny_manifest: 
 def test_sensitivity_tiny_writes_table_and_heatmap(
     tmp_path: Path, tiny_manifest: Manifest
 ) -> None:
-    corpus = tmp_path / "corpus"
-    corpus.mkdir()
-    (corpus / tiny_manifest.source.parent.name).symlink_to(tiny_manifest.source.parent)
+    corpus = _work_with_tiny_corpus(tmp_path, tiny_manifest) / "corpus"
     report = tmp_path / "sens"
     res = runner.invoke(
         app,
@@ -155,9 +158,7 @@ def test_sensitivity_tiny_writes_table_and_heatmap(
 
 @pytest.mark.slow
 def test_adaptation_proxy_benchmark_tiny(tmp_path: Path, tiny_manifest: Manifest) -> None:
-    work = tmp_path / "work"
-    (work / "corpus").mkdir(parents=True)
-    (work / "corpus" / tiny_manifest.source.parent.name).symlink_to(tiny_manifest.source.parent)
+    work = _work_with_tiny_corpus(tmp_path, tiny_manifest)
     out = tmp_path / "ap.json"
     res = subprocess.run(
         [

@@ -16,9 +16,9 @@ from pathlib import Path
 
 import pandas as pd
 import torch
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
 from torch import nn
 
+from voxfit._progress import progress_bar
 from voxfit.compress._apply import apply
 from voxfit.data import FeatureStore, Manifest, PhoneInventory
 from voxfit.errors import ConfigError
@@ -95,12 +95,7 @@ def sensitivity(
     base_post = post(model, None)
     rows = []
     probes = _probes(model, cfg)
-    with Progress(
-        "[progress.description]{task.description}",
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeRemainingColumn(),
-    ) as bar:
+    with progress_bar() as bar:
         task = bar.add_task("sensitivity", total=len(probes))
         for name, kind, setting, cand in probes:
             torch.manual_seed(0)

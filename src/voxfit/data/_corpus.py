@@ -28,8 +28,8 @@ from pathlib import Path
 from typing import Literal
 
 import numpy as np
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
 
+from voxfit._progress import progress_bar
 from voxfit.data._manifest import Utterance, write_manifest
 from voxfit.data._phones import LABELS_VERSION, phonemize
 from voxfit.errors import ConfigError, SynthesisError
@@ -365,12 +365,7 @@ def make_corpus(
     workers = workers or min(4, os.cpu_count() or 1)
     results: list[tuple[tuple[str, ...], float]] = []
     with (
-        Progress(
-            "[progress.description]{task.description}",
-            BarColumn(),
-            MofNCompleteColumn(),
-            TimeRemainingColumn(),
-        ) as bar,
+        progress_bar() as bar,
         ProcessPoolExecutor(max_workers=workers) as pool,
     ):
         task = bar.add_task(f"synthesizing {cfg.name}", total=len(jobs))

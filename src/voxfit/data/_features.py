@@ -16,8 +16,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
 
+from voxfit._progress import progress_bar
 from voxfit.data._manifest import Manifest, Utterance, read_wav
 from voxfit.errors import DataError
 
@@ -147,12 +147,7 @@ class FeatureStore:
         utts = self.manifest.utterances
         chunks: list[np.ndarray] = []
         offsets = [0]
-        with Progress(
-            "[progress.description]{task.description}",
-            BarColumn(),
-            MofNCompleteColumn(),
-            TimeRemainingColumn(),
-        ) as bar:
+        with progress_bar() as bar:
             task = bar.add_task("log-mel features", total=len(utts))
             for u in utts:
                 f = log_mel(load_samples(u, self.cfg), self.cfg).numpy().astype(np.float16)

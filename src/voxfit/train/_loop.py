@@ -12,9 +12,9 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from torch import nn
 
+from voxfit._progress import progress_bar
 from voxfit.data import FeatureStore, PhoneInventory, Utterance
 from voxfit.errors import ConfigError
 from voxfit.models import adapter_parameters, freeze_backbone, insert_adapters
@@ -132,13 +132,7 @@ def train_base(
     hist = TrainHistory()
     start = time.monotonic()
     model.train()
-    with Progress(
-        TextColumn("[progress.description]{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("{task.fields[info]}"),
-        TimeRemainingColumn(),
-    ) as bar:
+    with progress_bar(info=True) as bar:
         task = bar.add_task("training", total=total, info="")
         progress = 0.0
         for epoch in range(cfg.epochs):
