@@ -19,11 +19,10 @@ def packed_size_bytes(model: nn.Module) -> int:
     """
     plan = plan_of(model)
     bits = {x.name: x.weight_bits for x in plan.layers}
+    adapters = [n + "." for n, m in model.named_modules() if isinstance(m, Adapter)]
     total = 0
     for mod_name, mod in model.named_modules():
-        is_adapter_part = any(
-            isinstance(model.get_submodule(p), Adapter) for p in _prefixes(mod_name)
-        )
+        is_adapter_part = (mod_name + ".").startswith(tuple(adapters))
         for pname, p in mod.named_parameters(recurse=False):
             b = bits.get(mod_name, 32) if pname == "weight" and not is_adapter_part else 32
             total += math.ceil(p.numel() * b / 8)
@@ -36,8 +35,3 @@ def packed_size_bytes(model: nn.Module) -> int:
                 continue
             total += 4 * buf.numel()
     return total
-
-
-def _prefixes(name: str) -> list[str]:
-    parts = name.split(".") if name else []
-    return [".".join(parts[: i + 1]) for i in range(len(parts))]

@@ -22,7 +22,6 @@ from voxfit.train._per import edit_distance, error_counts, greedy_decode, phone_
 from voxfit.train._pipeline import (
     Checkpoint,
     FoundationReport,
-    SpeakerResult,
     adapt_preset,
     evaluate,
     evaluate_cached,
@@ -45,7 +44,6 @@ __all__ = [
     "Batch",
     "Checkpoint",
     "FoundationReport",
-    "SpeakerResult",
     "TrainConfig",
     "TrainHistory",
     "adapt_preset",

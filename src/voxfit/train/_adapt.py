@@ -41,6 +41,8 @@ class SpeakerAdaptation:
     speaker: str
     per_before: float
     per_after: float
+    n_adapt: int = 0  # adaptation utterances used
+    n_eval: int = 0  # evaluation utterances scored
 
 
 @dataclass(slots=True)
@@ -111,7 +113,9 @@ def measure_adaptation(
         before = phone_error_rate(model, evals, store, inventory)
         adapted = adapt_speaker(model, adapt_sets[spk], store, inventory, cfg, slots)
         after = phone_error_rate(adapted, evals, store, inventory)
-        result.speakers.append(SpeakerAdaptation(spk, before, after))
+        result.speakers.append(
+            SpeakerAdaptation(spk, before, after, len(adapt_sets[spk]), len(evals))
+        )
     result.seconds = time.monotonic() - t0
     return result
 

@@ -28,7 +28,7 @@ from voxfit.models import (
     default_config,
     insert_adapters,
 )
-from voxfit.train._adapt import measure_adaptation
+from voxfit.train._adapt import SpeakerAdaptation, measure_adaptation
 from voxfit.train._loop import AdaptConfig, TrainConfig, train_base
 from voxfit.train._per import phone_error_rate
 
@@ -172,17 +172,6 @@ def train_cached(
 
 
 @dataclass(slots=True)
-class SpeakerResult:
-    """One held-out speaker: PER (%) on its evaluation set before and after adaptation."""
-
-    speaker: str
-    n_adapt: int
-    n_eval: int
-    per_before: float
-    per_after: float
-
-
-@dataclass(slots=True)
 class FoundationReport:
     """The figures the foundation issue asks for; PER in percent."""
 
@@ -197,7 +186,7 @@ class FoundationReport:
     adapt_seconds: float
     n_train_speakers: int
     n_heldout_speakers: int
-    speakers: list[SpeakerResult] = field(default_factory=list)
+    speakers: list[SpeakerAdaptation] = field(default_factory=list)
     checkpoint: str = ""
 
     def to_json(self) -> dict[str, Any]:
@@ -221,17 +210,7 @@ def evaluate(
     adapter_params = count_parameters(
         insert_adapters(model, dict.fromkeys(slots, adapt_cfg.bottleneck))
     ) - count_parameters(model)
-    adapt_sets, eval_sets = manifest.by_speaker("adapt"), manifest.by_speaker("eval")
-    rows = [
-        SpeakerResult(
-            x.speaker,
-            len(adapt_sets[x.speaker]),
-            len(eval_sets[x.speaker]),
-            x.per_before,
-            x.per_after,
-        )
-        for x in res.speakers
-    ]
+    rows = res.speakers
     for r in rows:
         log.info("%s: PER %.2f%% -> %.2f%%", r.speaker, r.per_before, r.per_after)
     before_mean, after_mean = res.per_before, res.per_after
@@ -261,7 +240,7 @@ def evaluate_cached(
     path = ckpt.path.parent / f"eval-{key}.json"
     if path.exists():
         raw = json.loads(path.read_text())
-        raw["speakers"] = [SpeakerResult(**r) for r in raw["speakers"]]
+        raw["speakers"] = [SpeakerAdaptation(**r) for r in raw["speakers"]]
         return FoundationReport(**raw)
     report = evaluate(ckpt, manifest, store, adapt_cfg)
     tmp = path.with_suffix(".tmp")
