@@ -6,13 +6,15 @@ BIN := $(VENV)/bin
 WORK ?= work
 PRESET ?= default
 MODEL ?= tdnn
-APT_PACKAGES := espeak-ng flite sox
+# TTS and audio for the corpus; the aarch64 cross compiler links Arm profiles' TVM libraries.
+APT_PACKAGES := espeak-ng flite sox gcc-aarch64-linux-gnu g++-aarch64-linux-gnu
+APT_COMMANDS := espeak-ng flite sox aarch64-linux-gnu-g++
 TORCH_PIN := torch==2.13.0
 
 .PHONY: run test lint sysdeps venv clean
 
 sysdeps:
-	@missing=""; for c in espeak-ng flite sox; do command -v $$c >/dev/null || missing="$$missing $$c"; done; \
+	@missing=""; for c in $(APT_COMMANDS); do command -v $$c >/dev/null || missing="$$missing $$c"; done; \
 	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" = 0 ]; then \
 	    echo "installing system packages:$$missing"; \

@@ -12,7 +12,7 @@ from rich.console import Console
 from rich.logging import RichHandler
 from rich.table import Table
 
-from voxfit.errors import VoxfitError
+from voxfit.errors import ConfigError, VoxfitError
 
 if TYPE_CHECKING:
     from voxfit.data import Manifest
@@ -21,6 +21,8 @@ if TYPE_CHECKING:
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
 data_app = typer.Typer(no_args_is_help=True, help="Make or inspect the speech corpus.")
 app.add_typer(data_app, name="data")
+profile_app = typer.Typer(no_args_is_help=True, help="Inspect hardware profiles.")
+app.add_typer(profile_app, name="profile")
 console = Console()
 err = Console(stderr=True)
 
@@ -249,6 +251,35 @@ def print_report(report: FoundationReport) -> None:
     ):
         s.add_row(name, value)
     console.print(s)
+
+
+@profile_app.command("check")
+def profile_check(
+    file: Annotated[Path, typer.Argument(help="Profile YAML (or a name in hw_profiles/).")],
+    tvm: Annotated[
+        bool, typer.Option("--tvm/--no-tvm", help="Also let TVM parse the target (~10 s).")
+    ] = True,
+) -> None:
+    """Validate a hardware profile and explain what voxfit will do with it."""
+    from voxfit.hw_profiles import explain, find_profile, host_runs, load_profile
+
+    profile = load_profile(find_profile(file))
+    t = Table(title=f"{profile.source}: valid", show_header=False)
+    t.add_column("setting", style="bold")
+    t.add_column("meaning")
+    for k, v in explain(profile):
+        t.add_row(k, v)
+    ok, why = host_runs(profile)
+    t.add_row("this machine", ("runs this target: " if ok else "cannot run this target: ") + why)
+    if tvm:
+        from voxfit.compile import TvmWorker
+
+        with TvmWorker(1) as w:
+            r = w.call("check_target", timeout_s=120, profile=profile.to_dict())
+        if "error" in r:
+            raise ConfigError(f"{profile.source}: target: TVM rejects it: {r['error']}")
+        t.add_row("TVM target", r["target"])
+    console.print(t)
 
 
 def main() -> None:

@@ -1,0 +1,194 @@
+"""Compile a (compressed) model for a hardware profile: the parent-side API.
+
+The model is exported here with ``torch.export`` at a fixed input length per profile input
+(static shapes: MetaSchedule tunes concrete shapes, and a phone runs fixed-size chunks),
+as the deployed graph: feats (1, T, 80) -> log-probs, with activation fake-quantizers off
+(weights keep their quantized values). The TVM work runs in a :class:`TvmWorker`.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from voxfit.compile._worker import TvmWorker
+from voxfit.hw_profiles import HardwareProfile, InputSpec
+
+
+@dataclass(frozen=True, slots=True)
+class CompileResult:
+    """One profile input compiled to a library, or the reason it was not (``error``).
+
+    ``new_tasks`` counts the fused TVM tasks this candidate added to the profile's tuning
+    database (the ones that cost tuning time); ``n_tasks`` all distinct tasks it has.
+    """
+
+    profile: str
+    input: str
+    frames: int
+    lib: Path | None = None
+    n_tasks: int = 0
+    new_tasks: int = 0
+    tuned_trials: int = 0
+    export_s: float = 0.0
+    tune_s: float = 0.0
+    build_s: float = 0.0
+    total_s: float = 0.0
+    memory_bytes: int | None = None
+    task_names: tuple[str, ...] = ()
+    error: str | None = None
+    details: dict[str, Any] = field(default_factory=dict, compare=False)
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None and self.lib is not None
+
+
+class _Affine(nn.Module):
+    """An eval-mode BatchNorm1d as ``x * scale + shift`` per channel (fuses into the conv)."""
+
+    def __init__(self, bn: nn.BatchNorm1d) -> None:
+        super().__init__()
+        if bn.running_var is None or bn.running_mean is None:
+            raise ValueError("BatchNorm1d without running statistics cannot be deployed")
+        scale = torch.rsqrt(bn.running_var + bn.eps)
+        if bn.weight is not None:
+            scale = scale * bn.weight.detach()
+        shift = -bn.running_mean * scale
+        if bn.bias is not None:
+            shift = shift + bn.bias.detach()
+        self.scale: torch.Tensor
+        self.shift: torch.Tensor
+        self.register_buffer("scale", scale[:, None].clone())
+        self.register_buffer("shift", shift[:, None].clone())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.scale + self.shift
+
+
+def _fold_batchnorm(model: nn.Module) -> None:
+    for name, child in list(model.named_children()):
+        if isinstance(child, nn.BatchNorm1d):
+            setattr(model, name, _Affine(child))
+        else:
+            _fold_batchnorm(child)
+
+
+class _Deploy(nn.Module):
+    """feats (1, T, 80) -> log-probs: the graph a device runs (lengths = all frames).
+
+    Wraps an eval-mode *copy* of the model whose BatchNorms became per-channel affines, so
+    TVM fuses them into the preceding conv's epilogue instead of running a separate
+    normalization kernel.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = copy.deepcopy(model).eval()
+        _fold_batchnorm(self.model)
+
+    def forward(self, feats: torch.Tensor) -> torch.Tensor:
+        lengths = torch.full((feats.shape[0],), feats.shape[1], dtype=torch.long)
+        log_probs, _ = self.model(feats, lengths)
+        return log_probs  # type: ignore[no-any-return]
+
+
+@contextmanager
+def _deploy_mode(model: nn.Module) -> Iterator[None]:
+    from voxfit.compress._quant import ActivationQuantizer
+
+    quants = [m for m in model.modules() if isinstance(m, ActivationQuantizer)]
+    saved = [q.bits for q in quants]
+    was = model.training
+    for q in quants:
+        q.bits = 32
+    model.eval()
+    try:
+        yield
+    finally:
+        for q, b in zip(quants, saved, strict=True):
+            q.bits = b
+        model.train(was)
+
+
+def export_program(model: nn.Module, frames: int, path: str | Path, n_mels: int = 80) -> Path:
+    """Save the deploy graph of ``model`` for (1, frames, n_mels) input as a torch.export file."""
+    dst = Path(path)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    with _deploy_mode(model), torch.no_grad():
+        ep = torch.export.export(_Deploy(model), (torch.zeros(1, frames, n_mels),))
+    tmp = dst.with_suffix(".tmp.pt2")
+    torch.export.save(ep, tmp)
+    tmp.replace(dst)
+    return dst
+
+
+def compile_model(
+    model: nn.Module,
+    profile: HardwareProfile,
+    worker: TvmWorker,
+    out_dir: str | Path,
+    *,
+    inputs: tuple[InputSpec, ...] | None = None,
+    cost_models_dir: str | Path = "cost_models",
+    tune: bool = True,
+    timeout_s: float | None = None,
+) -> list[CompileResult]:
+    """Compile ``model`` for each of the profile's ``inputs`` (default: all of them).
+
+    Tasks missing from the profile's tuning database are tuned first (all of one input's
+    new tasks in one MetaSchedule run, ``trials_per_task`` each) unless ``tune`` is False.
+    Never raises for a build failure: the result carries ``error``.
+    """
+    out = Path(out_dir)
+    results = []
+    db_dir = profile.database_dir(cost_models_dir)
+    for spec in inputs or profile.inputs:
+        t0 = time.monotonic()
+        base: dict[str, Any] = dict(profile=profile.name, input=spec.name, frames=spec.frames)
+        try:
+            program = export_program(model, spec.frames, out / f"{spec.name}.pt2")
+        except Exception as e:  # noqa: BLE001 - an unexportable model is a failed candidate
+            results.append(CompileResult(**base, error=f"torch.export failed: {e}"[:500]))
+            continue
+        export_s = time.monotonic() - t0
+        r = worker.call(
+            "build",
+            timeout_s=timeout_s,
+            program=str(program),
+            profile=profile.to_dict(),
+            db_dir=str(db_dir.resolve()),
+            tune=tune,
+            lib_out=str((out / f"{spec.name}.so").resolve()),
+        )
+        total = time.monotonic() - t0
+        if "error" in r:
+            results.append(
+                CompileResult(**base, export_s=export_s, total_s=total, error=r["error"])
+            )
+            continue
+        results.append(
+            CompileResult(
+                **base,
+                lib=Path(r["lib"]),
+                n_tasks=r["n_tasks"],
+                new_tasks=r["new_tasks"],
+                tuned_trials=r["tuned_trials"],
+                export_s=export_s,
+                tune_s=r["tune_s"],
+                build_s=r["build_s"],
+                total_s=total,
+                memory_bytes=r["memory_bytes"],
+                task_names=tuple(r["task_names"]),
+                details={k: r[k] for k in ("convert_s", "db_repair", "new_task_names")},
+            )
+        )
+    return results

@@ -1,0 +1,361 @@
+"""The TVM side of compile and measure. Runs only inside the worker process (see _worker).
+
+torch.export program -> Relax (``from_exported_program``) -> the fusion passes MetaSchedule
+keys its database on -> tasks -> tune the tasks the profile's database lacks (one
+MetaSchedule run for all of them) -> ``compile_relax`` with the database -> a shared library
+(cross-linked for Arm) -> ``time_evaluator`` locally or on a device leased from a TVM RPC
+tracker. Every public function returns plain dicts (they cross a process boundary).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import statistics
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import tvm
+from tvm import relax
+from tvm.s_tir import meta_schedule as ms
+
+from voxfit.compile._database import locked, repair
+
+BUILD_FUNC = "voxfit.compile.build_without_intrinsics"
+
+
+def _build(mod: tvm.IRModule, target: tvm.target.Target, _params: object) -> object:
+    # MetaSchedule's default builder imports tvm.s_tir.tensor_intrin (CUDA/ROCm intrinsics,
+    # ~100 s here) in every worker; CPU schedules need none of it.
+    from tvm.driver import build as tvm_build
+    from tvm.s_tir.transform import RemoveWeightLayoutRewriteBlock
+
+    return tvm_build(RemoveWeightLayoutRewriteBlock(skip_tensor_rewrite=True)(mod), target=target)
+
+
+def register_builder() -> None:
+    """Runs in this process and in each builder worker so ``f_build`` can name the function."""
+    tvm.register_global_func(BUILD_FUNC, override=True)(_build)
+
+
+def _make_in_process_builder() -> ms.builder.Builder:
+    """A MetaSchedule builder that compiles candidates in this process, one after another.
+
+    The stock LocalBuilder starts a fresh pool of worker processes for every batch (each
+    re-imports TVM: seconds per batch, most of a small tuning budget). Lowering a fused
+    conv/matmul is fast and rarely crashes, and this worker process is disposable anyway.
+    """
+    import tempfile
+
+    from tvm.ir.utils import derived_object
+    from tvm.s_tir.meta_schedule.builder import BuilderResult, PyBuilder
+    from tvm.support.tar import tar
+
+    @derived_object
+    class InProcessBuilder(PyBuilder):
+        def build(self, build_inputs: list[Any]) -> list[Any]:
+            results = []
+            for bi in build_inputs:
+                try:
+                    rt_mod = _build(bi.mod, bi.target, None)
+                    path = os.path.join(tempfile.mkdtemp(), "tvm_tmp_mod." + tar.output_format)
+                    rt_mod.export_library(path, fcompile=tar)  # type: ignore[attr-defined]
+                    results.append(BuilderResult(path, None))
+                except Exception as e:  # noqa: BLE001 - a failed candidate, not a failed run
+                    results.append(BuilderResult(None, f"{type(e).__name__}: {e}"))
+            return results
+
+    return InProcessBuilder()  # type: ignore[no-any-return]
+
+
+def _light_tensor_intrin(target: tvm.target.Target) -> None:
+    """Register only the tensor intrinsics a CPU target can use before MetaSchedule runs.
+
+    ``TuneContext`` imports ``tvm.s_tir.tensor_intrin`` whole, which builds the CUDA, ROCm,
+    Hexagon and RISC-V intrinsic tables too: ~100 s on this machine for nothing a CPU
+    schedule uses. Installing the package without running its ``__init__`` and importing
+    just the x86 (VNNI/AVX-512) or Arm (dot-product) tables keeps tensorization working.
+    """
+    import sys
+    import types
+
+    name = "tvm.s_tir.tensor_intrin"
+    if name in sys.modules or _is_gpu(target):
+        return
+    import tvm.s_tir
+
+    pkg = types.ModuleType(name)
+    pkg.__path__ = [os.path.join(os.path.dirname(tvm.s_tir.__file__), "tensor_intrin")]
+    sys.modules[name] = pkg
+    triple = str(target.attrs.get("mtriple", ""))
+    if triple.startswith(("aarch64", "arm")):
+        import tvm.s_tir.tensor_intrin.arm_cpu  # noqa: F401
+    else:
+        import tvm.s_tir.tensor_intrin.x86  # noqa: F401
+
+
+def make_target(profile: dict[str, Any]) -> tvm.target.Target:
+    host = profile.get("host_target")
+    if host:
+        return tvm.target.Target(profile["target"], host=host)
+    return tvm.target.Target(profile["target"])
+
+
+def check_target(profile: dict[str, Any]) -> str:
+    """TVM's canonical form of the profile's target (raises if TVM rejects it)."""
+    return str(make_target(profile))
+
+
+def load_program(path: str) -> tvm.IRModule:
+    import torch
+    from tvm.relax.frontend.torch import from_exported_program
+
+    ep = torch.export.load(path)
+    return from_exported_program(ep)
+
+
+def _fuse(mod: tvm.IRModule, target: tvm.target.Target) -> tvm.IRModule:
+    """The passes compile_relax runs before applying the database (so task keys match)."""
+    from tvm.relax import pipeline as rp
+
+    try:
+        dispatch = list(rp.library_dispatch_passes(target))
+    except (ValueError, AttributeError):
+        dispatch = []
+    seq = tvm.transform.Sequential(
+        [
+            *dispatch,
+            relax.transform.LegalizeOps(),
+            relax.transform.AnnotateTIROpPattern(),
+            relax.transform.FoldConstant(),
+            relax.transform.FuseOps(),
+            relax.transform.FuseTIR(),
+        ]
+    )
+    with target, tvm.transform.PassContext(opt_level=3):
+        return seq(mod)
+
+
+def _is_gpu(target: tvm.target.Target) -> bool:
+    return str(target.kind.name) in ("cuda", "rocm", "vulkan", "opencl", "metal")
+
+
+def _static_memory_bytes(mod: tvm.IRModule, target: tvm.target.Target) -> int | None:
+    """Bytes of the storage TVM's static memory planner allocates for ``main``."""
+    try:
+        with target, tvm.transform.PassContext(opt_level=3):
+            planned = tvm.transform.Sequential(
+                [
+                    relax.transform.RewriteDataflowReshape(),
+                    relax.transform.ToNonDataflow(),
+                    relax.transform.RemovePurityChecking(),
+                    relax.transform.CallTIRRewrite(),
+                    relax.transform.StaticPlanBlockMemory(),
+                ]
+            )(mod)
+    except Exception:  # noqa: BLE001 - memory is an estimate; a failed plan is reported as None
+        return None
+    total = 0
+    alloc = tvm.ir.Op.get("relax.memory.alloc_storage")
+
+    def visit(e: object) -> None:
+        nonlocal total
+        if isinstance(e, relax.Call) and e.op.same_as(alloc):
+            shape = e.args[0]
+            if isinstance(shape, relax.ShapeExpr):
+                n = 1
+                for v in shape.values:
+                    n *= int(v)
+                total += n
+
+    relax.analysis.post_order_visit(planned["main"], visit)
+    return total
+
+
+def build(req: dict[str, Any]) -> dict[str, Any]:
+    """Compile one exported program for the profile; tune tasks the database lacks.
+
+    Request keys: program, profile (dict), db_dir, tune (bool), lib_out, seed.
+    Returns n_tasks, new_tasks, task_names, tuned_trials, tune_s, build_s, lib, memory.
+    """
+    profile = req["profile"]
+    tuning = profile["tuning"]
+    target = make_target(profile)
+    t0 = time.monotonic()
+    mod = load_program(req["program"])
+    fused = _fuse(mod, target)
+    tasks = ms.relax_integration.extract_tasks(fused, target)
+    db_dir = Path(req["db_dir"])
+    out: dict[str, Any] = {
+        "n_tasks": len(tasks),
+        "task_names": [t.task_name for t in tasks],
+        "convert_s": time.monotonic() - t0,
+    }
+    gpu = _is_gpu(target)
+    with locked(db_dir):
+        out["db_repair"] = repr(repair(db_dir))
+        db = ms.database.JSONDatabase(work_dir=str(db_dir))
+        missing = [
+            t
+            for t in tasks
+            if db.query_tuning_record(t.dispatched[0], target, t.task_name) is None
+        ]
+        out["new_tasks"] = len(missing)
+        out["new_task_names"] = [t.task_name for t in missing]
+        trials = int(tuning["trials_per_task"])
+        t1 = time.monotonic()
+        tuned = 0
+        if req.get("tune", True) and missing and trials > 0 and not gpu:
+            _light_tensor_intrin(target)
+            logs = db_dir / "logs"
+            ctxs, weights = ms.relax_integration.extracted_tasks_to_tune_contexts(
+                missing,
+                str(logs),
+                # A smaller population than the default 512: budgets here are tens of
+                # trials per task, and evolving 512 candidates per round costs more than
+                # measuring them.
+                strategy=ms.search_strategy.EvolutionarySearch(
+                    population_size=128, init_min_unmeasured=16, genetic_num_iters=2
+                ),
+                num_threads=int(profile["cores"]),
+                seed=req.get("seed", 0),
+            )
+            ms.tune.tune_tasks(
+                tasks=ctxs,
+                task_weights=weights,
+                work_dir=str(logs / "run"),
+                max_trials_global=trials * len(ctxs),
+                max_trials_per_task=trials,
+                num_trials_per_iter=min(trials, int(tuning["trials_per_iter"])),
+                builder=_make_in_process_builder(),
+                runner=ms.runner.LocalRunner(timeout_sec=float(tuning["runner_timeout_s"])),
+                database=db,
+            )
+            tuned = trials * len(ctxs)
+        out["tuned_trials"] = tuned
+        out["tune_s"] = time.monotonic() - t1
+        t2 = time.monotonic()
+        ex = ms.relax_integration.compile_relax(db, mod, target, None)
+    out["memory_bytes"] = _static_memory_bytes(fused, target)
+    lib = Path(req["lib_out"])
+    lib.parent.mkdir(parents=True, exist_ok=True)
+    cross = profile.get("cross_compiler")
+    if cross:
+        from tvm.support import cc
+
+        ex.export_library(str(lib), fcompile=cc.cross_compiler(cross))
+    else:
+        ex.export_library(str(lib))
+    out["build_s"] = time.monotonic() - t2
+    out["lib"] = str(lib)
+    return out
+
+
+def _stats(secs: list[float]) -> dict[str, Any]:
+    ms_ = sorted(s * 1e3 for s in secs)
+    q = statistics.quantiles(ms_, n=4) if len(ms_) >= 2 else [ms_[0]] * 3
+    return {
+        "median_ms": statistics.median(ms_),
+        "mean_ms": statistics.fmean(ms_),
+        "min_ms": ms_[0],
+        "max_ms": ms_[-1],
+        "iqr_ms": q[2] - q[0],
+        "samples_ms": ms_,
+    }
+
+
+def _time_vm(
+    vm: relax.VirtualMachine, dev: tvm.runtime.Device, frames: int, m: dict[str, Any]
+) -> dict[str, Any]:
+    x = tvm.runtime.tensor(
+        np.random.default_rng(0).standard_normal((1, frames, 80)).astype("float32"), dev
+    )
+    for _ in range(int(m["warmup"])):
+        vm["main"](x)
+    f = vm.time_evaluator(
+        "main", dev, number=1, repeat=int(m["repeats"]), min_repeat_ms=int(m["min_repeat_ms"])
+    )
+    return _stats(list(f(x).results))
+
+
+def measure_local(req: dict[str, Any]) -> dict[str, Any]:
+    """Time ``lib`` on this machine (request keys: lib, frames, measurement, device)."""
+    dev = tvm.cuda(0) if req.get("device") == "cuda" else tvm.cpu(0)
+    lib = tvm.runtime.load_module(req["lib"])
+    vm = relax.VirtualMachine(lib, dev)
+    out = _time_vm(vm, dev, int(req["frames"]), req["measurement"])
+    out["threads"] = int(os.environ.get("TVM_NUM_THREADS", "0"))
+    return out
+
+
+def _check_tracker(host: str, port: int, key: str, timeout_s: float) -> None:
+    """Fail in bounded time, in one line, when the tracker or the device key is missing."""
+    try:
+        with socket.create_connection((host, port), timeout=timeout_s):
+            pass
+    except OSError as e:
+        reason = e.strerror or type(e).__name__
+        raise ConnectionError(
+            f"RPC tracker {host}:{port} unreachable ({reason}) for device key {key!r} "
+            f"after {timeout_s:g} s"
+        ) from None
+
+
+def tracker_summary(req: dict[str, Any]) -> dict[str, Any]:
+    """Free servers per device key at a tracker (request keys: host, port)."""
+    from tvm import rpc
+
+    _check_tracker(req["host"], int(req["port"]), "*", 5.0)
+    summary = rpc.connect_tracker(req["host"], int(req["port"])).summary()
+    queue = summary.get("queue_info", {})
+    return {"keys": {k: int(v.get("free", 0)) for k, v in queue.items()}}
+
+
+def measure_rpc(req: dict[str, Any]) -> dict[str, Any]:
+    """Upload ``lib`` to a device leased from the tracker and time it there."""
+    from tvm import rpc
+
+    r = req["rpc"]
+    host, port, key = r["tracker_host"], int(r["tracker_port"]), r["device_key"]
+    timeout_s = float(r["connect_timeout_s"])
+    _check_tracker(host, port, key, timeout_s)
+    tracker = rpc.connect_tracker(host, port)
+    summary = tracker.summary()
+    keys = set(summary.get("queue_info", {}))
+    if key not in keys:
+        raise ConnectionError(
+            f"RPC tracker {host}:{port} has no device with key {key!r} "
+            f"(registered: {', '.join(sorted(keys)) or 'none'})"
+        )
+    box: dict[str, Any] = {}
+
+    def lease() -> None:
+        try:
+            box["remote"] = tracker.request(
+                key, priority=1, session_timeout=float(r["session_timeout_s"])
+            )
+        except Exception as e:  # noqa: BLE001 - re-raised below in this thread
+            box["error"] = e
+
+    th = threading.Thread(target=lease, daemon=True)
+    th.start()
+    th.join(timeout_s)
+    if th.is_alive():
+        raise TimeoutError(
+            f"RPC tracker {host}:{port}: no free device with key {key!r} within {timeout_s:g} s"
+        )
+    if "error" in box:
+        raise box["error"]
+    remote = box["remote"]
+    lib = Path(req["lib"])
+    remote.upload(str(lib))
+    rlib = remote.load_module(lib.name)
+    dev = remote.cuda(0) if req.get("device") == "cuda" else remote.cpu(0)
+    vm = relax.VirtualMachine(rlib, dev)
+    out = _time_vm(vm, dev, int(req["frames"]), req["measurement"])
+    out["device_key"] = key
+    del vm, rlib, remote  # frees the one-slot server for the next lease
+    return out

@@ -1,0 +1,303 @@
+"""Hardware profiles: one target device, as a YAML file under ``hw_profiles/``.
+
+A profile says what to compile for (a TVM target as a JSON dict), how to measure there
+(locally, over a TVM RPC tracker, or predicted by the profile's cost model), the budgets a
+deployable candidate must meet, the inputs to time, how much MetaSchedule tuning each new
+layer shape gets, and the channel multiple pruning rounds to. Loading imports neither torch
+nor TVM (it must be instant); :func:`explain` renders a profile for ``voxfit profile check``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from voxfit._config import Fields, load_yaml_mapping
+from voxfit.errors import ConfigError
+
+PROFILE_SCHEMA_VERSION = 1
+Method = Literal["local", "rpc", "predicted"]
+METHODS: tuple[Method, ...] = ("local", "rpc", "predicted")
+# Target kinds this project compiles for; TVM knows more, but these are the ones tested.
+TARGET_KINDS = ("llvm", "cuda", "c")
+
+
+@dataclass(frozen=True, slots=True)
+class InputSpec:
+    """One input to time: ``frames`` log-mel frames (10 ms hop) for batch 1."""
+
+    name: str
+    frames: int
+
+
+@dataclass(frozen=True, slots=True)
+class RpcSpec:
+    """Where the device farm's TVM RPC tracker listens and which device key to request."""
+
+    tracker_host: str
+    tracker_port: int
+    device_key: str
+    connect_timeout_s: float = 20.0
+    session_timeout_s: float = 300.0
+
+
+@dataclass(frozen=True, slots=True)
+class MeasurementSpec:
+    """How latency is measured (``time_evaluator`` settings; ms in the names are ms)."""
+
+    method: Method = "local"
+    warmup: int = 3
+    repeats: int = 10
+    min_repeat_ms: float = 100.0
+    rpc: RpcSpec | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class TuningSpec:
+    """MetaSchedule budget: ``trials_per_task`` for every task not yet in the database."""
+
+    trials_per_task: int = 64
+    trials_per_iter: int = 16
+    builder_timeout_s: float = 300.0
+    runner_timeout_s: float = 60.0
+    database_dir: str | None = None  # default: cost_models/<name>/tuning
+
+
+@dataclass(frozen=True, slots=True)
+class HardwareProfile:
+    """A target device (see the module docstring); build with :func:`load_profile`."""
+
+    name: str
+    target: dict[str, Any]
+    cores: int
+    latency_budget_ms: float
+    memory_budget_mb: float
+    inputs: tuple[InputSpec, ...]
+    measurement: MeasurementSpec
+    tuning: TuningSpec
+    channel_multiple: int
+    description: str = ""
+    host_target: dict[str, Any] | None = None
+    cross_compiler: str | None = None
+    peak_gflops: float | None = None
+    memory_bandwidth_gbs: float | None = None
+    source: str = field(default="", compare=False)
+    schema_version: int = PROFILE_SCHEMA_VERSION
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain data (JSON/YAML-able), without the source path."""
+        d = asdict(self)
+        d.pop("source")
+        d["inputs"] = [asdict(x) for x in self.inputs]
+        return d
+
+    def stable_hash(self) -> str:
+        """12 hex digits over everything that changes compiled code or measurements."""
+        d = self.to_dict()
+        for k in ("description", "latency_budget_ms", "memory_budget_mb"):
+            d.pop(k)
+        blob = json.dumps(d, sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+    @property
+    def primary_input(self) -> InputSpec:
+        """The input whose latency is the search objective (the first listed)."""
+        return self.inputs[0]
+
+    def database_dir(self, cost_models_dir: str | Path = "cost_models") -> Path:
+        """Folder of this profile's persistent MetaSchedule tuning database."""
+        if self.tuning.database_dir:
+            p = Path(self.tuning.database_dir)
+            return p if p.is_absolute() else Path(self.source).parent / p
+        return Path(cost_models_dir) / self.name / "tuning"
+
+
+def _target(f: Fields, key: str, *, required: bool) -> dict[str, Any] | None:
+    raw = f.get(key, (dict, str)) if required else f.get(key, (dict, str), None)
+    if raw is None:
+        return None
+    if isinstance(raw, str):
+        raise f.error(
+            key,
+            f"{raw!r} is a target string; TVM 0.27 wants a JSON dict, "
+            "e.g. {kind: llvm, mtriple: x86_64-linux-gnu, mcpu: skylake-avx512}",
+        )
+    kind = raw.get("kind")
+    if kind not in TARGET_KINDS:
+        raise f.error(f"{key}.kind", f"{kind!r} is not one of {', '.join(TARGET_KINDS)}")
+    if raw.get("mcpu") == "native":
+        raise f.error(f"{key}.mcpu", "'native' is rejected by TVM's default triple; name the CPU")
+    for k in raw:
+        if not isinstance(k, str):
+            raise f.error(f"{key}", f"target keys must be strings, got {k!r}")
+    return dict(raw)
+
+
+def profile_from_dict(raw: dict[str, Any], source: str = "profile") -> HardwareProfile:
+    """Validate ``raw`` (a parsed profile YAML) into a :class:`HardwareProfile`.
+
+    Raises:
+        ConfigError: one line naming ``source`` and the offending key.
+    """
+    f = Fields(raw, source)
+    version = f.get("schema_version", int)
+    if version != PROFILE_SCHEMA_VERSION:
+        raise f.error("schema_version", f"{version} is not supported (this voxfit reads 1)")
+    name = f.get("name", str)
+    if not name or any(c in name for c in "/\\ "):
+        raise f.error("name", f"{name!r} must be non-empty without spaces or slashes")
+    target = _target(f, "target", required=True) or {}
+    host = _target(f, "host_target", required=False)
+    if target["kind"] == "cuda" and host is None:
+        raise f.error("host_target", "a cuda target needs a host_target (an llvm target dict)")
+    cores = f.number("cores", int, lo=1)
+    inputs = []
+    for x in f.items("inputs"):
+        inputs.append(InputSpec(x.get("name", str), x.number("frames", int, lo=8)))
+        x.done()
+    if not inputs:
+        raise f.error("inputs", "list at least one input to time")
+    if len({x.name for x in inputs}) != len(inputs):
+        raise f.error("inputs", "input names must be unique")
+
+    m = f.sub("measurement")
+    method = m.choice("method", METHODS)
+    rpc = None
+    r = m.sub("rpc") if method == "rpc" else m.sub_optional("rpc")
+    if r is not None:
+        rpc = RpcSpec(
+            tracker_host=r.get("tracker_host", str),
+            tracker_port=r.number("tracker_port", int, lo=1, hi=65535),
+            device_key=r.get("device_key", str),
+            connect_timeout_s=r.number("connect_timeout_s", float, 20.0, lo=0, lo_open=True),
+            session_timeout_s=r.number("session_timeout_s", float, 300.0, lo=0, lo_open=True),
+        )
+        r.done()
+    measurement = MeasurementSpec(
+        method=method,  # type: ignore[arg-type]
+        warmup=m.number("warmup", int, 3, lo=0),
+        repeats=m.number("repeats", int, 10, lo=1),
+        min_repeat_ms=m.number("min_repeat_ms", float, 100.0, lo=0),
+        rpc=rpc,
+    )
+    m.done()
+
+    t = f.sub("tuning")
+    tuning = TuningSpec(
+        trials_per_task=t.number("trials_per_task", int, lo=0),
+        trials_per_iter=t.number("trials_per_iter", int, 16, lo=1),
+        builder_timeout_s=t.number("builder_timeout_s", float, 300.0, lo=0, lo_open=True),
+        runner_timeout_s=t.number("runner_timeout_s", float, 60.0, lo=0, lo_open=True),
+        database_dir=t.get("database_dir", str, None),
+    )
+    t.done()
+
+    profile = HardwareProfile(
+        name=name,
+        target=target,
+        cores=cores,
+        latency_budget_ms=f.number("latency_budget_ms", float, lo=0, lo_open=True),
+        memory_budget_mb=f.number("memory_budget_mb", float, lo=0, lo_open=True),
+        inputs=tuple(inputs),
+        measurement=measurement,
+        tuning=tuning,
+        channel_multiple=f.number("channel_multiple", int, lo=1),
+        description=f.get("description", str, ""),
+        host_target=host,
+        cross_compiler=f.get("cross_compiler", str, None),
+        peak_gflops=f.number("peak_gflops", float, None, lo=0, lo_open=True),
+        memory_bandwidth_gbs=f.number("memory_bandwidth_gbs", float, None, lo=0, lo_open=True),
+        source=source,
+    )
+    f.done()
+    return profile
+
+
+def load_profile(path: str | Path) -> HardwareProfile:
+    """Load and validate a hardware profile YAML.
+
+    Raises:
+        ConfigError: unreadable/invalid YAML, an unknown key, or a bad value — one line
+            naming the file and the key (e.g. ``measurement.rpc.tracker_port``).
+    """
+    p, raw = load_yaml_mapping(path)
+    return profile_from_dict(raw, str(p))
+
+
+def find_profile(name_or_path: str | Path, profiles_dir: str | Path = "hw_profiles") -> Path:
+    """A profile file given its path or its name in ``profiles_dir`` (``<name>.yaml``).
+
+    Raises:
+        ConfigError: neither exists; lists the shipped profile names.
+    """
+    p = Path(name_or_path)
+    if p.suffix in (".yaml", ".yml") or p.exists():
+        if not p.exists():
+            raise ConfigError(f"{p}: no such profile file")
+        return p
+    cand = Path(profiles_dir) / f"{name_or_path}.yaml"
+    if cand.exists():
+        return cand
+    names = sorted(x.stem for x in Path(profiles_dir).glob("*.yaml"))
+    raise ConfigError(
+        f"unknown profile {str(name_or_path)!r} (in {profiles_dir}: {', '.join(names) or 'none'})"
+    )
+
+
+def explain(profile: HardwareProfile) -> list[tuple[str, str]]:
+    """(setting, meaning) rows describing what the profile will make voxfit do."""
+    m = profile.measurement
+    if m.method == "local":
+        how = f"on this machine with TVM time_evaluator, {m.warmup} warm-up runs"
+    elif m.rpc is not None:
+        how = (
+            f"on a device with key {m.rpc.device_key!r} leased from the TVM RPC tracker at "
+            f"{m.rpc.tracker_host}:{m.rpc.tracker_port} (connect timeout "
+            f"{m.rpc.connect_timeout_s:g} s)"
+        )
+    else:
+        how = "predicted by the profile's learned cost model (cost_models/<name>/)"
+    rows = [
+        ("name", f"{profile.name}  (hash {profile.stable_hash()})"),
+        ("target", json.dumps(profile.target)),
+        ("host_target", json.dumps(profile.host_target) if profile.host_target else "-"),
+        ("threads", f"{profile.cores} (TVM_NUM_THREADS when measuring)"),
+        (
+            "budgets",
+            f"latency <= {profile.latency_budget_ms:g} ms on "
+            f"{profile.primary_input.name}, memory <= {profile.memory_budget_mb:g} MB",
+        ),
+        (
+            "inputs",
+            ", ".join(
+                f"{x.name}: {x.frames} frames ({x.frames / 100:g} s)" for x in profile.inputs
+            ),
+        ),
+        (
+            "measurement",
+            f"{m.method}: {how}; median of {m.repeats} repeats, each >= {m.min_repeat_ms:g} ms",
+        ),
+        (
+            "tuning",
+            f"{profile.tuning.trials_per_task} MetaSchedule trials per new task "
+            f"({profile.tuning.trials_per_iter} per round); database {profile.database_dir()}",
+        ),
+        (
+            "channel_multiple",
+            f"pruned channel counts round to multiples of {profile.channel_multiple}",
+        ),
+    ]
+    if profile.cross_compiler:
+        rows.append(("cross_compiler", f"{profile.cross_compiler} links the deployable library"))
+    if profile.peak_gflops and profile.memory_bandwidth_gbs:
+        rows.append(
+            (
+                "roofline",
+                f"{profile.peak_gflops:g} GFLOP/s peak, "
+                f"{profile.memory_bandwidth_gbs:g} GB/s memory",
+            )
+        )
+    return rows

@@ -1,0 +1,297 @@
+"""Latency estimators: what a candidate costs on a profile's device, in milliseconds.
+
+Every estimator returns one :class:`LatencyResult` per profile input; a compile, upload or
+run failure is a result with ``error`` set (the search records the trial as failed and goes
+on), never an exception. Peak memory is TVM's statically planned activation storage plus
+the weights at their stored bit-widths.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Protocol
+
+from torch import nn
+
+from voxfit.compile import CompileResult, TvmWorker, compile_model
+from voxfit.errors import ConfigError
+from voxfit.hw_profiles import HardwareProfile, InputSpec, host_runs
+
+Method = Literal["local", "rpc", "predicted"]
+
+
+@dataclass(frozen=True, slots=True)
+class LatencyResult:
+    """Latency of one input on one profile; ``median_ms`` is None when ``error`` is set."""
+
+    profile: str
+    input: str
+    frames: int
+    method: Method
+    median_ms: float | None = None
+    iqr_ms: float | None = None
+    min_ms: float | None = None
+    max_ms: float | None = None
+    repeats: int = 0
+    threads: int = 0
+    activation_bytes: int | None = None
+    weight_bytes: int | None = None
+    measure_s: float = 0.0
+    compile: CompileResult | None = None
+    error: str | None = None
+    samples_ms: tuple[float, ...] = field(default=(), compare=False)
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None and self.median_ms is not None
+
+    @property
+    def peak_memory_mb(self) -> float | None:
+        """Activations (static plan) + weights, in MB (1e6 bytes)."""
+        if self.activation_bytes is None or self.weight_bytes is None:
+            return None
+        return (self.activation_bytes + self.weight_bytes) / 1e6
+
+    def to_dict(self) -> dict[str, Any]:
+        c = self.compile
+        return {
+            "profile": self.profile,
+            "input": self.input,
+            "frames": self.frames,
+            "method": self.method,
+            "median_ms": self.median_ms,
+            "iqr_ms": self.iqr_ms,
+            "min_ms": self.min_ms,
+            "max_ms": self.max_ms,
+            "repeats": self.repeats,
+            "threads": self.threads,
+            "peak_memory_mb": self.peak_memory_mb,
+            "measure_s": self.measure_s,
+            "error": self.error,
+            "compile": None
+            if c is None
+            else {
+                "n_tasks": c.n_tasks,
+                "new_tasks": c.new_tasks,
+                "tuned_trials": c.tuned_trials,
+                "tune_s": c.tune_s,
+                "build_s": c.build_s,
+                "total_s": c.total_s,
+                "error": c.error,
+            },
+        }
+
+
+class LatencyEstimator(Protocol):
+    """Estimates a model's latency on a profile.
+
+    Lifecycle: construct for one profile, call :meth:`estimate` for any number of
+    candidates, then :meth:`close` (or use as a context manager) to free worker processes.
+    """
+
+    profile: HardwareProfile
+
+    def estimate(
+        self, model: nn.Module, inputs: tuple[InputSpec, ...] | None = None
+    ) -> list[LatencyResult]: ...
+
+    def close(self) -> None: ...
+
+
+def _weight_bytes(model: nn.Module) -> int:
+    from voxfit.metrics import packed_size_bytes
+
+    return int(packed_size_bytes(model))
+
+
+class _TvmEstimator:
+    """Compile with the profile's tuning database, then time (subclasses say where)."""
+
+    method: Method
+
+    def __init__(
+        self,
+        profile: HardwareProfile,
+        work_dir: str | Path,
+        *,
+        cost_models_dir: str | Path = "cost_models",
+        tune: bool = True,
+        worker: TvmWorker | None = None,
+        measure_timeout_s: float = 600.0,
+    ) -> None:
+        self.profile = profile
+        self.work_dir = Path(work_dir)
+        self.cost_models_dir = Path(cost_models_dir)
+        self.tune = tune
+        self.measure_timeout_s = measure_timeout_s
+        self._own_worker = worker is None
+        self.worker = worker or TvmWorker(profile.cores)
+        self._n = 0
+
+    def __enter__(self) -> _TvmEstimator:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self._own_worker:
+            self.worker.close()
+
+    def _measure(self, c: CompileResult) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def estimate(
+        self, model: nn.Module, inputs: tuple[InputSpec, ...] | None = None
+    ) -> list[LatencyResult]:
+        """Compile (tuning new tasks) and measure each input; failures become results."""
+        self._n += 1
+        out_dir = self.work_dir / f"build-{time.strftime('%Y%m%d-%H%M%S')}-{self._n}"
+        compiled = compile_model(
+            model,
+            self.profile,
+            self.worker,
+            out_dir,
+            inputs=inputs,
+            cost_models_dir=self.cost_models_dir,
+            tune=self.tune,
+        )
+        weights = _weight_bytes(model)
+        results = []
+        for c in compiled:
+            base: dict[str, Any] = dict(
+                profile=self.profile.name,
+                input=c.input,
+                frames=c.frames,
+                method=self.method,
+                compile=c,
+                weight_bytes=weights,
+                activation_bytes=c.memory_bytes,
+            )
+            if not c.ok:
+                results.append(LatencyResult(**base, error=f"compile: {c.error}"))
+                continue
+            t0 = time.monotonic()
+            r = self._measure(c)
+            took = time.monotonic() - t0
+            if "error" in r:
+                results.append(LatencyResult(**base, measure_s=took, error=r["error"]))
+                continue
+            results.append(
+                LatencyResult(
+                    **base,
+                    median_ms=r["median_ms"],
+                    iqr_ms=r["iqr_ms"],
+                    min_ms=r["min_ms"],
+                    max_ms=r["max_ms"],
+                    repeats=len(r["samples_ms"]),
+                    threads=r.get("threads", self.profile.cores),
+                    measure_s=took,
+                    samples_ms=tuple(r["samples_ms"]),
+                )
+            )
+        return results
+
+
+class TvmLocalEstimator(_TvmEstimator):
+    """Measures on this machine with TVM's ``time_evaluator`` (threads = profile cores).
+
+    Raises:
+        ConfigError: at construction, when this CPU cannot run the profile's target code.
+    """
+
+    method: Method = "local"
+
+    def __init__(self, profile: HardwareProfile, work_dir: str | Path, **kw: Any) -> None:
+        ok, why = host_runs(profile)
+        if not ok:
+            raise ConfigError(f"{profile.source or profile.name}: cannot measure locally: {why}")
+        super().__init__(profile, work_dir, **kw)
+
+    def _measure(self, c: CompileResult) -> dict[str, Any]:
+        m = self.profile.measurement
+        return self.worker.call(
+            "measure_local",
+            timeout_s=self.measure_timeout_s,
+            lib=str(c.lib),
+            frames=c.frames,
+            measurement={
+                "warmup": m.warmup,
+                "repeats": m.repeats,
+                "min_repeat_ms": m.min_repeat_ms,
+            },
+            device="cuda" if self.profile.target["kind"] == "cuda" else "cpu",
+        )
+
+
+class TvmRpcEstimator(_TvmEstimator):
+    """Measures on a device leased from the profile's TVM RPC tracker."""
+
+    method: Method = "rpc"
+
+    def __init__(self, profile: HardwareProfile, work_dir: str | Path, **kw: Any) -> None:
+        if profile.measurement.rpc is None:
+            raise ConfigError(f"{profile.source or profile.name}: measurement.rpc is required")
+        super().__init__(profile, work_dir, **kw)
+
+    def _measure(self, c: CompileResult) -> dict[str, Any]:
+        m = self.profile.measurement
+        rpc = m.rpc
+        if rpc is None:  # checked in __init__; kept for the type checker
+            return {"error": "no measurement.rpc in the profile"}
+        return self.worker.call(
+            "measure_rpc",
+            timeout_s=self.measure_timeout_s,
+            lib=str(c.lib),
+            frames=c.frames,
+            measurement={
+                "warmup": m.warmup,
+                "repeats": m.repeats,
+                "min_repeat_ms": m.min_repeat_ms,
+            },
+            rpc={
+                "tracker_host": rpc.tracker_host,
+                "tracker_port": rpc.tracker_port,
+                "device_key": rpc.device_key,
+                "connect_timeout_s": rpc.connect_timeout_s,
+                "session_timeout_s": rpc.session_timeout_s,
+            },
+            device="cuda" if self.profile.target["kind"] == "cuda" else "cpu",
+        )
+
+
+def make_estimator(
+    profile: HardwareProfile, work_dir: str | Path, method: Method | None = None, **kw: Any
+) -> _TvmEstimator:
+    """The estimator for ``method`` (default: the profile's ``measurement.method``).
+
+    Raises:
+        ConfigError: ``predicted`` needs a fitted cost model (``voxfit cost-model fit``).
+    """
+    match method or profile.measurement.method:
+        case "local":
+            return TvmLocalEstimator(profile, work_dir, **kw)
+        case "rpc":
+            return TvmRpcEstimator(profile, work_dir, **kw)
+        case "predicted":
+            raise ConfigError(
+                f"{profile.name}: measurement.method 'predicted' needs a fitted cost model "
+                f"under cost_models/{profile.name}/"
+            )
+        case other:
+            raise ConfigError(f"unknown measurement method {other!r}")
+
+
+def summarize(results: list[LatencyResult]) -> str:
+    """One line per input: median ± IQR, or the error."""
+    parts = []
+    for r in results:
+        if r.ok and r.median_ms is not None:
+            iqr = r.iqr_ms if r.iqr_ms is not None and math.isfinite(r.iqr_ms) else 0.0
+            parts.append(f"{r.input}: {r.median_ms:.3f} ms (IQR {iqr:.3f})")
+        else:
+            parts.append(f"{r.input}: {r.error}")
+    return "; ".join(parts)

@@ -1,0 +1,134 @@
+"""A device farm on loopback: a TVM RPC tracker plus RPC servers on 127.0.0.1.
+
+The same processes a real farm runs (``python -m tvm.exec.rpc_tracker`` on a host,
+``python -m tvm.exec.rpc_server --tracker ... --key K`` on each board), started here for
+tests and demos so the RPC measurement path is exercised for real. Each process gets its
+own process group and is killed with it: RPC servers fork children that otherwise keep
+their ports.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
+from dataclasses import dataclass
+from pathlib import Path
+
+from voxfit.compile import TvmWorker
+from voxfit.errors import VoxfitError
+
+
+class FarmError(VoxfitError):
+    """The loopback farm's tracker or servers did not come up."""
+
+
+@dataclass(frozen=True, slots=True)
+class Farm:
+    host: str
+    tracker_port: int
+    key: str
+
+
+def free_port() -> int:
+    """An unused TCP port on 127.0.0.1."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _spawn(args: list[str], log: Path, env: dict[str, str]) -> subprocess.Popen[bytes]:
+    f = log.open("ab")
+    return subprocess.Popen(
+        [sys.executable, "-m", *args],
+        stdout=f,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,  # own process group: killed as a whole
+        env=env,
+    )
+
+
+def _kill(p: subprocess.Popen[bytes]) -> None:
+    with suppress(ProcessLookupError):
+        os.killpg(p.pid, signal.SIGKILL)
+    p.wait(10)
+
+
+@contextmanager
+def local_farm(
+    key: str,
+    *,
+    servers: int = 1,
+    threads: int = 1,
+    log_dir: str | Path | None = None,
+    ready_timeout_s: float = 120.0,
+) -> Iterator[Farm]:
+    """Run a tracker and ``servers`` RPC servers registered under ``key`` until exit.
+
+    Raises:
+        FarmError: the servers did not register within ``ready_timeout_s``.
+    """
+    logs = Path(log_dir or ".")
+    logs.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "TVM_NUM_THREADS": str(threads), "TVM_BIND_THREADS": "0"}
+    port = free_port()
+    procs = [
+        _spawn(
+            [
+                "tvm.exec.rpc_tracker",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                "--port-end",
+                str(port + 1),
+                "--silent",
+            ],
+            logs / "rpc_tracker.log",
+            env,
+        )
+    ]
+    try:
+        for _ in range(servers):
+            sport = free_port()
+            procs.append(
+                _spawn(
+                    [
+                        "tvm.exec.rpc_server",
+                        "--host",
+                        "127.0.0.1",
+                        "--port",
+                        str(sport),
+                        "--port-end",
+                        str(sport + 1),
+                        "--tracker",
+                        f"127.0.0.1:{port}",
+                        "--key",
+                        key,
+                    ],
+                    logs / "rpc_server.log",
+                    env,
+                )
+            )
+        with TvmWorker(1) as w:
+            deadline = time.monotonic() + ready_timeout_s
+            while True:
+                r = w.call("tracker_summary", timeout_s=30, host="127.0.0.1", port=port)
+                free = r.get("keys", {}).get(key, 0) if "error" not in r else 0
+                if free >= servers:
+                    break
+                if time.monotonic() > deadline or any(p.poll() is not None for p in procs):
+                    raise FarmError(
+                        f"loopback RPC farm (tracker 127.0.0.1:{port}, key {key!r}) not ready "
+                        f"after {ready_timeout_s:g} s; see {logs}/rpc_*.log"
+                    )
+                time.sleep(1.0)
+        yield Farm("127.0.0.1", port, key)
+    finally:
+        for p in reversed(procs):
+            _kill(p)

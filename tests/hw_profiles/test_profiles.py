@@ -1,0 +1,142 @@
+"""Hardware profile loading: every shipped profile is valid; bad files fail in one line."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+from hypothesis import given
+from hypothesis import strategies as st
+
+from voxfit.errors import ConfigError
+from voxfit.hw_profiles import (
+    find_profile,
+    host_runs,
+    load_profile,
+    pick_local_profile,
+    profile_from_dict,
+)
+
+ROOT = Path(__file__).resolve().parents[2]
+SHIPPED = sorted((ROOT / "hw_profiles").glob("*.yaml"))
+
+
+def _raw(name: str = "x86-avx2-2core") -> dict:
+    return yaml.safe_load((ROOT / "hw_profiles" / f"{name}.yaml").read_text())
+
+
+def test_ships_the_required_profiles() -> None:
+    names = {p.stem for p in SHIPPED}
+    assert {
+        "x86-avx512-2core",
+        "x86-avx2-2core",
+        "arm-cortex-a72-rpi4",
+        "arm-cortex-a55-phone",
+        "nvidia-gpu-sm90",
+    } <= names
+    kinds = {load_profile(p).target["kind"] for p in SHIPPED}
+    methods = {load_profile(p).measurement.method for p in SHIPPED}
+    assert kinds == {"llvm", "cuda"}
+    assert {"local", "rpc"} <= methods
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.stem)
+def test_shipped_profile_is_valid(path: Path) -> None:
+    p = load_profile(path)
+    assert p.name == path.stem
+    assert p.inputs[0] == p.primary_input
+    assert p.primary_input.frames >= 8
+    assert len(p.stable_hash()) == 12
+    assert profile_from_dict(p.to_dict(), "again") == p  # round trip through plain data
+    if p.measurement.method == "rpc":
+        assert p.measurement.rpc is not None
+    if p.target.get("mtriple", "").startswith("aarch64"):
+        assert p.cross_compiler == "aarch64-linux-gnu-g++"
+
+
+@pytest.mark.parametrize(
+    ("mutate", "names"),
+    [
+        (lambda d: d.update(latency_budget_sm=3), "latency_budget_sm: unknown key"),
+        (
+            lambda d: d.update(target="llvm -mcpu=haswell"),
+            "target: 'llvm -mcpu=haswell' is a target string",
+        ),
+        (lambda d: d["target"].update(kind="tpu"), "target.kind: 'tpu' is not one of"),
+        (lambda d: d["target"].update(mcpu="native"), "target.mcpu: 'native'"),
+        (lambda d: d.update(cores=0), "cores: must be >= 1"),
+        (lambda d: d.update(cores="two"), "cores: expected int, got 'two'"),
+        (
+            lambda d: d["measurement"].update(method="guess"),
+            "measurement.method: 'guess' is not one of",
+        ),
+        (lambda d: d["measurement"].update(method="rpc"), "measurement.rpc: is required"),
+        (
+            lambda d: d["measurement"].update(
+                rpc={"tracker_host": "h", "tracker_port": 99999, "device_key": "k"}
+            ),
+            "measurement.rpc.tracker_port: must be <= 65535",
+        ),
+        (lambda d: d["tuning"].update(trails_per_task=3), "tuning.trails_per_task: unknown key"),
+        (lambda d: d["inputs"][1].update(frames=2), "inputs[1].frames: must be >= 8"),
+        (lambda d: d.pop("channel_multiple"), "channel_multiple: is required"),
+        (lambda d: d.update(schema_version=2), "schema_version: 2 is not supported"),
+    ],
+)
+def test_bad_profile_names_file_and_field(tmp_path: Path, mutate, names: str) -> None:
+    d = _raw()
+    mutate(d)
+    path = tmp_path / "broken.yaml"
+    path.write_text(yaml.safe_dump(d))
+    with pytest.raises(ConfigError) as e:
+        load_profile(path)
+    msg = str(e.value)
+    assert msg.startswith(f"{path}: ")
+    assert names in msg
+    assert "\n" not in msg
+
+
+def test_invalid_yaml_names_the_line(tmp_path: Path) -> None:
+    path = tmp_path / "p.yaml"
+    path.write_text("schema_version: 1\nname: [unclosed\n")
+    with pytest.raises(ConfigError, match=r"p\.yaml: line \d+ invalid YAML"):
+        load_profile(path)
+
+
+def test_find_profile_by_name_and_unknown_name() -> None:
+    assert find_profile("x86-avx2-2core", ROOT / "hw_profiles").stem == "x86-avx2-2core"
+    with pytest.raises(ConfigError, match="unknown profile 'nope'.*x86-avx2-2core"):
+        find_profile("nope", ROOT / "hw_profiles")
+
+
+def test_host_compatibility_is_checked_per_target() -> None:
+    arm = load_profile(ROOT / "hw_profiles" / "arm-cortex-a72-rpi4.yaml")
+    ok, why = host_runs(arm)
+    assert not ok
+    assert "aarch64" in why
+    local = pick_local_profile(ROOT / "hw_profiles")
+    assert local.measurement.method == "local"
+    assert host_runs(local)[0]
+
+
+@given(
+    cores=st.integers(1, 64),
+    budget=st.floats(0.01, 1e4, allow_nan=False),
+    frames=st.lists(st.integers(8, 2000), min_size=1, max_size=3, unique=True),
+    multiple=st.integers(1, 64),
+)
+def test_profile_round_trip_property(
+    cores: int, budget: float, frames: list[int], multiple: int
+) -> None:
+    d = _raw()
+    d.update(
+        cores=cores,
+        latency_budget_ms=budget,
+        channel_multiple=multiple,
+        inputs=[{"name": f"in{i}", "frames": f} for i, f in enumerate(frames)],
+    )
+    p = profile_from_dict(d, "gen")
+    assert profile_from_dict(p.to_dict(), "gen") == p
+    assert p.primary_input.frames == frames[0]
+    assert p.stable_hash() == profile_from_dict(p.to_dict(), "other").stable_hash()
