@@ -291,6 +291,15 @@ def measure_local(req: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def run_local(req: dict[str, Any]) -> dict[str, Any]:
+    """Run ``lib`` once on ``input`` (a numpy array) here; returns the output array."""
+    dev = tvm.cuda(0) if req.get("device") == "cuda" else tvm.cpu(0)
+    vm = relax.VirtualMachine(tvm.runtime.load_module(req["lib"]), dev)
+    out = vm["main"](tvm.runtime.tensor(np.asarray(req["input"], dtype="float32"), dev))
+    first = out[0] if not hasattr(out, "numpy") else out
+    return {"output": first.numpy()}
+
+
 def _check_tracker(host: str, port: int, key: str, timeout_s: float) -> None:
     """Fail in bounded time, in one line, when the tracker or the device key is missing."""
     try:

@@ -19,7 +19,15 @@ from typing import Any
 
 log = logging.getLogger(__name__)
 
-OPS = ("ping", "check_target", "build", "measure_local", "measure_rpc", "tracker_summary")
+OPS = (
+    "ping",
+    "check_target",
+    "build",
+    "measure_local",
+    "measure_rpc",
+    "tracker_summary",
+    "run_local",
+)
 
 
 def serve(conn: Connection, env: dict[str, str]) -> None:
@@ -34,6 +42,7 @@ def serve(conn: Connection, env: dict[str, str]) -> None:
         "measure_local": _tvm.measure_local,
         "measure_rpc": _tvm.measure_rpc,
         "tracker_summary": _tvm.tracker_summary,
+        "run_local": _tvm.run_local,
     }
     while True:
         try:

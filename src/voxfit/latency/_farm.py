@@ -122,10 +122,16 @@ def local_farm(
                 free = r.get("keys", {}).get(key, 0) if "error" not in r else 0
                 if free >= servers:
                     break
-                if time.monotonic() > deadline or any(p.poll() is not None for p in procs):
+                dead = [str(p.args[2]) for p in procs if p.poll() is not None]  # type: ignore[index]
+                if dead or time.monotonic() > deadline:
+                    why = (
+                        f"{', '.join(dead)} exited"
+                        if dead
+                        else f"not ready after {ready_timeout_s:g} s"
+                    )
                     raise FarmError(
-                        f"loopback RPC farm (tracker 127.0.0.1:{port}, key {key!r}) not ready "
-                        f"after {ready_timeout_s:g} s; see {logs}/rpc_*.log"
+                        f"loopback RPC farm (tracker 127.0.0.1:{port}, key {key!r}): {why}; "
+                        f"see {logs}/rpc_*.log"
                     )
                 time.sleep(1.0)
         yield Farm("127.0.0.1", port, key)

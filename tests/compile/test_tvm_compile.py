@@ -1,0 +1,196 @@
+"""Real TVM: compile, tune into a persistent database, measure locally and over RPC.
+
+One TVM worker and one tuning database serve the module (tuning a tiny TDNN's tasks once,
+2 trials each, is the expensive part); each test checks a different promise on top.
+"""
+
+from __future__ import annotations
+
+import struct
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from voxfit.compile import CompileResult, TvmWorker, compile_model
+from voxfit.compile._database import RECORDS, WORKLOADS
+from voxfit.compress import apply
+from voxfit.hw_profiles import HardwareProfile, RpcSpec, load_profile, pick_local_profile
+from voxfit.latency import TvmLocalEstimator, TvmRpcEstimator
+from voxfit.latency._farm import free_port, local_farm
+from voxfit.models import build_model, count_parameters, default_config
+from voxfit.plan import AdapterPlan, Candidate, GroupPlan, LayerPlan
+
+pytestmark = [pytest.mark.tvm, pytest.mark.slow]
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _tiny() -> nn.Module:
+    torch.manual_seed(0)
+    m = build_model(default_config("tdnn", 12, "tiny")).eval()
+    for mod in m.modules():  # non-trivial BatchNorm statistics, so folding is really tested
+        if isinstance(mod, nn.BatchNorm1d):
+            mod.running_mean.uniform_(-0.5, 0.5)
+            mod.running_var.uniform_(0.5, 2.0)
+    return m
+
+
+def _profile(db: Path, trials: int = 2) -> HardwareProfile:
+    p = pick_local_profile(ROOT / "hw_profiles")
+    return replace(
+        p,
+        cores=1,
+        inputs=p.inputs[:1],
+        measurement=replace(p.measurement, repeats=5, min_repeat_ms=5, warmup=1),
+        tuning=replace(p.tuning, trials_per_task=trials, trials_per_iter=2, database_dir=str(db)),
+    )
+
+
+@pytest.fixture(scope="module")
+def worker() -> TvmWorker:
+    with TvmWorker(1) as w:
+        yield w
+
+
+@pytest.fixture(scope="module")
+def db(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("tuning")
+
+
+@pytest.fixture(scope="module")
+def cold(worker: TvmWorker, db: Path, tmp_path_factory: pytest.TempPathFactory) -> CompileResult:
+    (r,) = compile_model(_tiny(), _profile(db), worker, tmp_path_factory.mktemp("cold"))
+    return r
+
+
+def test_cold_compile_tunes_every_task_and_matches_torch(
+    cold: CompileResult, worker: TvmWorker
+) -> None:
+    assert cold.ok, cold.error
+    assert cold.n_tasks >= 4
+    assert cold.new_tasks == cold.n_tasks
+    assert cold.tuned_trials == 2 * cold.n_tasks
+    assert cold.memory_bytes is not None
+    assert cold.memory_bytes > 0
+    m = _tiny()
+    x = torch.randn(1, cold.frames, 80, generator=torch.Generator().manual_seed(1))
+    out = worker.call("run_local", timeout_s=120, lib=str(cold.lib), input=x.numpy())
+    with torch.no_grad():
+        ref = m(x, torch.tensor([cold.frames]))[0].numpy()
+    np.testing.assert_allclose(out["output"], ref, rtol=1e-4, atol=1e-4)
+
+
+def test_warm_compile_tunes_nothing(
+    cold: CompileResult, worker: TvmWorker, db: Path, tmp_path: Path
+) -> None:
+    (warm,) = compile_model(_tiny(), _profile(db), worker, tmp_path)
+    assert warm.ok, warm.error
+    assert (warm.n_tasks, warm.new_tasks, warm.tuned_trials) == (cold.n_tasks, 0, 0)
+    assert warm.task_names == cold.task_names
+
+
+def test_compressed_candidate_compiles_and_reports_its_new_tasks(
+    cold: CompileResult, worker: TvmWorker, db: Path, tmp_path: Path
+) -> None:
+    base = _tiny()
+    s = base.structure()
+    cand = Candidate(
+        groups=tuple(GroupPlan(g.name, 0.5) for g in s.groups if g.name != "stream"),
+        layers=tuple(LayerPlan(q, 8) for q in s.quantizable),
+        adapters=(AdapterPlan(s.adapter_slots[-1].name, 4),),
+    )
+    small = apply(base, cand, channel_multiple=4)
+    assert count_parameters(small) < count_parameters(base)
+    (r,) = compile_model(small, _profile(db), worker, tmp_path, tune=False)
+    assert r.ok, r.error
+    assert 0 < r.new_tasks <= r.n_tasks  # pruned shapes are new to the database
+    assert r.tuned_trials == 0  # tune=False: compiled with default schedules
+
+
+def test_local_estimator_measures_with_spread(
+    cold: CompileResult, db: Path, tmp_path: Path
+) -> None:
+    with TvmLocalEstimator(_profile(db), tmp_path) as est:
+        (r,) = est.estimate(_tiny())
+    assert r.ok, r.error
+    assert r.median_ms is not None
+    assert 0 < r.median_ms < 1000
+    assert r.repeats == 5
+    assert r.min_ms <= r.median_ms <= r.max_ms
+    assert r.compile is not None
+    assert r.compile.new_tasks == 0
+    assert r.peak_memory_mb is not None
+    assert r.peak_memory_mb > 0
+
+
+def test_rpc_measurement_agrees_with_local(cold: CompileResult, db: Path, tmp_path: Path) -> None:
+    local_profile = _profile(db)
+    with TvmLocalEstimator(local_profile, tmp_path / "local") as est:
+        (local,) = est.estimate(_tiny())
+    with local_farm("voxfit-test", log_dir=tmp_path / "farm") as farm:
+        rpc = RpcSpec(farm.host, farm.tracker_port, farm.key, connect_timeout_s=30)
+        p = replace(
+            local_profile, measurement=replace(local_profile.measurement, method="rpc", rpc=rpc)
+        )
+        with TvmRpcEstimator(p, tmp_path / "rpc") as est:
+            (remote,) = est.estimate(_tiny())
+    assert remote.ok, remote.error
+    assert local.median_ms is not None
+    assert remote.median_ms is not None
+    # Same CPU, same library: equal within this shared machine's noise.
+    assert 1 / 3 < remote.median_ms / local.median_ms < 3
+
+
+def test_unreachable_tracker_is_a_one_line_error_within_the_timeout(
+    cold: CompileResult, db: Path, tmp_path: Path
+) -> None:
+    port = free_port()  # nothing listens here
+    p = _profile(db)
+    p = replace(
+        p,
+        measurement=replace(
+            p.measurement, method="rpc", rpc=RpcSpec("127.0.0.1", port, "rpi4", 3.0)
+        ),
+    )
+    t0 = time.monotonic()
+    with TvmRpcEstimator(p, tmp_path) as est:
+        (r,) = est.estimate(_tiny())
+    assert not r.ok
+    assert r.error is not None
+    assert f"127.0.0.1:{port}" in r.error
+    assert "'rpi4'" in r.error
+    assert "\n" not in r.error
+    assert r.compile is not None
+    assert r.compile.ok
+    assert time.monotonic() - t0 < 120
+
+
+def test_cross_compiled_arm_library_is_an_aarch64_elf(worker: TvmWorker, tmp_path: Path) -> None:
+    p = load_profile(ROOT / "hw_profiles" / "arm-cortex-a72-rpi4.yaml")
+    p = replace(
+        p, inputs=p.inputs[:1], tuning=replace(p.tuning, database_dir=str(tmp_path / "db"))
+    )
+    (r,) = compile_model(_tiny(), p, worker, tmp_path, tune=False)
+    assert r.ok, r.error
+    header = r.lib.read_bytes()[:20] if r.lib else b""
+    assert header[:4] == b"\x7fELF"
+    assert struct.unpack("<H", header[18:20])[0] == 183  # e_machine EM_AARCH64
+
+
+def test_killed_tuning_leaves_a_database_the_next_run_resumes(tmp_path: Path) -> None:
+    db = tmp_path / "db"
+    m = _tiny()
+    with TvmWorker(1) as w:
+        (r,) = compile_model(m, _profile(db, trials=64), w, tmp_path / "a", timeout_s=45)
+    assert not r.ok
+    assert "did not finish" in (r.error or "")
+    with TvmWorker(1) as w:
+        (again,) = compile_model(m, _profile(db, trials=1), w, tmp_path / "b")
+    assert again.ok, again.error
+    assert (db / WORKLOADS).exists()
+    assert (db / RECORDS).exists()
+    assert again.new_tasks <= again.n_tasks
