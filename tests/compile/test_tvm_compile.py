@@ -109,6 +109,8 @@ def test_compressed_candidate_compiles_and_reports_its_new_tasks(
     assert r.ok, r.error
     assert 0 < r.new_tasks <= r.n_tasks  # pruned shapes are new to the database
     assert r.tuned_trials == 0  # tune=False: compiled with default schedules
+    assert "w8" in r.lowering
+    assert "dequantized" in r.lowering
 
 
 def test_local_estimator_measures_with_spread(

@@ -80,6 +80,7 @@ class LatencyResult:
                 "tune_s": c.tune_s,
                 "build_s": c.build_s,
                 "total_s": c.total_s,
+                "lowering": c.lowering,
                 "error": c.error,
             },
         }

@@ -1,0 +1,293 @@
+"""Latency of the base model and compressed variants: torch eager, onnxruntime, tuned TVM.
+
+In one run on this machine, for the profile's primary input (1 s of audio, batch 1):
+torch eager and onnxruntime with the profile's thread count (in this process), and TVM
+through the profile's persistent tuning database (in the TVM worker process). It also
+times MetaSchedule tuning of the base model with an empty database (``cold_tune_s``) and a
+full re-measure of a candidate whose shapes are all tuned (``warm_remeasure_s``: export +
+compile + measure). Writes ``benchmarks/results/latency.json`` and a plotly bar chart.
+
+    python benchmarks/latency.py --work work     # profile: the first local one this CPU runs
+    python benchmarks/latency.py --profile x86-avx2-2core --trials 32
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import shutil
+import statistics
+import sys
+import time
+from dataclasses import replace
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from rich.console import Console
+from rich.table import Table
+from torch import nn
+
+from voxfit import __version__
+from voxfit.compress import apply, export_onnx
+from voxfit.hw_profiles import HardwareProfile, find_profile, load_profile, pick_local_profile
+from voxfit.latency import LatencyResult, TvmLocalEstimator
+from voxfit.metrics import packed_size_bytes
+from voxfit.models import build_model, count_parameters, default_config
+from voxfit.plan import AdapterPlan, Candidate, GroupPlan, LayerPlan
+
+N_OUTPUTS = 55  # the default corpus's phone inventory + blank
+
+
+def variants(base: nn.Module, multiple: int) -> dict[str, nn.Module]:
+    """The base model and compressed variants (pruning is what changes shapes)."""
+    s = base.structure()  # type: ignore[operator]
+    groups = [g.name for g in s.groups]
+    hidden = [g for g in groups if g != "stream"]
+    slots = [x.name for x in s.adapter_slots]
+
+    def c(keep: dict[str, float], wbits: int = 32, dim: int = 0) -> Candidate:
+        return Candidate(
+            groups=tuple(GroupPlan(g, r) for g, r in keep.items()),
+            layers=tuple(LayerPlan(q, wbits) for q in s.quantizable) if wbits != 32 else (),
+            adapters=tuple(AdapterPlan(x, dim) for x in slots) if dim else (),
+        )
+
+    plans = {
+        "base-fp32": c({}),
+        "w8": c({}, wbits=8),
+        "hidden50": c(dict.fromkeys(hidden, 0.5)),
+        "all50": c(dict.fromkeys(groups, 0.5)),
+        "all50+adapters24": c(dict.fromkeys(groups, 0.5), dim=24),
+        "all75+w4": c(dict.fromkeys(groups, 0.25), wbits=4),
+    }
+    return {k: apply(base, p, channel_multiple=multiple) for k, p in plans.items()}
+
+
+def _stats(ms: list[float]) -> dict[str, float]:
+    q = statistics.quantiles(ms, n=4)
+    return {"median_ms": statistics.median(ms), "iqr_ms": q[2] - q[0]}
+
+
+def time_torch(model: nn.Module, frames: int, repeats: int) -> dict[str, float]:
+    model.eval()
+    x, n = torch.randn(1, frames, 80), torch.tensor([frames])
+    out = []
+    with torch.inference_mode():
+        for _ in range(5):
+            model(x, n)
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            model(x, n)
+            out.append((time.perf_counter() - t0) * 1e3)
+    return _stats(out)
+
+
+def time_ort(path: Path, frames: int, threads: int, repeats: int) -> dict[str, float]:
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    so.inter_op_num_threads = 1
+    sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    feed = {
+        "feats": np.random.default_rng(0).standard_normal((1, frames, 80)).astype(np.float32),
+        "lengths": np.array([frames], dtype=np.int64),
+    }
+    out = []
+    for _ in range(5):
+        sess.run(None, feed)
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        sess.run(None, feed)
+        out.append((time.perf_counter() - t0) * 1e3)
+    return _stats(out)
+
+
+def _with_db(profile: HardwareProfile, db: Path, trials: int | None) -> HardwareProfile:
+    t = replace(profile.tuning, database_dir=str(db.resolve()))
+    if trials is not None:
+        t = replace(t, trials_per_task=trials)
+    return replace(profile, tuning=t, inputs=profile.inputs[:1])
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--profile", default=None, help="name or file (default: first local one)")
+    ap.add_argument("--work", type=Path, default=Path("work"))
+    ap.add_argument("--cost-models", type=Path, default=Path("cost_models"))
+    ap.add_argument("--trials", type=int, default=None, help="override trials_per_task")
+    ap.add_argument("--size", default="default", choices=["tiny", "default"])
+    ap.add_argument("--repeats", type=int, default=50, help="torch/onnxruntime timing runs")
+    ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "latency.json")
+    args = ap.parse_args(argv)
+    console = Console()
+    t_start = time.monotonic()
+
+    profile = load_profile(find_profile(args.profile)) if args.profile else pick_local_profile()
+    frames = profile.primary_input.frames
+    threads = profile.cores
+    torch.set_num_threads(threads)
+    work = args.work / "latency" / profile.name
+    shutil.rmtree(work / "builds", ignore_errors=True)
+    torch.manual_seed(0)
+    base = build_model(default_config("tdnn", N_OUTPUTS, args.size)).eval()
+    models = variants(base, profile.channel_multiple)
+    calib = [(torch.randn(2, 200, 80), torch.tensor([200, 150])) for _ in range(2)]
+
+    rows: list[dict[str, Any]] = []
+    console.print(f"profile {profile.name}: {threads} threads, {frames} frames")
+    for name, m in models.items():
+        info = {
+            "model": name,
+            "params": count_parameters(m),
+            "packed_mb": packed_size_bytes(m) / 1e6,
+        }
+        rows.append({**info, "runtime": "torch", **time_torch(m, frames, args.repeats)})
+        onnx_path = work / "onnx" / f"{name}.onnx"
+        export_onnx(m, onnx_path, calibration=calib)
+        rows.append(
+            {
+                **info,
+                "runtime": "onnxruntime",
+                **time_ort(onnx_path, frames, threads, args.repeats),
+            }
+        )
+        console.print(
+            f"{name}: torch {rows[-2]['median_ms']:.3f} ms, ort {rows[-1]['median_ms']:.3f} ms"
+        )
+
+    # Cold: the base model's tasks tuned into an empty database.
+    cold_db = work / f"cold-db-{datetime.now(UTC):%Y%m%d%H%M%S}"
+    with TvmLocalEstimator(_with_db(profile, cold_db, args.trials), work / "builds") as est:
+        (cold,) = est.estimate(models["base-fp32"])
+    if not cold.ok or cold.compile is None:
+        console.print(f"[red]cold tuning failed: {cold.error}")
+        return 1
+    console.print(
+        f"cold: {cold.compile.new_tasks} tasks tuned in {cold.compile.tune_s:.0f} s, "
+        f"{cold.median_ms:.3f} ms"
+    )
+    # The persistent database: seeded with the cold run's records when it is empty.
+    db = profile.database_dir(args.cost_models)
+    if (
+        not (db / "database_tuning_record.json").exists()
+        or not (db / "database_tuning_record.json").stat().st_size
+    ):
+        db.mkdir(parents=True, exist_ok=True)
+        for f in ("database_workload.json", "database_tuning_record.json"):
+            shutil.copy(cold_db / f, db / f)
+
+    tvm: dict[str, LatencyResult] = {}
+    with TvmLocalEstimator(_with_db(profile, db, args.trials), work / "builds") as est:
+        for name, m in models.items():
+            (r,) = est.estimate(m)
+            tvm[name] = r
+            c = r.compile
+            console.print(
+                f"{name}: tvm {r.median_ms if r.ok else r.error} ms "
+                f"({c.new_tasks if c else '?'} new tasks, tuned {c.tune_s if c else 0:.0f} s)"
+            )
+        t0 = time.monotonic()
+        (warm,) = est.estimate(models["base-fp32"])
+        warm_s = time.monotonic() - t0
+    for name, m in models.items():
+        r = tvm[name]
+        c = r.compile
+        rows.append(
+            {
+                "model": name,
+                "params": count_parameters(m),
+                "packed_mb": packed_size_bytes(m) / 1e6,
+                "runtime": "tvm",
+                "median_ms": r.median_ms,
+                "iqr_ms": r.iqr_ms,
+                "n_tasks": c.n_tasks if c else None,
+                "new_tasks": c.new_tasks if c else None,
+                "tune_s": c.tune_s if c else None,
+                "compile_s": c.total_s if c else None,
+                "peak_memory_mb": r.peak_memory_mb,
+                "lowering": c.lowering if c else None,
+                "error": r.error,
+            }
+        )
+
+    def med(model: str, runtime: str) -> float:
+        return float(
+            next(x["median_ms"] for x in rows if (x["model"], x["runtime"]) == (model, runtime))
+        )
+
+    result = {
+        "profile": profile.name,
+        "profile_hash": profile.stable_hash(),
+        "frames": frames,
+        "threads": threads,
+        "warm_remeasure_s": warm_s,
+        "warm_new_tasks": warm.compile.new_tasks if warm.compile else None,
+        "pruned50_speedup": med("base-fp32", "tvm") / med("all50", "tvm"),
+        "tvm_vs_ort_ratio": med("base-fp32", "tvm") / med("base-fp32", "onnxruntime"),
+        "tvm_vs_torch_ratio": med("base-fp32", "tvm") / med("base-fp32", "torch"),
+        "cold_tune_s": cold.compile.tune_s,
+        "cold_tasks": cold.compile.new_tasks,
+        "trials_per_task": args.trials or profile.tuning.trials_per_task,
+        "rows": rows,
+        "provenance": {
+            "voxfit": __version__,
+            "torch": str(torch.__version__),
+            "python": platform.python_version(),
+            "cpu": platform.processor() or platform.machine(),
+            "target": profile.target,
+            "date": datetime.now(UTC).isoformat(timespec="seconds"),
+            "script_minutes": round((time.monotonic() - t_start) / 60, 1),
+        },
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    _plot(rows, args.out.with_suffix(".html"), profile.name)
+
+    t = Table(title=f"latency on {profile.name} ({frames} frames, {threads} threads), ms")
+    for col in ("model", "params", "MB", "torch", "onnxruntime", "tvm", "new tasks"):
+        t.add_column(col, justify="left" if col == "model" else "right")
+    for name in models:
+        tv = next(x for x in rows if (x["model"], x["runtime"]) == (name, "tvm"))
+        t.add_row(
+            name,
+            f"{tv['params']:,}",
+            f"{tv['packed_mb']:.2f}",
+            f"{med(name, 'torch'):.3f}",
+            f"{med(name, 'onnxruntime'):.3f}",
+            f"{tv['median_ms']:.3f}" if tv["median_ms"] is not None else "error",
+            str(tv["new_tasks"]),
+        )
+    console.print(t)
+    for k in ("warm_remeasure_s", "pruned50_speedup", "tvm_vs_ort_ratio", "cold_tune_s"):
+        console.print(f"{k}: {result[k]:.3f}")
+    console.print(f"wrote {args.out}")
+    return 0
+
+
+def _plot(rows: list[dict[str, Any]], path: Path, profile: str) -> None:
+    import plotly.graph_objects as go
+
+    fig = go.Figure()
+    for runtime in ("torch", "onnxruntime", "tvm"):
+        sel = [r for r in rows if r["runtime"] == runtime and r["median_ms"] is not None]
+        fig.add_bar(
+            name=runtime,
+            x=[r["model"] for r in sel],
+            y=[r["median_ms"] for r in sel],
+            error_y={"type": "data", "array": [r["iqr_ms"] or 0 for r in sel]},
+        )
+    fig.update_layout(
+        title=f"Latency per model and runtime on {profile} (median, IQR bars)",
+        yaxis_title="ms",
+        barmode="group",
+    )
+    fig.write_html(path, include_plotlyjs=True, full_html=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
