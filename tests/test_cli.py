@@ -193,3 +193,59 @@ def test_adaptation_proxy_benchmark_tiny(tmp_path: Path, tiny_manifest: Manifest
     assert r["packed_size_ratio_4bit"] <= 1 / 6
     names = [row["name"] for row in r["rows"]]
     assert len(set(names)) == len(names)
+
+
+def test_profile_check_explains_a_profile_and_rejects_a_broken_one(tmp_path: Path) -> None:
+    res = runner.invoke(
+        app, ["profile", "check", str(ROOT / "hw_profiles" / "arm-cortex-a72-rpi4.yaml")]
+    )
+    assert res.exit_code == 0, res.output
+    for text in ("valid", "rpi4", "aarch64", "TVM target", "cannot run this target"):
+        assert text in res.output
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("schema_version: 1\nname: x\ntarget: 'llvm -mcpu=haswell'\n")
+    res = subprocess.run(
+        [str(Path(sys.executable).parent / "voxfit"), "profile", "check", str(bad), "--no-tvm"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert res.returncode == 2
+    assert res.stderr.count("\n") == 1
+    assert f"{bad}: target:" in res.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.tvm
+def test_latency_benchmark_tiny_without_tuning(tmp_path: Path) -> None:
+    out = tmp_path / "latency.json"
+    res = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "benchmarks" / "latency.py"),
+            "--size",
+            "tiny",
+            "--trials",
+            "0",
+            "--repeats",
+            "5",
+            "--work",
+            str(tmp_path / "work"),
+            "--cost-models",
+            str(tmp_path / "cm"),
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
+        cwd=ROOT,
+    )
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
+    figures = json.loads(out.read_text())
+    for key in ("warm_remeasure_s", "pruned50_speedup", "tvm_vs_ort_ratio", "cold_tune_s"):
+        assert figures[key] > 0 or key == "cold_tune_s"
+    runtimes = {(r["model"], r["runtime"]) for r in figures["rows"]}
+    assert len(runtimes) == 6 * 3
+    assert all(r["median_ms"] > 0 for r in figures["rows"])
+    assert out.with_suffix(".html").exists()
