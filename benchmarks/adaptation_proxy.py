@@ -31,7 +31,7 @@ from rich.console import Console
 from rich.table import Table
 
 from voxfit import __version__
-from voxfit.compress import adaptation_saliency, apply
+from voxfit.compress import Recovery, adaptation_saliency, apply
 from voxfit.data import FeatureStore, load_manifest, make_corpus, preset
 from voxfit.metrics import packed_size_bytes
 from voxfit.models import count_parameters
@@ -51,7 +51,7 @@ from voxfit.train import (
 
 
 def candidates(
-    groups: list[str], layers: list[str], slots: list[str], dim: int
+    groups: list[str], layers: list[str], slots: list[str], dim: int, kd_steps: int = 300
 ) -> dict[str, Candidate]:
     """The benchmark's named candidates (deterministic)."""
     hidden = [g for g in groups if g != "stream"]
@@ -66,6 +66,7 @@ def candidates(
         adapters: tuple[AdapterPlan, ...] = every,
         importance: str = "magnitude",
         layer_subset: list[str] | None = None,
+        recovery_steps: int = 0,
     ) -> tuple[str, Candidate]:
         return name, Candidate(
             groups=tuple(GroupPlan(g, r) for g, r in (keep or {}).items()),
@@ -76,6 +77,7 @@ def candidates(
             ),
             adapters=adapters,
             importance=importance,  # type: ignore[arg-type]
+            recovery_steps=recovery_steps,
         )
 
     def at(*idx: int, d: int = dim) -> tuple[AdapterPlan, ...]:
@@ -115,6 +117,15 @@ def candidates(
                 abits=8,
                 adapters=at(*range(len(slots) // 2, len(slots)), d=32),
             ),
+            # The 50% comparison again with a short distillation from the base model, as a
+            # search candidate would get: without it, 50% pruning breaks both variants.
+            c("all50-magnitude+kd", keep={g: 0.5 for g in groups}, recovery_steps=kd_steps),
+            c(
+                "all50-adaptation+kd",
+                keep={g: 0.5 for g in groups},
+                importance="adaptation",
+                recovery_steps=kd_steps,
+            ),
         ]
     )
 
@@ -129,6 +140,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--model", default="tdnn", choices=["tdnn", "conformer"])
     ap.add_argument("--work", type=Path, default=Path("work"))
     ap.add_argument("--channel-multiple", type=int, default=8)
+    ap.add_argument("--kd-steps", type=int, default=300, help="recovery steps of the +kd rows")
     ap.add_argument(
         "--out", type=Path, default=Path(__file__).parent / "results" / "adaptation_proxy.json"
     )
@@ -161,6 +173,7 @@ def main(argv: list[str] | None = None) -> int:
         )
     ]
 
+    recovery = Recovery(manifest.split("train"), store, inv)
     rows_path = args.work / f"adaptation_proxy.{args.preset}.{args.model}.rows.jsonl"
     done: dict[str, dict[str, Any]] = {}
     if rows_path.exists():
@@ -174,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     saliency_s = time.monotonic() - t0
     base_full = measure_adaptation(base, manifest, store, inv, adapt)  # default adapters
-    cands = candidates(groups, list(s.quantizable), slots, adapt.bottleneck)
+    cands = candidates(groups, list(s.quantizable), slots, adapt.bottleneck, args.kd_steps)
     for i, (name, cand) in enumerate(cands.items()):
         if name in done and done[name]["plan_hash"] == cand.stable_hash():
             continue
@@ -185,6 +198,7 @@ def main(argv: list[str] | None = None) -> int:
             channel_multiple=args.channel_multiple,
             saliency=saliency,
             calibration=calib,
+            recovery=recovery,
         )
         dev = phone_error_rate(model, manifest.split("dev"), store, inv)
         px = adaptation_proxy(model, manifest, store, inv, adapt, proxy, slots=[])
@@ -230,6 +244,10 @@ def main(argv: list[str] | None = None) -> int:
         "magnitude_post_adapt_per": done["all50-magnitude"]["full_post_adapt_per"],
         "aware_retention": done["all50-adaptation"]["retention"],
         "magnitude_retention": done["all50-magnitude"]["retention"],
+        "aware_post_adapt_per_kd": done["all50-adaptation+kd"]["full_post_adapt_per"],
+        "magnitude_post_adapt_per_kd": done["all50-magnitude+kd"]["full_post_adapt_per"],
+        "aware_dev_per_kd": done["all50-adaptation+kd"]["dev_per"],
+        "magnitude_dev_per_kd": done["all50-magnitude+kd"]["dev_per"],
         "packed_size_ratio_4bit": w4 / fp32,
         "base": {
             "dev_per": phone_error_rate(base, manifest.split("dev"), store, inv),

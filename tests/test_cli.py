@@ -172,6 +172,8 @@ def test_adaptation_proxy_benchmark_tiny(tmp_path: Path, tiny_manifest: Manifest
             str(out),
             "--channel-multiple",
             "4",
+            "--kd-steps",
+            "5",
         ],
         capture_output=True,
         text=True,
