@@ -41,34 +41,51 @@ def register_builder() -> None:
     tvm.register_global_func(BUILD_FUNC, override=True)(_build)
 
 
-def _make_in_process_builder() -> ms.builder.Builder:
-    """A MetaSchedule builder that compiles candidates in this process, one after another.
+def _make_pool_builder(max_workers: int, timeout_s: float) -> ms.builder.Builder:
+    """A MetaSchedule builder whose worker processes live for the whole tuning run.
 
-    The stock LocalBuilder starts a fresh pool of worker processes for every batch (each
-    re-imports TVM: seconds per batch, most of a small tuning budget). Lowering a fused
-    conv/matmul is fast and rarely crashes, and this worker process is disposable anyway.
+    The stock LocalBuilder starts a fresh process pool for every batch (each worker
+    re-imports TVM: seconds per batch, most of a small tuning budget). Building in this
+    process instead has no timeout, and a pathological schedule can spend many minutes in
+    LLVM (seen here: one batch hung a run for 12 minutes). So: one pool per run, a per-build
+    timeout that kills only the stuck worker, workers recycled every 64 builds.
     """
-    import tempfile
-
     from tvm.ir.utils import derived_object
     from tvm.s_tir.meta_schedule.builder import BuilderResult, PyBuilder
-    from tvm.support.tar import tar
+    from tvm.s_tir.meta_schedule.builder.local_builder import (
+        _serialize_params,
+        _worker_func,
+    )
+    from tvm.support.popen_pool import PopenPoolExecutor, StatusKind
+
+    pool = PopenPoolExecutor(
+        max_workers=max_workers,
+        timeout=timeout_s,
+        initializer=register_builder,
+        maximum_process_uses=64,
+    )
 
     @derived_object
-    class InProcessBuilder(PyBuilder):
+    class PoolBuilder(PyBuilder):
         def build(self, build_inputs: list[Any]) -> list[Any]:
+            args = [
+                (BUILD_FUNC, None, b.mod, b.target, _serialize_params(b.params))
+                for b in build_inputs
+            ]
             results = []
-            for bi in build_inputs:
-                try:
-                    rt_mod = _build(bi.mod, bi.target, None)
-                    path = os.path.join(tempfile.mkdtemp(), "tvm_tmp_mod." + tar.output_format)
-                    rt_mod.export_library(path, fcompile=tar)  # type: ignore[attr-defined]
-                    results.append(BuilderResult(path, None))
-                except Exception as e:  # noqa: BLE001 - a failed candidate, not a failed run
-                    results.append(BuilderResult(None, f"{type(e).__name__}: {e}"))
+            for r in pool.map_with_error_catching(lambda x: _worker_func(*x), args):
+                if r.status == StatusKind.COMPLETE:
+                    results.append(BuilderResult(r.value, None))
+                elif r.status == StatusKind.TIMEOUT:
+                    results.append(BuilderResult(None, f"build timed out after {timeout_s:g} s"))
+                else:
+                    results.append(BuilderResult(None, f"build failed: {r.value}"[:2000]))
             return results
 
-    return InProcessBuilder()  # type: ignore[no-any-return]
+        def shutdown(self) -> None:
+            pool.shutdown()
+
+    return PoolBuilder()  # type: ignore[no-any-return]
 
 
 def _light_tensor_intrin(target: tvm.target.Target) -> None:
@@ -210,6 +227,7 @@ def build(req: dict[str, Any]) -> dict[str, Any]:
         tuned = 0
         if req.get("tune", True) and missing and trials > 0 and not gpu:
             _light_tensor_intrin(target)
+            builder = _make_pool_builder(int(profile["cores"]), float(tuning["builder_timeout_s"]))
             logs = db_dir / "logs"
             ctxs, weights = ms.relax_integration.extracted_tasks_to_tune_contexts(
                 missing,
@@ -223,17 +241,20 @@ def build(req: dict[str, Any]) -> dict[str, Any]:
                 num_threads=int(profile["cores"]),
                 seed=req.get("seed", 0),
             )
-            ms.tune.tune_tasks(
-                tasks=ctxs,
-                task_weights=weights,
-                work_dir=str(logs / "run"),
-                max_trials_global=trials * len(ctxs),
-                max_trials_per_task=trials,
-                num_trials_per_iter=min(trials, int(tuning["trials_per_iter"])),
-                builder=_make_in_process_builder(),
-                runner=ms.runner.LocalRunner(timeout_sec=float(tuning["runner_timeout_s"])),
-                database=db,
-            )
+            try:
+                ms.tune.tune_tasks(
+                    tasks=ctxs,
+                    task_weights=weights,
+                    work_dir=str(logs / "run"),
+                    max_trials_global=trials * len(ctxs),
+                    max_trials_per_task=trials,
+                    num_trials_per_iter=min(trials, int(tuning["trials_per_iter"])),
+                    builder=builder,
+                    runner=ms.runner.LocalRunner(timeout_sec=float(tuning["runner_timeout_s"])),
+                    database=db,
+                )
+            finally:
+                builder.shutdown()
             tuned = trials * len(ctxs)
         out["tuned_trials"] = tuned
         out["tune_s"] = time.monotonic() - t1

@@ -33,6 +33,8 @@ OPS = (
 def serve(conn: Connection, env: dict[str, str]) -> None:
     """The worker's main loop (runs in the spawned child)."""
     os.environ.update(env)  # before TVM is imported: thread count, no affinity pinning
+    # MetaSchedule logs every round to stdout at DEBUG; keep that in its log files only.
+    logging.getLogger("tvm.s_tir.meta_schedule").setLevel(logging.WARNING)
     from voxfit.compile import _tvm
 
     handlers = {
