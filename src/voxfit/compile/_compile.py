@@ -45,6 +45,7 @@ class CompileResult:
     memory_bytes: int | None = None
     task_names: tuple[str, ...] = ()
     lowering: str = "fp32"
+    exported: bool = True
     error: str | None = None
     details: dict[str, Any] = field(default_factory=dict, compare=False)
 
@@ -159,13 +160,16 @@ def compile_model(
     inputs: tuple[InputSpec, ...] | None = None,
     cost_models_dir: str | Path = "cost_models",
     tune: bool = True,
+    export: bool = True,
     timeout_s: float | None = None,
 ) -> list[CompileResult]:
     """Compile ``model`` for each of the profile's ``inputs`` (default: all of them).
 
     Tasks missing from the profile's tuning database are tuned first (all of one input's
     new tasks in one MetaSchedule run, ``trials_per_task`` each) unless ``tune`` is False.
-    Never raises for a build failure: the result carries ``error``.
+    With ``export=False`` no library file is linked: the executable stays in the worker
+    for a local measurement (``lib`` names it; ~2 s saved per candidate). Never raises for
+    a build failure: the result carries ``error``.
     """
     out = Path(out_dir)
     results = []
@@ -189,6 +193,7 @@ def compile_model(
             profile=profile.to_dict(),
             db_dir=str(db_dir.resolve()),
             tune=tune,
+            export=export,
             lib_out=str((out / f"{spec.name}.so").resolve()),
         )
         total = time.monotonic() - t0
@@ -210,7 +215,20 @@ def compile_model(
                 total_s=total,
                 memory_bytes=r["memory_bytes"],
                 task_names=tuple(r["task_names"]),
-                details={k: r[k] for k in ("convert_s", "db_repair", "new_task_names")},
+                exported=r["exported"],
+                details={
+                    k: r[k]
+                    for k in (
+                        "convert_s",
+                        "db_repair",
+                        "new_task_names",
+                        "db_load_s",
+                        "compile_relax_s",
+                        "memory_plan_s",
+                        "export_library_s",
+                    )
+                    if k in r
+                },
             )
         )
     return results

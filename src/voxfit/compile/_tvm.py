@@ -192,6 +192,38 @@ def _static_memory_bytes(mod: tvm.IRModule, target: tvm.target.Target) -> int | 
     return total
 
 
+# Worker-process caches. The tuning database is re-read only when its files changed (a
+# multi-MB JSON database takes seconds to parse); executables built without exporting a
+# library are kept for the next local measurement (the last few only).
+_DB_CACHE: dict[str, tuple[tuple[int, ...], Any]] = {}
+_EXECUTABLES: dict[str, Any] = {}
+_KEEP_EXECUTABLES = 4
+
+
+def _db_signature(db_dir: Path) -> tuple[int, ...]:
+    sig: list[int] = []
+    for name in ("database_workload.json", "database_tuning_record.json"):
+        st = (db_dir / name).stat()
+        sig += [st.st_size, st.st_mtime_ns]
+    return tuple(sig)
+
+
+def _open_db(db_dir: Path) -> tuple[Any, str]:
+    """The database of ``db_dir`` (caller holds the lock), repaired and loaded if changed."""
+    key = str(db_dir.resolve())
+    cached = _DB_CACHE.get(key)
+    if (
+        cached is not None
+        and (db_dir / "database_workload.json").exists()
+        and cached[0] == _db_signature(db_dir)
+    ):
+        return cached[1], "cached"
+    report = repair(db_dir)
+    db = ms.database.JSONDatabase(work_dir=str(db_dir))
+    _DB_CACHE[key] = (_db_signature(db_dir), db)
+    return db, repr(report)
+
+
 def build(req: dict[str, Any]) -> dict[str, Any]:
     """Compile one exported program for the profile; tune tasks the database lacks.
 
@@ -213,8 +245,9 @@ def build(req: dict[str, Any]) -> dict[str, Any]:
     }
     gpu = _is_gpu(target)
     with locked(db_dir):
-        out["db_repair"] = repr(repair(db_dir))
-        db = ms.database.JSONDatabase(work_dir=str(db_dir))
+        t_db = time.monotonic()
+        db, out["db_repair"] = _open_db(db_dir)
+        out["db_load_s"] = time.monotonic() - t_db
         missing = [
             t
             for t in tasks
@@ -255,22 +288,34 @@ def build(req: dict[str, Any]) -> dict[str, Any]:
                 )
             finally:
                 builder.shutdown()
+                # the records went to disk through this very object: it is current
+                _DB_CACHE[str(db_dir.resolve())] = (_db_signature(db_dir), db)
             tuned = trials * len(ctxs)
         out["tuned_trials"] = tuned
         out["tune_s"] = time.monotonic() - t1
         t2 = time.monotonic()
         ex = ms.relax_integration.compile_relax(db, mod, target, None)
+    out["compile_relax_s"] = time.monotonic() - t2
+    t3 = time.monotonic()
     out["memory_bytes"] = _static_memory_bytes(fused, target)
+    out["memory_plan_s"] = time.monotonic() - t3
     lib = Path(req["lib_out"])
     lib.parent.mkdir(parents=True, exist_ok=True)
     cross = profile.get("cross_compiler")
-    if cross:
+    out["exported"] = bool(req.get("export", True))
+    if not out["exported"]:
+        # Local measurement only: keep the executable here instead of linking a library.
+        _EXECUTABLES[str(lib)] = ex
+        while len(_EXECUTABLES) > _KEEP_EXECUTABLES:
+            _EXECUTABLES.pop(next(iter(_EXECUTABLES)))
+    elif cross:
         from tvm.support import cc
 
         ex.export_library(str(lib), fcompile=cc.cross_compiler(cross))
     else:
         ex.export_library(str(lib))
     out["build_s"] = time.monotonic() - t2
+    out["export_library_s"] = time.monotonic() - t3 - out["memory_plan_s"]
     out["lib"] = str(lib)
     return out
 
@@ -305,8 +350,8 @@ def _time_vm(
 def measure_local(req: dict[str, Any]) -> dict[str, Any]:
     """Time ``lib`` on this machine (request keys: lib, frames, measurement, device)."""
     dev = tvm.cuda(0) if req.get("device") == "cuda" else tvm.cpu(0)
-    lib = tvm.runtime.load_module(req["lib"])
-    vm = relax.VirtualMachine(lib, dev)
+    ex = _EXECUTABLES.get(req["lib"])
+    vm = relax.VirtualMachine(ex if ex is not None else tvm.runtime.load_module(req["lib"]), dev)
     out = _time_vm(vm, dev, int(req["frames"]), req["measurement"])
     out["threads"] = int(os.environ.get("TVM_NUM_THREADS", "0"))
     return out
@@ -315,7 +360,8 @@ def measure_local(req: dict[str, Any]) -> dict[str, Any]:
 def run_local(req: dict[str, Any]) -> dict[str, Any]:
     """Run ``lib`` once on ``input`` (a numpy array) here; returns the output array."""
     dev = tvm.cuda(0) if req.get("device") == "cuda" else tvm.cpu(0)
-    vm = relax.VirtualMachine(tvm.runtime.load_module(req["lib"]), dev)
+    ex = _EXECUTABLES.get(req["lib"])
+    vm = relax.VirtualMachine(ex if ex is not None else tvm.runtime.load_module(req["lib"]), dev)
     out = vm["main"](tvm.runtime.tensor(np.asarray(req["input"], dtype="float32"), dev))
     first = out[0] if not hasattr(out, "numpy") else out
     return {"output": first.numpy()}

@@ -112,6 +112,7 @@ class _TvmEstimator:
     """Compile with the profile's tuning database, then time (subclasses say where)."""
 
     method: Method
+    export_library = True  # the RPC path uploads the file; local measurement needs none
 
     def __init__(
         self,
@@ -159,6 +160,7 @@ class _TvmEstimator:
             inputs=inputs,
             cost_models_dir=self.cost_models_dir,
             tune=self.tune,
+            export=self.export_library,
         )
         weights = _weight_bytes(model)
         results = []
@@ -205,6 +207,7 @@ class TvmLocalEstimator(_TvmEstimator):
     """
 
     method: Method = "local"
+    export_library = False
 
     def __init__(self, profile: HardwareProfile, work_dir: str | Path, **kw: Any) -> None:
         ok, why = host_runs(profile)
