@@ -105,19 +105,15 @@ class _Deploy(nn.Module):
 
 @contextmanager
 def _deploy_mode(model: nn.Module) -> Iterator[None]:
-    from voxfit.compress._quant import ActivationQuantizer
+    """Activation fake-quant off (the ONNX exporter's helper) and eval mode, then restored."""
+    from voxfit.compress._export import _fake_quant_off
 
-    quants = [m for m in model.modules() if isinstance(m, ActivationQuantizer)]
-    saved = [q.bits for q in quants]
     was = model.training
-    for q in quants:
-        q.bits = 32
     model.eval()
     try:
-        yield
+        with _fake_quant_off(model):
+            yield
     finally:
-        for q, b in zip(quants, saved, strict=True):
-            q.bits = b
         model.train(was)
 
 

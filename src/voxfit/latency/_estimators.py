@@ -146,6 +146,21 @@ class _TvmEstimator:
     def _measure(self, c: CompileResult) -> dict[str, Any]:
         raise NotImplementedError
 
+    def _measure_request(self, c: CompileResult) -> dict[str, Any]:
+        """The worker-call arguments both measurement paths share."""
+        m = self.profile.measurement
+        return {
+            "timeout_s": self.measure_timeout_s,
+            "lib": str(c.lib),
+            "frames": c.frames,
+            "measurement": {
+                "warmup": m.warmup,
+                "repeats": m.repeats,
+                "min_repeat_ms": m.min_repeat_ms,
+            },
+            "device": "cuda" if self.profile.target["kind"] == "cuda" else "cpu",
+        }
+
     def estimate(
         self, model: nn.Module, inputs: tuple[InputSpec, ...] | None = None
     ) -> list[LatencyResult]:
@@ -216,19 +231,7 @@ class TvmLocalEstimator(_TvmEstimator):
         super().__init__(profile, work_dir, **kw)
 
     def _measure(self, c: CompileResult) -> dict[str, Any]:
-        m = self.profile.measurement
-        return self.worker.call(
-            "measure_local",
-            timeout_s=self.measure_timeout_s,
-            lib=str(c.lib),
-            frames=c.frames,
-            measurement={
-                "warmup": m.warmup,
-                "repeats": m.repeats,
-                "min_repeat_ms": m.min_repeat_ms,
-            },
-            device="cuda" if self.profile.target["kind"] == "cuda" else "cpu",
-        )
+        return self.worker.call("measure_local", **self._measure_request(c))
 
 
 class TvmRpcEstimator(_TvmEstimator):
@@ -242,20 +245,12 @@ class TvmRpcEstimator(_TvmEstimator):
         super().__init__(profile, work_dir, **kw)
 
     def _measure(self, c: CompileResult) -> dict[str, Any]:
-        m = self.profile.measurement
-        rpc = m.rpc
+        rpc = self.profile.measurement.rpc
         if rpc is None:  # checked in __init__; kept for the type checker
             return {"error": "no measurement.rpc in the profile"}
         return self.worker.call(
             "measure_rpc",
-            timeout_s=self.measure_timeout_s,
-            lib=str(c.lib),
-            frames=c.frames,
-            measurement={
-                "warmup": m.warmup,
-                "repeats": m.repeats,
-                "min_repeat_ms": m.min_repeat_ms,
-            },
+            **self._measure_request(c),
             rpc={
                 "tracker_host": rpc.tracker_host,
                 "tracker_port": rpc.tracker_port,
@@ -263,7 +258,6 @@ class TvmRpcEstimator(_TvmEstimator):
                 "connect_timeout_s": rpc.connect_timeout_s,
                 "session_timeout_s": rpc.session_timeout_s,
             },
-            device="cuda" if self.profile.target["kind"] == "cuda" else "cpu",
         )
 
 
