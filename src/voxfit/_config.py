@@ -157,6 +157,11 @@ class Fields:
             out.append(Fields(v, self._source, f"{self.key(name)}[{i}]."))
         return out
 
+    def entries(self) -> list[tuple[str, Any]]:
+        """Every (key, value) of an open-keyed mapping (a table of patterns), all marked read."""
+        self._read.update(self._data)
+        return [(str(k), v) for k, v in self._data.items()]
+
     def done(self) -> None:
         """Reject keys that were never read (typos, settings this version does not know).
 

@@ -1,0 +1,126 @@
+from __future__ import annotations
+
+import random
+from pathlib import Path
+from typing import Any
+
+import optuna
+import pytest
+import yaml
+
+from voxfit.errors import ConfigError
+from voxfit.models import build_model, default_config
+from voxfit.spaces import find_space, load_space, params_of, sample, space_from_dict
+
+SPACES = Path(__file__).resolve().parents[2] / "spaces"
+
+
+class _Random:
+    def __init__(self, seed: int) -> None:
+        self.r = random.Random(seed)
+        self.asked: list[str] = []
+
+    def suggest_categorical(self, name: str, choices: list[Any]) -> Any:
+        self.asked.append(name)
+        return self.r.choice(choices)
+
+
+@pytest.fixture(scope="module")
+def tdnn_structure():  # type: ignore[no-untyped-def]
+    return build_model(default_config("tdnn", 55, "tiny")).structure()
+
+
+def _raw() -> dict[str, Any]:
+    return yaml.safe_load((SPACES / "tdnn-default.yaml").read_text())
+
+
+def test_shipped_spaces_bind_to_their_models(tdnn_structure) -> None:  # type: ignore[no-untyped-def]
+    for path in SPACES.glob("*.yaml"):
+        space = load_space(path)
+        if space.model == "tdnn":
+            bound = space.bind(tdnn_structure)
+            assert set(bound.groups) == {g.name for g in tdnn_structure.groups}
+            assert bound.weight_bits["head"] == (8, 32)  # the later, specific rule wins
+            assert bound.weight_bits["stem"] == (4, 8, 32)
+
+
+def test_sample_round_trips_through_params(tdnn_structure) -> None:  # type: ignore[no-untyped-def]
+    bound = find_space("tdnn-default", SPACES).bind(tdnn_structure)
+    seen = set()
+    for seed in range(30):
+        fake = _Random(seed)
+        cand = sample(bound, fake)
+        seen.add(cand.stable_hash())
+        params = params_of(bound, cand)
+        assert set(params) == set(fake.asked)
+
+        class Replay:
+            def __init__(self, answers: dict[str, Any]) -> None:
+                self.answers = answers
+
+            def suggest_categorical(self, name: str, choices: list[Any]) -> Any:
+                assert self.answers[name] in choices
+                return self.answers[name]
+
+        assert sample(bound, Replay(params)) == cand
+        for g in cand.groups:
+            assert g.keep_ratio in bound.groups[g.name]
+    assert len(seen) == 30
+
+
+def test_sample_with_an_optuna_trial(tdnn_structure) -> None:  # type: ignore[no-untyped-def]
+    bound = find_space("tdnn-default", SPACES).bind(tdnn_structure)
+    study = optuna.create_study()
+    trial = study.ask()
+    cand = sample(bound, trial)
+    assert trial.params["keep:stream"] == cand.keep_ratio("stream")
+    assert all(
+        k.split(":")[0]
+        in {"keep", "wbits", "abits", "adapter", "adapter_kind", "importance", "recovery_steps"}
+        for k in trial.params
+    )
+
+
+@pytest.mark.parametrize(
+    ("edit", "needle"),
+    [
+        (
+            lambda r: r["pruning"]["groups"].update({"blocks.*.hiden": [0.5]}),
+            "pruning.groups.blocks.*.hiden",
+        ),
+        (
+            lambda r: r["quantization"]["weight_bits"].update({"head": [3]}),
+            "quantization.weight_bits.head: 3",
+        ),
+        (lambda r: r["pruning"]["groups"].update({"stream": [1.5]}), "pruning.groups.stream: 1.5"),
+        (lambda r: r.update({"recovery_step": [0]}), "recovery_step: unknown key"),
+        (lambda r: r["adapters"].update({"kinds": ["prefix"]}), "adapters.kinds: 'prefix'"),
+        (lambda r: r.update({"model": "rnn"}), "model: 'rnn'"),
+    ],
+)
+def test_malformed_space_names_file_and_key(tmp_path, tdnn_structure, edit, needle) -> None:  # type: ignore[no-untyped-def]
+    raw = _raw()
+    edit(raw)
+    p = tmp_path / "bad.yaml"
+    p.write_text(yaml.safe_dump(raw))
+    with pytest.raises(ConfigError) as e:
+        load_space(p).bind(tdnn_structure)
+    msg = str(e.value)
+    assert str(p) in msg
+    assert needle in msg
+    assert "\n" not in msg
+
+
+def test_params_of_rejects_a_plan_outside_the_space(tdnn_structure) -> None:  # type: ignore[no-untyped-def]
+    from voxfit.plan import Candidate, GroupPlan
+
+    bound = space_from_dict(_raw(), "s.yaml").bind(tdnn_structure)
+    with pytest.raises(ConfigError, match="keep:stream = 0.3"):
+        params_of(bound, Candidate(groups=(GroupPlan("stream", 0.3),)))
+
+
+def test_broken_yaml_is_one_line(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    p = tmp_path / "broken.yaml"
+    p.write_text("name: [unclosed\n")
+    with pytest.raises(ConfigError, match="broken.yaml"):
+        load_space(p)
