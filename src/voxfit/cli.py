@@ -23,6 +23,8 @@ data_app = typer.Typer(no_args_is_help=True, help="Make or inspect the speech co
 app.add_typer(data_app, name="data")
 profile_app = typer.Typer(no_args_is_help=True, help="Inspect hardware profiles.")
 app.add_typer(profile_app, name="profile")
+cost_app = typer.Typer(no_args_is_help=True, help="Collect latency data and fit cost models.")
+app.add_typer(cost_app, name="cost-model")
 console = Console()
 err = Console(stderr=True)
 
@@ -280,6 +282,109 @@ def profile_check(
             raise ConfigError(f"{profile.source}: target: TVM rejects it: {r['error']}")
         t.add_row("TVM target", r["target"])
     console.print(t)
+
+
+def _base_model(space_kind: str, preset: str, outputs: int, checkpoint: Path | None):  # type: ignore[no-untyped-def]
+    from voxfit.models import build_model, default_config
+
+    if checkpoint is not None:
+        from voxfit.train import load_checkpoint
+
+        return load_checkpoint(checkpoint).model.eval()
+    if preset not in ("tiny", "default"):
+        raise ConfigError(f"--preset: {preset!r} is not tiny or default")
+    return build_model(default_config(space_kind, outputs, preset)).eval()  # type: ignore[arg-type]
+
+
+ProfileOpt = Annotated[str, typer.Option("--profile", help="Profile name or YAML path.")]
+CostDir = Annotated[Path, typer.Option("--cost-models", help="Cost-model root.")]
+
+
+@cost_app.command("collect")
+def cost_collect(
+    profile: ProfileOpt,
+    n: Annotated[int, typer.Option("--n", min=1, help="Candidates to sample.")] = 50,
+    space: Annotated[str, typer.Option(help="Space name or YAML path.")] = "tdnn-default",
+    preset: Preset = "default",
+    outputs: Annotated[int, typer.Option(help="Output units (phones + blank).")] = 55,
+    checkpoint: Annotated[Path | None, typer.Option(help="Use this model's shapes.")] = None,
+    seed: Annotated[int, typer.Option(help="Sampling seed.")] = 0,
+    all_inputs: Annotated[
+        bool, typer.Option("--all-inputs", help="Every input of the profile, not the first.")
+    ] = False,
+    work: Annotated[Path, typer.Option(help="Scratch directory for builds.")] = Path("work"),
+    cost_models: CostDir = Path("cost_models"),
+    verbose: Verbose = False,
+) -> None:
+    """Compile and measure sampled candidates; append them to the profile's dataset."""
+    from voxfit.cost_models import collect
+    from voxfit.hw_profiles import find_profile, load_profile
+    from voxfit.spaces import find_space
+
+    _setup_logging(verbose)
+    prof = load_profile(find_profile(profile))
+    sp = find_space(space)
+    base = _base_model(sp.model, preset, outputs, checkpoint)
+    bound = sp.bind(base.structure())
+    out = collect(
+        base,
+        bound,
+        prof,
+        n,
+        work_dir=work / "cost-collect" / prof.name,
+        cost_models_dir=cost_models,
+        inputs=prof.inputs if all_inputs else None,
+        seed=seed,
+    )
+    console.print(
+        f"stored {out['stored']} measurements ({out['failed']} failed, {out['skipped']} "
+        f"already in the dataset) in {out['minutes']:.1f} min -> {out['dataset']}"
+    )
+
+
+@cost_app.command("fit")
+def cost_fit(
+    profile: ProfileOpt,
+    test_frac: Annotated[
+        float, typer.Option(min=0.0, max=0.9, help="Candidates held out for validation.")
+    ] = 0.25,
+    seed: Annotated[int, typer.Option(help="Split and xgboost seed.")] = 0,
+    cost_models: CostDir = Path("cost_models"),
+) -> None:
+    """Fit the profile's cost model (xgboost + roofline baseline) and save it."""
+    from voxfit.cost_models import dataset_dir, evaluate, fit, load_dataset, model_dir, split
+    from voxfit.hw_profiles import find_profile, load_profile
+
+    prof = load_profile(find_profile(profile))
+    models, tasks = load_dataset(dataset_dir(prof, cost_models))
+    if models.empty:
+        raise ConfigError(f"{dataset_dir(prof, cost_models)}: no dataset (run cost-model collect)")
+    train_ids, test_ids = split(models, test_frac, seed)
+    tr = models[models["cand"].isin(train_ids)]
+    cm = fit(tr, tasks[tasks["cand"].isin(train_ids)], prof, seed=seed)
+    t = Table(title=f"cost model {prof.name}: {len(tr)} train, {len(test_ids)} held out")
+    for col in ("model", "within 10%", "within 5%", "MAPE", "RMSE ms", "Spearman", "Kendall"):
+        t.add_column(col)
+    if test_ids:
+        te = models[models["cand"].isin(test_ids)]
+        m, _ = evaluate(cm, te, tasks[tasks["cand"].isin(test_ids)], prof)
+        cm.card["metrics"] = {"held_out": m, "n_test": len(te)}
+        for name, row in (("xgboost", m), ("roofline", m["roofline"])):
+            t.add_row(
+                name,
+                f"{row['within_10pct']:.0%}",
+                f"{row['within_5pct']:.0%}",
+                f"{row['mape']:.1%}",
+                f"{row['rmse_ms']:.3f}",
+                f"{row['spearman']:.3f}",
+                f"{row['kendall']:.3f}",
+            )
+        console.print(t)
+    # the saved model is refitted on every candidate; its card keeps the held-out figures
+    full = fit(models, tasks, prof, seed=seed)
+    full.card["metrics"] = cm.card["metrics"]
+    d = full.save(model_dir(prof, cost_models))
+    console.print(f"saved {d}/model.json and card.yaml ({len(models)} candidates)")
 
 
 def main() -> None:

@@ -347,13 +347,49 @@ def _time_vm(
     return _stats(list(f(x).results))
 
 
+def _time_calls(vm: relax.VirtualMachine, dev: tvm.runtime.Device, frames: int, runs: int) -> list:
+    """Per-call wall time of the compiled kernels, in call order: [name, median ms] each.
+
+    The VM's instrument hook brackets every call instruction; VM builtins (allocation,
+    shape checks) are left out, so the kernels' sum is a little below a whole-model time.
+    """
+    x = tvm.runtime.tensor(np.zeros((1, frames, 80), dtype="float32"), dev)
+    per_run: list[list[tuple[str, float]]] = []
+    calls: list[tuple[str, float]] = []
+    started = [0.0]
+
+    def instrument(_func: object, symbol: str, before: bool, _ret: object, *_args: object) -> int:
+        if before:
+            started[0] = time.perf_counter()
+        elif not symbol.startswith("vm.builtin."):
+            calls.append((symbol, time.perf_counter() - started[0]))
+        return 0
+
+    vm.set_instrument(instrument)
+    try:
+        for _ in range(runs + 1):  # the first run warms caches and is dropped
+            calls.clear()
+            vm["main"](x)
+            per_run.append(list(calls))
+    finally:
+        vm.set_instrument(None)
+    per_run = per_run[1:]
+    return [
+        [name, statistics.median(r[i][1] for r in per_run) * 1e3]
+        for i, (name, _) in enumerate(per_run[0])
+    ]
+
+
 def measure_local(req: dict[str, Any]) -> dict[str, Any]:
-    """Time ``lib`` on this machine (request keys: lib, frames, measurement, device)."""
+    """Time ``lib`` on this machine (request keys: lib, frames, measurement, device, and
+    ``calls``: how many instrumented runs give per-kernel times, 0 for none)."""
     dev = tvm.cuda(0) if req.get("device") == "cuda" else tvm.cpu(0)
     ex = _EXECUTABLES.get(req["lib"])
     vm = relax.VirtualMachine(ex if ex is not None else tvm.runtime.load_module(req["lib"]), dev)
     out = _time_vm(vm, dev, int(req["frames"]), req["measurement"])
     out["threads"] = int(os.environ.get("TVM_NUM_THREADS", "0"))
+    if int(req.get("calls", 0)) > 0:
+        out["calls"] = _time_calls(vm, dev, int(req["frames"]), int(req["calls"]))
     return out
 
 

@@ -43,6 +43,9 @@ class LatencyResult:
     compile: CompileResult | None = None
     error: str | None = None
     samples_ms: tuple[float, ...] = field(default=(), compare=False)
+    # (kernel name, median ms) in call order, when the estimator profiles kernels
+    calls: tuple[tuple[str, float], ...] = field(default=(), compare=False)
+    note: str = ""  # e.g. why a predicted latency is low-confidence
 
     @property
     def ok(self) -> bool:
@@ -71,6 +74,7 @@ class LatencyResult:
             "peak_memory_mb": self.peak_memory_mb,
             "measure_s": self.measure_s,
             "error": self.error,
+            "note": self.note,
             "compile": None
             if c is None
             else {
@@ -209,6 +213,7 @@ class _TvmEstimator:
                     threads=r.get("threads", self.profile.cores),
                     measure_s=took,
                     samples_ms=tuple(r["samples_ms"]),
+                    calls=tuple((str(n), float(t)) for n, t in r.get("calls", ())),
                 )
             )
         return results
@@ -224,14 +229,20 @@ class TvmLocalEstimator(_TvmEstimator):
     method: Method = "local"
     export_library = False
 
-    def __init__(self, profile: HardwareProfile, work_dir: str | Path, **kw: Any) -> None:
+    def __init__(
+        self, profile: HardwareProfile, work_dir: str | Path, *, profile_calls: int = 0, **kw: Any
+    ) -> None:
+        """``profile_calls`` > 0: also time every kernel over that many runs (``calls``)."""
         ok, why = host_runs(profile)
         if not ok:
             raise ConfigError(f"{profile.source or profile.name}: cannot measure locally: {why}")
         super().__init__(profile, work_dir, **kw)
+        self.profile_calls = profile_calls
 
     def _measure(self, c: CompileResult) -> dict[str, Any]:
-        return self.worker.call("measure_local", **self._measure_request(c))
+        return self.worker.call(
+            "measure_local", calls=self.profile_calls, **self._measure_request(c)
+        )
 
 
 class TvmRpcEstimator(_TvmEstimator):

@@ -1,0 +1,181 @@
+"""How well does the learned cost model predict tuned TVM latency on the local CPU profile?
+
+Samples candidates from a space, compiles (tuning tasks the profile's database lacks) and
+measures each on this machine with per-kernel times (``voxfit cost-model collect``), holds
+out a share of the candidates, fits the xgboost per-task model on the rest and reports, for
+it and for the analytic roofline, RMSE, MAPE, the share within +-10% / +-5% and rank
+correlations on the held-out candidates; writes ``benchmarks/results/cost_model.json`` and a
+predicted-vs-measured scatter (``cost_model.html``), and saves the model refitted on every
+candidate under ``cost_models/<profile>/model``. Collection resumes: measured candidates are
+kept in the profile's dataset and skipped.
+
+    python benchmarks/cost_model.py --n 210
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+import plotly.graph_objects as go
+from rich.console import Console
+from rich.table import Table
+
+from voxfit import __version__
+from voxfit.compress import apply
+from voxfit.cost_models import (
+    collect,
+    dataset_dir,
+    decompose,
+    evaluate,
+    fit,
+    load_dataset,
+    model_dir,
+    sample_candidates,
+    split,
+)
+from voxfit.hw_profiles import find_profile, load_profile, pick_local_profile
+from voxfit.models import build_model, default_config
+from voxfit.spaces import find_space
+
+KEYS = ("within_10pct", "within_5pct", "spearman", "kendall", "mape", "rmse_ms")
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument(
+        "--profile", default=None, help="default: the first local profile this CPU runs"
+    )
+    ap.add_argument("--space", default="tdnn-default")
+    ap.add_argument("--preset", default="default", choices=["tiny", "default"])
+    ap.add_argument("--n", type=int, default=210, help="candidates to measure (train + test)")
+    ap.add_argument("--test-frac", type=float, default=0.25)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--work", type=Path, default=Path("work"))
+    ap.add_argument("--cost-models", type=Path, default=Path("cost_models"))
+    ap.add_argument(
+        "--out", type=Path, default=Path(__file__).parent / "results" / "cost_model.json"
+    )
+    args = ap.parse_args(argv)
+    console = Console()
+    profile = (
+        load_profile(find_profile(args.profile))
+        if args.profile
+        else pick_local_profile("hw_profiles")
+    )
+    space = find_space(args.space)
+    base = build_model(default_config(space.model, 55, args.preset)).eval()  # type: ignore[arg-type]
+    bound = space.bind(base.structure())
+
+    t0 = time.monotonic()
+    info = collect(
+        base,
+        bound,
+        profile,
+        args.n,
+        work_dir=args.work / "cost-collect" / profile.name,
+        cost_models_dir=args.cost_models,
+        seed=args.seed,
+    )
+    collect_minutes = (time.monotonic() - t0) / 60
+    models, tasks = load_dataset(dataset_dir(profile, args.cost_models))
+    models = models[models["input"] == profile.primary_input.name]
+    train_ids, test_ids = split(models, args.test_frac, args.seed)
+    tr = models[models["cand"].isin(train_ids)]
+    te = models[models["cand"].isin(test_ids)]
+    cm = fit(tr, tasks[tasks["cand"].isin(train_ids)], profile, seed=args.seed)
+    m, frame = evaluate(cm, te, tasks[tasks["cand"].isin(test_ids)], profile)
+
+    # prediction cost: from a compressed torch model to milliseconds, per candidate
+    cands = sample_candidates(bound, 20, args.seed + 1)
+    compressed = [apply(base, c, channel_multiple=profile.channel_multiple) for c in cands]
+    t1 = time.perf_counter()
+    for model in compressed:
+        cm.predict_tasks(decompose(model, profile.primary_input.frames))
+    predict_ms = (time.perf_counter() - t1) * 1e3 / len(compressed)
+
+    result = {
+        **{k: m[k] for k in KEYS},
+        "n_train": len(tr),
+        "n_test": len(te),
+        "roofline": {k: m["roofline"][k] for k in KEYS},
+        "predict_ms": predict_ms,
+        "collect_minutes": collect_minutes,
+        "collect": info,
+        "low_confidence_test": m["low_confidence"],
+        "profile": profile.name,
+        "profile_hash": profile.stable_hash(),
+        "input": profile.primary_input.name,
+        "measured_ms_range": [
+            float(models["measured_ms"].min()),
+            float(models["measured_ms"].max()),
+        ],
+        "dataset_candidates": len(models),
+        "rows": frame.to_dict(orient="records"),
+        "provenance": {
+            "voxfit": __version__,
+            "tvm": sorted(set(models["tvm_version"])),
+            "python": platform.python_version(),
+            "date": datetime.now(UTC).isoformat(timespec="seconds"),
+            "trials_per_task": profile.tuning.trials_per_task,
+        },
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+
+    full = fit(models, tasks, profile, seed=args.seed)
+    full.card["metrics"] = {
+        "held_out": {k: m[k] for k in KEYS},
+        "n_test": len(te),
+        "roofline": result["roofline"],
+    }
+    saved = full.save(model_dir(profile, args.cost_models))
+
+    fig = go.Figure()
+    lim = [0, float(max(frame["measured_ms"].max(), frame["predicted_ms"].max()) * 1.05)]
+    fig.add_trace(go.Scatter(x=lim, y=lim, mode="lines", name="y = x", line={"dash": "dot"}))
+    for col, name in (("predicted_ms", "xgboost"), ("roofline_ms", "roofline")):
+        fig.add_trace(
+            go.Scatter(
+                x=frame["measured_ms"],
+                y=frame[col],
+                mode="markers",
+                name=name,
+                text=frame["cand"],
+            )
+        )
+    fig.update_layout(
+        title=f"{profile.name}: predicted vs measured latency, {len(te)} held-out candidates",
+        xaxis_title="measured ms (TVM, tuned)",
+        yaxis_title="predicted ms",
+    )
+    fig.write_html(args.out.with_suffix(".html"), include_plotlyjs="cdn")
+
+    t = Table(title=f"{profile.name}: {len(tr)} train / {len(te)} held-out candidates")
+    for col in ("model", "within 10%", "within 5%", "MAPE", "RMSE ms", "Spearman", "Kendall"):
+        t.add_column(col)
+    for name, row in (("xgboost", m), ("roofline", m["roofline"])):
+        t.add_row(
+            name,
+            f"{row['within_10pct']:.0%}",
+            f"{row['within_5pct']:.0%}",
+            f"{row['mape']:.1%}",
+            f"{row['rmse_ms']:.3f}",
+            f"{row['spearman']:.3f}",
+            f"{row['kendall']:.3f}",
+        )
+    console.print(t)
+    console.print(
+        f"predict {predict_ms:.2f} ms/candidate; collection {collect_minutes:.1f} min; "
+        f"model -> {saved}; wrote {args.out}"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,241 @@
+"""A profile's latency dataset: measured candidates and their per-task times, as parquet.
+
+``cost_models/<profile>/dataset/models.parquet`` has one row per measured candidate and input
+(whole-model median, kernel sum, compile facts, provenance); ``tasks.parquet`` one row per
+task (features of :mod:`voxfit.cost_models._features` and the measured ms). Rows are
+appended one candidate at a time (atomic rewrite), so an interrupted collection keeps every
+candidate it finished, and a repeated collection skips candidates already measured.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import random
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+from torch import nn
+
+from voxfit._progress import progress_bar
+from voxfit.cost_models._features import FEATURES, attribute_calls, decompose
+from voxfit.errors import ConfigError
+from voxfit.hw_profiles import HardwareProfile, InputSpec
+from voxfit.latency import LatencyResult
+from voxfit.plan import Candidate
+from voxfit.spaces import BoundSpace, sample
+
+MODELS = "models.parquet"
+TASKS = "tasks.parquet"
+
+
+def dataset_dir(profile: HardwareProfile, cost_models_dir: str | Path = "cost_models") -> Path:
+    return Path(cost_models_dir) / profile.name / "dataset"
+
+
+def _versions() -> dict[str, str]:
+    import importlib.metadata as md
+
+    return {"tvm_version": md.version("apache-tvm"), "voxfit_version": md.version("voxfit")}
+
+
+def load_dataset(directory: str | Path) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(models, tasks) frames; empty frames when nothing was collected yet."""
+    d = Path(directory)
+    models = pd.read_parquet(d / MODELS) if (d / MODELS).exists() else pd.DataFrame()
+    tasks = pd.read_parquet(d / TASKS) if (d / TASKS).exists() else pd.DataFrame()
+    return models, tasks
+
+
+def _write(frame: pd.DataFrame, path: Path) -> None:
+    tmp = path.with_suffix(".tmp")
+    frame.to_parquet(tmp, index=False)
+    os.replace(tmp, path)
+
+
+def rows_of(
+    model: nn.Module,
+    candidate: Candidate,
+    result: LatencyResult,
+    profile: HardwareProfile,
+    source: str,
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """The dataset rows of one measured candidate (whole model, and per task if profiled).
+
+    Raises:
+        ModelError: the kernels do not line up with the model's tasks.
+    """
+    tasks = decompose(model, result.frames)
+    per_task: dict[str, float] = {}
+    loose = 0.0
+    if result.calls:
+        per_task, loose = attribute_calls(result.calls, tasks)
+    cand = candidate.stable_hash()
+    c = result.compile
+    row = {
+        "cand": cand,
+        "input": result.input,
+        "frames": result.frames,
+        "plan": json.dumps(candidate.to_dict(), sort_keys=True),
+        "measured_ms": result.median_ms,
+        "iqr_ms": result.iqr_ms,
+        "kernels_ms": sum(ms for _, ms in result.calls) if result.calls else None,
+        "loose_ms": loose if result.calls else None,
+        "n_kernels": len(result.calls),
+        "n_tvm_tasks": c.n_tasks if c else None,
+        "new_tasks": c.new_tasks if c else None,
+        "tune_s": c.tune_s if c else None,
+        "compile_s": c.total_s if c else None,
+        "peak_memory_mb": result.peak_memory_mb,
+        "method": result.method,
+        "repeats": result.repeats,
+        "profile": profile.name,
+        "profile_hash": profile.stable_hash(),
+        "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "source": source,
+        **_versions(),
+    }
+    task_rows = [
+        {
+            "cand": cand,
+            "input": result.input,
+            "task": t.name,
+            **{f: t.features[f] for f in FEATURES},
+            "ms": per_task.get(t.name),
+        }
+        for t in tasks
+    ]
+    return row, task_rows
+
+
+def append(
+    directory: str | Path, model_row: dict[str, Any], task_rows: list[dict[str, Any]]
+) -> None:
+    """Add one candidate's rows (replacing an earlier measurement of the same cand/input)."""
+    d = Path(directory)
+    d.mkdir(parents=True, exist_ok=True)
+    models, tasks = load_dataset(d)
+    key = (model_row["cand"], model_row["input"])
+    if not models.empty:
+        keep = ~((models["cand"] == key[0]) & (models["input"] == key[1]))
+        models = models[keep]
+    if not tasks.empty:
+        keep = ~((tasks["cand"] == key[0]) & (tasks["input"] == key[1]))
+        tasks = tasks[keep]
+    new_models = pd.DataFrame([model_row])
+    new_tasks = pd.DataFrame(task_rows)
+    models = new_models if models.empty else pd.concat([models, new_models], ignore_index=True)
+    tasks = new_tasks if tasks.empty else pd.concat([tasks, new_tasks], ignore_index=True)
+    _write(tasks, d / TASKS)
+    _write(models, d / MODELS)  # written last: a model row implies its task rows exist
+
+
+class _Seeded:
+    def __init__(self, seed: int) -> None:
+        self.r = random.Random(seed)
+
+    def suggest_categorical(self, name: str, choices: Sequence[Any]) -> Any:  # noqa: ARG002
+        return self.r.choice(choices)
+
+
+def sample_candidates(space: BoundSpace, n: int, seed: int) -> list[Candidate]:
+    """``n`` distinct candidates drawn uniformly from ``space`` (deterministic per seed).
+
+    Recovery steps are dropped: distillation changes weights, not the compiled graph.
+    """
+    out: dict[str, Candidate] = {}
+    rng = _Seeded(seed)
+    for _ in range(n * 50):
+        c = replace(sample(space, rng), recovery_steps=0)
+        out.setdefault(c.stable_hash(), c)
+        if len(out) == n:
+            break
+    return list(out.values())
+
+
+def collect(
+    base: nn.Module,
+    space: BoundSpace,
+    profile: HardwareProfile,
+    n: int,
+    *,
+    work_dir: str | Path,
+    cost_models_dir: str | Path = "cost_models",
+    inputs: tuple[InputSpec, ...] | None = None,
+    seed: int = 0,
+    calibration: Any = None,
+    on_result: Callable[[Candidate, LatencyResult], None] | None = None,
+) -> dict[str, Any]:
+    """Compile (tuning new tasks) and measure ``n`` sampled candidates; append them.
+
+    Only local measurement gives per-task times (the VM is instrumented in-process); an
+    RPC profile records whole-model times only. Failed candidates are counted, not stored.
+    Returns counts and the wall time.
+    """
+    from voxfit.compress import apply
+    from voxfit.latency import TvmLocalEstimator
+
+    if profile.measurement.method != "local":
+        raise ConfigError(
+            f"{profile.source or profile.name}: measurement.method: collecting per-task "
+            f"times needs local measurement (this profile says {profile.measurement.method})"
+        )
+    d = dataset_dir(profile, cost_models_dir)
+    models, _ = load_dataset(d)
+    inputs = inputs or (profile.primary_input,)
+    done = set()
+    if not models.empty:
+        done = set(zip(models["cand"], models["input"], strict=True))
+    todo = [
+        c
+        for c in sample_candidates(space, n, seed)
+        if any((c.stable_hash(), i.name) not in done for i in inputs)
+    ]
+    if calibration is None:
+        # latency does not depend on the calibration values: random frames serve 8-bit layers
+        import torch
+
+        g = torch.Generator().manual_seed(seed)
+        frames = inputs[0].frames
+        calibration = [(torch.randn(2, frames, 80, generator=g), torch.full((2,), frames))]
+    t0 = time.monotonic()
+    stored = failed = 0
+    with (
+        TvmLocalEstimator(
+            profile, work_dir, cost_models_dir=cost_models_dir, profile_calls=5
+        ) as est,
+        progress_bar(info=True) as bar,
+    ):
+        task = bar.add_task(f"collect {profile.name}", total=len(todo), info="")
+        for cand in todo:
+            model = apply(
+                base, cand, channel_multiple=profile.channel_multiple, calibration=calibration
+            )
+            for r in est.estimate(model, inputs):
+                if not r.ok:
+                    failed += 1
+                    bar.console.print(f"[red]{cand.stable_hash()} {r.input}: {r.error}")
+                    continue
+                row, task_rows = rows_of(model, cand, r, profile, "collect")
+                append(d, row, task_rows)
+                stored += 1
+                if on_result:
+                    on_result(cand, r)
+                c = r.compile
+                bar.update(
+                    task,
+                    info=f"{r.median_ms:.2f} ms, {c.new_tasks if c else 0} new tasks",
+                )
+            bar.advance(task)
+    return {
+        "stored": stored,
+        "failed": failed,
+        "skipped": n - len(todo),
+        "minutes": (time.monotonic() - t0) / 60,
+        "dataset": str(d),
+    }

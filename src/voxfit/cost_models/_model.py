@@ -1,0 +1,330 @@
+"""Latency cost models per profile: gradient-boosted trees per task, a roofline baseline.
+
+The learned model predicts each task's ms with xgboost (trained on log ms, so errors are
+relative) and adds a per-model overhead (a least-squares line over the number of
+adapters, fitted on what the kernels' sum leaves of the whole-model median). Files, no
+pickle: ``model.json`` (xgboost's JSON) and ``card.yaml`` (features, the training ranges,
+the task kinds seen, the overhead, metrics, provenance). A card is bound to one profile: a
+model trained on one refuses to predict for another.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+import math
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from torch import nn
+
+from voxfit.cost_models._features import FEATURES, Task, decompose, feature_rows
+from voxfit.errors import ConfigError
+from voxfit.hw_profiles import HardwareProfile
+
+CARD_SCHEMA_VERSION = 1
+MODEL_FILE = "model.json"
+CARD_FILE = "card.yaml"
+_XGB_PARAMS = {
+    "n_estimators": 400,
+    "max_depth": 5,
+    "learning_rate": 0.05,
+    "subsample": 0.9,
+    "colsample_bytree": 0.9,
+    "min_child_weight": 1.0,
+}
+
+
+def model_dir(profile: HardwareProfile, cost_models_dir: str | Path = "cost_models") -> Path:
+    return Path(cost_models_dir) / profile.name / "model"
+
+
+def _overhead_x(tasks: pd.DataFrame | Sequence[Task]) -> list[float]:
+    """Overhead terms: a constant (VM dispatch, allocation, input layout) and one per adapter
+    (its extra kernels' launches are partly outside the segment times)."""
+    if isinstance(tasks, pd.DataFrame):
+        adapters = float((tasks["adapter_kind"] > 0).sum())
+    else:
+        adapters = float(sum(t.features["adapter_kind"] > 0 for t in tasks))
+    return [1.0, adapters]
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """A predicted latency: total ms, per task ms, and whether to trust it."""
+
+    ms: float
+    tasks: dict[str, float]
+    overhead_ms: float
+    low_confidence: bool = False
+    reasons: tuple[str, ...] = ()
+
+
+def roofline_ms(tasks: Sequence[Task], profile: HardwareProfile) -> float:
+    """Analytic baseline: per task max(FLOPs / peak, bytes / bandwidth), summed."""
+    if not profile.peak_gflops or not profile.memory_bandwidth_gbs:
+        raise ConfigError(
+            f"{profile.source or profile.name}: peak_gflops and memory_bandwidth_gbs are needed "
+            "for the roofline baseline"
+        )
+    total = 0.0
+    for t in tasks:
+        compute = t.features["mflops"] * 1e6 / (profile.peak_gflops * 1e9)
+        memory = (
+            (t.features["weight_kb"] + t.features["act_kb"])
+            * 1e3
+            / (profile.memory_bandwidth_gbs * 1e9)
+        )
+        total += max(compute, memory) * 1e3
+    return total
+
+
+def metrics(predicted: Sequence[float], measured: Sequence[float]) -> dict[str, float]:
+    """RMSE (ms), MAPE, share within +-10% / +-5%, Spearman and Kendall rank correlation."""
+    from scipy import stats
+
+    p = np.asarray(predicted, dtype=float)
+    m = np.asarray(measured, dtype=float)
+    rel = np.abs(p - m) / m
+    return {
+        "rmse_ms": float(np.sqrt(np.mean((p - m) ** 2))),
+        "mape": float(np.mean(rel)),
+        "within_10pct": float(np.mean(rel <= 0.10)),
+        "within_5pct": float(np.mean(rel <= 0.05)),
+        "spearman": float(stats.spearmanr(p, m).statistic) if len(p) > 2 else float("nan"),
+        "kendall": float(stats.kendalltau(p, m).statistic) if len(p) > 2 else float("nan"),
+        "n": float(len(p)),
+    }
+
+
+def hardware_key(profile: HardwareProfile) -> str:
+    """What a cost model is bound to: the profile's name and everything that changes code."""
+    return f"{profile.name}@{profile.stable_hash()}"
+
+
+@dataclass
+class CostModel:
+    """A fitted per-profile cost model (see the module doc)."""
+
+    booster: Any
+    card: dict[str, Any]
+    directory: Path | None = None
+    _ranges: dict[str, tuple[float, float]] = field(default_factory=dict, repr=False)
+
+    def __post_init__(self) -> None:
+        self._ranges = {k: (float(v[0]), float(v[1])) for k, v in self.card["ranges"].items()}
+
+    # -- prediction ----------------------------------------------------------------------
+    def check_profile(self, profile: HardwareProfile) -> None:
+        """Raises ConfigError when this model was trained for another profile."""
+        key = hardware_key(profile)
+        if key != self.card["hardware_key"]:
+            raise ConfigError(
+                f"cost model {self.directory or ''} was trained for {self.card['hardware_key']}, "
+                f"not {key}: collect and fit for this profile (voxfit cost-model collect/fit)"
+            )
+
+    def predict_tasks(self, tasks: Sequence[Task]) -> Prediction:
+        import xgboost as xgb
+
+        x = np.asarray(feature_rows(tasks), dtype=np.float32)
+        per = np.exp(self.booster.predict(xgb.DMatrix(x, feature_names=list(FEATURES))))
+        coef = self.card["overhead"]["coef"]
+        overhead = float(np.dot(coef, _overhead_x(tasks)))
+        reasons = []
+        seen = {tuple(k) for k in self.card["seen_kinds"]}
+        for t in tasks:
+            kind = (int(t.features["kind"]), int(t.features["adapter_kind"]))
+            if kind not in seen:
+                reasons.append(f"{t.name}: task kind {kind} never seen in training")
+            for f in ("c_in", "hidden", "c_out", "t_in", "adapter_dim", "mflops"):
+                lo, hi = self._ranges[f]
+                v = t.features[f]
+                if v < lo * 0.95 or v > hi * 1.05:
+                    reasons.append(
+                        f"{t.name}: {f}={v:g} outside the training range [{lo:g}, {hi:g}]"
+                    )
+        return Prediction(
+            ms=float(per.sum()) + overhead,
+            tasks={t.name: float(v) for t, v in zip(tasks, per, strict=True)},
+            overhead_ms=overhead,
+            low_confidence=bool(reasons),
+            reasons=tuple(reasons),
+        )
+
+    def predict(self, model: nn.Module, profile: HardwareProfile, frames: int) -> Prediction:
+        """Predict ``model``'s latency on ``profile`` for ``frames`` input frames.
+
+        Raises:
+            ConfigError: the model was trained for another profile.
+        """
+        self.check_profile(profile)
+        return self.predict_tasks(decompose(model, frames))
+
+    # -- files ---------------------------------------------------------------------------
+    def save(self, directory: str | Path) -> Path:
+        import yaml
+
+        d = Path(directory)
+        d.mkdir(parents=True, exist_ok=True)
+        tmp = d / "model.tmp.json"  # the extension picks xgboost's JSON format
+        self.booster.save_model(str(tmp))
+        os.replace(tmp, d / MODEL_FILE)
+        card = dict(self.card)
+        card["model_sha256"] = hashlib.sha256((d / MODEL_FILE).read_bytes()).hexdigest()
+        tmp_card = d / (CARD_FILE + ".tmp")
+        tmp_card.write_text(yaml.safe_dump(card, sort_keys=False))
+        os.replace(tmp_card, d / CARD_FILE)
+        self.card = card
+        self.directory = d
+        return d
+
+    @classmethod
+    def load(cls, directory: str | Path) -> CostModel:
+        """Read a saved model; raises ConfigError for missing or mismatched files."""
+        import xgboost as xgb
+        import yaml
+
+        d = Path(directory)
+        if not (d / CARD_FILE).exists() or not (d / MODEL_FILE).exists():
+            raise ConfigError(f"{d}: no cost model here (run: voxfit cost-model fit)")
+        card = yaml.safe_load((d / CARD_FILE).read_text())
+        if not isinstance(card, dict) or card.get("schema_version") != CARD_SCHEMA_VERSION:
+            raise ConfigError(f"{d / CARD_FILE}: schema_version: expected {CARD_SCHEMA_VERSION}")
+        digest = hashlib.sha256((d / MODEL_FILE).read_bytes()).hexdigest()
+        if digest != card.get("model_sha256"):
+            raise ConfigError(f"{d / MODEL_FILE}: sha256 does not match {CARD_FILE}")
+        if list(card["features"]) != list(FEATURES):
+            raise ConfigError(f"{d / CARD_FILE}: features: trained on other features")
+        booster = xgb.Booster()
+        booster.load_model(str(d / MODEL_FILE))
+        return cls(booster, card, d)
+
+
+def load_for(profile: HardwareProfile, cost_models_dir: str | Path = "cost_models") -> CostModel:
+    """The profile's fitted cost model, checked to be this profile's."""
+    cm = CostModel.load(model_dir(profile, cost_models_dir))
+    cm.check_profile(profile)
+    return cm
+
+
+def fit(
+    models: pd.DataFrame,
+    tasks: pd.DataFrame,
+    profile: HardwareProfile,
+    *,
+    seed: int = 0,
+) -> CostModel:
+    """Fit on every candidate in ``models`` that has per-task times.
+
+    Raises:
+        ConfigError: no usable rows, or rows from another profile.
+    """
+    import xgboost as xgb
+
+    if models.empty:
+        raise ConfigError("cost-model fit: the dataset has no measured candidates")
+    other = sorted(set(models["profile_hash"]) - {profile.stable_hash()})
+    if other:
+        raise ConfigError(
+            f"cost-model fit: dataset rows from other profile versions ({', '.join(other)}); "
+            f"{profile.name} is {profile.stable_hash()}"
+        )
+    labelled = tasks.dropna(subset=["ms"])
+    keys = set(zip(labelled["cand"], labelled["input"], strict=True))
+    used = models[[k in keys for k in zip(models["cand"], models["input"], strict=True)]]
+    if used.empty:
+        raise ConfigError("cost-model fit: no candidate has per-task times (collect locally)")
+    x = labelled[list(FEATURES)].to_numpy(dtype=np.float32)
+    y = np.log(np.maximum(labelled["ms"].to_numpy(dtype=float), 1e-4))
+    params = {
+        "objective": "reg:squarederror",
+        "seed": seed,
+        "nthread": 2,
+        "eta": 0.05,
+        "max_depth": _XGB_PARAMS["max_depth"],
+        "subsample": _XGB_PARAMS["subsample"],
+        "colsample_bytree": _XGB_PARAMS["colsample_bytree"],
+    }
+    booster = xgb.train(
+        params,
+        xgb.DMatrix(x, label=y, feature_names=list(FEATURES)),
+        num_boost_round=int(_XGB_PARAMS["n_estimators"]),
+    )
+    # overhead: whole-model median minus the sum of its measured task times
+    rows_x, rows_y = [], []
+    by_key = {k: g for k, g in labelled.groupby(["cand", "input"])}
+    for _, m in used.iterrows():
+        g = by_key[(m["cand"], m["input"])]
+        rows_x.append(_overhead_x(g))
+        rows_y.append(float(m["measured_ms"]) - float(g["ms"].sum()))
+    coef, *_ = np.linalg.lstsq(np.asarray(rows_x), np.asarray(rows_y), rcond=None)
+    ranges = {f: [float(labelled[f].min()), float(labelled[f].max())] for f in FEATURES}
+    seen = sorted(
+        {(int(k), int(a)) for k, a in zip(labelled["kind"], labelled["adapter_kind"], strict=True)}
+    )
+    card = {
+        "schema_version": CARD_SCHEMA_VERSION,
+        "profile": profile.name,
+        "hardware_key": hardware_key(profile),
+        "target": json.dumps(profile.target, sort_keys=True),
+        "trained": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "n_candidates": len(used),
+        "n_task_rows": len(labelled),
+        "inputs": sorted(set(used["input"])),
+        "tvm_version": sorted(set(used["tvm_version"])),
+        "features": list(FEATURES),
+        "ranges": ranges,
+        "seen_kinds": [list(k) for k in seen],
+        "overhead": {"terms": ["1", "n_adapters"], "coef": [float(c) for c in coef]},
+        "xgboost": {**_XGB_PARAMS, "target": "log(ms) per task", "seed": seed},
+        "metrics": {},
+    }
+    return CostModel(booster, card)
+
+
+def evaluate(
+    cm: CostModel, models: pd.DataFrame, tasks: pd.DataFrame, profile: HardwareProfile
+) -> tuple[dict[str, Any], pd.DataFrame]:
+    """Whole-model metrics of ``cm`` and of the roofline on the given (held-out) candidates.
+
+    Returns (metrics with a ``roofline`` entry, per-candidate frame of predictions).
+    """
+    from voxfit.cost_models._features import Task
+
+    rows = []
+    by_key = {k: g for k, g in tasks.groupby(["cand", "input"])}
+    for _, m in models.iterrows():
+        g = by_key[(m["cand"], m["input"])]
+        ts = [Task(r["task"], {f: float(r[f]) for f in FEATURES}) for _, r in g.iterrows()]
+        p = cm.predict_tasks(ts)
+        rows.append(
+            {
+                "cand": m["cand"],
+                "input": m["input"],
+                "measured_ms": float(m["measured_ms"]),
+                "predicted_ms": p.ms,
+                "roofline_ms": roofline_ms(ts, profile),
+                "low_confidence": p.low_confidence,
+            }
+        )
+    frame = pd.DataFrame(rows)
+    out: dict[str, Any] = metrics(frame["predicted_ms"], frame["measured_ms"])
+    out["roofline"] = metrics(frame["roofline_ms"], frame["measured_ms"])
+    out["low_confidence"] = int(frame["low_confidence"].sum())
+    return out, frame
+
+
+def split(models: pd.DataFrame, test_frac: float, seed: int = 0) -> tuple[set[str], set[str]]:
+    """Candidate ids for (train, test), split by candidate so no plan is in both."""
+    cands = sorted(set(models["cand"]))
+    rng = np.random.default_rng(seed)
+    rng.shuffle(cands)
+    n_test = int(math.floor(len(cands) * test_frac))
+    return set(cands[n_test:]), set(cands[:n_test])

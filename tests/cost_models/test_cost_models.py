@@ -1,0 +1,222 @@
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from torch import nn
+
+from voxfit.compress import apply
+from voxfit.cost_models import (
+    CostModel,
+    PredictedEstimator,
+    Task,
+    attribute_calls,
+    decompose,
+    dominates,
+    evaluate,
+    fit,
+    metrics,
+    roofline_ms,
+    should_measure,
+)
+from voxfit.errors import ConfigError, ModelError
+from voxfit.hw_profiles import HardwareProfile, pick_local_profile
+from voxfit.models import build_model, default_config
+from voxfit.plan import AdapterPlan, Candidate, GroupPlan, LayerPlan
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _base(kind: str = "tdnn") -> nn.Module:
+    torch.manual_seed(0)
+    return build_model(default_config(kind, 20, "tiny")).eval()
+
+
+@pytest.fixture(scope="module")
+def profile() -> HardwareProfile:
+    return pick_local_profile(ROOT / "hw_profiles")
+
+
+def test_features_are_deterministic_and_follow_the_plan() -> None:
+    base = _base()
+    cand = Candidate(
+        groups=(GroupPlan("stream", 0.5), GroupPlan("blocks.1.hidden", 0.25)),
+        layers=(LayerPlan("blocks.0.conv1", 4),),
+        adapters=(AdapterPlan("blocks.1", 8),),
+    )
+    m = apply(base, cand, channel_multiple=8)
+    a, b = decompose(m, 100), decompose(apply(base, cand, channel_multiple=8), 100)
+    assert [t.features for t in a] == [t.features for t in b]
+    names = [t.name for t in a]
+    assert names == ["stem", "blocks.0", "blocks.1", "head"]
+    stem, b0, b1, head = a
+    assert stem.features["t_out"] == 50  # stride-2 stem halves 100 frames
+    assert stem.features["c_out"] == 16  # 32 channels kept at 50%
+    assert b1.features["hidden"] == 16  # 48 * 0.25 = 12, rounded up to the multiple of 8
+    assert b1.features["adapter_dim"] == 8
+    assert b0.features["adapter_dim"] == 0
+    assert b0.features["w_bits_min"] == 4
+    assert b0.features["mflops"] == pytest.approx(
+        (2 * 16 * 48 * 5 * 50 + 2 * 48 * 16 * 1 * 50) / 1e6  # tiny: 5-tap convs
+    )
+    assert head.features["c_out"] == 20
+
+
+def test_features_refuse_a_non_conv_backbone() -> None:
+    with pytest.raises(ModelError, match="conv backbones"):
+        decompose(_base("conformer"), 100)
+
+
+def _tasks() -> list[Task]:
+    return decompose(apply(_base(), Candidate(adapters=(AdapterPlan("blocks.0", 8),))), 100)
+
+
+def test_kernel_times_are_attributed_to_the_segment_that_ran_them() -> None:
+    calls = [
+        ("transpose", 0.01),
+        ("fused_conv1d_add_relu", 0.5),
+        ("fused_conv1d1_add_relu", 0.3),
+        ("fused_conv1d2_add_add_relu", 0.2),
+        ("fused_matmul_add_relu", 0.05),  # the adapter of block 0
+        ("fused_conv1d1_add_relu", 0.3),
+        ("fused_conv1d2_add_add_relu", 0.2),
+        ("fused_conv1d3_add", 0.1),
+        ("log_softmax", 0.02),
+    ]
+    per, loose = attribute_calls(calls, _tasks())
+    assert per == pytest.approx({"stem": 0.5, "blocks.0": 0.55, "blocks.1": 0.5, "head": 0.12})
+    assert loose == pytest.approx(0.01)
+    with pytest.raises(ModelError, match="cannot attribute"):
+        attribute_calls(calls[:-3], _tasks())
+
+
+def _synthetic(profile: HardwareProfile, n: int, seed: int) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Candidates whose task times follow a known law (FLOPs-bound + a fixed cost)."""
+    rng = np.random.default_rng(seed)
+    base = _base()
+    models, tasks = [], []
+    for i in range(n):
+        cand = Candidate(
+            groups=(
+                GroupPlan("stream", float(rng.choice([0.5, 0.75, 1.0]))),
+                GroupPlan("blocks.0.hidden", float(rng.choice([0.25, 0.5, 1.0]))),
+            ),
+            adapters=((AdapterPlan("blocks.1", 8),) if i % 2 else ()),
+        )
+        ts = decompose(apply(base, cand, channel_multiple=8), 100)
+        ms = [0.02 + t.features["mflops"] * 0.05 for t in ts]
+        key = f"c{i}"
+        models.append(
+            {
+                "cand": key,
+                "input": "utterance_1s",
+                "measured_ms": sum(ms) + 0.03,
+                "profile_hash": profile.stable_hash(),
+                "tvm_version": "0.27.0",
+            }
+        )
+        tasks += [
+            {"cand": key, "input": "utterance_1s", "task": t.name, **t.features, "ms": v}
+            for t, v in zip(ts, ms, strict=True)
+        ]
+    return pd.DataFrame(models), pd.DataFrame(tasks)
+
+
+def test_fit_learns_a_known_law_and_round_trips(profile: HardwareProfile, tmp_path: Path) -> None:
+    models, tasks = _synthetic(profile, 40, 0)
+    cm = fit(models, tasks, profile)
+    m, frame = evaluate(cm, models, tasks, profile)
+    assert m["within_10pct"] >= 0.9
+    assert m["spearman"] > 0.9
+    assert cm.card["overhead"]["coef"] == pytest.approx([0.03, 0.0], abs=1e-6)
+    cm.save(tmp_path)
+    again = CostModel.load(tmp_path)
+    m2, frame2 = evaluate(again, models, tasks, profile)
+    assert np.array_equal(frame["predicted_ms"].to_numpy(), frame2["predicted_ms"].to_numpy())
+    assert (tmp_path / "model.json").read_text().startswith("{")  # JSON, no pickle
+    (tmp_path / "model.json").write_text((tmp_path / "model.json").read_text() + " ")
+    with pytest.raises(ConfigError, match="sha256"):
+        CostModel.load(tmp_path)
+
+
+def test_a_model_refuses_another_profile(profile: HardwareProfile) -> None:
+    models, tasks = _synthetic(profile, 10, 1)
+    cm = fit(models, tasks, profile)
+    other = replace(profile, name="other-board")
+    with pytest.raises(ConfigError, match="trained for"):
+        cm.predict(_base(), other, 100)
+    with pytest.raises(ConfigError, match="trained for"):
+        PredictedEstimator(other, model=cm)
+    (r,) = PredictedEstimator(profile, model=cm).estimate(_base(), profile.inputs[:1])
+    assert r.method == "predicted"
+    assert r.median_ms is not None
+    assert r.median_ms > 0
+
+
+def test_unseen_task_kinds_are_flagged_low_confidence(profile: HardwareProfile) -> None:
+    models, tasks = _synthetic(profile, 10, 2)
+    cm = fit(models, tasks[tasks["adapter_kind"] == 0], profile)
+    lora = apply(_base(), Candidate(adapters=(AdapterPlan("blocks.0", 8, "lora"),)))
+    p = cm.predict(lora, profile, 100)
+    assert p.low_confidence
+    assert any("never seen" in r for r in p.reasons)
+    assert not cm.predict(_base(), profile, 100).low_confidence
+
+
+def test_roofline_and_metrics(profile: HardwareProfile) -> None:
+    ts = _tasks()
+    r = roofline_ms(ts, profile)
+    flops = sum(t.features["mflops"] for t in ts) * 1e6
+    assert r >= flops / (profile.peak_gflops or 1) / 1e9 * 1e3 * (1 - 1e-9)
+    m = metrics([1.0, 2.0, 3.5], [1.0, 2.1, 3.0])
+    assert m["within_10pct"] == pytest.approx(2 / 3)
+    assert m["within_5pct"] == pytest.approx(2 / 3)
+    assert m["spearman"] == pytest.approx(1.0)
+
+
+def test_promotion_rule() -> None:
+    front = [(1.0, 20.0, 5.0), (2.0, 18.0, 4.6)]
+    assert dominates((1.0, 19.0, 5.0), (1.0, 20.0, 5.0))
+    assert not dominates((1.0, 20.0, 5.0), (1.0, 20.0, 5.0))
+    assert not should_measure((3.0, 21.0, 6.0), front)  # dominated even 10% faster
+    assert should_measure((1.05, 19.9, 5.0), front)  # within 10% of the front's latency
+    assert should_measure((3.0, 21.0, 6.0), front, low_confidence=True)
+    assert should_measure((3.0, 21.0, 6.0), [])
+
+
+@pytest.mark.tvm
+@pytest.mark.slow
+def test_tiny_collect_fit_predict(profile: HardwareProfile, tmp_path: Path) -> None:
+    from voxfit.cost_models import collect, dataset_dir, load_dataset
+    from voxfit.spaces import find_space
+
+    p = replace(
+        profile,
+        cores=1,
+        inputs=profile.inputs[:1],
+        measurement=replace(profile.measurement, repeats=3, min_repeat_ms=5, warmup=1),
+        tuning=replace(profile.tuning, trials_per_task=2, trials_per_iter=2),
+    )
+    base = _base()
+    bound = find_space(ROOT / "spaces" / "tdnn-default.yaml").bind(base.structure())
+    out = collect(base, bound, p, 3, work_dir=tmp_path / "w", cost_models_dir=tmp_path / "cm")
+    assert out["stored"] == 3
+    models, tasks = load_dataset(dataset_dir(p, tmp_path / "cm"))
+    assert len(models) == 3
+    assert len(tasks) == 3 * 4
+    assert tasks["ms"].notna().all()
+    # the kernels' sum is what the whole-model time is made of (VM overhead aside)
+    ratio = models["kernels_ms"] / models["measured_ms"]
+    assert ratio.between(0.5, 1.5).all(), ratio.tolist()
+    again = collect(base, bound, p, 3, work_dir=tmp_path / "w", cost_models_dir=tmp_path / "cm")
+    assert again["skipped"] == 3
+    cm = fit(models, tasks, p)
+    cm.save(tmp_path / "model")
+    est = PredictedEstimator(p, model=CostModel.load(tmp_path / "model"))
+    (r,) = est.estimate(base, p.inputs)
+    assert r.median_ms is not None
+    assert r.median_ms > 0
