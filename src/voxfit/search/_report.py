@@ -1,0 +1,806 @@
+"""Review of a search: one frame, the front, plotly figures and one static HTML report.
+
+Reads only what the search records on the study (the attribute contract of
+``voxfit.search``): study user attrs ``profile``, ``space``, ``objectives``, ``base``,
+``checkpoint``, ``versions``; per trial ``values = [latency_ms, post_adapt_per, dev_per]``
+(PER in percent) and user attrs ``plan``, ``baseline``, ``metrics``, ``latency``,
+``per_speaker``, ``constraints`` and, for failed trials, ``fail_reason``.
+
+A study that is still running, or was written by an older voxfit, lacks some of these: every
+figure builder then returns ``None`` and the report shows the sentence in :data:`NOTES`
+instead of crashing. Builders read the study each time they are called (a few hundred trials
+load in well under a second from SQLite), so a notebook can re-run any cell while the search
+goes on.
+"""
+
+from __future__ import annotations
+
+import datetime
+import html
+import json
+import math
+import re
+import warnings
+from collections import Counter
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import optuna
+import pandas as pd
+import plotly.graph_objects as go
+from optuna.trial import FrozenTrial, TrialState
+from plotly.offline import get_plotlyjs
+from plotly.subplots import make_subplots
+
+from voxfit.errors import ConfigError
+
+__all__ = [
+    "LABELS",
+    "NOTES",
+    "OBJECTIVES",
+    "front_table",
+    "importance_figure",
+    "latency_figure",
+    "load_study",
+    "pareto_3d_figure",
+    "pareto_figure",
+    "plan_heatmap",
+    "plan_matrix",
+    "speaker_figure",
+    "study_frame",
+    "write_report",
+]
+
+OBJECTIVES = ("latency_ms", "post_adapt_per", "dev_per")
+LABELS = {
+    "latency_ms": "latency (ms)",
+    "post_adapt_per": "post-adaptation PER (%)",
+    "dev_per": "dev PER (%)",
+}
+# The sentence shown in place of each figure when its builder returns None.
+NOTES = {
+    "pareto_figure": "No complete trial yet: nothing to place on the Pareto front.",
+    "pareto_3d_figure": "No complete trial yet: nothing to place on the Pareto front.",
+    "plan_heatmap": (
+        "No feasible complete trial, or the front trials record no keep:/wbits:/adapter: "
+        "parameters and no plan: no plan to show."
+    ),
+    "importance_figure": (
+        "Parameter importances need at least 2 complete trials whose objective values differ "
+        "and at least one parameter that varies between them."
+    ),
+    "latency_figure": "No complete trial has both a predicted and a measured latency.",
+    "speaker_figure": "No trial on the front records per-speaker adaptation results.",
+}
+# Parameter families drawn in the plan heatmap, in panel order.
+_PLAN_PANELS = (("keep:", "keep ratio"), ("wbits:", "weight bits"), ("adapter:", "adapter size"))
+# Where a plan column's value sits in a recorded plan dict, and its default when absent.
+_PLAN_SOURCES = {
+    "keep": ("groups", "keep_ratio", 1.0),
+    "wbits": ("layers", "weight_bits", 32),
+    "adapter": ("adapters", "dim", 0),
+}
+# fmt: off
+_FRAME_COLUMNS = [
+    "number", *OBJECTIVES, "feasible", "on_front", "baseline", "latency_source",
+    "predicted_ms", "measured_ms", "low_confidence", "size_mb", "peak_memory_mb",
+    "pre_adapt_per", "plan_hash", "duration_s",
+]
+# fmt: on
+_COLORS = {"front": "#d62728", "feasible": "#1f77b4", "infeasible": "#bbbbbb"}
+
+
+# -- loading ---------------------------------------------------------------------------------
+def load_study(storage: str, study_name: str | None = None) -> optuna.Study:
+    """Open a study of ``storage`` for review.
+
+    Args:
+        storage: an Optuna storage URL, e.g. ``sqlite:///work/search/voxfit.db`` (a relative
+            SQLite path is relative to the working directory).
+        study_name: the study to open; ``None`` = the study whose first trial started last
+            (a study without trials counts as the oldest).
+
+    Raises:
+        ConfigError: the SQLite file does not exist (Optuna would silently create an empty
+            one), the storage holds no study, or ``study_name`` is not one of them.
+    """
+    if storage.startswith("sqlite:///"):
+        path = Path(storage.removeprefix("sqlite:///"))
+        if str(path) != ":memory:" and not path.exists():
+            raise ConfigError(
+                f"no study storage at {path.resolve()} (from {storage!r}); relative SQLite "
+                f"paths are relative to the working directory {Path.cwd()}"
+            )
+    summaries = optuna.get_all_study_summaries(storage, include_best_trial=False)
+    names = [s.study_name for s in summaries]
+    if not names:
+        raise ConfigError(f"{storage}: holds no study")
+    if study_name is None:
+        oldest = datetime.datetime.min
+        order = sorted(
+            enumerate(summaries), key=lambda ix: (ix[1].datetime_start or oldest, ix[0])
+        )
+        study_name = order[-1][1].study_name
+    elif study_name not in names:
+        raise ConfigError(f"{storage}: no study {study_name!r} (have: {', '.join(names)})")
+    return optuna.load_study(study_name=study_name, storage=storage)
+
+
+# -- the frame -------------------------------------------------------------------------------
+def _feasible(t: FrozenTrial) -> bool:
+    """All constraints <= 0; a trial that records none is feasible (unconstrained study)."""
+    cons = t.user_attrs.get("constraints", t.system_attrs.get("constraints"))
+    if cons is None:
+        return True
+    return all(float(c) <= 0.0 for c in cons)
+
+
+def _dominates(a: list[float], b: list[float]) -> bool:
+    return all(x <= y for x, y in zip(a, b, strict=True)) and any(
+        x < y for x, y in zip(a, b, strict=True)
+    )
+
+
+def _complete(study: optuna.Study) -> list[FrozenTrial]:
+    return [
+        t
+        for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+        if t.values is not None and len(t.values) == len(OBJECTIVES)
+    ]
+
+
+def _front_numbers(trials: list[FrozenTrial]) -> set[int]:
+    """Numbers of the non-dominated trials among the feasible ones (all objectives minimized).
+
+    Computed here rather than taken from ``study.best_trials``, which reads the constraints
+    from the system attrs: the report trusts the user attr the search writes.
+    """
+    ok = [t for t in trials if _feasible(t)]
+    return {
+        t.number
+        for t in ok
+        if not any(_dominates(list(o.values), list(t.values)) for o in ok if o is not t)
+    }
+
+
+def _check_objectives(study: optuna.Study) -> None:
+    names = study.user_attrs.get("objectives")
+    if names is not None and tuple(names) != OBJECTIVES:
+        raise ConfigError(
+            f"study {study.study_name!r} optimizes {list(names)}; this report reads "
+            f"{list(OBJECTIVES)}"
+        )
+
+
+def _number(x: Any) -> float | None:
+    return float(x) if isinstance(x, int | float) and not isinstance(x, bool) else None
+
+
+def study_frame(study: optuna.Study) -> pd.DataFrame:
+    """One row per COMPLETE trial, ordered by trial number.
+
+    Columns: ``number``, the objectives (``latency_ms``, ``post_adapt_per``, ``dev_per``),
+    ``feasible`` (every constraint <= 0), ``on_front`` (non-dominated among feasible complete
+    trials), ``baseline`` (``""`` for searched trials), ``latency_source``
+    (measured/predicted), ``predicted_ms``, ``measured_ms``, ``low_confidence``,
+    ``size_mb``, ``peak_memory_mb``, ``pre_adapt_per``, ``plan_hash``, ``duration_s``, then
+    every trial parameter under its own name (``keep:<group>``, ``wbits:<layer>``, ...).
+    Missing attributes are NaN/None, never errors.
+
+    Raises:
+        ConfigError: the study records objectives other than :data:`OBJECTIVES`.
+    """
+    _check_objectives(study)
+    trials = _complete(study)
+    front = _front_numbers(trials)
+    rows = []
+    params: dict[str, None] = {}
+    for t in trials:
+        metrics = t.user_attrs.get("metrics") or {}
+        lat = t.user_attrs.get("latency") or {}
+        row: dict[str, Any] = {
+            "number": t.number,
+            **dict(zip(OBJECTIVES, t.values, strict=True)),
+            "feasible": _feasible(t),
+            "on_front": t.number in front,
+            "baseline": str(t.user_attrs.get("baseline") or ""),
+            "latency_source": lat.get("source"),
+            "predicted_ms": _number(lat.get("predicted_ms")),
+            "measured_ms": _number(lat.get("measured_ms")),
+            "low_confidence": lat.get("low_confidence"),
+            "size_mb": _number(metrics.get("size_mb")),
+            "peak_memory_mb": _number(metrics.get("peak_memory_mb")),
+            "pre_adapt_per": _number(metrics.get("pre_adapt_per")),
+            "plan_hash": t.user_attrs.get("plan_hash"),
+            "duration_s": t.duration.total_seconds() if t.duration is not None else None,
+        }
+        row.update(t.params)
+        params.update(dict.fromkeys(t.params))
+        rows.append(row)
+    columns = _FRAME_COLUMNS + sorted(params, key=_natural)
+    frame = pd.DataFrame(rows, columns=columns)
+    # Explicit dtypes so that an empty frame still filters (an object column of no rows
+    # would be read as a list of column labels) and missing numbers are NaN.
+    floats = [*OBJECTIVES, "predicted_ms", "measured_ms", "size_mb", "peak_memory_mb"]
+    return frame.astype(
+        {"number": int, "feasible": bool, "on_front": bool, **dict.fromkeys(floats, float)}
+    )
+
+
+def front_table(study: optuna.Study) -> list[dict[str, Any]]:
+    """The front as printable rows, fastest first.
+
+    Keys: ``trial``, ``latency_ms``, ``latency_source``, ``dev_per``, ``post_adapt_per``,
+    ``size_mb``, ``baseline`` (``""`` for searched trials). Empty when no feasible trial
+    completed.
+    """
+    f = study_frame(study)
+    f = f[f["on_front"]].sort_values(["latency_ms", "number"])
+    return [
+        {
+            "trial": int(r.number),
+            "latency_ms": float(r.latency_ms),
+            "latency_source": r.latency_source,
+            "dev_per": float(r.dev_per),
+            "post_adapt_per": float(r.post_adapt_per),
+            "size_mb": None if pd.isna(r.size_mb) else float(r.size_mb),
+            "baseline": r.baseline,
+        }
+        for r in f.itertuples()
+    ]
+
+
+def _natural(name: str) -> list[Any]:
+    """Sort key that puts ``blocks.2`` before ``blocks.10``."""
+    return [(0, int(p), "") if p.isdigit() else (1, 0, p) for p in re.split(r"(\d+)", name)]
+
+
+def _label(row: Any) -> str:
+    return f"#{int(row.number)}" + (f" ({row.baseline})" if row.baseline else "")
+
+
+# -- Pareto front ----------------------------------------------------------------------------
+def _category(f: pd.DataFrame) -> pd.Series:
+    cat = pd.Series("feasible", index=f.index)
+    cat[~f["feasible"].astype(bool)] = "infeasible"
+    cat[f["on_front"].astype(bool)] = "front"
+    return cat
+
+
+def _symbols(f: pd.DataFrame) -> list[str]:
+    # Open markers for predicted latency: the reader should see which points rest on a model.
+    return ["circle-open" if s == "predicted" else "circle" for s in f["latency_source"]]
+
+
+def _hover(f: pd.DataFrame) -> list[str]:
+    out = []
+    for r in f.itertuples():
+        out.append(
+            f"{_label(r)}<br>latency {r.latency_ms:.2f} ms ({r.latency_source or '?'})"
+            f"<br>post-adapt PER {r.post_adapt_per:.2f}<br>dev PER {r.dev_per:.2f}"
+            + ("" if pd.isna(r.size_mb) else f"<br>size {r.size_mb:.2f} MB")
+        )
+    return out
+
+
+def _trials_trace(kind: Any, sub: pd.DataFrame, name: str, **kwargs: Any) -> Any:
+    """One category of trials as a (2-D or 3-D) scatter: baselines labelled, hover per trial."""
+    return kind(
+        mode="markers+text",
+        name=name,
+        legendgroup=name,
+        text=sub["baseline"],
+        hovertext=_hover(sub),
+        hoverinfo="text",
+        **kwargs,
+    )
+
+
+def pareto_figure(study: optuna.Study) -> go.Figure | None:
+    """The front in three 2-D projections: latency vs post-adapt PER, latency vs dev PER,
+    dev vs post-adapt PER.
+
+    Front trials are red, other feasible trials blue, infeasible ones grey; baselines and
+    the base model (study attr ``base``) are labelled; open markers = predicted latency; the
+    dashed line is the profile's latency budget. ``None`` when no trial completed.
+    """
+    f = study_frame(study)
+    if f.empty:
+        return None
+    pairs = [
+        ("latency_ms", "post_adapt_per"),
+        ("latency_ms", "dev_per"),
+        ("dev_per", "post_adapt_per"),
+    ]
+    fig = make_subplots(
+        rows=1,
+        cols=3,
+        subplot_titles=[f"{LABELS[y]} vs {LABELS[x]}" for x, y in pairs],
+        horizontal_spacing=0.07,
+    )
+    cat = _category(f)
+    base = study.user_attrs.get("base") or {}
+    budget = _number((study.user_attrs.get("profile") or {}).get("latency_budget_ms"))
+    for col, (x, y) in enumerate(pairs, start=1):
+        for name in ("infeasible", "feasible", "front"):
+            sub = f[cat == name]
+            if sub.empty:
+                continue
+            marker: dict[str, Any] = {"color": _COLORS[name], "size": 11 if name == "front" else 8}
+            marker |= {"symbol": _symbols(sub), "line": {"width": 1.5, "color": _COLORS[name]}}
+            trace = _trials_trace(go.Scatter, sub, name, x=sub[x], y=sub[y], marker=marker)
+            fig.add_trace(trace.update(showlegend=col == 1, textposition="top center"), 1, col)
+        bx, by = _number(base.get(x)), _number(base.get(y))
+        if bx is not None and by is not None:
+            fig.add_trace(
+                go.Scatter(
+                    x=[bx],
+                    y=[by],
+                    mode="markers+text",
+                    name="base model",
+                    legendgroup="base",
+                    showlegend=col == 1,
+                    text=["base"],
+                    textposition="bottom center",
+                    marker={"color": "black", "symbol": "diamond", "size": 10},
+                ),
+                row=1,
+                col=col,
+            )
+        if budget is not None and x == "latency_ms":
+            fig.add_vline(x=budget, line_dash="dash", line_color="grey", row=1, col=col)
+        fig.update_xaxes(title_text=LABELS[x], row=1, col=col)
+        fig.update_yaxes(title_text=LABELS[y], row=1, col=col)
+    fig.update_layout(
+        title="Pareto front: 2-D projections (open markers: predicted latency)",
+        height=480,
+        legend={"orientation": "h", "y": -0.2},
+    )
+    return fig
+
+
+def pareto_3d_figure(study: optuna.Study) -> go.Figure | None:
+    """All complete trials in the 3-objective space, colored as in :func:`pareto_figure`.
+
+    ``None`` when no trial completed.
+    """
+    f = study_frame(study)
+    if f.empty:
+        return None
+    fig = go.Figure()
+    cat = _category(f)
+    for name in ("infeasible", "feasible", "front"):
+        sub = f[cat == name]
+        if sub.empty:
+            continue
+        xyz = {"x": sub["latency_ms"], "y": sub["dev_per"], "z": sub["post_adapt_per"]}
+        marker = {"color": _COLORS[name], "size": 6 if name == "front" else 4}
+        fig.add_trace(_trials_trace(go.Scatter3d, sub, name, marker=marker, **xyz))
+    fig.update_layout(
+        title="Pareto front: 3-D",
+        height=600,
+        scene={
+            "xaxis_title": LABELS["latency_ms"],
+            "yaxis_title": LABELS["dev_per"],
+            "zaxis_title": LABELS["post_adapt_per"],
+        },
+    )
+    return fig
+
+
+# -- plan heatmap ----------------------------------------------------------------------------
+def _plan_value(t: FrozenTrial, column: str) -> float | None:
+    """``column``'s value from the trial's params, else from its recorded plan's defaults."""
+    if column in t.params:
+        return _number(t.params[column])
+    plan = t.user_attrs.get("plan")
+    if not isinstance(plan, Mapping):
+        return None
+    prefix, _, name = column.partition(":")
+    section, key, default = _PLAN_SOURCES[prefix]
+    return _number(((plan.get(section) or {}).get(name) or {}).get(key, default))
+
+
+def _plan_columns(t: FrozenTrial) -> list[str]:
+    cols = [p for p in t.params if p.startswith(tuple(pre for pre, _ in _PLAN_PANELS))]
+    plan = t.user_attrs.get("plan")
+    if isinstance(plan, Mapping):
+        for prefix, (section, _, _) in _PLAN_SOURCES.items():
+            cols += [f"{prefix}:{n}" for n in (plan.get(section) or {})]
+    return cols
+
+
+def plan_matrix(study: optuna.Study) -> pd.DataFrame:
+    """The front's plans: one row per front trial (fastest first, index ``#<number>`` plus
+    the baseline name), one column per ``keep:<group>``, ``wbits:<layer>`` and
+    ``adapter:<slot>`` (keep ratio, weight bits, adapter size; in that order, names in
+    natural order). Values come from the trial params, else from the recorded plan (whose
+    absent entries mean keep 1.0, 32 bits, no adapter). Empty when there is no front.
+    """
+    f = study_frame(study)
+    f = f[f["on_front"]].sort_values(["latency_ms", "number"])
+    by_number = {t.number: t for t in _complete(study)}
+    trials = [by_number[int(n)] for n in f["number"]]
+    seen = dict.fromkeys(c for t in trials for c in _plan_columns(t))
+    columns = [
+        c
+        for prefix, _ in _PLAN_PANELS
+        for c in sorted((c for c in seen if c.startswith(prefix)), key=_natural)
+    ]
+    return pd.DataFrame(
+        [[_plan_value(t, c) for c in columns] for t in trials],
+        index=[_label(r) for r in f.itertuples()],
+        columns=columns,
+        dtype=float,
+    )
+
+
+def plan_heatmap(study: optuna.Study) -> go.Figure | None:
+    """Heatmap of :func:`plan_matrix`: one panel per family (keep ratio, weight bits,
+    adapter size), values written in the cells. ``None`` when there is no front or it
+    records no plan.
+    """
+    m = plan_matrix(study)
+    if m.empty or m.shape[1] == 0:
+        return None
+    panels = [
+        (title, [c for c in m.columns if c.startswith(prefix)])
+        for prefix, title in _PLAN_PANELS
+        if any(c.startswith(prefix) for c in m.columns)
+    ]
+    fig = make_subplots(
+        rows=1,
+        cols=len(panels),
+        shared_yaxes=True,
+        column_widths=[len(cols) for _, cols in panels],
+        subplot_titles=[title for title, _ in panels],
+        horizontal_spacing=0.02,
+    )
+    scales = {"keep ratio": "Blues", "weight bits": "Greens", "adapter size": "Oranges"}
+    for i, (title, cols) in enumerate(panels, start=1):
+        z = m[cols]
+        fig.add_trace(
+            go.Heatmap(
+                z=z.to_numpy(),
+                x=[c.partition(":")[2] for c in cols],
+                y=list(m.index),
+                text=z.map(lambda v: "" if pd.isna(v) else f"{v:g}").to_numpy(),
+                texttemplate="%{text}",
+                colorscale=scales[title],
+                showscale=False,
+                hovertemplate="%{y}<br>%{x}: %{text}<extra>" + title + "</extra>",
+            ),
+            row=1,
+            col=i,
+        )
+    fig.update_yaxes(autorange="reversed")
+    fig.update_xaxes(tickangle=-45)
+    fig.update_layout(
+        title="Plan of the front trials (rows: front trials, fastest first)",
+        height=220 + 26 * len(m.index),
+    )
+    return fig
+
+
+# -- importances -----------------------------------------------------------------------------
+def _objective(i: int) -> Callable[[FrozenTrial], float]:
+    return lambda t: float(t.values[i])
+
+
+def _importances(study: optuna.Study) -> dict[str, dict[str, float] | str]:
+    """Objective -> parameter importances (PED-ANOVA, normalized), or why they are missing."""
+    trials = _complete(study)
+    varying = [
+        p
+        for p in dict.fromkeys(k for t in trials for k in t.params)
+        if len({json.dumps(t.params.get(p), default=str) for t in trials}) > 1
+    ]
+    out: dict[str, dict[str, float] | str] = {}
+    for i, name in enumerate(OBJECTIVES):
+        vals = [t.values[i] for t in trials if math.isfinite(t.values[i])]
+        if len(vals) < 2 or len(set(vals)) < 2:
+            out[name] = f"needs >= 2 complete trials whose {name} differ ({len(vals)} complete)"
+            continue
+        if not varying:
+            out[name] = "no parameter varies between the complete trials"
+            continue
+        with warnings.catch_warnings():
+            # Optuna warns (and returns equal importances) when too few trials separate
+            # the top quantile from the rest; that case is reported below.
+            warnings.simplefilter("ignore")
+            try:
+                imp = optuna.importance.get_param_importances(
+                    study, params=varying, target=_objective(i)
+                )
+            except (ValueError, RuntimeError) as e:
+                out[name] = f"Optuna could not evaluate importances: {e}"
+                continue
+        if len(imp) > 1 and len({round(v, 12) for v in imp.values()}) == 1:
+            out[name] = f"too few trials to separate parameters ({len(vals)} complete)"
+            continue
+        out[name] = imp
+    return out
+
+
+def importance_figure(study: optuna.Study, top: int = 15) -> go.Figure | None:
+    """Parameter importances for each objective (PED-ANOVA through
+    ``optuna.importance.get_param_importances`` with ``target = values[i]``), the ``top``
+    largest per objective; an objective without enough data gets a sentence in its panel.
+    ``None`` when no objective has importances.
+    """
+    imps = _importances(study)
+    if not any(isinstance(v, dict) for v in imps.values()):
+        return None
+    fig = make_subplots(
+        rows=1,
+        cols=len(OBJECTIVES),
+        subplot_titles=[LABELS[o] for o in OBJECTIVES],
+        horizontal_spacing=0.16,
+    )
+    for col, name in enumerate(OBJECTIVES, start=1):
+        imp = imps[name]
+        if isinstance(imp, str):
+            fig.add_annotation(
+                text=imp,
+                showarrow=False,
+                xref=f"x{col if col > 1 else ''} domain",
+                yref=f"y{col if col > 1 else ''} domain",
+                x=0.5,
+                y=0.5,
+            )
+            continue
+        items = sorted(imp.items(), key=lambda kv: kv[1])[-top:]
+        fig.add_trace(
+            go.Bar(
+                x=[v for _, v in items],
+                y=[k for k, _ in items],
+                orientation="h",
+                name=name,
+                showlegend=False,
+            ),
+            row=1,
+            col=col,
+        )
+        fig.update_xaxes(title_text="importance (sum = 1)", row=1, col=col)
+    n = max((len(v) for v in imps.values() if isinstance(v, dict)), default=1)
+    fig.update_layout(
+        title="Parameter importances per objective (PED-ANOVA)",
+        height=200 + 22 * min(n, top),
+    )
+    return fig
+
+
+# -- latency ---------------------------------------------------------------------------------
+def latency_figure(study: optuna.Study) -> go.Figure | None:
+    """Predicted vs measured latency for the trials that record both, with y = x, the ±10%
+    band, and the predictor's MAPE and ±10% accuracy in the title (nn-Meter's metrics).
+    Low-confidence predictions are orange. ``None`` when no trial has both.
+    """
+    f = study_frame(study).dropna(subset=["predicted_ms", "measured_ms"])
+    if f.empty:
+        return None
+    pred, meas = f["predicted_ms"], f["measured_ms"]
+    err = (pred - meas).abs() / meas
+    within = float((err <= 0.10).mean())
+    low = f["low_confidence"].eq(True)  # None/NaN (not recorded) count as confident
+    fig = go.Figure()
+    for flag, color, name in ((False, "#1f77b4", "prediction"), (True, "#ff7f0e", "low conf.")):
+        sub = f[low == flag]
+        if sub.empty:
+            continue
+        fig.add_trace(
+            go.Scatter(
+                x=sub["measured_ms"],
+                y=sub["predicted_ms"],
+                mode="markers",
+                name=name,
+                marker={"color": color, "size": 8},
+                hovertext=[
+                    f"{_label(r)}<br>measured {r.measured_ms:.2f} ms"
+                    f"<br>predicted {r.predicted_ms:.2f} ms"
+                    for r in sub.itertuples()
+                ],
+                hoverinfo="text",
+            )
+        )
+    hi = float(max(pred.max(), meas.max())) * 1.05
+    for k, dash, name in ((1.0, "solid", "y = x"), (1.1, "dot", "+10%"), (0.9, "dot", "-10%")):
+        fig.add_trace(
+            go.Scatter(
+                x=[0, hi],
+                y=[0, k * hi],
+                mode="lines",
+                name=name,
+                line={"color": "grey", "dash": dash, "width": 1},
+                hoverinfo="skip",
+            )
+        )
+    fig.update_layout(
+        title=(
+            f"Predicted vs measured latency: {len(f)} trials, "
+            f"MAPE {100 * float(err.mean()):.1f}%, within ±10%: {100 * within:.0f}%"
+        ),
+        xaxis_title="measured latency (ms)",
+        yaxis_title="predicted latency (ms)",
+        height=500,
+    )
+    return fig
+
+
+# -- per-speaker adaptation ------------------------------------------------------------------
+def _per_speaker(t: FrozenTrial) -> dict[str, tuple[float, float]]:
+    raw = t.user_attrs.get("per_speaker")
+    if not isinstance(raw, Mapping):
+        return {}
+    out = {}
+    for spk, pair in raw.items():
+        if isinstance(pair, list | tuple) and len(pair) == 2:
+            before, after = _number(pair[0]), _number(pair[1])
+            if before is not None and after is not None:
+                out[str(spk)] = (before, after)
+    return out
+
+
+def speaker_figure(study: optuna.Study) -> go.Figure | None:
+    """Per-speaker adaptation of the front trials: cell = PER after - PER before (points;
+    blue = adaptation helped), text = ``before→after``; the row label carries the means.
+    ``None`` when no front trial records ``per_speaker``.
+    """
+    f = study_frame(study)
+    f = f[f["on_front"]].sort_values(["latency_ms", "number"])
+    by_number = {t.number: t for t in _complete(study)}
+    rows = [(r, _per_speaker(by_number[int(r.number)])) for r in f.itertuples()]
+    rows = [(r, s) for r, s in rows if s]
+    if not rows:
+        return None
+    speakers = sorted({k for _, s in rows for k in s}, key=_natural)
+    z, text, labels = [], [], []
+    for r, s in rows:
+        z.append([s[k][1] - s[k][0] if k in s else None for k in speakers])
+        text.append([f"{s[k][0]:.1f}→{s[k][1]:.1f}" if k in s else "" for k in speakers])
+        before = sum(b for b, _ in s.values()) / len(s)
+        after = sum(a for _, a in s.values()) / len(s)
+        labels.append(f"{_label(r)} mean {before:.1f}→{after:.1f}")
+    fig = go.Figure(
+        go.Heatmap(
+            z=z,
+            x=speakers,
+            y=labels,
+            text=text,
+            texttemplate="%{text}",
+            colorscale="RdBu_r",
+            zmid=0,
+            colorbar={"title": {"text": "PER change<br>(points)"}},
+            hovertemplate="%{y}<br>speaker %{x}: %{text}<extra></extra>",
+        )
+    )
+    fig.update_yaxes(autorange="reversed")
+    fig.update_layout(
+        title="Per-speaker adaptation of the front trials (PER before→after)",
+        xaxis_title="speaker",
+        height=220 + 30 * len(labels),
+    )
+    return fig
+
+
+# -- the HTML report -------------------------------------------------------------------------
+_CSS = """
+body { font-family: system-ui, sans-serif; margin: 1.5em 2em; color: #222; }
+table { border-collapse: collapse; margin: 0.5em 0 1.2em; font-size: 0.9em; }
+th, td { border: 1px solid #ccc; padding: 3px 8px; text-align: right; }
+th { background: #f2f2f2; }
+td.k { text-align: left; font-weight: 600; }
+p.note { color: #666; font-style: italic; }
+"""
+
+
+def _kv_table(items: Mapping[str, Any]) -> str:
+    rows = "".join(
+        f"<tr><td class='k'>{html.escape(str(k))}</td>"
+        f"<td>{html.escape(v if isinstance(v, str) else json.dumps(v, default=str))}</td></tr>"
+        for k, v in items.items()
+    )
+    return f"<table>{rows}</table>"
+
+
+def _summary(study: optuna.Study) -> str:
+    attrs = study.user_attrs
+    profile = attrs.get("profile") or {}
+    states = Counter(t.state for t in study.get_trials(deepcopy=False))
+    overview = {
+        "study": study.study_name,
+        "profile": profile.get("name", "?"),
+        "target": profile.get("target", "?"),
+        "latency budget (ms)": profile.get("latency_budget_ms", "?"),
+        "memory budget (MB)": profile.get("memory_budget_mb", "?"),
+        "space": attrs.get("space", "?"),
+        "checkpoint": attrs.get("checkpoint", "?"),
+        "trials complete / failed / running / other": " / ".join(
+            str(n)
+            for n in (states.pop(TrialState.COMPLETE, 0), states.pop(TrialState.FAIL, 0))
+            + (states.pop(TrialState.RUNNING, 0), sum(states.values()))
+        ),
+        "versions": attrs.get("versions", {}),
+    }
+    parts = ["<h2>Summary</h2>", _kv_table(overview)]
+    base = attrs.get("base")
+    parts.append("<h3>Base model</h3>")
+    parts.append(_kv_table(base) if base else "<p class='note'>No base metrics recorded.</p>")
+    parts.append("<h3>Front</h3>")
+    front = front_table(study)
+    if front:
+        parts.append(
+            pd.DataFrame(front).to_html(index=False, float_format=lambda v: f"{v:.2f}", na_rep="")
+        )
+    else:
+        parts.append("<p class='note'>No feasible complete trial: the front is empty.</p>")
+    failed = [t for t in study.get_trials(deepcopy=False) if t.state == TrialState.FAIL]
+    if failed:
+        reasons: dict[str, list[int]] = {}
+        for t in failed:
+            reason = str(t.user_attrs.get("fail_reason") or "(no reason recorded)")
+            reasons.setdefault(reason[:300], []).append(t.number)
+        frame = pd.DataFrame(
+            [
+                {"reason": r, "count": len(ns), "trials": ", ".join(map(str, ns[:20]))}
+                for r, ns in sorted(reasons.items(), key=lambda kv: -len(kv[1]))
+            ]
+        )
+        parts += ["<h3>Failed trials</h3>", frame.to_html(index=False)]
+    return "\n".join(parts)
+
+
+# Report sections after the summary; a builder's NOTES entry is keyed by its __name__.
+_SECTIONS: tuple[tuple[str, Callable[[optuna.Study], go.Figure | None]], ...] = (
+    ("Pareto front: 2-D projections", pareto_figure),
+    ("Pareto front: 3-D", pareto_3d_figure),
+    ("Plan of the front trials", plan_heatmap),
+    ("Parameter importances", importance_figure),
+    ("Predicted vs measured latency", latency_figure),
+    ("Per-speaker adaptation", speaker_figure),
+)
+
+
+def write_report(study: optuna.Study, out_path: Path) -> Path:
+    """Write one self-contained HTML file (plotly.js embedded once, works offline).
+
+    Sections: summary (study, profile, space, trial counts, base metrics, the front as a
+    table, failure reasons), the Pareto projections and 3-D view, the plan heatmap of the
+    front, parameter importances, predicted vs measured latency, per-speaker adaptation.
+    A section without data shows its sentence from :data:`NOTES`.
+
+    Returns:
+        ``out_path`` (parent folders are created).
+
+    Raises:
+        ConfigError: the study records objectives other than :data:`OBJECTIVES`.
+    """
+    _check_objectives(study)
+    body = [f"<h1>voxfit search report: {html.escape(study.study_name)}</h1>", _summary(study)]
+    for title, build in _SECTIONS:
+        body.append(f"<h2>{html.escape(title)}</h2>")
+        fig = build(study)
+        if fig is None:
+            body.append(f"<p class='note'>{html.escape(NOTES[build.__name__])}</p>")
+            continue
+        height = int(fig.layout.height or 500)
+        body.append(
+            fig.to_html(
+                full_html=False,
+                include_plotlyjs=False,
+                default_height=f"{height}px",
+                config={"displaylogo": False},
+            )
+        )
+    page = (
+        "<!DOCTYPE html>\n<html><head><meta charset='utf-8'>"
+        f"<title>voxfit report: {html.escape(study.study_name)}</title>"
+        f"<style>{_CSS}</style>"
+        f"<script type='text/javascript'>{get_plotlyjs()}</script>"
+        "</head><body>\n" + "\n".join(body) + "\n</body></html>\n"
+    )
+    out_path = Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    out_path.write_text(page, encoding="utf-8")
+    return out_path
