@@ -387,6 +387,194 @@ def cost_fit(
     console.print(f"saved {d}/model.json and card.yaml ({len(models)} candidates)")
 
 
+Storage = Annotated[
+    str, typer.Option(help="Optuna storage URL (SQLite file by default; any RDB URL works).")
+]
+StudyName = Annotated[str | None, typer.Option("--study", help="Study name.")]
+DEFAULT_STORAGE = "sqlite:///work/search/voxfit.db"
+
+
+def _load_study(storage: str, study: str | None):  # type: ignore[no-untyped-def]
+    import optuna
+
+    from voxfit.search import open_storage
+
+    st = open_storage(storage)
+    names = [s.study_name for s in optuna.get_all_study_summaries(st)]
+    if not names:
+        raise ConfigError(f"--storage {storage}: no study in it (run voxfit search)")
+    name = study or names[-1]
+    if name not in names:
+        raise ConfigError(f"--study {name!r}: not in {storage} (have: {', '.join(names)})")
+    return optuna.load_study(study_name=name, storage=st)
+
+
+def _duration(text: str | None) -> float | None:
+    if text is None:
+        return None
+    units = {"s": 1, "m": 60, "h": 3600}
+    try:
+        if text[-1] in units:
+            return float(text[:-1]) * units[text[-1]]
+        return float(text)
+    except ValueError as e:
+        raise ConfigError(f"--timeout: {text!r} is not a duration like 90s, 20m or 1h") from e
+
+
+@app.command()
+def search(
+    space: Annotated[
+        str, typer.Option(help="Space name (spaces/) or YAML path.")
+    ] = "tdnn-default",
+    profile: Annotated[
+        str | None, typer.Option(help="Profile name or YAML; default: this CPU's local one.")
+    ] = None,
+    trials: Annotated[
+        int, typer.Option(min=1, help="Finished trials the study should have.")
+    ] = 30,
+    timeout: Annotated[str | None, typer.Option(help="Stop after this long (e.g. 20m).")] = None,
+    storage: Storage = DEFAULT_STORAGE,
+    study: StudyName = None,
+    sampler: Annotated[str, typer.Option(help="tpe (default), nsga2 or random.")] = "tpe",
+    seed: Annotated[int, typer.Option(help="Sampler and recovery seed.")] = 0,
+    margin: Annotated[
+        float, typer.Option(help="Measure for real when predicted within this of the front.")
+    ] = 0.10,
+    preset: Preset = "default",
+    model: Annotated[str, typer.Option(help="Model family member: tdnn.")] = "tdnn",
+    manifest: Annotated[
+        Path | None, typer.Option(help="Your own corpus manifest; default: the preset's.")
+    ] = None,
+    work: Annotated[Path, typer.Option(help="Corpus, models and builds.")] = Path("work"),
+    cost_models: CostDir = Path("cost_models"),
+    verbose: Verbose = False,
+) -> None:
+    """Run (or resume) a multi-objective search for one hardware profile."""
+    from voxfit.hw_profiles import find_profile, load_profile, pick_local_profile
+    from voxfit.search import SearchContext, SearchSettings, front_table, run_search
+    from voxfit.spaces import find_space
+
+    _setup_logging(verbose)
+    prof = load_profile(find_profile(profile)) if profile else pick_local_profile("hw_profiles")
+    sp = find_space(space)
+    if sp.model != model:
+        raise ConfigError(f"{sp.source}: model: {sp.model} but --model is {model}")
+    ctx = SearchContext.prepare(preset=preset, model=model, work=work, manifest=manifest)
+    bound = sp.bind(ctx.base.structure())  # type: ignore[operator]
+    name = study or f"{prof.name}-{sp.name}-{preset}"
+    settings = SearchSettings(
+        profile=prof,
+        space=bound,
+        storage=storage,
+        study_name=name,
+        n_trials=trials,
+        timeout_s=_duration(timeout),
+        sampler=sampler,
+        seed=seed,
+        margin=margin,
+        work=work,
+        cost_models_dir=cost_models,
+    )
+    st = run_search(settings, ctx)
+    _print_front(front_table(st), f"Pareto front of {name} ({prof.name})")
+    console.print(f"study {name} in {storage}; review: voxfit report --study {name}")
+
+
+def _print_front(rows: list[dict], title: str) -> None:  # type: ignore[type-arg]
+    t = Table(title=title)
+    for col in ("trial", "latency ms", "source", "dev PER", "post-adapt PER", "MB", "baseline"):
+        t.add_column(col, justify="right")
+    for r in rows:
+        t.add_row(
+            str(r["trial"]),
+            f"{r['latency_ms']:.2f}",
+            str(r.get("latency_source", "")),
+            f"{r['dev_per']:.2f}",
+            f"{r['post_adapt_per']:.2f}",
+            f"{r['size_mb']:.2f}" if r.get("size_mb") is not None else "",
+            str(r.get("baseline") or ""),
+        )
+    console.print(t)
+
+
+@app.command("export")
+def export_cmd(
+    study: StudyName = None,
+    trial: Annotated[list[int] | None, typer.Option(help="Trial number(s) to export.")] = None,
+    pareto: Annotated[bool, typer.Option("--pareto", help="Every front trial.")] = False,
+    out: Annotated[Path, typer.Option(help="Bundles go under OUT/<study>/.")] = Path(
+        "work/bundles"
+    ),
+    storage: Storage = DEFAULT_STORAGE,
+    work: Annotated[Path, typer.Option(help="Corpus, models and builds.")] = Path("work"),
+    cost_models: CostDir = Path("cost_models"),
+    verbose: Verbose = False,
+) -> None:
+    """Write deployable bundles (plan, ONNX, TVM library, adapters, report, manifest)."""
+    from voxfit.hw_profiles import profile_from_dict
+    from voxfit.search import SearchContext, export_bundle, front_table
+
+    _setup_logging(verbose)
+    st = _load_study(storage, study)
+    if not trial and not pareto:
+        raise ConfigError("say which trials: --trial N (repeatable) or --pareto")
+    numbers = list(trial or [])
+    if pareto:
+        numbers += [r["trial"] for r in front_table(st) if r["trial"] not in numbers]
+    attrs = st.user_attrs
+    prof_raw = dict(attrs["profile"])
+    prof = profile_from_dict(prof_raw, f"study {st.study_name} profile")
+    ctx = SearchContext.prepare(
+        preset=attrs.get("preset", "default"),
+        model=attrs.get("model", "tdnn"),
+        work=work,
+        manifest=attrs.get("manifest"),
+        checkpoint=Path(attrs["checkpoint"]),
+    )
+    by_number = {t.number: t for t in st.get_trials(deepcopy=False)}
+    from voxfit.compile import TvmWorker
+
+    with TvmWorker(prof.cores) as w:
+        for n in numbers:
+            if n not in by_number:
+                raise ConfigError(f"--trial {n}: no such trial in {st.study_name}")
+            b = export_bundle(
+                ctx,
+                st,
+                by_number[n],
+                prof,
+                out / st.study_name,
+                cost_models_dir=cost_models,
+                worker=w,
+            )
+            console.print(f"bundle {b}")
+
+
+@app.command()
+def verify(bundle: Annotated[Path, typer.Argument(help="A bundle folder.")]) -> None:
+    """Check a bundle's files against its manifest (sha256)."""
+    from voxfit.search import verify_bundle
+
+    problems = verify_bundle(bundle)
+    if problems:
+        raise ConfigError(f"{bundle}: " + "; ".join(problems))
+    console.print(f"{bundle}: every file matches manifest.json")
+
+
+@app.command()
+def report(
+    study: StudyName = None,
+    storage: Storage = DEFAULT_STORAGE,
+    out: Annotated[Path | None, typer.Option(help="HTML file.")] = None,
+) -> None:
+    """Write one static HTML review of a study (plotly)."""
+    from voxfit.search import write_report
+
+    st = _load_study(storage, study)
+    path = write_report(st, out or Path("work") / "reports" / f"{st.study_name}.html")
+    console.print(f"report {path}")
+
+
 def main() -> None:
     """Entry point: user errors become one line on stderr and exit code 2."""
     try:
@@ -394,3 +582,7 @@ def main() -> None:
     except VoxfitError as e:
         err.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
         sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,270 @@
+"""Deployable bundles of chosen trials, and their verification.
+
+A bundle is a folder a deployment team can take as is:
+
+- ``plan.yaml``: the per-layer plan (schema-versioned) the model was made from;
+- ``model.onnx``: the compressed model (int8 QDQ where the plan has 8-bit layers), checked
+  by onnx.checker and run by onnxruntime against torch;
+- ``tvm/<input>.so``: the TVM library for the profile's target (cross-linked for Arm), and
+  ``tvm/load_example.py``, a minimal loader;
+- ``adapters.npz``: the adapter weights per slot (no pickle), the starting point of each
+  user's on-device adaptation;
+- ``report.json``: every metric, per-speaker PER before/after adaptation, latency with its
+  provenance (measured or predicted, TVM version, target, repeats), the checks above;
+- ``manifest.json``: sha256 and size of every other file. ``voxfit verify`` checks it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import optuna
+import torch
+from torch import nn
+
+from voxfit.errors import ConfigError, VoxfitError
+from voxfit.hw_profiles import HardwareProfile
+from voxfit.plan import Candidate
+from voxfit.search._context import SearchContext
+
+MANIFEST = "manifest.json"
+BUNDLE_SCHEMA_VERSION = 1
+
+_LOADER = '''"""Load and run the voxfit TVM library of this bundle (TVM {tvm} runtime).
+
+    python load_example.py {lib}
+"""
+
+import sys
+
+import numpy as np
+import tvm
+from tvm import relax
+
+lib = sys.argv[1] if len(sys.argv) > 1 else "{lib}"
+dev = tvm.cpu(0)  # tvm.cuda(0) for a cuda target; over RPC: remote.load_module(...)
+vm = relax.VirtualMachine(tvm.runtime.load_module(lib), dev)
+feats = np.zeros((1, {frames}, 80), dtype="float32")  # (batch, frames, log-mel bins)
+out = vm["main"](tvm.runtime.tensor(feats, dev))
+log_probs = (out[0] if not hasattr(out, "numpy") else out).numpy()
+print("log-probs", log_probs.shape)  # (1, frames // 2, phones + blank)
+'''
+
+
+def sha256_of(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def write_manifest(bundle: Path) -> Path:
+    files = sorted(p for p in bundle.rglob("*") if p.is_file() and p.name != MANIFEST)
+    entries = {
+        str(p.relative_to(bundle)): {"sha256": sha256_of(p), "bytes": p.stat().st_size}
+        for p in files
+    }
+    out = bundle / MANIFEST
+    out.write_text(
+        json.dumps({"schema_version": BUNDLE_SCHEMA_VERSION, "files": entries}, indent=2) + "\n"
+    )
+    return out
+
+
+def verify_bundle(bundle: str | Path) -> list[str]:
+    """Problems found (empty when the bundle is intact): missing, changed or unlisted files."""
+    b = Path(bundle)
+    m = b / MANIFEST
+    if not m.exists():
+        return [f"{m}: missing"]
+    try:
+        data = json.loads(m.read_text())
+        files = data["files"]
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        return [f"{m}: unreadable ({e})"]
+    problems = []
+    for rel, meta in files.items():
+        p = b / rel
+        if not p.is_file():
+            problems.append(f"{rel}: missing")
+        elif sha256_of(p) != meta.get("sha256"):
+            problems.append(f"{rel}: sha256 differs from {MANIFEST}")
+    listed = set(files)
+    for p in b.rglob("*"):
+        rel = str(p.relative_to(b))
+        if p.is_file() and p.name != MANIFEST and rel not in listed:
+            problems.append(f"{rel}: not listed in {MANIFEST}")
+    return problems
+
+
+def _adapter_arrays(model: nn.Module) -> dict[str, np.ndarray]:
+    from voxfit.models import Adapter
+
+    out = {}
+    for path, m in model.named_modules():
+        if isinstance(m, Adapter):
+            for name, p in m.named_parameters():
+                out[f"{path}.{name}"] = p.detach().cpu().numpy()
+    return out
+
+
+def _onnx_check(model: nn.Module, path: Path, frames: int) -> dict[str, Any]:
+    import onnxruntime as ort
+
+    from voxfit.compress._export import _fake_quant_off
+
+    x = torch.randn(1, frames, 80, generator=torch.Generator().manual_seed(0))
+    n = torch.tensor([frames])
+    with torch.no_grad(), _fake_quant_off(model):
+        ref, _ = model(x, n)
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    got = sess.run(None, {"feats": x.numpy(), "lengths": n.numpy()})[0]
+    diff = float(np.max(np.abs(got - ref.numpy())))
+    agree = float(np.mean(got.argmax(-1) == ref.numpy().argmax(-1)))
+    return {"max_abs_diff": diff, "argmax_agreement": agree, "frames": frames}
+
+
+def export_bundle(
+    ctx: SearchContext,
+    study: optuna.Study,
+    trial: optuna.trial.FrozenTrial,
+    profile: HardwareProfile,
+    out_dir: str | Path,
+    *,
+    cost_models_dir: str | Path = "cost_models",
+    worker: Any = None,
+) -> Path:
+    """Write the bundle of one completed trial under ``out_dir/trial-<n>/``.
+
+    The model is rebuilt from the trial's plan and seed (same data, same recovery steps),
+    its dev PER re-measured and compared with the trial's record.
+
+    Raises:
+        ConfigError: the trial is not complete or was made for another profile.
+    """
+    from voxfit.compile import compile_model
+    from voxfit.compress import export_onnx
+    from voxfit.compress._export import _fake_quant_off
+
+    if trial.state != optuna.trial.TrialState.COMPLETE:
+        raise ConfigError(f"trial {trial.number} is {trial.state.name}, not COMPLETE")
+    made_for = study.user_attrs.get("profile", {}).get("name")
+    if made_for and made_for != profile.name:
+        raise ConfigError(f"study was searched for {made_for}, not {profile.name}")
+    t0 = time.monotonic()
+    cand = Candidate.from_dict(trial.user_attrs["plan"], f"trial {trial.number} plan")
+    bundle = Path(out_dir) / f"trial-{trial.number}"
+    tmp = bundle.with_name(bundle.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    model = ctx.build(cand, profile.channel_multiple, int(trial.user_attrs["seed"]))
+    (tmp / "plan.yaml").write_text(cand.dump_yaml())
+
+    onnx_info = export_onnx(model, tmp / "model.onnx", calibration=ctx.calibration)
+    onnx_check = _onnx_check(model, tmp / "model.onnx", profile.primary_input.frames)
+
+    spec = profile.primary_input
+    tvm_info: dict[str, Any] = {"target": profile.target, "input": spec.name}
+    own = worker is None
+    if own:
+        from voxfit.compile import TvmWorker
+
+        worker = TvmWorker(profile.cores)
+    try:
+        (c,) = compile_model(
+            model,
+            profile,
+            worker,
+            tmp / "tvm" / "build",
+            inputs=(spec,),
+            cost_models_dir=cost_models_dir,
+            export=True,
+        )
+        if not c.ok or c.lib is None:
+            raise VoxfitError(f"TVM build for the bundle failed: {c.error}")
+        lib = tmp / "tvm" / f"{spec.name}.so"
+        shutil.move(str(c.lib), lib)
+        shutil.rmtree(tmp / "tvm" / "build", ignore_errors=True)
+        tvm_info.update(lib=str(lib.relative_to(tmp)), new_tasks=c.new_tasks, lowering=c.lowering)
+        from voxfit.hw_profiles import host_runs
+
+        if host_runs(profile)[0] and not profile.cross_compiler:
+            x = np.random.default_rng(0).standard_normal((1, spec.frames, 80)).astype("float32")
+            r = worker.call("run_local", timeout_s=300, lib=str(lib.resolve()), input=x)
+            if "error" in r:
+                raise VoxfitError(f"the bundle's TVM library does not run: {r['error']}")
+            with torch.no_grad(), _fake_quant_off(model):
+                ref, _ = model(torch.from_numpy(x), torch.tensor([spec.frames]))
+            tvm_info["max_abs_diff_vs_torch"] = float(np.max(np.abs(r["output"] - ref.numpy())))
+    finally:
+        if own:
+            worker.close()
+    (tmp / "tvm" / "load_example.py").write_text(
+        _LOADER.format(tvm=_tvm_version(), lib=f"{spec.name}.so", frames=spec.frames)
+    )
+    arrays = _adapter_arrays(model)
+    np.savez(tmp / "adapters.npz", **arrays)  # type: ignore[arg-type]
+
+    from voxfit.train import phone_error_rate
+
+    dev = phone_error_rate(model, ctx.manifest.split("dev"), ctx.store, ctx.inventory)
+    report = {
+        "schema_version": BUNDLE_SCHEMA_VERSION,
+        "study": study.study_name,
+        "trial": trial.number,
+        "baseline": trial.user_attrs.get("baseline"),
+        "plan_hash": cand.stable_hash(),
+        "objectives": dict(
+            zip(study.user_attrs.get("objectives", []), trial.values, strict=False)
+        ),
+        "metrics": trial.user_attrs.get("metrics", {}),
+        "dev_per_rebuilt": dev,
+        "per_speaker": {
+            "note": "PER % [before, after] adapting to each held-out speaker "
+            f"({trial.user_attrs.get('adaptation', 'proxy')} settings)",
+            "speakers": trial.user_attrs.get("per_speaker", {}),
+        },
+        "latency": trial.user_attrs.get("latency", {}),
+        "constraints": {
+            "latency_budget_ms": profile.latency_budget_ms,
+            "memory_budget_mb": profile.memory_budget_mb,
+            "values": trial.user_attrs.get("constraints"),
+        },
+        "base": study.user_attrs.get("base"),
+        "profile": {"name": profile.name, "hash": profile.stable_hash(), "target": profile.target},
+        "onnx": {
+            "file": "model.onnx",
+            "int8_layers": list(onnx_info.int8_layers),
+            "qdq_nodes": onnx_info.qdq_nodes,
+            "checker": "passed",
+            **onnx_check,
+        },
+        "tvm": tvm_info,
+        "adapters": {
+            "file": "adapters.npz",
+            "arrays": {k: list(v.shape) for k, v in arrays.items()},
+            "kinds": {a.slot: a.kind for a in cand.adapters},
+        },
+        "seed": trial.user_attrs.get("seed"),
+        "checkpoint": study.user_attrs.get("checkpoint"),
+        "versions": study.user_attrs.get("versions"),
+        "export_s": time.monotonic() - t0,
+    }
+    (tmp / "report.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
+    write_manifest(tmp)
+    shutil.rmtree(bundle, ignore_errors=True)
+    tmp.rename(bundle)
+    return bundle
+
+
+def _tvm_version() -> str:
+    import importlib.metadata as md
+
+    return md.version("apache-tvm")

@@ -1,0 +1,140 @@
+"""Everything one search evaluates candidates against: corpus, features, base model, data
+for calibration/recovery, and the adaptation settings -- made (or reused) once per search."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from voxfit.data import FeatureStore, Manifest, PhoneInventory
+from voxfit.plan import Candidate
+from voxfit.train import AdaptConfig, ProxyConfig
+
+
+@dataclass
+class SearchContext:
+    manifest: Manifest
+    store: FeatureStore
+    inventory: PhoneInventory
+    base: nn.Module
+    checkpoint: Path
+    adapt: AdaptConfig
+    proxy: ProxyConfig
+    preset: str
+    model_kind: str = "tdnn"
+    calibration: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
+    recovery: Any = None
+    _saliency: dict[str, torch.Tensor] | None = None
+
+    @classmethod
+    def prepare(
+        cls,
+        *,
+        preset: str = "default",
+        model: str = "tdnn",
+        work: str | Path = "work",
+        manifest: str | Path | None = None,
+        checkpoint: str | Path | None = None,
+    ) -> SearchContext:
+        """Make (or reuse) the corpus, features and trained base model under ``work``
+        (``checkpoint``: use this trained model instead of the preset's cached one)."""
+        from voxfit.compress import Recovery
+        from voxfit.data import load_manifest, make_corpus
+        from voxfit.data import preset as corpus_preset
+        from voxfit.train import (
+            adapt_preset,
+            batches,
+            collate,
+            load_checkpoint,
+            train_cached,
+            train_preset,
+        )
+
+        work = Path(work)
+        path = Path(manifest) if manifest else make_corpus(corpus_preset(preset), work / "corpus")
+        man = load_manifest(path)
+        store = FeatureStore(man, work / "models" / "features")
+        if checkpoint is not None:
+            ckpt_path = Path(checkpoint)
+        else:
+            ckpt_path = train_cached(
+                man, store, model, preset, train_preset(preset), work / "models"
+            )
+        ckpt = load_checkpoint(ckpt_path)
+        inv = ckpt.inventory
+        groups = list(batches(man.split("train"), 30.0))
+        calib = [(b.feats, b.lengths) for b in (collate(g, store, inv) for g in groups[::40][:4])]
+        return cls(
+            manifest=man,
+            store=store,
+            inventory=inv,
+            base=ckpt.model.eval(),
+            checkpoint=ckpt_path,
+            adapt=adapt_preset(preset),
+            proxy=ProxyConfig(),
+            preset=preset,
+            model_kind=model,
+            calibration=calib,
+            recovery=Recovery(man.split("train"), store, inv),
+        )
+
+    def saliency(self) -> dict[str, torch.Tensor]:
+        from voxfit.compress import adaptation_saliency
+
+        if self._saliency is None:
+            self._saliency = adaptation_saliency(
+                self.base,
+                self.manifest.by_speaker("adapt"),
+                self.store,
+                self.inventory,
+                replace(self.adapt, steps=30),
+            )
+        return self._saliency
+
+    def build(self, cand: Candidate, channel_multiple: int, seed: int) -> nn.Module:
+        """The compressed model of ``cand`` (deterministic for a seed)."""
+        from voxfit.compress import apply
+
+        torch.manual_seed(seed)
+        return apply(
+            self.base,
+            cand,
+            channel_multiple=channel_multiple,
+            saliency=self.saliency() if cand.importance == "adaptation" else None,
+            calibration=self.calibration,
+            recovery=self.recovery,
+        )
+
+    def accuracy(self, model: nn.Module, *, full: bool = False) -> dict[str, Any]:
+        """Dev PER, and PER before/after adapting to held-out speakers (the proxy unless
+        ``full``: every held-out speaker with the product's adaptation settings)."""
+        from voxfit.train import adaptation_proxy, measure_adaptation, phone_error_rate
+
+        t0 = time.monotonic()
+        dev = phone_error_rate(model, self.manifest.split("dev"), self.store, self.inventory)
+        dev_s = time.monotonic() - t0
+        if full:
+            res = measure_adaptation(
+                model, self.manifest, self.store, self.inventory, self.adapt, slots=[]
+            )
+        else:
+            res = adaptation_proxy(
+                model, self.manifest, self.store, self.inventory, self.adapt, self.proxy, slots=[]
+            )
+        return {
+            "dev_per": dev,
+            "pre_adapt_per": res.per_before,
+            "post_adapt_per": res.per_after,
+            "adapt_gain": res.gain,
+            "per_speaker": {
+                s.speaker: [round(s.per_before, 3), round(s.per_after, 3)] for s in res.speakers
+            },
+            "adaptation": "full" if full else "proxy",
+            "dev_s": dev_s,
+            "adapt_s": res.seconds,
+        }

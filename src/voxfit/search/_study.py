@@ -1,0 +1,452 @@
+"""The search: an Optuna multi-objective study over a space, for one hardware profile.
+
+Objectives (all minimized): latency on the profile's primary input (ms), post-adaptation PER
+of held-out speakers (the adaptation proxy, %), dev PER (%). Size is not an objective: the
+profile's memory budget (packed weights + activation plan) and latency budget are
+Optuna constraints (``Trial.set_constraint``), and size is recorded and plotted.
+
+Every trial's latency is first predicted by the profile's cost model (when it has one) and
+promoted to a real TVM measurement when the prediction is within ``margin`` of the current
+front, low-confidence, or a baseline; the trial records both and which the objective used,
+and every measurement is appended to the cost model's dataset. Storage is any Optuna RDB
+URL (SQLite by default) with heartbeats: a trial left RUNNING by a killed process is marked
+failed and retried once when the study resumes, and completed trials are never redone.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.metadata as md
+import json
+import logging
+import time
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import optuna
+from optuna.trial import FrozenTrial, TrialState
+
+from voxfit.errors import ConfigError, VoxfitError
+from voxfit.hw_profiles import HardwareProfile
+from voxfit.plan import AdapterPlan, Candidate, GroupPlan, LayerPlan
+from voxfit.search._context import SearchContext
+from voxfit.spaces import BoundSpace, params_of, sample
+
+log = logging.getLogger(__name__)
+OBJECTIVES = ("latency_ms", "post_adapt_per", "dev_per")
+SAMPLERS = ("tpe", "nsga2", "random")
+DEFAULT_SAMPLER = "tpe"
+_FINISHED = (TrialState.COMPLETE, TrialState.FAIL)
+
+
+def constraints_of(trial: FrozenTrial) -> Sequence[float]:
+    """A trial's constraint values (<= 0 is feasible); a trial without them is infeasible."""
+    return tuple(trial.user_attrs.get("constraints", (1.0, 1.0)))
+
+
+def make_sampler(name: str, seed: int) -> optuna.samplers.BaseSampler:
+    """The samplers read each trial's constraints (``Trial.set_constraint``, Optuna 5)."""
+    if name == "tpe":
+        return optuna.samplers.TPESampler(seed=seed, multivariate=True, n_startup_trials=8)
+    if name == "nsga2":
+        return optuna.samplers.NSGAIISampler(seed=seed, population_size=12)
+    if name == "random":
+        return optuna.samplers.RandomSampler(seed=seed)
+    raise ConfigError(f"--sampler: {name!r} is not one of {', '.join(SAMPLERS)}")
+
+
+def open_storage(url: str, grace_s: int = 90) -> optuna.storages.BaseStorage:
+    """An RDB storage with heartbeats, so trials of a killed process get failed and retried."""
+    if url.startswith("sqlite:///"):
+        Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            return optuna.storages.RDBStorage(
+                url,
+                heartbeat_interval=30,
+                grace_period=grace_s,
+                heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(
+                    max_retry=1
+                ),
+            )
+    except Exception as e:  # noqa: BLE001 - sqlalchemy raises many kinds
+        raise ConfigError(f"--storage {url}: cannot open ({type(e).__name__}: {e})") from e
+
+
+def baselines(space: BoundSpace, adapter_dim: int) -> dict[str, Candidate]:
+    """fp32 base, uniform int8 weights, uniform 50% pruning -- each with the default
+    adapters (the largest offered size <= ``adapter_dim`` at every slot) so the
+    personalization of each is measured the same way. A baseline the space cannot express
+    is left out (with a log line)."""
+    dims = {}
+    for slot, choices in space.adapters.items():
+        ok = [int(d) for d in choices if 0 < int(d) <= adapter_dim] or [
+            int(d) for d in choices if int(d) > 0
+        ]
+        if ok:
+            dims[slot] = max(ok)
+    kind = space.space.adapter_kinds[0]
+    adapters = tuple(AdapterPlan(s, d, kind) for s, d in dims.items())  # type: ignore[arg-type]
+    out = {
+        "fp32": Candidate(adapters=adapters),
+        "int8": Candidate(
+            layers=tuple(LayerPlan(n, 8) for n in space.weight_bits), adapters=adapters
+        ),
+        "prune50": Candidate(
+            groups=tuple(GroupPlan(g, 0.5) for g in space.groups),
+            adapters=adapters,
+            recovery_steps=max(space.space.recovery_steps),
+            importance=space.space.importance[0],  # type: ignore[arg-type]
+        ),
+    }
+    usable = {}
+    for name, cand in out.items():
+        try:
+            params_of(space, cand)
+            usable[name] = cand
+        except ConfigError as e:
+            log.warning("baseline %s left out: %s", name, e)
+    return usable
+
+
+@dataclass
+class SearchSettings:
+    profile: HardwareProfile
+    space: BoundSpace
+    storage: str
+    study_name: str
+    n_trials: int
+    timeout_s: float | None = None
+    sampler: str = DEFAULT_SAMPLER
+    seed: int = 0
+    margin: float = 0.10
+    work: Path = Path("work")
+    cost_models_dir: Path = Path("cost_models")
+    enqueue_baselines: bool = True
+
+
+def _versions() -> dict[str, str]:
+    out = {}
+    for pkg in ("voxfit", "torch", "apache-tvm", "optuna", "onnxruntime"):
+        with contextlib.suppress(md.PackageNotFoundError):
+            out[pkg] = md.version(pkg)
+    return out
+
+
+class _Latency:
+    """Predict with the cost model, measure for real when promoted; feed the dataset."""
+
+    def __init__(self, s: SearchSettings) -> None:
+        from voxfit.cost_models import PredictedEstimator
+
+        self.s = s
+        self.predictor: PredictedEstimator | None = None
+        try:
+            self.predictor = PredictedEstimator(s.profile, s.cost_models_dir)
+        except ConfigError as e:
+            if s.profile.measurement.method == "predicted":
+                raise
+            log.warning("no usable cost model (%s): every trial is measured", e)
+        self.measurer: Any = None
+        self.tvm_version = md.version("apache-tvm")
+
+    def _measurer(self) -> Any:
+        if self.measurer is None:
+            from voxfit.latency import TvmLocalEstimator, make_estimator
+
+            work = self.s.work / "search-builds" / self.s.profile.name
+            if self.s.profile.measurement.method == "local":
+                self.measurer = TvmLocalEstimator(
+                    self.s.profile,
+                    work,
+                    cost_models_dir=self.s.cost_models_dir,
+                    profile_calls=3,
+                )
+            else:
+                self.measurer = make_estimator(
+                    self.s.profile, work, cost_models_dir=self.s.cost_models_dir
+                )
+        return self.measurer
+
+    def close(self) -> None:
+        if self.measurer is not None:
+            self.measurer.close()
+
+    def __call__(
+        self,
+        model: Any,
+        cand: Candidate,
+        quality: tuple[float, float],
+        front: list[tuple[float, ...]],
+        force: bool,
+    ) -> dict[str, Any]:
+        from voxfit.cost_models import append, dataset_dir, rows_of, should_measure
+
+        spec = self.s.profile.primary_input
+        out: dict[str, Any] = {
+            "input": spec.name,
+            "frames": spec.frames,
+            "target": json.dumps(self.s.profile.target, sort_keys=True),
+            "tvm_version": self.tvm_version,
+            "predicted_ms": None,
+            "measured_ms": None,
+            "low_confidence": False,
+            "note": "",
+            "repeats": 0,
+        }
+        promote = force or self.predictor is None
+        weights_mb = None
+        if self.predictor is not None:
+            (p,) = self.predictor.estimate(model, (spec,))
+            pred = self.predictor.last[0]
+            out["predicted_ms"] = p.median_ms
+            out["low_confidence"] = pred.low_confidence
+            out["note"] = p.note
+            weights_mb = (p.weight_bytes or 0) / 1e6
+            act_kb = max(t.features["act_kb"] for t in _tasks(model, spec.frames))
+            out["predicted_memory_mb"] = weights_mb + act_kb / 1e3
+            promote = promote or should_measure(
+                (p.median_ms or 0.0, *quality),
+                front,
+                self.s.margin,
+                low_confidence=pred.low_confidence,
+            )
+        if promote and self.s.profile.measurement.method != "predicted":
+            (r,) = self._measurer().estimate(model, (spec,))
+            if not r.ok:
+                raise VoxfitError(f"latency measurement failed: {r.error}")
+            out["measured_ms"] = r.median_ms
+            out["iqr_ms"] = r.iqr_ms
+            out["repeats"] = r.repeats
+            out["peak_memory_mb"] = r.peak_memory_mb
+            c = r.compile
+            out["new_tasks"] = c.new_tasks if c else None
+            out["compile_s"] = c.total_s if c else None
+            out["lowering"] = c.lowering if c else None
+            out["method"] = r.method
+            if r.calls:
+                try:
+                    row, task_rows = rows_of(model, cand, r, self.s.profile, "search")
+                    append(dataset_dir(self.s.profile, self.s.cost_models_dir), row, task_rows)
+                except VoxfitError as e:  # the dataset is a by-product: never fail a trial
+                    log.warning("measurement not added to the cost-model dataset: %s", e)
+        out["source"] = "measured" if out["measured_ms"] is not None else "predicted"
+        out["objective_ms"] = (
+            out["measured_ms"] if out["measured_ms"] is not None else out["predicted_ms"]
+        )
+        return out
+
+
+def _tasks(model: Any, frames: int) -> Any:
+    from voxfit.cost_models import decompose
+
+    return decompose(model, frames)
+
+
+def _front(study: optuna.Study) -> list[tuple[float, ...]]:
+    done = [
+        t
+        for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+        if all(c <= 0 for c in constraints_of(t))
+    ]
+    from voxfit.cost_models import dominates
+
+    vals = [tuple(t.values) for t in done]
+    return [v for v in vals if not any(dominates(o, v) for o in vals)]
+
+
+def make_objective(
+    ctx: SearchContext, s: SearchSettings, latency: _Latency
+) -> Callable[[optuna.Trial], tuple[float, float, float]]:
+    from voxfit.metrics import packed_size_bytes
+    from voxfit.models import count_parameters
+
+    def objective(trial: optuna.Trial) -> tuple[float, float, float]:
+        t0 = time.monotonic()
+        try:
+            cand = sample(s.space, trial)
+            seed = s.seed * 100003 + trial.number
+            trial.set_user_attr("plan", cand.to_dict())
+            trial.set_user_attr("plan_hash", cand.stable_hash())
+            trial.set_user_attr("seed", seed)
+            model = ctx.build(cand, s.profile.channel_multiple, seed)
+            build_s = time.monotonic() - t0
+            acc = ctx.accuracy(model)
+            size_mb = packed_size_bytes(model) / 1e6
+            lat = latency(
+                model,
+                cand,
+                (acc["post_adapt_per"], acc["dev_per"]),
+                _front(trial.study),
+                force="baseline" in trial.user_attrs,
+            )
+            memory = lat.get("peak_memory_mb") or lat.get("predicted_memory_mb") or size_mb
+            trial.set_user_attr(
+                "metrics",
+                {
+                    "dev_per": acc["dev_per"],
+                    "post_adapt_per": acc["post_adapt_per"],
+                    "pre_adapt_per": acc["pre_adapt_per"],
+                    "adapt_gain": acc["adapt_gain"],
+                    "size_mb": size_mb,
+                    "params": count_parameters(model),
+                    "peak_memory_mb": memory,
+                },
+            )
+            trial.set_user_attr("per_speaker", acc["per_speaker"])
+            trial.set_user_attr("latency", lat)
+            over = [
+                lat["objective_ms"] - s.profile.latency_budget_ms,
+                memory - s.profile.memory_budget_mb,
+            ]
+            trial.set_user_attr("constraints", over)
+            trial.set_constraint("latency_ms", over[0])
+            trial.set_constraint("peak_memory_mb", over[1])
+            trial.set_user_attr(
+                "timings",
+                {
+                    "build_s": build_s,
+                    "dev_s": acc["dev_s"],
+                    "adapt_s": acc["adapt_s"],
+                    "total_s": time.monotonic() - t0,
+                },
+            )
+            return (float(lat["objective_ms"]), acc["post_adapt_per"], acc["dev_per"])
+        except Exception as e:
+            reason = f"{type(e).__name__}: {e}".splitlines()[0][:500]
+            trial.set_user_attr("fail_reason", reason)
+            trial.set_user_attr("constraints", [1.0, 1.0])
+            log.warning("trial %d failed: %s", trial.number, reason)
+            raise
+
+    return objective
+
+
+def _best_line(study: optuna.Study, budget_ms: float) -> str:
+    ok = [
+        t
+        for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+        if all(c <= 0 for c in constraints_of(t))
+    ]
+    if not ok:
+        return f"no trial meets the budgets yet ({budget_ms:g} ms)"
+    best = min(ok, key=lambda t: t.values[1])
+    return (
+        f"best in budget: #{best.number} {best.values[0]:.2f} ms, "
+        f"post-adapt {best.values[1]:.1f}%, dev {best.values[2]:.1f}%"
+    )
+
+
+def prepare_study(s: SearchSettings, ctx: SearchContext) -> optuna.Study:
+    """Create or resume the study; enqueue the baselines into a new one."""
+    storage = open_storage(s.storage)
+    study = optuna.create_study(
+        storage=storage,
+        study_name=s.study_name,
+        directions=["minimize"] * len(OBJECTIVES),
+        sampler=make_sampler(s.sampler, s.seed),
+        load_if_exists=True,
+    )
+    attrs = study.user_attrs
+    if "profile" in attrs and attrs["profile"].get("name") != s.profile.name:
+        raise ConfigError(
+            f"study {s.study_name!r} was made for profile {attrs['profile'].get('name')}, "
+            f"not {s.profile.name}: pick another --study name"
+        )
+    if "space_hash" in attrs and attrs["space_hash"] != s.space.space.stable_hash():
+        raise ConfigError(
+            f"study {s.study_name!r} was made with another version of space "
+            f"{attrs.get('space')}: pick another --study name"
+        )
+    if "profile" not in attrs:
+        study.set_user_attr("profile", {**s.profile.to_dict(), "name": s.profile.name})
+        study.set_user_attr("space", s.space.space.name)
+        study.set_user_attr("space_hash", s.space.space.stable_hash())
+        study.set_user_attr("objectives", list(OBJECTIVES))
+        study.set_user_attr("checkpoint", str(ctx.checkpoint))
+        study.set_user_attr("preset", ctx.preset)
+        study.set_user_attr("manifest", str(ctx.manifest.source))
+        study.set_user_attr("model", ctx.model_kind)
+        study.set_user_attr("versions", _versions())
+        study.set_user_attr("sampler", s.sampler)
+        study.set_user_attr("seed", s.seed)
+        study.set_user_attr("constraints", ["latency_ms <= budget", "peak_memory_mb <= budget"])
+        if s.enqueue_baselines:
+            for name, cand in baselines(s.space, ctx.adapt.bottleneck).items():
+                study.enqueue_trial(
+                    params_of(s.space, cand), user_attrs={"baseline": name}, skip_if_exists=True
+                )
+    return study
+
+
+def _record_base(study: optuna.Study) -> None:
+    if "base" in study.user_attrs:
+        return
+    for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+        if t.user_attrs.get("baseline") == "fp32":
+            m = t.user_attrs["metrics"]
+            study.set_user_attr(
+                "base",
+                {
+                    "trial": t.number,
+                    "dev_per": m["dev_per"],
+                    "post_adapt_per": m["post_adapt_per"],
+                    "pre_adapt_per": m["pre_adapt_per"],
+                    "size_mb": m["size_mb"],
+                    "latency_ms": t.values[0],
+                    "latency_source": t.user_attrs["latency"]["source"],
+                },
+            )
+            return
+
+
+def run_search(s: SearchSettings, ctx: SearchContext) -> optuna.Study:
+    """Run (or resume) the study until it has ``n_trials`` finished trials or times out."""
+    from voxfit._progress import progress_bar
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = prepare_study(s, ctx)
+    latency = _Latency(s)
+    objective = make_objective(ctx, s, latency)
+
+    def finished() -> int:
+        return len(study.get_trials(deepcopy=False, states=_FINISHED))
+
+    try:
+        with progress_bar(info=True) as bar:
+            task = bar.add_task(
+                f"search {s.study_name}",
+                total=s.n_trials,
+                completed=min(finished(), s.n_trials),
+                info=_best_line(study, s.profile.latency_budget_ms),
+            )
+
+            def on_trial(st: optuna.Study, t: FrozenTrial) -> None:
+                _record_base(st)
+                msg = (
+                    f"#{t.number} failed: {t.user_attrs.get('fail_reason', '')}"
+                    if t.state == TrialState.FAIL
+                    else _best_line(st, s.profile.latency_budget_ms)
+                )
+                bar.update(task, completed=min(finished(), s.n_trials), info=msg)
+
+            remaining = s.n_trials - finished()
+            if remaining > 0:
+                study.optimize(
+                    objective,
+                    timeout=s.timeout_s,
+                    catch=(Exception,),
+                    callbacks=[
+                        optuna.study.MaxTrialsCallback(s.n_trials, states=_FINISHED),
+                        on_trial,
+                    ],
+                    gc_after_trial=True,
+                )
+    finally:
+        latency.close()
+    _record_base(study)
+    return study

@@ -1,0 +1,180 @@
+"""The search end to end on the tiny setup: real corpus, model, Optuna storage and TVM."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+import yaml
+
+from voxfit.data import Manifest
+
+pytestmark = [pytest.mark.slow, pytest.mark.tvm]
+ROOT = Path(__file__).resolve().parents[2]
+SPACE = """
+schema_version: 1
+name: ci-tiny
+model: tdnn
+pruning:
+  groups: {stream: [0.5, 1.0]}
+quantization:
+  weight_bits: {"*": [8, 32]}
+adapters:
+  slots: {"blocks.*": [0, 8]}
+"""
+
+
+@pytest.fixture(scope="module")
+def setup(tiny_manifest: Manifest, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("search")
+    prof = yaml.safe_load((ROOT / "hw_profiles" / "x86-avx2-2core.yaml").read_text())
+    prof["name"] = "ci-cpu"
+    prof["inputs"] = prof["inputs"][:1]
+    prof["latency_budget_ms"] = 1000.0  # untuned code: every candidate fits
+    prof["measurement"].update(repeats=3, min_repeat_ms=5, warmup=1)
+    # no tuning: the CI budget; the tuned path is tested in tests/compile
+    prof["tuning"].update(trials_per_task=0, database_dir=str(root / "tuning"))
+    (root / "ci-cpu.yaml").write_text(yaml.safe_dump(prof))
+    (root / "ci-tiny.yaml").write_text(SPACE)
+    return {"root": root, "manifest": tiny_manifest.source}
+
+
+def _search(s: dict[str, Path], study: str, trials: int, **kw: object) -> subprocess.Popen[str]:
+    root = s["root"]
+    cmd = [
+        sys.executable, "-m", "voxfit.cli", "search",
+        "--space", str(root / "ci-tiny.yaml"),
+        "--profile", str(root / "ci-cpu.yaml"),
+        "--preset", "tiny",
+        "--manifest", str(s["manifest"]),
+        "--trials", str(trials),
+        "--storage", f"sqlite:///{root}/studies.db",
+        "--study", study,
+        "--work", str(root / "work"),
+        "--cost-models", str(root / "cm"),
+    ]  # fmt: skip
+    return subprocess.Popen(
+        cmd, cwd=ROOT, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        start_new_session=True, **kw,  # type: ignore[call-overload]
+    )  # fmt: skip
+
+
+def _run(args: list[str], cwd: Path = ROOT) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "voxfit.cli", *args], cwd=cwd, text=True, capture_output=True,
+        timeout=900, check=False,
+    )  # fmt: skip
+
+
+def _load(s: dict[str, Path], study: str) -> optuna.Study:
+    return optuna.load_study(study_name=study, storage=f"sqlite:///{s['root']}/studies.db")
+
+
+def test_search_export_verify_report(setup: dict[str, Path]) -> None:
+    p = _search(setup, "e2e", 4)
+    out, _ = p.communicate(timeout=1500)
+    assert p.returncode == 0, out[-3000:]
+    assert "Pareto front of e2e" in out
+    study = _load(setup, "e2e")
+    trials = study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))
+    assert len(trials) == 4
+    # baselines first, then sampled candidates; every trial records plan, metrics, latency
+    assert [t.user_attrs.get("baseline") for t in trials[:3]] == ["fp32", "int8", "prune50"]
+    for t in trials:
+        lat = t.user_attrs["latency"]
+        assert lat["source"] == "measured"  # no cost model for this profile: all measured
+        assert t.values[0] == lat["measured_ms"]
+        assert set(t.user_attrs["metrics"]) >= {"dev_per", "post_adapt_per", "size_mb"}
+        assert t.user_attrs["per_speaker"]
+    fp32, int8 = trials[0].user_attrs["metrics"], trials[1].user_attrs["metrics"]
+    assert int8["size_mb"] < fp32["size_mb"] / 3
+    assert study.user_attrs["base"]["trial"] == trials[0].number
+    # the measurements went into the profile's cost-model dataset
+    assert (setup["root"] / "cm" / "ci-cpu" / "dataset" / "models.parquet").exists()
+
+    bundles = setup["root"] / "bundles"
+    root = setup["root"]
+    r = _run(["export", "--study", "e2e", "--trial", str(trials[1].number),
+              "--storage", f"sqlite:///{root}/studies.db", "--out", str(bundles),
+              "--work", str(root / "work"), "--cost-models", str(root / "cm")])  # fmt: skip
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    b = bundles / "e2e" / f"trial-{trials[1].number}"
+    for f in ("plan.yaml", "model.onnx", "adapters.npz", "report.json", "manifest.json",
+              "tvm/utterance_1s.so", "tvm/load_example.py"):  # fmt: skip
+        assert (b / f).is_file(), f
+    rep = json.loads((b / "report.json").read_text())
+    assert rep["onnx"]["int8_layers"]  # the int8 baseline is QDQ in ONNX
+    assert rep["onnx"]["qdq_nodes"] > 0
+    assert rep["onnx"]["argmax_agreement"] > 0.9
+    assert rep["tvm"]["max_abs_diff_vs_torch"] < 1e-3
+    assert rep["latency"]["source"] == "measured"
+    assert rep["latency"]["tvm_version"]
+    assert abs(rep["dev_per_rebuilt"] - rep["metrics"]["dev_per"]) < 5.0
+    assert _run(["verify", str(b)]).returncode == 0
+    (b / "plan.yaml").write_text((b / "plan.yaml").read_text() + "# edited\n")
+    bad = _run(["verify", str(b)])
+    assert bad.returncode == 2
+    assert "plan.yaml: sha256 differs" in bad.stderr
+
+    html = setup["root"] / "report.html"
+    r = _run(["report", "--study", "e2e", "--storage", f"sqlite:///{setup['root']}/studies.db",
+              "--out", str(html)])  # fmt: skip
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "Pareto" in html.read_text()
+
+
+def _complete(db: Path, study: str) -> dict[int, list[float]]:
+    with sqlite3.connect(db) as c:
+        rows = c.execute(
+            "select t.number, v.objective, v.value from trials t join studies s using(study_id) "
+            "join trial_values v using(trial_id) where s.study_name=? and t.state='COMPLETE'",
+            (study,),
+        ).fetchall()
+    out: dict[int, list[float]] = {}
+    for n, _, v in sorted(rows):
+        out.setdefault(n, []).append(v)
+    return out
+
+
+def test_killed_search_resumes_without_losing_trials(setup: dict[str, Path]) -> None:
+    db = setup["root"] / "studies.db"
+    p = _search(setup, "killed", 12)
+    deadline = time.monotonic() + 1200
+    while time.monotonic() < deadline:
+        time.sleep(2)
+        if db.exists() and len(_complete(db, "killed")) >= 2:
+            break
+        assert p.poll() is None, p.communicate()[0][-3000:]
+    os.killpg(p.pid, signal.SIGKILL)
+    p.wait()
+    before = _complete(db, "killed")
+    assert len(before) >= 2
+    p2 = _search(setup, "killed", len(before) + 3)
+    out, _ = p2.communicate(timeout=1500)
+    assert p2.returncode == 0, out[-3000:]
+    after = _complete(db, "killed")
+    for n, values in before.items():
+        assert after[n] == values  # every completed trial is still there, unchanged
+    assert len(after) > len(before)
+
+
+def test_malformed_space_is_one_line(setup: dict[str, Path], tmp_path: Path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(SPACE.replace("stream:", "straem:"))
+    r = _run(["search", "--space", str(bad), "--profile", str(setup["root"] / "ci-cpu.yaml"),
+              "--preset", "tiny", "--manifest", str(setup["manifest"]),
+              "--work", str(setup["root"] / "work"), "--trials", "1",
+              "--storage", f"sqlite:///{tmp_path}/x.db"])  # fmt: skip
+    assert r.returncode == 2
+    lines = [x for x in r.stderr.splitlines() if x.strip()]
+    assert len(lines) == 1, r.stderr
+    assert "bad.yaml" in lines[0]
+    assert "straem" in lines[0]
