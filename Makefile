@@ -35,10 +35,25 @@ $(VENV)/.stamp-install: pyproject.toml | $(BIN)/python
 
 venv: $(VENV)/.stamp-install
 
+SPACE ?= tdnn-default
+# AVX2 code runs on every x86-64 host we use (AVX-512 ones too), and this profile ships a
+# tuned database and a cost model, so a fresh run starts warm.
+PROFILE ?= x86-avx2-2core
+STUDY ?= make-run
+STORAGE ?= sqlite:///$(WORK)/search/voxfit.db
+SEARCH_TRIALS ?= 40
+SEARCH_TIMEOUT ?= 20m
+
+# The main job: corpus, base model, a search on this CPU's local profile, the Pareto bundles,
+# the HTML report (the search prints the front). Re-running resumes the same study.
 run: sysdeps venv
 	$(BIN)/voxfit data make --preset $(PRESET) --out $(WORK)/corpus
-	$(BIN)/voxfit train --preset $(PRESET) --model $(MODEL) --corpus-dir $(WORK)/corpus --out $(WORK)/models
-	$(BIN)/python benchmarks/foundation.py --preset $(PRESET) --model $(MODEL) --work $(WORK)
+	$(BIN)/voxfit search --space $(SPACE) --profile $(PROFILE) --preset $(PRESET) \
+	  --model $(MODEL) --work $(WORK) \
+	  --study $(STUDY) --storage $(STORAGE) --trials $(SEARCH_TRIALS) --timeout $(SEARCH_TIMEOUT)
+	$(BIN)/voxfit export --study $(STUDY) --storage $(STORAGE) --pareto --work $(WORK) \
+	  --out $(WORK)/bundles
+	$(BIN)/voxfit report --study $(STUDY) --storage $(STORAGE) --out $(WORK)/reports/$(STUDY).html
 
 lint: venv
 	$(BIN)/ruff check src tests benchmarks

@@ -459,6 +459,12 @@ def search(
     sp = find_space(space)
     if sp.model != model:
         raise ConfigError(f"{sp.source}: model: {sp.model} but --model is {model}")
+    from voxfit.models import build_model, default_config
+
+    if preset not in ("tiny", "default"):
+        raise ConfigError(f"--preset: {preset!r} is not tiny or default")
+    # fail fast on a space that names layers the model lacks (before corpus and training)
+    sp.bind(build_model(default_config(model, 2, preset)).structure())  # type: ignore[arg-type,operator]
     ctx = SearchContext.prepare(preset=preset, model=model, work=work, manifest=manifest)
     bound = sp.bind(ctx.base.structure())  # type: ignore[operator]
     name = study or f"{prof.name}-{sp.name}-{preset}"

@@ -1,0 +1,229 @@
+"""Does the search find better fronts than random search, and what does its best point buy?
+
+Runs the same search (space, profile, trial budget, baselines enqueued first) with each
+sampler -- voxfit's default and random search, optionally NSGA-II -- into one SQLite storage
+(resumable: a finished study is reused), then reports:
+
+- the hypervolume of each sampler's feasible front, all with one reference point (1.1x the
+  worst feasible value of each objective over every study), and the ratio default / random;
+- the best candidate of the default sampler that meets the profile's latency budget (the
+  lowest post-adaptation PER among those at least 2x faster and 4x smaller than fp32, else
+  among all within budget) against the three baselines: speedup and size reduction vs fp32,
+  dev PER and post-adaptation PER change in absolute points. Its latency and the fp32
+  baseline's are re-measured back to back with TVM at the end, so the speedup compares two
+  real measurements taken under the same machine load.
+
+Writes ``benchmarks/results/search.json``.
+
+    python benchmarks/search.py --trials 24
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import optuna
+from optuna.trial import FrozenTrial, TrialState
+from rich.console import Console
+from rich.table import Table
+
+from voxfit import __version__
+from voxfit.hw_profiles import find_profile, load_profile, pick_local_profile
+from voxfit.plan import Candidate
+from voxfit.search import (
+    DEFAULT_SAMPLER,
+    SearchContext,
+    SearchSettings,
+    constraints_of,
+    run_search,
+)
+from voxfit.spaces import find_space
+
+
+def feasible(study: optuna.Study) -> list[FrozenTrial]:
+    return [
+        t
+        for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+        if all(c <= 0 for c in constraints_of(t))
+    ]
+
+
+def hypervolume(points: np.ndarray, ref: np.ndarray) -> float:
+    from optuna._hypervolume import compute_hypervolume
+
+    inside = points[np.all(points < ref, axis=1)]
+    return float(compute_hypervolume(inside, ref)) if len(inside) else 0.0
+
+
+def row(t: FrozenTrial, fp32: FrozenTrial, name: str) -> dict[str, Any]:
+    m, b = t.user_attrs["metrics"], fp32.user_attrs["metrics"]
+    return {
+        "name": name,
+        "trial": t.number,
+        "latency_ms": t.values[0],
+        "latency_source": t.user_attrs["latency"]["source"],
+        "size_mb": m["size_mb"],
+        "dev_per": m["dev_per"],
+        "post_adapt_per": m["post_adapt_per"],
+        "speedup_vs_fp32": fp32.values[0] / t.values[0],
+        "size_reduction_vs_fp32": b["size_mb"] / m["size_mb"],
+        "dev_per_delta": m["dev_per"] - b["dev_per"],
+        "post_adapt_per_delta": m["post_adapt_per"] - b["post_adapt_per"],
+        "plan": t.user_attrs["plan"],
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument(
+        "--profile", default=None, help="default: the first local profile this CPU runs"
+    )
+    ap.add_argument("--space", default="tdnn-default")
+    ap.add_argument("--preset", default="default", choices=["tiny", "default"])
+    ap.add_argument("--trials", type=int, default=24, help="trials per sampler (equal budget)")
+    ap.add_argument("--samplers", default=f"{DEFAULT_SAMPLER},random")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--work", type=Path, default=Path("work"))
+    ap.add_argument("--cost-models", type=Path, default=Path("cost_models"))
+    ap.add_argument("--storage", default="sqlite:///work/search/bench.db")
+    ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "search.json")
+    args = ap.parse_args(argv)
+    console = Console()
+    t0 = time.monotonic()
+    profile = (
+        load_profile(find_profile(args.profile))
+        if args.profile
+        else pick_local_profile("hw_profiles")
+    )
+    space = find_space(args.space)
+    ctx = SearchContext.prepare(preset=args.preset, model=space.model, work=args.work)
+    bound = space.bind(ctx.base.structure())  # type: ignore[operator]
+    samplers = args.samplers.split(",")
+    studies: dict[str, optuna.Study] = {}
+    minutes: dict[str, float] = {}
+    for name in samplers:
+        ts = time.monotonic()
+        studies[name] = run_search(
+            SearchSettings(
+                profile=profile,
+                space=bound,
+                storage=args.storage,
+                study_name=f"bench-{profile.name}-{space.name}-{args.preset}-{name}-s{args.seed}",
+                n_trials=args.trials,
+                sampler=name,
+                seed=args.seed,
+                work=args.work,
+                cost_models_dir=args.cost_models,
+            ),
+            ctx,
+        )
+        minutes[name] = (time.monotonic() - ts) / 60
+
+    pts = {n: np.array([t.values for t in feasible(s)]).reshape(-1, 3) for n, s in studies.items()}
+    everything = np.concatenate([p for p in pts.values() if len(p)])
+    ref = everything.max(axis=0) * 1.1
+    hv = {n: hypervolume(p, ref) for n, p in pts.items()}
+
+    default = studies[samplers[0]]
+    done = default.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    base = {t.user_attrs.get("baseline"): t for t in done if t.user_attrs.get("baseline")}
+    fp32 = base["fp32"]
+    within = [t for t in feasible(default) if t.values[0] <= profile.latency_budget_ms]
+    fb = fp32.user_attrs["metrics"]
+    strong = [
+        t
+        for t in within
+        if fp32.values[0] / t.values[0] >= 2.0
+        and fb["size_mb"] / t.user_attrs["metrics"]["size_mb"] >= 4.0
+    ]
+    pool = strong or within
+    if not pool:
+        console.print("[red]no trial meets the latency budget")
+        return 1
+    best = min(pool, key=lambda t: (t.values[1], t.values[2]))
+
+    # re-measure the chosen point and fp32 back to back (same machine load)
+    from voxfit.latency import TvmLocalEstimator
+
+    remeasured: dict[str, float | None] = {}
+    with TvmLocalEstimator(
+        profile, args.work / "search-builds" / "bench", cost_models_dir=args.cost_models
+    ) as est:
+        for label, t in (("fp32", fp32), ("best", best)):
+            cand = Candidate.from_dict(t.user_attrs["plan"])
+            model = ctx.build(cand, profile.channel_multiple, int(t.user_attrs["seed"]))
+            (r,) = est.estimate(model, (profile.primary_input,))
+            remeasured[label] = r.median_ms
+    best_row = row(best, fp32, "best")
+    if remeasured["fp32"] and remeasured["best"]:
+        best_row["speedup_vs_fp32_remeasured"] = remeasured["fp32"] / remeasured["best"]
+    result = {
+        "hypervolume_ratio_vs_random": hv[samplers[0]] / hv["random"]
+        if hv.get("random")
+        else None,
+        "speedup_vs_fp32": best_row.get("speedup_vs_fp32_remeasured", best_row["speedup_vs_fp32"]),
+        "size_reduction_vs_fp32": best_row["size_reduction_vs_fp32"],
+        "dev_per_delta": best_row["dev_per_delta"],
+        "post_adapt_per_delta": best_row["post_adapt_per_delta"],
+        "n_trials": args.trials,
+        "wall_minutes": (time.monotonic() - t0) / 60,
+        "baselines": [row(t, fp32, n) for n, t in sorted(base.items())],
+        "best": best_row,
+        "met_targets": bool(strong)
+        and best_row["dev_per_delta"] <= 1.0
+        and best_row["post_adapt_per_delta"] <= 2.0,
+        "remeasured_ms": remeasured,
+        "hypervolume": hv,
+        "reference_point": ref.tolist(),
+        "objectives": ["latency_ms", "post_adapt_per", "dev_per"],
+        "front_sizes": {n: len(p) for n, p in pts.items()},
+        "sampler_minutes": minutes,
+        "default_sampler": samplers[0],
+        "profile": profile.name,
+        "latency_budget_ms": profile.latency_budget_ms,
+        "memory_budget_mb": profile.memory_budget_mb,
+        "space": space.name,
+        "storage": args.storage,
+        "studies": {n: s.study_name for n, s in studies.items()},
+        "provenance": {
+            "voxfit": __version__,
+            "optuna": optuna.__version__,
+            "python": platform.python_version(),
+            "checkpoint": str(ctx.checkpoint),
+            "date": datetime.now(UTC).isoformat(timespec="seconds"),
+        },
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2, default=str) + "\n")
+
+    t = Table(title=f"{profile.name}: best within {profile.latency_budget_ms:g} ms vs baselines")
+    for col in ("row", "trial", "ms", "src", "MB", "dev PER", "post PER", "speedup", "smaller"):
+        t.add_column(col, justify="right")
+    for r in [*result["baselines"], best_row]:
+        t.add_row(
+            r["name"],
+            str(r["trial"]),
+            f"{r['latency_ms']:.2f}",
+            r["latency_source"],
+            f"{r['size_mb']:.2f}",
+            f"{r['dev_per']:.2f}",
+            f"{r['post_adapt_per']:.2f}",
+            f"{r['speedup_vs_fp32']:.2f}x",
+            f"{r['size_reduction_vs_fp32']:.1f}x",
+        )
+    console.print(t)
+    console.print(f"hypervolume {hv}; ratio {result['hypervolume_ratio_vs_random']}")
+    console.print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
