@@ -135,6 +135,24 @@ def append(
     _write(models, d / MODELS)  # written last: a model row implies its task rows exist
 
 
+def drop_noisy(directory: str | Path, max_rel_iqr: float = 0.25) -> int:
+    """Remove candidates whose whole-model IQR exceeds ``max_rel_iqr`` of the median (they
+    were measured while something else loaded the machine); returns how many. A following
+    :func:`collect` with the same seed measures them again."""
+    d = Path(directory)
+    models, tasks = load_dataset(d)
+    if models.empty:
+        return 0
+    noisy = models["iqr_ms"] > max_rel_iqr * models["measured_ms"]
+    keys = set(zip(models.loc[noisy, "cand"], models.loc[noisy, "input"], strict=True))
+    if not keys:
+        return 0
+    keep_t = [k not in keys for k in zip(tasks["cand"], tasks["input"], strict=True)]
+    _write(tasks[keep_t], d / TASKS)
+    _write(models[~noisy], d / MODELS)
+    return len(keys)
+
+
 class _Seeded:
     def __init__(self, seed: int) -> None:
         self.r = random.Random(seed)
