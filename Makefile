@@ -42,7 +42,7 @@ PROFILE ?= x86-avx2-2core
 STUDY ?= make-run
 STORAGE ?= sqlite:///$(WORK)/search/voxfit.db
 SEARCH_TRIALS ?= 40
-SEARCH_TIMEOUT ?= 20m
+SEARCH_TIMEOUT ?= 15m
 
 # The main job: corpus, base model, a search on this CPU's local profile, the Pareto bundles,
 # the HTML report (the search prints the front). Re-running resumes the same study.
