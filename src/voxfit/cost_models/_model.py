@@ -104,8 +104,20 @@ def metrics(predicted: Sequence[float], measured: Sequence[float]) -> dict[str, 
 
 
 def hardware_key(profile: HardwareProfile) -> str:
-    """What a cost model is bound to: the profile's name and everything that changes code."""
-    return f"{profile.name}@{profile.stable_hash()}"
+    """What a cost model is bound to: the profile's name and what decides the compiled code
+    and where it runs (target, host, cores, cross compiler, tuning budget) -- not budgets or
+    measurement settings."""
+    blob = json.dumps(
+        {
+            "target": profile.target,
+            "host": profile.host_target,
+            "cores": profile.cores,
+            "cross": profile.cross_compiler,
+            "trials_per_task": profile.tuning.trials_per_task,
+        },
+        sort_keys=True,
+    )
+    return f"{profile.name}@{hashlib.sha256(blob.encode()).hexdigest()[:12]}"
 
 
 @dataclass

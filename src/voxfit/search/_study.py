@@ -411,6 +411,12 @@ def run_search(s: SearchSettings, ctx: SearchContext) -> optuna.Study:
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = prepare_study(s, ctx)
     latency = _Latency(s)
+    if latency.predictor is not None:
+        card = latency.predictor.model.card
+        study.set_user_attr(
+            f"cost_model_{card.get('model_sha256', '')[:12]}",
+            {k: card.get(k) for k in ("trained", "n_candidates", "hardware_key", "metrics")},
+        )
     objective = make_objective(ctx, s, latency)
 
     def finished() -> int:
