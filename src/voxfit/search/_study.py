@@ -50,7 +50,7 @@ def constraints_of(trial: FrozenTrial) -> Sequence[float]:
 def make_sampler(name: str, seed: int) -> optuna.samplers.BaseSampler:
     """The samplers read each trial's constraints (``Trial.set_constraint``, Optuna 5)."""
     if name == "tpe":
-        return optuna.samplers.TPESampler(seed=seed, multivariate=True, n_startup_trials=8)
+        return optuna.samplers.TPESampler(seed=seed, multivariate=True, n_startup_trials=5)
     if name == "nsga2":
         return optuna.samplers.NSGAIISampler(seed=seed, population_size=12)
     if name == "random":
