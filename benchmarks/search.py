@@ -103,6 +103,12 @@ def main(argv: list[str] | None = None) -> int:
         help="every trial's latency from the cost model (no TVM during the search); the "
         "baselines and the best point are measured at the end either way",
     )
+    ap.add_argument(
+        "--no-search",
+        dest="search",
+        action="store_false",
+        help="report on the studies already in the storage (no new trials)",
+    )
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "search.json")
     args = ap.parse_args(argv)
     console = Console()
@@ -119,6 +125,9 @@ def main(argv: list[str] | None = None) -> int:
     ctx = SearchContext.prepare(preset=args.preset, model=space.model, work=args.work)
     bound = space.bind(ctx.base.structure())  # type: ignore[operator]
     samplers = args.samplers.split(",")
+    if not args.search:
+        # analysis only: the studies already in the storage, no new trials
+        args.trials = 0
     studies: dict[str, optuna.Study] = {}
     minutes: dict[str, float] = {}
     for name in samplers:
@@ -170,7 +179,8 @@ def main(argv: list[str] | None = None) -> int:
         measured_profile, args.work / "search-builds" / "bench", cost_models_dir=args.cost_models
     ) as est:
         for label, t in (*sorted(base.items()), ("best", best)):
-            cand = Candidate.from_dict(t.user_attrs["plan"])
+            # distillation changes weights, not the compiled graph: skip it for timing
+            cand = replace(Candidate.from_dict(t.user_attrs["plan"]), recovery_steps=0)
             model = ctx.build(cand, profile.channel_multiple, int(t.user_attrs["seed"]))
             (r,) = est.estimate(model, (profile.primary_input,))
             remeasured[label] = r.median_ms
@@ -188,12 +198,15 @@ def main(argv: list[str] | None = None) -> int:
     result = {
         "hypervolume_ratio_vs_random": hv[samplers[0]] / hv["random"]
         if hv.get("random")
-        else None,
+        else None,  # None: random search was not run (or found no feasible point)
         "speedup_vs_fp32": best_row.get("speedup_vs_fp32_remeasured", best_row["speedup_vs_fp32"]),
         "size_reduction_vs_fp32": best_row["size_reduction_vs_fp32"],
         "dev_per_delta": best_row["dev_per_delta"],
         "post_adapt_per_delta": best_row["post_adapt_per_delta"],
-        "n_trials": args.trials,
+        "n_trials": {
+            n: len(s.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
+            for n, s in studies.items()
+        },
         "wall_minutes": (time.monotonic() - t0) / 60,
         "baselines": baseline_rows,
         "latency_in_search": "predicted (cost model)" if args.predicted else "cost model + TVM",
