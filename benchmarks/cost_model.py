@@ -22,10 +22,10 @@ import sys
 import time
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import plotly.graph_objects as go
 from rich.console import Console
-from rich.table import Table
 
 from voxfit import __version__
 from voxfit.compress import apply
@@ -37,6 +37,7 @@ from voxfit.cost_models import (
     evaluate,
     fit,
     load_dataset,
+    metrics_table,
     model_dir,
     sample_candidates,
     split,
@@ -75,20 +76,9 @@ def main(argv: list[str] | None = None) -> int:
     bound = space.bind(base.structure())
 
     t0 = time.monotonic()
-    info = collect(
-        base,
-        bound,
-        profile,
-        args.n,
-        work_dir=args.work / "cost-collect" / profile.name,
-        cost_models_dir=args.cost_models,
-        seed=args.seed,
-    )
-    # candidates measured while the machine was loaded (IQR > 25% of the median) are
-    # measured once more, so the held-out figures judge the model, not the noise
-    remeasured = drop_noisy(dataset_dir(profile, args.cost_models), 0.25)
-    if remeasured:
-        collect(
+
+    def run_collect() -> dict[str, Any]:
+        return collect(
             base,
             bound,
             profile,
@@ -97,6 +87,13 @@ def main(argv: list[str] | None = None) -> int:
             cost_models_dir=args.cost_models,
             seed=args.seed,
         )
+
+    info = run_collect()
+    # candidates measured while the machine was loaded (IQR > 25% of the median) are
+    # measured once more, so the held-out figures judge the model, not the noise
+    remeasured = drop_noisy(dataset_dir(profile, args.cost_models), 0.25)
+    if remeasured:
+        run_collect()
     collect_minutes = (time.monotonic() - t0) / 60
     models, tasks = load_dataset(dataset_dir(profile, args.cost_models))
     models = models[models["input"] == profile.primary_input.name]
@@ -172,20 +169,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     fig.write_html(args.out.with_suffix(".html"), include_plotlyjs="cdn")
 
-    t = Table(title=f"{profile.name}: {len(tr)} train / {len(te)} held-out candidates")
-    for col in ("model", "within 10%", "within 5%", "MAPE", "RMSE ms", "Spearman", "Kendall"):
-        t.add_column(col)
-    for name, row in (("xgboost", m), ("roofline", m["roofline"])):
-        t.add_row(
-            name,
-            f"{row['within_10pct']:.0%}",
-            f"{row['within_5pct']:.0%}",
-            f"{row['mape']:.1%}",
-            f"{row['rmse_ms']:.3f}",
-            f"{row['spearman']:.3f}",
-            f"{row['kendall']:.3f}",
-        )
-    console.print(t)
+    title = f"{profile.name}: {len(tr)} train / {len(te)} held-out candidates"
+    console.print(metrics_table(title, m))
     console.print(
         f"predict {predict_ms:.2f} ms/candidate; collection {collect_minutes:.1f} min; "
         f"model -> {saved}; wrote {args.out}"

@@ -352,7 +352,15 @@ def cost_fit(
     cost_models: CostDir = Path("cost_models"),
 ) -> None:
     """Fit the profile's cost model (xgboost + roofline baseline) and save it."""
-    from voxfit.cost_models import dataset_dir, evaluate, fit, load_dataset, model_dir, split
+    from voxfit.cost_models import (
+        dataset_dir,
+        evaluate,
+        fit,
+        load_dataset,
+        metrics_table,
+        model_dir,
+        split,
+    )
     from voxfit.hw_profiles import find_profile, load_profile
 
     prof = load_profile(find_profile(profile))
@@ -362,24 +370,12 @@ def cost_fit(
     train_ids, test_ids = split(models, test_frac, seed)
     tr = models[models["cand"].isin(train_ids)]
     cm = fit(tr, tasks[tasks["cand"].isin(train_ids)], prof, seed=seed)
-    t = Table(title=f"cost model {prof.name}: {len(tr)} train, {len(test_ids)} held out")
-    for col in ("model", "within 10%", "within 5%", "MAPE", "RMSE ms", "Spearman", "Kendall"):
-        t.add_column(col)
     if test_ids:
         te = models[models["cand"].isin(test_ids)]
         m, _ = evaluate(cm, te, tasks[tasks["cand"].isin(test_ids)], prof)
         cm.card["metrics"] = {"held_out": m, "n_test": len(te)}
-        for name, row in (("xgboost", m), ("roofline", m["roofline"])):
-            t.add_row(
-                name,
-                f"{row['within_10pct']:.0%}",
-                f"{row['within_5pct']:.0%}",
-                f"{row['mape']:.1%}",
-                f"{row['rmse_ms']:.3f}",
-                f"{row['spearman']:.3f}",
-                f"{row['kendall']:.3f}",
-            )
-        console.print(t)
+        title = f"cost model {prof.name}: {len(tr)} train, {len(test_ids)} held out"
+        console.print(metrics_table(title, m))
     # the saved model is refitted on every candidate; its card keeps the held-out figures
     full = fit(models, tasks, prof, seed=seed)
     full.card["metrics"] = cm.card["metrics"]

@@ -103,6 +103,26 @@ def metrics(predicted: Sequence[float], measured: Sequence[float]) -> dict[str, 
     }
 
 
+def metrics_table(title: str, m: dict[str, Any]) -> Any:
+    """A rich table of :func:`evaluate`'s figures: the learned model and the roofline."""
+    from rich.table import Table
+
+    t = Table(title=title)
+    for col in ("model", "within 10%", "within 5%", "MAPE", "RMSE ms", "Spearman", "Kendall"):
+        t.add_column(col)
+    for name, row in (("xgboost", m), ("roofline", m["roofline"])):
+        t.add_row(
+            name,
+            f"{row['within_10pct']:.0%}",
+            f"{row['within_5pct']:.0%}",
+            f"{row['mape']:.1%}",
+            f"{row['rmse_ms']:.3f}",
+            f"{row['spearman']:.3f}",
+            f"{row['kendall']:.3f}",
+        )
+    return t
+
+
 def hardware_key(profile: HardwareProfile) -> str:
     """What a cost model is bound to: the profile's name and what decides the compiled code
     and where it runs (target, host, cores, cross compiler, tuning budget) -- not budgets or

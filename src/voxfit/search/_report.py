@@ -33,6 +33,7 @@ from optuna.trial import FrozenTrial, TrialState
 from plotly.offline import get_plotlyjs
 from plotly.subplots import make_subplots
 
+from voxfit.cost_models import dominates
 from voxfit.errors import ConfigError
 
 __all__ = [
@@ -136,12 +137,6 @@ def _feasible(t: FrozenTrial) -> bool:
     return all(float(c) <= 0.0 for c in cons)
 
 
-def _dominates(a: list[float], b: list[float]) -> bool:
-    return all(x <= y for x, y in zip(a, b, strict=True)) and any(
-        x < y for x, y in zip(a, b, strict=True)
-    )
-
-
 def _complete(study: optuna.Study) -> list[FrozenTrial]:
     return [
         t
@@ -158,9 +153,7 @@ def _front_numbers(trials: list[FrozenTrial]) -> set[int]:
     """
     ok = [t for t in trials if _feasible(t)]
     return {
-        t.number
-        for t in ok
-        if not any(_dominates(list(o.values), list(t.values)) for o in ok if o is not t)
+        t.number for t in ok if not any(dominates(o.values, t.values) for o in ok if o is not t)
     }
 
 
