@@ -3,6 +3,10 @@ for calibration/recovery, and the adaptation settings -- made (or reused) once p
 
 from __future__ import annotations
 
+import hashlib
+import json
+import logging
+import pickle
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -14,6 +18,8 @@ from torch import nn
 from voxfit.data import FeatureStore, Manifest, PhoneInventory
 from voxfit.plan import Candidate
 from voxfit.train import AdaptConfig, ProxyConfig
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -29,6 +35,7 @@ class SearchContext:
     model_kind: str = "tdnn"
     calibration: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
     recovery: Any = None
+    builds: Path | None = None  # cache of distilled candidates (state dicts), see build()
     _saliency: dict[str, torch.Tensor] | None = None
 
     @classmethod
@@ -81,6 +88,7 @@ class SearchContext:
             model_kind=model,
             calibration=calib,
             recovery=Recovery(man.split("train"), store, inv),
+            builds=work / "models" / "builds",
         )
 
     def saliency(self) -> dict[str, torch.Tensor]:
@@ -97,18 +105,54 @@ class SearchContext:
         return self._saliency
 
     def build(self, cand: Candidate, channel_multiple: int, seed: int) -> nn.Module:
-        """The compressed model of ``cand`` (deterministic for a seed)."""
+        """The compressed model of ``cand`` (deterministic for a seed).
+
+        Distillation is the expensive part of a build (minutes), so a candidate with
+        ``recovery_steps`` is cached under ``builds`` as a state dict keyed by the base
+        checkpoint, the plan, the seed and the channel multiple: a later build of the same
+        trial (export, re-measurement) rebuilds the architecture without recovery and loads
+        the weights. A cache file that does not load is ignored and rebuilt.
+        """
         from voxfit.compress import apply
 
-        torch.manual_seed(seed)
-        return apply(
-            self.base,
-            cand,
-            channel_multiple=channel_multiple,
-            saliency=self.saliency() if cand.importance == "adaptation" else None,
-            calibration=self.calibration,
-            recovery=self.recovery,
-        )
+        def make(c: Candidate) -> nn.Module:
+            torch.manual_seed(seed)
+            return apply(
+                self.base,
+                c,
+                channel_multiple=channel_multiple,
+                saliency=self.saliency() if c.importance == "adaptation" else None,
+                calibration=self.calibration,
+                recovery=self.recovery,
+            )
+
+        path = self._build_path(cand, channel_multiple, seed)
+        if path is None:
+            return make(cand)
+        if path.is_file():
+            model = make(replace(cand, recovery_steps=0))
+            try:
+                state = torch.load(path, map_location="cpu", weights_only=True)
+                model.load_state_dict(state, strict=True)
+                return model.eval()
+            except (RuntimeError, OSError, ValueError, EOFError, pickle.UnpicklingError) as e:
+                log.warning("build cache %s not used (%s); rebuilding", path, e)
+        model = make(cand)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".partial")
+        torch.save(model.state_dict(), tmp)
+        tmp.replace(path)
+        return model
+
+    def _build_path(self, cand: Candidate, channel_multiple: int, seed: int) -> Path | None:
+        if self.builds is None or self.recovery is None or not cand.recovery_steps:
+            return None
+        r = self.recovery
+        recipe = [r.lr, r.temperature, r.kd_weight, r.max_batch_s, r.seed, len(r.train_utts)]
+        ckpt = self.checkpoint.resolve()
+        parts = [str(ckpt), ckpt.stat().st_mtime_ns, cand.stable_hash(), seed, channel_multiple]
+        key = hashlib.sha256(json.dumps([*parts, recipe]).encode()).hexdigest()[:16]
+        return self.builds / f"{key}.pt"
 
     def accuracy(self, model: nn.Module, *, full: bool = False) -> dict[str, Any]:
         """Dev PER, and PER before/after adapting to held-out speakers (the proxy unless
