@@ -114,6 +114,20 @@ class Fields:
             raise self.error(name, f"must be <= {hi:g}, got {v!r}")
         return v  # type: ignore[no-any-return]
 
+    def header(self, schema_version: int) -> str:
+        """Check ``schema_version`` equals the one this voxfit reads; return the ``name``
+        (non-empty, no spaces or slashes: it names files and studies)."""
+        version = self.get("schema_version", int)
+        if version != schema_version:
+            raise self.error(
+                "schema_version",
+                f"{version} is not supported (this voxfit reads {schema_version})",
+            )
+        name = self.get("name", str)
+        if not name or any(c in name for c in "/\\ "):
+            raise self.error("name", f"{name!r} must be non-empty without spaces or slashes")
+        return name
+
     def choice(self, name: str, options: tuple[str, ...], default: Any = _MISSING) -> str:
         """A string that must be one of ``options``."""
         v = self.get(name, str, default)

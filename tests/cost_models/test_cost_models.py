@@ -155,6 +155,10 @@ def test_a_model_refuses_another_profile(profile: HardwareProfile) -> None:
     assert r.method == "predicted"
     assert r.median_ms is not None
     assert r.median_ms > 0
+    # predicted peak memory: the weights plus the largest task's activations
+    acts = max(t.features["act_kb"] for t in decompose(_base(), profile.inputs[0].frames))
+    assert r.peak_memory_mb == pytest.approx((r.weight_bytes or 0) / 1e6 + acts / 1e3, rel=1e-3)
+    assert acts > 0
 
 
 def test_unseen_task_kinds_are_flagged_low_confidence(profile: HardwareProfile) -> None:
@@ -221,3 +225,7 @@ def test_tiny_collect_fit_predict(profile: HardwareProfile, tmp_path: Path) -> N
     (r,) = est.estimate(base, p.inputs)
     assert r.median_ms is not None
     assert r.median_ms > 0
+    # predicted peak memory: the weights plus the largest task's activations
+    acts = max(t.features["act_kb"] for t in decompose(base, p.inputs[0].frames))
+    assert r.peak_memory_mb == pytest.approx((r.weight_bytes or 0) / 1e6 + acts / 1e3, rel=1e-3)
+    assert acts > 0

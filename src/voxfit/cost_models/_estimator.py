@@ -9,6 +9,7 @@ from pathlib import Path
 
 from torch import nn
 
+from voxfit.cost_models._features import decompose
 from voxfit.cost_models._model import CostModel, Prediction, load_for
 from voxfit.hw_profiles import HardwareProfile, InputSpec
 from voxfit.latency import LatencyResult
@@ -54,8 +55,11 @@ class PredictedEstimator:
         weights = int(packed_size_bytes(model))
         for spec in inputs or self.profile.inputs:
             t0 = time.monotonic()
-            p = self.model.predict(model, self.profile, spec.frames)
+            tasks = decompose(model, spec.frames)
+            p = self.model.predict_tasks(tasks)
             self.last.append(p)
+            # the largest task's activations: what a static memory plan must hold at once
+            act_bytes = int(max((t.features["act_kb"] for t in tasks), default=0.0) * 1e3)
             out.append(
                 LatencyResult(
                     profile=self.profile.name,
@@ -64,6 +68,7 @@ class PredictedEstimator:
                     method="predicted",
                     median_ms=p.ms,
                     weight_bytes=weights,
+                    activation_bytes=act_bytes,
                     measure_s=time.monotonic() - t0,
                     note="; ".join(p.reasons[:3]) if p.low_confidence else "",
                 )

@@ -143,12 +143,7 @@ def profile_from_dict(raw: dict[str, Any], source: str = "profile") -> HardwareP
         ConfigError: one line naming ``source`` and the offending key.
     """
     f = Fields(raw, source)
-    version = f.get("schema_version", int)
-    if version != PROFILE_SCHEMA_VERSION:
-        raise f.error("schema_version", f"{version} is not supported (this voxfit reads 1)")
-    name = f.get("name", str)
-    if not name or any(c in name for c in "/\\ "):
-        raise f.error("name", f"{name!r} must be non-empty without spaces or slashes")
+    name = f.header(PROFILE_SCHEMA_VERSION)
     target = _target(f, "target", required=True) or {}
     host = _target(f, "host_target", required=False)
     if target["kind"] == "cuda" and host is None:

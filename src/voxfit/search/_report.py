@@ -33,8 +33,8 @@ from optuna.trial import FrozenTrial, TrialState
 from plotly.offline import get_plotlyjs
 from plotly.subplots import make_subplots
 
-from voxfit.cost_models import dominates
 from voxfit.errors import ConfigError
+from voxfit.search._study import OBJECTIVES, front_trials
 
 __all__ = [
     "LABELS",
@@ -53,7 +53,6 @@ __all__ = [
     "write_report",
 ]
 
-OBJECTIVES = ("latency_ms", "post_adapt_per", "dev_per")
 LABELS = {
     "latency_ms": "latency (ms)",
     "post_adapt_per": "post-adaptation PER (%)",
@@ -148,13 +147,11 @@ def _complete(study: optuna.Study) -> list[FrozenTrial]:
 def _front_numbers(trials: list[FrozenTrial]) -> set[int]:
     """Numbers of the non-dominated trials among the feasible ones (all objectives minimized).
 
-    Computed here rather than taken from ``study.best_trials``, which reads the constraints
-    from the system attrs: the report trusts the user attr the search writes.
+    Feasibility is the report's own (:func:`_feasible`) rather than ``study.best_trials``',
+    which reads the constraints from the system attrs: the report trusts the user attr the
+    search writes, and treats an unconstrained study's trials as feasible.
     """
-    ok = [t for t in trials if _feasible(t)]
-    return {
-        t.number for t in ok if not any(dominates(o.values, t.values) for o in ok if o is not t)
-    }
+    return {t.number for t in front_trials(trials, _feasible)}
 
 
 def _check_objectives(study: optuna.Study) -> None:

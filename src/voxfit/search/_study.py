@@ -199,16 +199,13 @@ class _Latency:
             "repeats": 0,
         }
         promote = force or self.predictor is None
-        weights_mb = None
         if self.predictor is not None:
             (p,) = self.predictor.estimate(model, (spec,))
             pred = self.predictor.last[0]
             out["predicted_ms"] = p.median_ms
             out["low_confidence"] = pred.low_confidence
             out["note"] = p.note
-            weights_mb = (p.weight_bytes or 0) / 1e6
-            act_kb = max(t.features["act_kb"] for t in _tasks(model, spec.frames))
-            out["predicted_memory_mb"] = weights_mb + act_kb / 1e3
+            out["predicted_memory_mb"] = p.peak_memory_mb
             promote = promote or should_measure(
                 (p.median_ms or 0.0, *quality),
                 front,
@@ -241,22 +238,21 @@ class _Latency:
         return out
 
 
-def _tasks(model: Any, frames: int) -> Any:
-    from voxfit.cost_models import decompose
+def front_trials(
+    trials: Sequence[FrozenTrial], feasible: Callable[[FrozenTrial], bool] | None = None
+) -> list[FrozenTrial]:
+    """The non-dominated trials (all objectives minimized) among the ``feasible`` ones
+    (default: every constraint <= 0, see :func:`constraints_of`)."""
+    from voxfit.cost_models import dominates
 
-    return decompose(model, frames)
+    ok_of = feasible or (lambda t: all(c <= 0 for c in constraints_of(t)))
+    ok = [t for t in trials if t.values is not None and ok_of(t)]
+    return [t for t in ok if not any(dominates(o.values, t.values) for o in ok if o is not t)]
 
 
 def _front(study: optuna.Study) -> list[tuple[float, ...]]:
-    done = [
-        t
-        for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-        if all(c <= 0 for c in constraints_of(t))
-    ]
-    from voxfit.cost_models import dominates
-
-    vals = [tuple(t.values) for t in done]
-    return [v for v in vals if not any(dominates(o, v) for o in vals)]
+    done = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    return [tuple(t.values) for t in front_trials(done)]
 
 
 def make_objective(

@@ -197,12 +197,7 @@ def space_from_dict(raw: dict[str, Any], source: str = "space") -> SearchSpace:
         ConfigError: naming ``source`` and the dotted key of the first problem.
     """
     f = Fields(raw, source)
-    version = f.get("schema_version", int)
-    if version != SPACE_SCHEMA_VERSION:
-        raise f.error("schema_version", f"{version} is not supported (this voxfit reads 1)")
-    name = f.get("name", str)
-    if not name or any(c in name for c in "/\\ "):
-        raise f.error("name", f"{name!r} must be non-empty without spaces or slashes")
+    name = f.header(SPACE_SCHEMA_VERSION)
     model = f.choice("model", ("tdnn", "conformer"))
     description = f.get("description", str, "")
     pruning = f.sub_optional("pruning")
