@@ -337,6 +337,15 @@ def _best_line(study: optuna.Study, budget_ms: float) -> str:
     )
 
 
+def reseed_on_resume(study: optuna.Study, sampler: str, seed: int) -> None:
+    """A resumed study gets a sampler seeded from ``seed`` and its trial count, so a resumed
+    run does not replay the draws of the first run (a sampler re-made with the same seed
+    would: random search would repeat its first trials)."""
+    n = len(study.get_trials(deepcopy=False))
+    if n:
+        study.sampler = make_sampler(sampler, seed + 7919 * n)
+
+
 def prepare_study(s: SearchSettings, ctx: SearchContext) -> optuna.Study:
     """Create or resume the study; enqueue the baselines into a new one."""
     storage = open_storage(s.storage)
@@ -347,6 +356,7 @@ def prepare_study(s: SearchSettings, ctx: SearchContext) -> optuna.Study:
         sampler=make_sampler(s.sampler, s.seed),
         load_if_exists=True,
     )
+    reseed_on_resume(study, s.sampler, s.seed)
     attrs = study.user_attrs
     if "profile" in attrs and attrs["profile"].get("name") != s.profile.name:
         raise ConfigError(
