@@ -45,7 +45,7 @@ from voxfit.search import (
     DEFAULT_SAMPLER,
     SearchContext,
     SearchSettings,
-    constraints_of,
+    is_feasible,
     run_search,
 )
 from voxfit.spaces import find_space
@@ -55,7 +55,7 @@ def feasible(study: optuna.Study) -> list[FrozenTrial]:
     return [
         t
         for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-        if all(c <= 0 for c in constraints_of(t))
+        if is_feasible(t)
     ]
 
 

@@ -109,9 +109,11 @@ class SearchContext:
 
         Distillation is the expensive part of a build (minutes), so a candidate with
         ``recovery_steps`` is cached under ``builds`` as a state dict keyed by the base
-        checkpoint, the plan, the seed and the channel multiple: a later build of the same
-        trial (export, re-measurement) rebuilds the architecture without recovery and loads
-        the weights. A cache file that does not load is ignored and rebuilt.
+        checkpoint, the plan, the seed, the channel multiple and the recovery recipe (learning
+        rate, temperature, KD weight, batch seconds, seed, number of training utterances):
+        a later build of the same trial (export, re-measurement) rebuilds the architecture
+        without recovery and loads the weights. A cache file that does not load is ignored
+        and rebuilt.
         """
         from voxfit.compress import apply
 

@@ -47,6 +47,11 @@ def constraints_of(trial: FrozenTrial) -> Sequence[float]:
     return tuple(trial.user_attrs.get("constraints", (1.0, 1.0)))
 
 
+def is_feasible(trial: FrozenTrial) -> bool:
+    """Every constraint of the trial is met (see :func:`constraints_of`)."""
+    return all(c <= 0 for c in constraints_of(trial))
+
+
 def make_sampler(name: str, seed: int) -> optuna.samplers.BaseSampler:
     """The samplers read each trial's constraints (``Trial.set_constraint``, Optuna 5)."""
     if name == "tpe":
@@ -239,14 +244,12 @@ class _Latency:
 
 
 def front_trials(
-    trials: Sequence[FrozenTrial], feasible: Callable[[FrozenTrial], bool] | None = None
+    trials: Sequence[FrozenTrial], feasible: Callable[[FrozenTrial], bool] = is_feasible
 ) -> list[FrozenTrial]:
-    """The non-dominated trials (all objectives minimized) among the ``feasible`` ones
-    (default: every constraint <= 0, see :func:`constraints_of`)."""
+    """The non-dominated trials (all objectives minimized) among the ``feasible`` ones."""
     from voxfit.cost_models import dominates
 
-    ok_of = feasible or (lambda t: all(c <= 0 for c in constraints_of(t)))
-    ok = [t for t in trials if t.values is not None and ok_of(t)]
+    ok = [t for t in trials if t.values is not None and feasible(t)]
     return [t for t in ok if not any(dominates(o.values, t.values) for o in ok if o is not t)]
 
 
@@ -326,7 +329,7 @@ def _best_line(study: optuna.Study, budget_ms: float) -> str:
     ok = [
         t
         for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-        if all(c <= 0 for c in constraints_of(t))
+        if is_feasible(t)
     ]
     if not ok:
         return f"no trial meets the budgets yet ({budget_ms:g} ms)"
