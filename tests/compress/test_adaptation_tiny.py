@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from dataclasses import replace
 from pathlib import Path
 
@@ -167,3 +168,35 @@ def test_recovery_distills_a_pruned_model_toward_the_base(
     assert sum(losses[-5:]) < sum(losses[:5])
     recovered = apply(base, Candidate(groups=groups, recovery_steps=3), recovery=rec)
     assert not recovered.training
+
+
+def test_distillation_reuses_the_teacher_outputs(
+    base: nn.Module,
+    tiny_manifest: Manifest,
+    tiny_store: FeatureStore,
+    tiny_inventory: PhoneInventory,
+) -> None:
+    """A second distillation from the same teacher (the next search trial) runs the teacher
+    on no batch it has already seen, and trains exactly as if it had."""
+    from voxfit.compress import Recovery, distill
+
+    teacher = copy.deepcopy(base)  # a fresh module: no outputs cached by other tests
+    calls = []
+    teacher.register_forward_hook(lambda *_: calls.append(1))
+    rec = Recovery(tiny_manifest.split("train"), tiny_store, tiny_inventory, lr=2e-3)
+    groups = tuple(GroupPlan(g.name, 0.5) for g in base.structure().groups)
+
+    def run(t: nn.Module) -> list[float]:
+        torch.manual_seed(0)
+        return distill(apply(base, Candidate(groups=groups)), t, 6, rec)
+
+    first = run(teacher)
+    n_first = len(calls)
+    assert n_first > 0
+    assert run(teacher) == first  # trains exactly as the first did
+    assert len(calls) == n_first  # without running the teacher again
+    fresh = copy.deepcopy(base)  # another teacher module does not share the first's outputs
+    fresh_calls = []
+    fresh.register_forward_hook(lambda *_: fresh_calls.append(1))
+    assert run(fresh) == first
+    assert len(fresh_calls) == n_first

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -13,6 +14,14 @@ from torch import nn
 from voxfit.data import FeatureStore, PhoneInventory, Utterance
 from voxfit.errors import ConfigError
 from voxfit.train import batches, collate
+
+# Teacher posteriors per batch (keyed by the batch's utterance paths), per teacher module. The
+# batch order is fixed by the recovery seed, so every distillation from the same teacher
+# (one per search trial) sees the same batches; the teacher's forward pass is ~20% of a step.
+# The teacher is assumed not to change while it is alive (it is the frozen base model).
+_TEACHER_OUT: weakref.WeakKeyDictionary[nn.Module, dict[tuple[str, ...], torch.Tensor]] = (
+    weakref.WeakKeyDictionary()
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,9 +62,9 @@ def distill(student: nn.Module, teacher: nn.Module, steps: int, rec: Recovery) -
     for _ in range(steps):
         if not groups:
             groups = list(batches(rec.train_utts, rec.max_batch_s, rng))
-        b = collate(groups.pop(), rec.store, rec.inventory)
-        with torch.no_grad():
-            t_lp, _ = teacher(b.feats, b.lengths)
+        group = groups.pop()
+        b = collate(group, rec.store, rec.inventory)
+        t_lp = _teacher_out(teacher, group, b.feats, b.lengths)
         s_lp, s_len = student(b.feats, b.lengths)
         mask = (torch.arange(s_lp.shape[1])[None, :] < s_len[:, None]).float()
         kl = F.kl_div(
@@ -76,3 +85,16 @@ def distill(student: nn.Module, teacher: nn.Module, steps: int, rec: Recovery) -
         losses.append(loss.item())
     student.eval()
     return losses
+
+
+def _teacher_out(
+    teacher: nn.Module, group: Sequence[Utterance], feats: torch.Tensor, lengths: torch.Tensor
+) -> torch.Tensor:
+    cache = _TEACHER_OUT.setdefault(teacher, {})
+    key = tuple(u.path for u in group)
+    out = cache.get(key)
+    if out is None:
+        with torch.no_grad():
+            out, _ = teacher(feats, lengths)
+        cache[key] = out
+    return out

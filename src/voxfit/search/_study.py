@@ -83,10 +83,10 @@ def open_storage(url: str, grace_s: int = 90) -> optuna.storages.BaseStorage:
 
 
 def baselines(space: BoundSpace, adapter_dim: int) -> dict[str, Candidate]:
-    """fp32 base, uniform int8 weights, uniform 50% pruning -- each with the default
-    adapters (the largest offered size <= ``adapter_dim`` at every slot) so the
-    personalization of each is measured the same way. A baseline the space cannot express
-    is left out (with a log line)."""
+    """fp32 base, uniform int8 weights, uniform 50% pruning (of every group the space lets be
+    halved; the others stay whole) -- each with the default adapters (the largest offered
+    size <= ``adapter_dim`` at every slot) so the personalization of each is measured the
+    same way. A baseline the space cannot express is left out (with a log line)."""
     dims = {}
     for slot, choices in space.adapters.items():
         ok = [int(d) for d in choices if 0 < int(d) <= adapter_dim] or [
@@ -96,18 +96,22 @@ def baselines(space: BoundSpace, adapter_dim: int) -> dict[str, Candidate]:
             dims[slot] = max(ok)
     kind = space.space.adapter_kinds[0]
     adapters = tuple(AdapterPlan(s, d, kind) for s, d in dims.items())  # type: ignore[arg-type]
+    halved = tuple(GroupPlan(g, 0.5) for g, keep in space.groups.items() if 0.5 in keep)
     out = {
         "fp32": Candidate(adapters=adapters),
         "int8": Candidate(
             layers=tuple(LayerPlan(n, 8) for n in space.weight_bits), adapters=adapters
         ),
-        "prune50": Candidate(
-            groups=tuple(GroupPlan(g, 0.5) for g in space.groups),
+    }
+    if halved:
+        out["prune50"] = Candidate(
+            groups=halved,
             adapters=adapters,
             recovery_steps=max(space.space.recovery_steps),
             importance=space.space.importance[0],  # type: ignore[arg-type]
-        ),
-    }
+        )
+    else:
+        log.warning("baseline prune50 left out: no group of the space may keep 0.5")
     usable = {}
     for name, cand in out.items():
         try:

@@ -1,0 +1,42 @@
+"""The enqueued baselines follow what the space lets be changed."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from voxfit.models import build_model, default_config
+from voxfit.search import baselines
+from voxfit.spaces import load_space
+
+SPACES = Path(__file__).resolve().parents[2] / "spaces"
+
+
+@pytest.fixture(scope="module")
+def structure():  # type: ignore[no-untyped-def]
+    return build_model(default_config("tdnn", 55, "tiny")).structure()
+
+
+def test_prune50_halves_only_the_groups_the_space_may_halve(structure) -> None:  # type: ignore[no-untyped-def]
+    default = baselines(load_space(SPACES / "tdnn-default.yaml").bind(structure), 32)
+    wide = baselines(load_space(SPACES / "tdnn-wide.yaml").bind(structure), 32)
+    assert list(default) == ["fp32", "int8", "prune50"]
+    halved = {g.name for g in default["prune50"].groups}
+    assert "stream" not in halved  # tdnn-default keeps the stream whole
+    assert halved == {g.name for g in structure.groups} - {"stream"}
+    assert {g.name for g in wide["prune50"].groups} == {g.name for g in structure.groups}
+    assert all(g.keep_ratio == 0.5 for g in default["prune50"].groups)
+    assert default["prune50"].recovery_steps == 500
+    # every baseline carries the same adapters: the largest offered size <= 32 at each slot
+    assert {a.dim for b in default.values() for a in b.adapters} == {32}
+    small = baselines(load_space(SPACES / "tdnn-default.yaml").bind(structure), 8)
+    assert small["fp32"].adapters
+    assert {a.dim for a in small["fp32"].adapters} == {8}
+
+
+def test_no_prune50_when_nothing_may_be_halved(structure, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    text = (SPACES / "tdnn-default.yaml").read_text().replace("[0.5, 0.75, 1.0]", "[0.75, 1.0]")
+    (tmp_path / "s.yaml").write_text(text)
+    out = baselines(load_space(tmp_path / "s.yaml").bind(structure), 32)
+    assert list(out) == ["fp32", "int8"]
