@@ -217,6 +217,7 @@ def compile_model(
                     for k in (
                         "convert_s",
                         "import",
+                        "import_fallback",
                         "db_repair",
                         "new_task_names",
                         "db_load_s",

@@ -10,13 +10,14 @@ public function returns plain dicts (they cross a process boundary).
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 import statistics
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import tvm
@@ -24,6 +25,8 @@ from tvm import relax
 from tvm.s_tir import meta_schedule as ms
 
 from voxfit.compile._database import locked, repair
+
+log = logging.getLogger(__name__)
 
 BUILD_FUNC = "voxfit.compile.build_without_intrinsics"
 
@@ -127,51 +130,90 @@ def check_target(profile: dict[str, Any]) -> str:
     return str(make_target(profile))
 
 
-def load_program(path: str, *, decompose: bool | None = None) -> tuple[tvm.IRModule, str]:
-    """The Relax module of a saved torch.export program, and how it was imported.
+Import = Literal["auto", "direct", "decomposed"]
 
-    By default the program is imported directly (``"direct"``): TVM's importer would first
-    re-trace it through torch's decompositions, which costs ~1.5 s per input here (a third
-    of a warm re-measure), and every op our model families export has a direct converter.
-    The fused tasks are the same either way (tests/compile checks the workloads match, so
-    the tuning database does). A program the direct import cannot convert is imported
-    decomposed (``"decomposed"``); ``decompose`` forces one way.
+
+def load_program(path: str, how: Import = "auto") -> tuple[tvm.IRModule, str, str | None]:
+    """The Relax module of a saved torch.export program.
+
+    ``"direct"`` imports the program as exported: TVM's importer would otherwise first
+    re-trace it through torch's decompositions (``"decomposed"``), ~1.5 s per input here, a
+    third of a warm re-measure. For convolution-only graphs (the TDNN without adapters,
+    pruned or quantized) the fused tasks are the same either way
+    (tests/compile/test_import.py compares the workloads, which the tuning database is
+    keyed by). ``"auto"`` imports directly unless the graph has an op the
+    direct import mis-handles (attention with a boolean mask, which TVM's converter only
+    asserts against) or fuses into other tasks (linear layers, e.g. adapters), or the
+    direct import fails, and then decomposes.
+
+    Args:
+        path: a ``torch.export.save`` file.
+        how: ``"auto"``, or force one import.
+
+    Returns:
+        The module, the import used, and why ``"auto"`` fell back (None if it did not).
+
+    Raises:
+        Exception: whatever TVM's importer raises for a forced import.
     """
     import torch
     from tvm.relax.frontend.torch import from_exported_program
 
     ep = torch.export.load(path)
     fixes = {"div.Tensor_mode": _div_mode}
-    if not decompose:
+    why = None
+    if how == "auto":
+        why = _needs_decomposition(ep)
+    if how == "direct" or (how == "auto" and why is None):
         try:
             mod = from_exported_program(ep, run_ep_decomposition=False, custom_convert_map=fixes)
-            return mod, "direct"
-        except Exception:  # noqa: BLE001 - any converter gap: the decomposed import handles it
-            if decompose is False:
+            return mod, "direct", None
+        except (AssertionError, ValueError, TypeError, KeyError, NotImplementedError) as e:
+            if how == "direct":
                 raise
-    return from_exported_program(ep, custom_convert_map=fixes), "decomposed"
+            why = f"direct import failed: {type(e).__name__}: {e}"[:300]
+            log.info("%s: %s; importing decomposed", path, why)
+    return from_exported_program(ep, custom_convert_map=fixes), "decomposed", why
+
+
+def _needs_decomposition(ep: Any) -> str | None:
+    """Why the direct import would not do for ``ep`` (None: it will)."""
+    import torch
+
+    why = []
+    for node in ep.graph.nodes:
+        if node.op != "call_function":
+            continue
+        name = str(node.target)
+        if "scaled_dot_product_attention" in name:
+            mask = node.kwargs.get("attn_mask", node.args[3] if len(node.args) > 3 else None)
+            val = getattr(mask, "meta", {}).get("val")
+            if val is not None and val.dtype == torch.bool:
+                why.append("attention with a boolean mask")
+        if name.startswith("aten.linear"):
+            # imported directly, a linear layer on a transposed activation (the adapters)
+            # fuses into other tasks than the decomposed import's, which the shipped
+            # tuning databases hold: decomposing keeps them valid
+            why.append("linear layers fuse differently from the tuning database's tasks")
+    return "; ".join(dict.fromkeys(why)) or None
 
 
 def _div_mode(node: Any, importer: Any) -> relax.Var:
-    """``aten.div.Tensor_mode`` whose scalar divisor takes the tensor's dtype.
-
-    TVM's converter makes a Python int divisor an int32 constant, which Relax refuses to
-    divide an int64 tensor by (our models' output-length arithmetic, ``lengths // 2``).
-    """
+    """``aten.div.Tensor_mode`` of an integer tensor by a Python int: the divisor takes the
+    tensor's dtype (TVM's converter makes it an int32 constant, which Relax refuses to
+    divide an int64 tensor by -- our models' output lengths, ``lengths // 2``). Every other
+    case is TVM's own converter."""
     args = importer.retrieve_args(node)
     x, y = args[0], args[1]
-    mode = node.kwargs.get("rounding_mode", args[2] if len(args) > 2 else None)
-    if isinstance(y, int | float):
-        dtype = x.ty.dtype if isinstance(x, relax.Expr) else None
-        y = relax.const(y, dtype)
+    mode = node.kwargs.get("rounding_mode")
+    is_int = isinstance(x, relax.Expr) and str(x.ty.dtype).startswith(("int", "uint"))
+    if not (is_int and isinstance(y, int) and mode in ("floor", "trunc")):
+        return importer._div(node)  # type: ignore[no-any-return]
     bb = importer.block_builder
-    if mode is None:
-        return bb.emit(relax.op.divide(x, y))
+    d = relax.const(y, x.ty.dtype)
     if mode == "floor":
-        return bb.emit(relax.op.floor_divide(x, y))
-    if mode == "trunc":
-        return bb.emit(relax.op.trunc(bb.emit(relax.op.divide(x, y))))
-    raise ValueError(f"div rounding_mode {mode!r} not supported")
+        return bb.emit(relax.op.floor_divide(x, d))  # type: ignore[no-any-return]
+    return bb.emit(relax.op.trunc(bb.emit(relax.op.divide(x, d))))  # type: ignore[no-any-return]
 
 
 def _fuse(mod: tvm.IRModule, target: tvm.target.Target) -> tvm.IRModule:
@@ -206,7 +248,7 @@ def _compile_fused(db: Any, fused: tvm.IRModule, target: tvm.target.Target) -> A
 
     try:
         rest = [*rp.dataflow_lower_passes(target), *rp.finalize_passes(target)]
-    except AttributeError:  # 0.27's CPU backend package does not export its lowering lists
+    except (ValueError, AttributeError):  # 0.27's CPU/CUDA packages do not export them
         from tvm.relax.backend.cpu_generic import pipeline as cpu
 
         rest = [*cpu.dataflow_lower_passes(target), *cpu.finalize_passes(target)]
@@ -308,7 +350,7 @@ def build(req: dict[str, Any]) -> dict[str, Any]:
     tuning = profile["tuning"]
     target = make_target(profile)
     t0 = time.monotonic()
-    mod, out_import = load_program(req["program"])
+    mod, how, why = load_program(req["program"])
     fused = _fuse(mod, target)
     tasks = ms.relax_integration.extract_tasks(fused, target)
     db_dir = Path(req["db_dir"])
@@ -316,8 +358,10 @@ def build(req: dict[str, Any]) -> dict[str, Any]:
         "n_tasks": len(tasks),
         "task_names": [t.task_name for t in tasks],
         "convert_s": time.monotonic() - t0,
-        "import": out_import,
+        "import": how,
     }
+    if why:
+        out["import_fallback"] = why
     gpu = _is_gpu(target)
     with locked(db_dir):
         t_db = time.monotonic()
