@@ -114,6 +114,24 @@ def _with_db(profile: HardwareProfile, db: Path, trials: int | None) -> Hardware
     return replace(profile, tuning=t, inputs=profile.inputs[:1])
 
 
+def _breakdown(r: LatencyResult) -> dict[str, Any]:
+    """Where a re-measure's seconds went: torch.export, Relax import + fusion + task
+    extraction, database, compile with the database, memory plan, library link, timing."""
+    c = r.compile
+    if c is None:
+        return {}
+    d = c.details
+    return {
+        "torch_export": c.export_s,
+        "import_fuse_extract": d.get("convert_s"),
+        "database": d.get("db_load_s"),
+        "compile": d.get("compile_relax_s"),
+        "memory_plan": d.get("memory_plan_s"),
+        "link": d.get("export_library_s"),
+        "measure": r.measure_s,
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--profile", default=None, help="name or file (default: first local one)")
@@ -227,6 +245,8 @@ def main(argv: list[str] | None = None) -> int:
         "threads": threads,
         "warm_remeasure_s": warm_s,
         "warm_new_tasks": warm.compile.new_tasks if warm.compile else None,
+        "warm_breakdown_s": _breakdown(warm),
+        "warm_import": warm.compile.details.get("import") if warm.compile else None,
         "pruned50_speedup": med("base-fp32", "tvm") / med("all50", "tvm"),
         "tvm_vs_ort_ratio": med("base-fp32", "tvm") / med("base-fp32", "onnxruntime"),
         "tvm_vs_torch_ratio": med("base-fp32", "tvm") / med("base-fp32", "torch"),

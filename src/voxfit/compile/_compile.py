@@ -216,6 +216,8 @@ def compile_model(
                     k: r[k]
                     for k in (
                         "convert_s",
+                        "import",
+                        "import_fallback",
                         "db_repair",
                         "new_task_names",
                         "db_load_s",

@@ -1,21 +1,23 @@
 """The TVM side of compile and measure. Runs only inside the worker process (see _worker).
 
-torch.export program -> Relax (``from_exported_program``) -> the fusion passes MetaSchedule
-keys its database on -> tasks -> tune the tasks the profile's database lacks (one
-MetaSchedule run for all of them) -> ``compile_relax`` with the database -> a shared library
-(cross-linked for Arm) -> ``time_evaluator`` locally or on a device leased from a TVM RPC
-tracker. Every public function returns plain dicts (they cross a process boundary).
+torch.export program -> Relax (``from_exported_program``, without torch's decomposition
+re-trace where the ops allow) -> the fusion passes MetaSchedule keys its database on ->
+tasks -> tune the tasks the profile's database lacks (one MetaSchedule run for all of them)
+-> the database's schedules applied to that fused module -> a shared library (cross-linked
+for Arm) -> ``time_evaluator`` locally or on a device leased from a TVM RPC tracker. Every
+public function returns plain dicts (they cross a process boundary).
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 import statistics
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import tvm
@@ -23,6 +25,8 @@ from tvm import relax
 from tvm.s_tir import meta_schedule as ms
 
 from voxfit.compile._database import locked, repair
+
+log = logging.getLogger(__name__)
 
 BUILD_FUNC = "voxfit.compile.build_without_intrinsics"
 
@@ -126,12 +130,90 @@ def check_target(profile: dict[str, Any]) -> str:
     return str(make_target(profile))
 
 
-def load_program(path: str) -> tvm.IRModule:
+Import = Literal["auto", "direct", "decomposed"]
+
+
+def load_program(path: str, how: Import = "auto") -> tuple[tvm.IRModule, str, str | None]:
+    """The Relax module of a saved torch.export program.
+
+    ``"direct"`` imports the program as exported: TVM's importer would otherwise first
+    re-trace it through torch's decompositions (``"decomposed"``), ~1.5 s per input here, a
+    third of a warm re-measure. For convolution-only graphs (the TDNN without adapters,
+    pruned or quantized) the fused tasks are the same either way
+    (tests/compile/test_import.py compares the workloads, which the tuning database is
+    keyed by). ``"auto"`` imports directly unless the graph has an op the
+    direct import mis-handles (attention with a boolean mask, which TVM's converter only
+    asserts against) or fuses into other tasks (linear layers, e.g. adapters), or the
+    direct import fails, and then decomposes.
+
+    Args:
+        path: a ``torch.export.save`` file.
+        how: ``"auto"``, or force one import.
+
+    Returns:
+        The module, the import used, and why ``"auto"`` fell back (None if it did not).
+
+    Raises:
+        Exception: whatever TVM's importer raises for a forced import.
+    """
     import torch
     from tvm.relax.frontend.torch import from_exported_program
 
     ep = torch.export.load(path)
-    return from_exported_program(ep)
+    fixes = {"div.Tensor_mode": _div_mode}
+    why = None
+    if how == "auto":
+        why = _needs_decomposition(ep)
+    if how == "direct" or (how == "auto" and why is None):
+        try:
+            mod = from_exported_program(ep, run_ep_decomposition=False, custom_convert_map=fixes)
+            return mod, "direct", None
+        except (AssertionError, ValueError, TypeError, KeyError, NotImplementedError) as e:
+            if how == "direct":
+                raise
+            why = f"direct import failed: {type(e).__name__}: {e}"[:300]
+            log.info("%s: %s; importing decomposed", path, why)
+    return from_exported_program(ep, custom_convert_map=fixes), "decomposed", why
+
+
+def _needs_decomposition(ep: Any) -> str | None:
+    """Why the direct import would not do for ``ep`` (None: it will)."""
+    import torch
+
+    why = []
+    for node in ep.graph.nodes:
+        if node.op != "call_function":
+            continue
+        name = str(node.target)
+        if "scaled_dot_product_attention" in name:
+            mask = node.kwargs.get("attn_mask", node.args[3] if len(node.args) > 3 else None)
+            val = getattr(mask, "meta", {}).get("val")
+            if val is not None and val.dtype == torch.bool:
+                why.append("attention with a boolean mask")
+        if name.startswith("aten.linear"):
+            # imported directly, a linear layer on a transposed activation (the adapters)
+            # fuses into other tasks than the decomposed import's, which the shipped
+            # tuning databases hold: decomposing keeps them valid
+            why.append("linear layers fuse differently from the tuning database's tasks")
+    return "; ".join(dict.fromkeys(why)) or None
+
+
+def _div_mode(node: Any, importer: Any) -> relax.Var:
+    """``aten.div.Tensor_mode`` of an integer tensor by a Python int: the divisor takes the
+    tensor's dtype (TVM's converter makes it an int32 constant, which Relax refuses to
+    divide an int64 tensor by -- our models' output lengths, ``lengths // 2``). Every other
+    case is TVM's own converter."""
+    args = importer.retrieve_args(node)
+    x, y = args[0], args[1]
+    mode = node.kwargs.get("rounding_mode")
+    is_int = isinstance(x, relax.Expr) and str(x.ty.dtype).startswith(("int", "uint"))
+    if not (is_int and isinstance(y, int) and mode in ("floor", "trunc")):
+        return importer._div(node)  # type: ignore[no-any-return]
+    bb = importer.block_builder
+    d = relax.const(y, x.ty.dtype)
+    if mode == "floor":
+        return bb.emit(relax.op.floor_divide(x, d))  # type: ignore[no-any-return]
+    return bb.emit(relax.op.trunc(bb.emit(relax.op.divide(x, d))))  # type: ignore[no-any-return]
 
 
 def _fuse(mod: tvm.IRModule, target: tvm.target.Target) -> tvm.IRModule:
@@ -154,6 +236,40 @@ def _fuse(mod: tvm.IRModule, target: tvm.target.Target) -> tvm.IRModule:
     )
     with target, tvm.transform.PassContext(opt_level=3):
         return seq(mod)
+
+
+def _compile_fused(db: Any, fused: tvm.IRModule, target: tvm.target.Target) -> Any:
+    """``compile_relax`` for a module :func:`_fuse` already fused: apply the database's
+    schedules (DLight for GPU functions it lacks), lower and build. ``compile_relax`` would
+    run the fusion passes again (~1 s of a warm re-measure here)."""
+    from tvm.relax import pipeline as rp
+    from tvm.relax.transform import MetaScheduleApplyDatabase
+    from tvm.s_tir import dlight as dl
+
+    try:
+        rest = [*rp.dataflow_lower_passes(target), *rp.finalize_passes(target)]
+    except (ValueError, AttributeError):  # 0.27's CPU/CUDA packages do not export them
+        from tvm.relax.backend.cpu_generic import pipeline as cpu
+
+        rest = [*cpu.dataflow_lower_passes(target), *cpu.finalize_passes(target)]
+    gpu = _is_gpu(target)
+
+    @tvm.transform.module_pass(opt_level=3)
+    def pipeline(mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
+        mod = MetaScheduleApplyDatabase()(mod)
+        if gpu:
+            rules = (
+                dl.gpu.Matmul(),
+                dl.gpu.GEMV(),
+                dl.gpu.Reduction(),
+                dl.gpu.GeneralReduction(),
+                dl.gpu.Fallback(),
+            )
+            mod = dl.ApplyDefaultSchedule(*rules)(mod)
+        return tvm.transform.Sequential(rest)(mod)
+
+    with target, db, tvm.transform.PassContext(opt_level=3):
+        return relax.build(fused, target=target, relax_pipeline=pipeline)
 
 
 def _is_gpu(target: tvm.target.Target) -> bool:
@@ -234,7 +350,7 @@ def build(req: dict[str, Any]) -> dict[str, Any]:
     tuning = profile["tuning"]
     target = make_target(profile)
     t0 = time.monotonic()
-    mod = load_program(req["program"])
+    mod, how, why = load_program(req["program"])
     fused = _fuse(mod, target)
     tasks = ms.relax_integration.extract_tasks(fused, target)
     db_dir = Path(req["db_dir"])
@@ -242,7 +358,10 @@ def build(req: dict[str, Any]) -> dict[str, Any]:
         "n_tasks": len(tasks),
         "task_names": [t.task_name for t in tasks],
         "convert_s": time.monotonic() - t0,
+        "import": how,
     }
+    if why:
+        out["import_fallback"] = why
     gpu = _is_gpu(target)
     with locked(db_dir):
         t_db = time.monotonic()
@@ -294,7 +413,7 @@ def build(req: dict[str, Any]) -> dict[str, Any]:
         out["tuned_trials"] = tuned
         out["tune_s"] = time.monotonic() - t1
         t2 = time.monotonic()
-        ex = ms.relax_integration.compile_relax(db, mod, target, None)
+        ex = _compile_fused(db, fused, target)
     out["compile_relax_s"] = time.monotonic() - t2
     t3 = time.monotonic()
     out["memory_bytes"] = _static_memory_bytes(fused, target)
