@@ -40,3 +40,27 @@ def test_no_prune50_when_nothing_may_be_halved(structure, tmp_path: Path) -> Non
     (tmp_path / "s.yaml").write_text(text)
     out = baselines(load_space(tmp_path / "s.yaml").bind(structure), 32)
     assert list(out) == ["fp32", "int8"]
+
+
+def test_a_study_with_other_objectives_is_not_resumed(structure, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """A study made by a version with three objectives (no size) cannot take 4-value trials:
+    resuming it is a one-line error naming the study, before any work."""
+    import optuna
+
+    from voxfit.errors import ConfigError
+    from voxfit.hw_profiles import load_profile
+    from voxfit.search import OBJECTIVES, SearchSettings, prepare_study
+
+    url = f"sqlite:///{tmp_path}/s.db"
+    old = optuna.create_study(storage=url, study_name="old", directions=["minimize"] * 3)
+    old.set_user_attr("objectives", ["latency_ms", "post_adapt_per", "dev_per"])
+    settings = SearchSettings(
+        profile=load_profile(SPACES.parent / "hw_profiles" / "x86-avx2-2core.yaml"),
+        space=load_space(SPACES / "tdnn-default.yaml").bind(structure),
+        storage=url,
+        study_name="old",
+        n_trials=1,
+    )
+    with pytest.raises(ConfigError, match="study 'old' optimizes .*size_mb.*another --study"):
+        prepare_study(settings, None)  # type: ignore[arg-type]
+    assert OBJECTIVES[-1] == "size_mb"

@@ -92,6 +92,7 @@ def test_search_export_verify_report(setup: dict[str, Path]) -> None:
         lat = t.user_attrs["latency"]
         assert lat["source"] == "measured"  # no cost model for this profile: all measured
         assert t.values[0] == lat["measured_ms"]
+        assert t.values[3] == t.user_attrs["metrics"]["size_mb"]  # size is an objective
         assert set(t.user_attrs["metrics"]) >= {"dev_per", "post_adapt_per", "size_mb"}
         assert t.user_attrs["per_speaker"]
     fp32, int8 = trials[0].user_attrs["metrics"], trials[1].user_attrs["metrics"]

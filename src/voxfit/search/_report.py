@@ -57,6 +57,7 @@ LABELS = {
     "latency_ms": "latency (ms)",
     "post_adapt_per": "post-adaptation PER (%)",
     "dev_per": "dev PER (%)",
+    "size_mb": "size (MB, packed weights)",
 }
 # The sentence shown in place of each figure when its builder returns None.
 NOTES = {
@@ -84,7 +85,7 @@ _PLAN_SOURCES = {
 # fmt: off
 _FRAME_COLUMNS = [
     "number", *OBJECTIVES, "feasible", "on_front", "baseline", "latency_source",
-    "predicted_ms", "measured_ms", "low_confidence", "size_mb", "peak_memory_mb",
+    "predicted_ms", "measured_ms", "low_confidence", "peak_memory_mb",
     "pre_adapt_per", "plan_hash", "duration_s",
 ]
 # fmt: on
@@ -170,11 +171,12 @@ def _number(x: Any) -> float | None:
 def study_frame(study: optuna.Study) -> pd.DataFrame:
     """One row per COMPLETE trial, ordered by trial number.
 
-    Columns: ``number``, the objectives (``latency_ms``, ``post_adapt_per``, ``dev_per``),
+    Columns: ``number``, the objectives (``latency_ms``, ``post_adapt_per``, ``dev_per``,
+    ``size_mb``),
     ``feasible`` (every constraint <= 0), ``on_front`` (non-dominated among feasible complete
     trials), ``baseline`` (``""`` for searched trials), ``latency_source``
     (measured/predicted), ``predicted_ms``, ``measured_ms``, ``low_confidence``,
-    ``size_mb``, ``peak_memory_mb``, ``pre_adapt_per``, ``plan_hash``, ``duration_s``, then
+    ``peak_memory_mb``, ``pre_adapt_per``, ``plan_hash``, ``duration_s``, then
     every trial parameter under its own name (``keep:<group>``, ``wbits:<layer>``, ...).
     Missing attributes are NaN/None, never errors.
 
@@ -199,7 +201,6 @@ def study_frame(study: optuna.Study) -> pd.DataFrame:
             "predicted_ms": _number(lat.get("predicted_ms")),
             "measured_ms": _number(lat.get("measured_ms")),
             "low_confidence": lat.get("low_confidence"),
-            "size_mb": _number(metrics.get("size_mb")),
             "peak_memory_mb": _number(metrics.get("peak_memory_mb")),
             "pre_adapt_per": _number(metrics.get("pre_adapt_per")),
             "plan_hash": t.user_attrs.get("plan_hash"),
@@ -212,7 +213,7 @@ def study_frame(study: optuna.Study) -> pd.DataFrame:
     frame = pd.DataFrame(rows, columns=columns)
     # Explicit dtypes so that an empty frame still filters (an object column of no rows
     # would be read as a list of column labels) and missing numbers are NaN.
-    floats = [*OBJECTIVES, "predicted_ms", "measured_ms", "size_mb", "peak_memory_mb"]
+    floats = [*OBJECTIVES, "predicted_ms", "measured_ms", "peak_memory_mb"]
     return frame.astype(
         {"number": int, "feasible": bool, "on_front": bool, **dict.fromkeys(floats, float)}
     )
@@ -288,8 +289,8 @@ def _trials_trace(kind: Any, sub: pd.DataFrame, name: str, **kwargs: Any) -> Any
 
 
 def pareto_figure(study: optuna.Study) -> go.Figure | None:
-    """The front in three 2-D projections: latency vs post-adapt PER, latency vs dev PER,
-    dev vs post-adapt PER.
+    """The front in four 2-D projections: latency vs post-adapt PER, latency vs dev PER,
+    dev vs post-adapt PER, latency vs size.
 
     Front trials are red, other feasible trials blue, infeasible ones grey; baselines and
     the base model (study attr ``base``) are labelled; open markers = predicted latency; the
@@ -302,10 +303,11 @@ def pareto_figure(study: optuna.Study) -> go.Figure | None:
         ("latency_ms", "post_adapt_per"),
         ("latency_ms", "dev_per"),
         ("dev_per", "post_adapt_per"),
+        ("latency_ms", "size_mb"),
     ]
     fig = make_subplots(
         rows=1,
-        cols=3,
+        cols=len(pairs),
         subplot_titles=[f"{LABELS[y]} vs {LABELS[x]}" for x, y in pairs],
         horizontal_spacing=0.07,
     )
@@ -351,7 +353,8 @@ def pareto_figure(study: optuna.Study) -> go.Figure | None:
 
 
 def pareto_3d_figure(study: optuna.Study) -> go.Figure | None:
-    """All complete trials in the 3-objective space, colored as in :func:`pareto_figure`.
+    """All complete trials by latency, dev and post-adaptation PER (size in the hover),
+    colored as in :func:`pareto_figure`.
 
     ``None`` when no trial completed.
     """

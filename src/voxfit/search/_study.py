@@ -36,7 +36,10 @@ from voxfit.search._context import SearchContext
 from voxfit.spaces import BoundSpace, params_of, sample
 
 log = logging.getLogger(__name__)
-OBJECTIVES = ("latency_ms", "post_adapt_per", "dev_per")
+# Size is an objective, not only the memory budget's constraint: weight bit-widths do not
+# change latency where TVM computes in fp32, so without it nothing asks the search for the
+# smaller of two otherwise equal plans.
+OBJECTIVES = ("latency_ms", "post_adapt_per", "dev_per", "size_mb")
 SAMPLERS = ("tpe", "nsga2", "random")
 DEFAULT_SAMPLER = "tpe"
 _FINISHED = (TrialState.COMPLETE, TrialState.FAIL)
@@ -189,7 +192,7 @@ class _Latency:
         self,
         model: Any,
         cand: Candidate,
-        quality: tuple[float, float],
+        quality: tuple[float, ...],
         front: list[tuple[float, ...]],
         force: bool,
     ) -> dict[str, Any]:
@@ -264,11 +267,11 @@ def _front(study: optuna.Study) -> list[tuple[float, ...]]:
 
 def make_objective(
     ctx: SearchContext, s: SearchSettings, latency: _Latency
-) -> Callable[[optuna.Trial], tuple[float, float, float]]:
+) -> Callable[[optuna.Trial], tuple[float, float, float, float]]:
     from voxfit.metrics import packed_size_bytes
     from voxfit.models import count_parameters
 
-    def objective(trial: optuna.Trial) -> tuple[float, float, float]:
+    def objective(trial: optuna.Trial) -> tuple[float, float, float, float]:
         t0 = time.monotonic()
         try:
             cand = sample(s.space, trial)
@@ -283,7 +286,7 @@ def make_objective(
             lat = latency(
                 model,
                 cand,
-                (acc["post_adapt_per"], acc["dev_per"]),
+                (acc["post_adapt_per"], acc["dev_per"], size_mb),
                 _front(trial.study),
                 force="baseline" in trial.user_attrs,
             )
@@ -318,7 +321,7 @@ def make_objective(
                     "total_s": time.monotonic() - t0,
                 },
             )
-            return (float(lat["objective_ms"]), acc["post_adapt_per"], acc["dev_per"])
+            return (float(lat["objective_ms"]), acc["post_adapt_per"], acc["dev_per"], size_mb)
         except Exception as e:
             reason = f"{type(e).__name__}: {e}".splitlines()[0][:500]
             trial.set_user_attr("fail_reason", reason)
@@ -365,6 +368,11 @@ def prepare_study(s: SearchSettings, ctx: SearchContext) -> optuna.Study:
     )
     reseed_on_resume(study, s.sampler, s.seed)
     attrs = study.user_attrs
+    if "objectives" in attrs and tuple(attrs["objectives"]) != OBJECTIVES:
+        raise ConfigError(
+            f"study {s.study_name!r} optimizes {attrs['objectives']}, this version "
+            f"{list(OBJECTIVES)}: pick another --study name"
+        )
     if "profile" in attrs and attrs["profile"].get("name") != s.profile.name:
         raise ConfigError(
             f"study {s.study_name!r} was made for profile {attrs['profile'].get('name')}, "
