@@ -42,29 +42,37 @@ from voxfit.plan import AdapterPlan, Candidate, GroupPlan, LayerPlan
 N_OUTPUTS = 55  # the default corpus's phone inventory + blank
 
 
-def variants(base: nn.Module, multiple: int) -> dict[str, nn.Module]:
-    """The base model and compressed variants (pruning is what changes shapes)."""
+def variants(
+    base: nn.Module, multiple: int, calibration: list[tuple[torch.Tensor, torch.Tensor]]
+) -> dict[str, nn.Module]:
+    """The base model and compressed variants (pruning is what changes shapes; w8a8 is the
+    int8-compute one)."""
     s = base.structure()  # type: ignore[operator]
     groups = [g.name for g in s.groups]
     hidden = [g for g in groups if g != "stream"]
     slots = [x.name for x in s.adapter_slots]
 
-    def c(keep: dict[str, float], wbits: int = 32, dim: int = 0) -> Candidate:
+    def c(keep: dict[str, float], wbits: int = 32, dim: int = 0, abits: int = 32) -> Candidate:
         return Candidate(
             groups=tuple(GroupPlan(g, r) for g, r in keep.items()),
-            layers=tuple(LayerPlan(q, wbits) for q in s.quantizable) if wbits != 32 else (),
+            layers=tuple(LayerPlan(q, wbits, abits) for q in s.quantizable) if wbits != 32 else (),
             adapters=tuple(AdapterPlan(x, dim) for x in slots) if dim else (),
         )
 
     plans = {
         "base-fp32": c({}),
         "w8": c({}, wbits=8),
+        "w8a8": c({}, wbits=8, abits=8),
         "hidden50": c(dict.fromkeys(hidden, 0.5)),
+        "hidden25": c(dict.fromkeys(hidden, 0.25)),
         "all50": c(dict.fromkeys(groups, 0.5)),
         "all50+adapters24": c(dict.fromkeys(groups, 0.5), dim=24),
         "all75+w4": c(dict.fromkeys(groups, 0.25), wbits=4),
     }
-    return {k: apply(base, p, channel_multiple=multiple) for k, p in plans.items()}
+    return {
+        k: apply(base, p, channel_multiple=multiple, calibration=calibration)
+        for k, p in plans.items()
+    }
 
 
 def _stats(ms: list[float]) -> dict[str, float]:
@@ -153,8 +161,8 @@ def main(argv: list[str] | None = None) -> int:
     shutil.rmtree(work / "builds", ignore_errors=True)
     torch.manual_seed(0)
     base = build_model(default_config("tdnn", N_OUTPUTS, args.size)).eval()
-    models = variants(base, profile.channel_multiple)
     calib = [(torch.randn(2, 200, 80), torch.tensor([200, 150])) for _ in range(2)]
+    models = variants(base, profile.channel_multiple, calib)
 
     rows: list[dict[str, Any]] = []
     console.print(f"profile {profile.name}: {threads} threads, {frames} frames")
@@ -250,6 +258,9 @@ def main(argv: list[str] | None = None) -> int:
         "pruned50_speedup": med("base-fp32", "tvm") / med("all50", "tvm"),
         "tvm_vs_ort_ratio": med("base-fp32", "tvm") / med("base-fp32", "onnxruntime"),
         "tvm_vs_torch_ratio": med("base-fp32", "tvm") / med("base-fp32", "torch"),
+        # int8 compute (u8 x s8 -> s32) vs the fp32 base, both tuned; and what TVM made of it
+        "int8_speedup_vs_fp32": med("base-fp32", "tvm") / med("w8a8", "tvm"),
+        "int8_lowering": tvm["w8a8"].compile.lowering if tvm["w8a8"].compile else None,
         "cold_tune_s": cold.compile.tune_s,
         "cold_tasks": cold.compile.new_tasks,
         "trials_per_task": args.trials or profile.tuning.trials_per_task,
@@ -283,7 +294,13 @@ def main(argv: list[str] | None = None) -> int:
             str(tv["new_tasks"]),
         )
     console.print(t)
-    for k in ("warm_remeasure_s", "pruned50_speedup", "tvm_vs_ort_ratio", "cold_tune_s"):
+    for k in (
+        "warm_remeasure_s",
+        "pruned50_speedup",
+        "tvm_vs_ort_ratio",
+        "cold_tune_s",
+        "int8_speedup_vs_fp32",
+    ):
         console.print(f"{k}: {result[k]:.3f}")
     console.print(f"wrote {args.out}")
     return 0

@@ -72,8 +72,8 @@ def test_import_matches_torch_and_the_decomposed_tasks(
     x = torch.randn(1, 40, 80, generator=torch.Generator().manual_seed(1))
     with torch.no_grad(), _fake_quant_off(m):
         ref = m(x, torch.tensor([40]))[0].numpy()
-    fast, how, why = load_program(path)
-    slow, how_slow, _ = load_program(path, "decomposed")
+    fast, how, why, _ = load_program(path)
+    slow, how_slow, _, _ = load_program(path, "decomposed")
     assert how_slow == "decomposed"
     assert how == expected[0]
     assert why is None if expected[1] is None else expected[1] in (why or "")

@@ -2,8 +2,10 @@
 
 The model is exported here with ``torch.export`` at a fixed input length per profile input
 (static shapes: MetaSchedule tunes concrete shapes, and a phone runs fixed-size chunks),
-as the deployed graph: feats (1, T, 80) -> log-probs, with activation fake-quantizers off
-(weights keep their quantized values). The TVM work runs in a :class:`TvmWorker`.
+as the deployed graph: feats (1, T, 80) -> log-probs. Convolutions with 8-bit activations
+and <= 8-bit weights become ``voxfit::qconv1d`` ops (int8 compute where the target allows,
+see ``_qops``); other activation fake-quantizers are off (weights keep their quantized
+values). The TVM work runs in a :class:`TvmWorker`.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from voxfit.compile._qops import lower_int8_convs
 from voxfit.compile._worker import TvmWorker
 from voxfit.hw_profiles import HardwareProfile, InputSpec
 
@@ -96,6 +99,9 @@ class _Deploy(nn.Module):
         super().__init__()
         self.model = copy.deepcopy(model).eval()
         _fold_batchnorm(self.model)
+        # 8-bit-activation convs become one int8 op each (voxfit::qconv1d), which the TVM
+        # importer lowers to int8 compute where the target can run it
+        self.int8_layers = lower_int8_convs(self.model, int8_convs(model))
 
     def forward(self, feats: torch.Tensor) -> torch.Tensor:
         lengths = torch.full((feats.shape[0],), feats.shape[1], dtype=torch.long)
@@ -129,22 +135,49 @@ def export_program(model: nn.Module, frames: int, path: str | Path, n_mels: int 
     return dst
 
 
+def int8_convs(model: nn.Module) -> dict[str, int]:
+    """The plan's layers that lower to int8 compute: Conv1d layers with 8-bit activations and
+    4- or 8-bit weights (name -> weight bits). Linear layers (adapters, attention) do not."""
+    from voxfit.compress import plan_of
+
+    return {
+        x.name: x.weight_bits
+        for x in plan_of(model).layers
+        if x.act_bits == 8
+        and x.weight_bits in (4, 8)
+        and isinstance(model.get_submodule(x.name), nn.Conv1d)
+    }
+
+
 def lowering_of(model: nn.Module) -> str:
     """How the plan's low bit-widths are compiled (said in every result, per the design).
 
-    Weights keep their quantized *values*, but TVM computes in float32: int8 compute
-    (u8 x s8 -> s32) is not emitted yet, and this CI CPU (AVX2, no VNNI) would not
-    tensorize it anyway. So 4/8/16-bit layers buy size here, not latency.
+    Layers with 8-bit activations and <= 8-bit weights (convolutions) are exported as int8
+    ops (see :func:`int8_convs`); the TVM build says whether they ran as int8 compute on the
+    target (``CompileResult.lowering`` then comes from the build). Every other low-bit layer
+    keeps its quantized weight *values* and computes in float32: it buys size, not latency.
     """
     from voxfit.compress import plan_of
 
+    layers = plan_of(model).layers
+    int8 = int8_convs(model)
     low = sorted(
-        {f"w{x.weight_bits}" for x in plan_of(model).layers if x.weight_bits < 32}
-        | {f"a{x.act_bits}" for x in plan_of(model).layers if x.act_bits < 32}
+        {f"w{x.weight_bits}" for x in layers if x.weight_bits < 32 and x.name not in int8}
+        | {f"a{x.act_bits}" for x in layers if x.act_bits < 32 and x.name not in int8}
     )
-    if not low:
-        return "fp32"
-    return f"fp32 compute; {'/'.join(low)} layers run dequantized (no int8 lowering)"
+    parts = [f"{len(int8)} layers as int8 ops"] if int8 else []
+    if low:
+        parts.append(f"{'/'.join(low)} layers run dequantized in float32")
+    return "; ".join(parts) or "fp32"
+
+
+def _int8_said(lowering: str, int8: dict[str, Any]) -> str:
+    n, note = int8["layers"], int8["note"]
+    if int8["compute"] == "int8":
+        said = f"{n} layers int8 compute (u8 x s8 -> s32; {note})"
+    else:
+        said = f"{n} int8 layers run dequantized in float32 ({note})"
+    return "; ".join([said, *lowering.split("; ")[1:]])
 
 
 def compile_model(
@@ -198,6 +231,8 @@ def compile_model(
                 CompileResult(**base, export_s=export_s, total_s=total, error=r["error"])
             )
             continue
+        if "int8" in r:  # what the build made of the int8 ops on this target
+            base["lowering"] = _int8_said(lowering, r["int8"])
         results.append(
             CompileResult(
                 **base,

@@ -25,6 +25,8 @@ from tvm import relax
 from tvm.s_tir import meta_schedule as ms
 
 from voxfit.compile._database import locked, repair
+from voxfit.compile._qops import OP_NAME  # importing it registers voxfit::qconv1d
+from voxfit.errors import ModelError
 
 log = logging.getLogger(__name__)
 
@@ -133,7 +135,9 @@ def check_target(profile: dict[str, Any]) -> str:
 Import = Literal["auto", "direct", "decomposed"]
 
 
-def load_program(path: str, how: Import = "auto") -> tuple[tvm.IRModule, str, str | None]:
+def load_program(
+    path: str, how: Import = "auto", int8: bool = True
+) -> tuple[tvm.IRModule, str, str | None, int]:
     """The Relax module of a saved torch.export program.
 
     ``"direct"`` imports the program as exported: TVM's importer would otherwise first
@@ -149,9 +153,12 @@ def load_program(path: str, how: Import = "auto") -> tuple[tvm.IRModule, str, st
     Args:
         path: a ``torch.export.save`` file.
         how: ``"auto"``, or force one import.
+        int8: lower ``voxfit::qconv1d`` ops to int8 compute (else float32 convs of the
+            dequantized weights; see :func:`int8_support`).
 
     Returns:
-        The module, the import used, and why ``"auto"`` fell back (None if it did not).
+        The module, the import used, why ``"auto"`` fell back (None if it did not), and how
+        many ``voxfit::qconv1d`` ops it converted.
 
     Raises:
         Exception: whatever TVM's importer raises for a forced import.
@@ -160,20 +167,22 @@ def load_program(path: str, how: Import = "auto") -> tuple[tvm.IRModule, str, st
     from tvm.relax.frontend.torch import from_exported_program
 
     ep = torch.export.load(path)
-    fixes = {"div.Tensor_mode": _div_mode}
+    qconv = _QConv1dConverter(ep, int8)
+    fixes = {"div.Tensor_mode": _div_mode, OP_NAME: qconv}
     why = None
     if how == "auto":
         why = _needs_decomposition(ep)
     if how == "direct" or (how == "auto" and why is None):
         try:
             mod = from_exported_program(ep, run_ep_decomposition=False, custom_convert_map=fixes)
-            return mod, "direct", None
+            return mod, "direct", None, qconv.count
         except (AssertionError, ValueError, TypeError, KeyError, NotImplementedError) as e:
             if how == "direct":
                 raise
             why = f"direct import failed: {type(e).__name__}: {e}"[:300]
             log.info("%s: %s; importing decomposed", path, why)
-    return from_exported_program(ep, custom_convert_map=fixes), "decomposed", why
+    qconv.count = 0
+    return from_exported_program(ep, custom_convert_map=fixes), "decomposed", why, qconv.count
 
 
 def _needs_decomposition(ep: Any) -> str | None:
@@ -214,6 +223,102 @@ def _div_mode(node: Any, importer: Any) -> relax.Var:
     if mode == "floor":
         return bb.emit(relax.op.floor_divide(x, d))  # type: ignore[no-any-return]
     return bb.emit(relax.op.trunc(bb.emit(relax.op.divide(x, d))))  # type: ignore[no-any-return]
+
+
+def int8_support(target: tvm.target.Target) -> tuple[bool, str]:
+    """Whether int8 ops compile to int8 compute on ``target``, and what to say about it.
+
+    Only x86 targets without AVX-512BW/VNNI get it: there MetaSchedule's default rules have
+    no int8 intrinsic, so the u8 x s8 -> s32 loops stay plain TIR that LLVM vectorizes
+    (``vpmaddwd``), exact for full 8-bit inputs. On AVX-512/VNNI targets the default rules
+    would tensorize to intrinsics that need pre-packed weights (TVM 0.27's VNNI one does not
+    even compile with its LLVM 22), and the Arm and CUDA int8 rules are not verified here:
+    those targets compute the dequantized weights in float32 and the result says so.
+    """
+    from tvm.target.codegen import target_has_features
+
+    if target.kind.name != "llvm" or not str(target.attrs.get("mtriple", "")).startswith("x86_64"):
+        return False, f"int8 compute is built for x86 CPU targets only, not {target.kind.name}"
+    for feat in ("avx512bw", "avx512vnni", "avxvnni"):
+        if target_has_features(feat, target):
+            return False, (
+                f"{feat} target: MetaSchedule would tensorize int8 to intrinsics that need "
+                "pre-packed weights (not built)"
+            )
+    return True, "not tensorized: MetaSchedule has no int8 dot-product intrinsic for this ISA"
+
+
+def _tensor_of(ep: Any, node: Any) -> np.ndarray:
+    """The value of a lifted buffer/constant placeholder of an exported program."""
+    sig = ep.graph_signature
+    if node.name in sig.inputs_to_buffers:
+        return dict(ep.named_buffers())[sig.inputs_to_buffers[node.name]].numpy()  # type: ignore[no-any-return]
+    if node.name in sig.inputs_to_lifted_tensor_constants:
+        t = ep.constants[sig.inputs_to_lifted_tensor_constants[node.name]]
+        return t.numpy()  # type: ignore[no-any-return]
+    if node.name in sig.inputs_to_parameters:
+        return ep.state_dict[sig.inputs_to_parameters[node.name]].detach().numpy()  # type: ignore[no-any-return]
+    raise ModelError(f"qconv1d: {node.name} is not a constant of the program")
+
+
+class _QConv1dConverter:
+    """``voxfit::qconv1d`` -> Relax: quantize the input to uint8, ``conv1d`` uint8 x int8 ->
+    int32, dequantize with the zero-point correction folded into a per-channel zero point
+    (``acc - z * sum(w)``, exact because the input is padded with ``z``), add the bias. With
+    ``int8=False``: a float32 conv of the dequantized weights (the input is not rounded).
+    Counts the layers it converted (``.count``)."""
+
+    def __init__(self, ep: Any, int8: bool) -> None:
+        self.ep = ep
+        self.int8 = int8
+        self.count = 0
+
+    def __call__(self, node: Any, importer: Any) -> relax.Var:
+        bb = importer.block_builder
+        x = importer.env[node.args[0]]
+        w, w_scale, bias = (_tensor_of(self.ep, n) for n in node.args[1:4])
+        x_scale, x_zero, stride, padding, dilation = node.args[4:9]
+        self.count += 1
+        b = relax.const(bias.astype("float32").reshape(1, -1, 1))
+        if not self.int8:
+            wf = w.astype("float32") * w_scale.astype("float32")[:, None, None]
+            y = bb.emit(
+                relax.op.nn.conv1d(
+                    x, relax.const(wf), strides=stride, padding=padding, dilation=dilation
+                )
+            )
+            return bb.emit(relax.op.add(y, b))  # type: ignore[no-any-return]
+        q = bb.emit(
+            relax.op.quantize(
+                x,
+                relax.const(np.float32(x_scale)),
+                relax.const(np.int32(x_zero)),
+                axis=1,
+                out_dtype="uint8",
+            )
+        )
+        if x_zero and padding:
+            pads = [0, 0, 0, 0, padding, padding]
+            q = bb.emit(relax.op.nn.pad(q, pads, pad_value=float(x_zero)))
+            padding = 0
+        acc = bb.emit(
+            relax.op.nn.conv1d(
+                q,
+                relax.const(w.astype("int8")),
+                strides=stride,
+                padding=padding,
+                dilation=dilation,
+                out_dtype="int32",
+            )
+        )
+        corr = (int(x_zero) * w.astype("int64").sum(axis=(1, 2))).astype("int32")
+        scale = (np.float32(x_scale) * w_scale.astype("float32")).astype("float32")
+        y = bb.emit(
+            relax.op.dequantize(
+                acc, relax.const(scale), relax.const(corr), axis=1, out_dtype="float32"
+            )
+        )
+        return bb.emit(relax.op.add(y, b))  # type: ignore[no-any-return]
 
 
 def _fuse(mod: tvm.IRModule, target: tvm.target.Target) -> tvm.IRModule:
@@ -350,7 +455,8 @@ def build(req: dict[str, Any]) -> dict[str, Any]:
     tuning = profile["tuning"]
     target = make_target(profile)
     t0 = time.monotonic()
-    mod, how, why = load_program(req["program"])
+    int8_ok, int8_note = int8_support(target)
+    mod, how, why, n_int8 = load_program(req["program"], int8=int8_ok)
     fused = _fuse(mod, target)
     tasks = ms.relax_integration.extract_tasks(fused, target)
     db_dir = Path(req["db_dir"])
@@ -362,6 +468,9 @@ def build(req: dict[str, Any]) -> dict[str, Any]:
     }
     if why:
         out["import_fallback"] = why
+    if n_int8:
+        out["int8"] = {"layers": n_int8, "compute": "int8" if int8_ok else "float32"}
+        out["int8"]["note"] = int8_note
     gpu = _is_gpu(target)
     with locked(db_dir):
         t_db = time.monotonic()

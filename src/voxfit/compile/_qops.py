@@ -1,0 +1,120 @@
+"""Int8 convolution as one opaque op of the deploy graph: ``voxfit::qconv1d``.
+
+A Conv1d whose plan says 8-bit activations and 4- or 8-bit weights is exported as this op
+instead of ``aten.conv1d``: its input is rounded to the calibrated uint8 grid, its weight is
+the int8 grid (per-output-channel scale). In torch it computes exactly what the fake-quantized
+layer computes (so the exported program runs and evaluates like the model); TVM's importer
+turns it into uint8 x int8 -> int32 compute (``voxfit.compile._tvm``), or, on a target that
+cannot run int8 compute, into a float32 conv of the dequantized weights.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from voxfit.errors import ModelError
+
+OP_NAME = "qconv1d.default"  # how TVM's importer keys a custom op (node.target.__name__)
+
+
+@torch.library.custom_op("voxfit::qconv1d", mutates_args=())
+def qconv1d(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    w_scale: torch.Tensor,
+    bias: torch.Tensor,
+    x_scale: float,
+    x_zero: int,
+    stride: int,
+    padding: int,
+    dilation: int,
+) -> torch.Tensor:
+    """conv1d(dequant(quant_u8(x)), weight * w_scale) + bias; ``weight`` is int8 (O, C, K)."""
+    q = torch.clamp(torch.round(x / x_scale) + x_zero, 0, 255)
+    w = weight.to(torch.float32) * w_scale[:, None, None]
+    return F.conv1d((q - x_zero) * x_scale, w, bias, stride, padding, dilation)
+
+
+@qconv1d.register_fake
+def _qconv1d_shape(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    w_scale: torch.Tensor,
+    bias: torch.Tensor,
+    x_scale: float,
+    x_zero: int,
+    stride: int,
+    padding: int,
+    dilation: int,
+) -> torch.Tensor:
+    t = (x.shape[2] + 2 * padding - dilation * (weight.shape[2] - 1) - 1) // stride + 1
+    return x.new_empty((x.shape[0], weight.shape[0], t))
+
+
+class QConv1d(nn.Module):
+    """The deploy form of a fake-quantized Conv1d (weights on a ``bits`` grid, uint8 input)."""
+
+    def __init__(self, conv: nn.Conv1d, bits: int, lo: float, hi: float, name: str) -> None:
+        super().__init__()
+        if conv.groups != 1 or not isinstance(conv.padding, tuple):
+            raise ModelError(f"{name}: only ungrouped, explicitly padded Conv1d lower to int8")
+        w = conv.weight.detach().float()
+        qmax = 2 ** (bits - 1) - 1
+        flat = w.reshape(w.shape[0], -1)
+        scale = flat.abs().amax(dim=1).clamp_min(1e-12) / qmax
+        q = torch.round(flat / scale[:, None])
+        # the weights must already be on the grid (compress.apply quantizes them last)
+        off = ((q * scale[:, None] - flat).abs() / scale[:, None]).max().item()
+        if off > 1e-3:
+            raise ModelError(f"{name}: weights are not on the {bits}-bit grid (off by {off:.3g})")
+        # the same grid as the ActivationQuantizer's (float32 arithmetic)
+        lo_t = torch.clamp(torch.tensor(lo, dtype=torch.float32), max=0.0)
+        hi_t = torch.clamp(torch.tensor(hi, dtype=torch.float32), min=0.0)
+        x_scale = (hi_t - lo_t).clamp_min(1e-8) / 255.0
+        self.x_scale = float(x_scale)
+        self.x_zero = int(torch.round(-lo_t / x_scale))
+        self.stride = int(conv.stride[0])
+        self.padding = int(conv.padding[0])
+        self.dilation = int(conv.dilation[0])
+        self.weight: torch.Tensor
+        self.w_scale: torch.Tensor
+        self.bias: torch.Tensor
+        self.register_buffer("weight", q.reshape(w.shape).to(torch.int8))
+        self.register_buffer("w_scale", scale.clone())
+        b = conv.bias.detach().float() if conv.bias is not None else torch.zeros(w.shape[0])
+        self.register_buffer("bias", b.clone())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.voxfit.qconv1d(  # type: ignore[no-any-return]
+            x,
+            self.weight,
+            self.w_scale,
+            self.bias,
+            self.x_scale,
+            self.x_zero,
+            self.stride,
+            self.padding,
+            self.dilation,
+        )
+
+
+def lower_int8_convs(model: nn.Module, layers: dict[str, int]) -> list[str]:
+    """Replace each named calibrated Conv1d of ``model`` (in place) by a :class:`QConv1d`
+    with ``layers[name]`` weight bits; returns the names replaced."""
+    from voxfit.compress._quant import ActivationQuantizer
+
+    done = []
+    for name, bits in layers.items():
+        conv = model.get_submodule(name)
+        quant = getattr(conv, "act_quant", None)
+        if not isinstance(conv, nn.Conv1d) or not isinstance(quant, ActivationQuantizer):
+            continue
+        if not torch.isfinite(quant.lo):
+            raise ModelError(f"{name}: 8-bit activations were never calibrated")
+        parent_name, _, attr = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, attr, QConv1d(conv, bits, float(quant.lo), float(quant.hi), name))
+        done.append(name)
+    return done

@@ -1,0 +1,107 @@
+"""Int8 lowering: 8-bit-activation convs become voxfit::qconv1d ops, then int8 compute in TVM."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from voxfit.compile import TvmWorker, compile_model
+from voxfit.compile._compile import _Deploy, int8_convs, lowering_of
+from voxfit.compile._qops import QConv1d
+from voxfit.compress import apply
+from voxfit.errors import ModelError
+from voxfit.hw_profiles import load_profile, pick_local_profile
+from voxfit.models import build_model, default_config
+from voxfit.plan import Candidate, LayerPlan
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _quantized(act_bits: int = 8, weight_bits: int = 8) -> nn.Module:
+    torch.manual_seed(0)
+    m = build_model(default_config("tdnn", 12, "tiny")).eval()
+    for mod in m.modules():
+        if isinstance(mod, nn.BatchNorm1d):
+            mod.running_mean.uniform_(-0.5, 0.5)
+            mod.running_var.uniform_(0.5, 2.0)
+    s = m.structure()
+    layers = [LayerPlan(q, weight_bits, act_bits) for q in s.quantizable]
+    layers[-1] = LayerPlan(s.quantizable[-1], 32, 32)  # the head stays float
+    g = torch.Generator().manual_seed(0)
+    cal = [(torch.randn(2, 64, 80, generator=g), torch.tensor([64, 64])) for _ in range(3)]
+    return apply(m, Candidate(layers=tuple(layers)), calibration=cal)
+
+
+def _x(frames: int) -> torch.Tensor:
+    return torch.randn(1, frames, 80, generator=torch.Generator().manual_seed(1))
+
+
+def test_deploy_graph_has_one_int8_op_per_quantized_conv_and_computes_the_same() -> None:
+    q = _quantized(weight_bits=4)
+    names = list(int8_convs(q))
+    assert len(names) == len(q.structure().quantizable) - 1  # all but the float head
+    d = _Deploy(q)
+    assert d.int8_layers == names
+    for n in names:
+        mod = d.model.get_submodule(n)
+        assert isinstance(mod, QConv1d)
+        assert mod.weight.dtype == torch.int8
+        assert int(mod.weight.abs().max()) <= 7  # 4-bit weights on the int8 grid
+    x = _x(64)
+    with torch.no_grad():
+        ref = q(x, torch.tensor([64]))[0].numpy()
+        # equal up to float rounding (the deploy graph folds BatchNorm into an affine)
+        np.testing.assert_allclose(d(x).numpy(), ref, rtol=1e-5, atol=1e-5)
+    assert lowering_of(q) == f"{len(names)} layers as int8 ops"
+
+
+def test_weight_only_and_float_plans_keep_float_convs() -> None:
+    q = _quantized(act_bits=32)
+    assert int8_convs(q) == {}
+    assert not _Deploy(q).int8_layers
+    assert lowering_of(q) == "w8 layers run dequantized in float32"
+
+
+def test_off_grid_weights_are_refused_naming_the_layer() -> None:
+    q = _quantized()
+    with torch.no_grad():
+        q.get_submodule("blocks.0.conv1").weight.add_(1e-3)
+    with pytest.raises(ModelError, match=r"blocks\.0\.conv1: weights are not on the 8-bit grid"):
+        _Deploy(q)
+
+
+@pytest.mark.tvm
+@pytest.mark.slow
+def test_int8_compute_in_tvm_matches_the_fake_quantized_model(tmp_path: Path) -> None:
+    q = _quantized()
+    p = pick_local_profile(ROOT / "hw_profiles")
+    p = replace(
+        p,
+        cores=1,
+        inputs=p.inputs[:1],
+        tuning=replace(p.tuning, database_dir=str(tmp_path / "db")),
+    )
+    with TvmWorker(1) as w:
+        (r,) = compile_model(q, p, w, tmp_path / "out", tune=False)
+        assert r.ok, r.error
+        out = w.call("run_local", timeout_s=120, lib=str(r.lib), input=_x(r.frames).numpy())
+        # a non-int8 target: the same graph compiles to float32 convs, and says so
+        avx512 = load_profile(ROOT / "hw_profiles" / "x86-avx512-2core.yaml")
+        avx512 = replace(avx512, inputs=avx512.inputs[:1], tuning=p.tuning)
+        (f,) = compile_model(q, avx512, w, tmp_path / "f", tune=False, export=False)
+    n = len(int8_convs(q))
+    if p.name.startswith("x86-avx2"):
+        assert r.lowering.startswith(f"{n} layers int8 compute (u8 x s8 -> s32")
+        # the int8 kernels: conv with the dequantize epilogue (and the next quantize fused)
+        assert any("conv1d" in t and "dequantize" in t for t in r.task_names)
+    assert f.ok, f.error
+    assert f.lowering.startswith(f"{n} int8 layers run dequantized in float32 (avx512bw")
+    assert not any("dequantize" in t for t in f.task_names)
+    with torch.no_grad():
+        ref = q(_x(r.frames), torch.tensor([r.frames]))[0].numpy()
+    np.testing.assert_allclose(out["output"], ref, rtol=1e-4, atol=1e-4)
