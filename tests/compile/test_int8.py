@@ -17,12 +17,12 @@ from voxfit.compress import apply
 from voxfit.errors import ModelError
 from voxfit.hw_profiles import load_profile, pick_local_profile
 from voxfit.models import build_model, default_config
-from voxfit.plan import Candidate, LayerPlan
+from voxfit.plan import AdapterPlan, Candidate, LayerPlan
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def _quantized(act_bits: int = 8, weight_bits: int = 8) -> nn.Module:
+def _quantized(act_bits: int = 8, weight_bits: int = 8, adapter: int = 0) -> nn.Module:
     torch.manual_seed(0)
     m = build_model(default_config("tdnn", 12, "tiny")).eval()
     for mod in m.modules():
@@ -34,7 +34,9 @@ def _quantized(act_bits: int = 8, weight_bits: int = 8) -> nn.Module:
     layers[-1] = LayerPlan(s.quantizable[-1], 32, 32)  # the head stays float
     g = torch.Generator().manual_seed(0)
     cal = [(torch.randn(2, 64, 80, generator=g), torch.tensor([64, 64])) for _ in range(3)]
-    return apply(m, Candidate(layers=tuple(layers)), calibration=cal)
+    adapters = (AdapterPlan(s.adapter_slots[-1].name, adapter),) if adapter else ()
+    cand = Candidate(layers=tuple(layers), adapters=adapters)
+    return apply(m, cand, calibration=cal)
 
 
 def _x(frames: int) -> torch.Tensor:
@@ -67,6 +69,34 @@ def test_weight_only_and_float_plans_keep_float_convs() -> None:
     assert lowering_of(q) == "w8 layers run dequantized in float32"
 
 
+def test_depthwise_convs_and_lora_targets_keep_float_compute() -> None:
+    torch.manual_seed(0)
+    conf = build_model(default_config("conformer", 12, "tiny")).eval()
+    s = conf.structure()
+    cal = [(torch.randn(2, 64, 80), torch.tensor([64, 64]))]
+    q = apply(
+        conf, Candidate(layers=tuple(LayerPlan(n, 8, 8) for n in s.quantizable)), calibration=cal
+    )
+    lowered = int8_convs(q)
+    dw = [n for n in s.quantizable if n.endswith(".dw")]
+    assert dw
+    assert not set(dw) & set(lowered)  # grouped: no int8 lowering, and no export failure
+    assert list(lowered) == ["stem"]  # the conformer's only ungrouped conv; the rest is linear
+    d = _Deploy(q)  # exports what it can lower and nothing else
+    assert d.int8_layers == list(lowered)
+
+    tdnn = build_model(default_config("tdnn", 12, "tiny")).eval()
+    t = tdnn.structure()
+    lora = next(x for x in t.adapter_slots if x.lora_target)
+    cand = Candidate(
+        layers=tuple(LayerPlan(n, 8, 8) for n in t.quantizable),
+        adapters=(AdapterPlan(lora.name, 4, "lora"),),
+    )
+    q2 = apply(tdnn, cand, calibration=cal)
+    assert lora.lora_target not in int8_convs(q2)  # its LoRA hook would be lost
+    assert len(int8_convs(q2)) == len(t.quantizable) - 1
+
+
 def test_off_grid_weights_are_refused_naming_the_layer() -> None:
     q = _quantized()
     with torch.no_grad():
@@ -78,7 +108,8 @@ def test_off_grid_weights_are_refused_naming_the_layer() -> None:
 @pytest.mark.tvm
 @pytest.mark.slow
 def test_int8_compute_in_tvm_matches_the_fake_quantized_model(tmp_path: Path) -> None:
-    q = _quantized()
+    # an adapter (a linear layer) makes the import decompose: the int8 op must survive that
+    q = _quantized(adapter=4)
     p = pick_local_profile(ROOT / "hw_profiles")
     p = replace(
         p,
@@ -99,8 +130,10 @@ def test_int8_compute_in_tvm_matches_the_fake_quantized_model(tmp_path: Path) ->
         assert r.lowering.startswith(f"{n} layers int8 compute (u8 x s8 -> s32")
         # the int8 kernels: conv with the dequantize epilogue (and the next quantize fused)
         assert any("conv1d" in t and "dequantize" in t for t in r.task_names)
+        assert r.details["import"] == "decomposed"
     assert f.ok, f.error
-    assert f.lowering.startswith(f"{n} int8 layers run dequantized in float32 (avx512bw")
+    assert f.lowering.startswith(f"{n} int8 layers run dequantized in float32, inputs not")
+    assert "(avx512bw target" in f.lowering
     assert not any("dequantize" in t for t in f.task_names)
     with torch.no_grad():
         ref = q(_x(r.frames), torch.tensor([r.frames]))[0].numpy()

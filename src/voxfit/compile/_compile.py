@@ -136,16 +136,27 @@ def export_program(model: nn.Module, frames: int, path: str | Path, n_mels: int 
 
 
 def int8_convs(model: nn.Module) -> dict[str, int]:
-    """The plan's layers that lower to int8 compute: Conv1d layers with 8-bit activations and
-    4- or 8-bit weights (name -> weight bits). Linear layers (adapters, attention) do not."""
+    """The plan's layers that lower to int8 compute (name -> weight bits): ungrouped,
+    zero-padded Conv1d layers with calibrated 8-bit activations, 4- or 8-bit weights and no
+    LoRA adapter on them. Others (linear layers, depthwise convs, LoRA targets) keep float
+    compute with their quantized values."""
     from voxfit.compress import plan_of
+    from voxfit.compress._quant import ActivationQuantizer
+
+    def lowers(layer: nn.Module) -> bool:
+        return (
+            isinstance(layer, nn.Conv1d)
+            and layer.groups == 1
+            and layer.padding_mode == "zeros"
+            and isinstance(layer.padding, tuple)
+            and isinstance(getattr(layer, "act_quant", None), ActivationQuantizer)
+            and not hasattr(layer, "lora")
+        )
 
     return {
         x.name: x.weight_bits
         for x in plan_of(model).layers
-        if x.act_bits == 8
-        and x.weight_bits in (4, 8)
-        and isinstance(model.get_submodule(x.name), nn.Conv1d)
+        if x.act_bits == 8 and x.weight_bits in (4, 8) and lowers(model.get_submodule(x.name))
     }
 
 
@@ -176,7 +187,7 @@ def _int8_said(lowering: str, int8: dict[str, Any]) -> str:
     if int8["compute"] == "int8":
         said = f"{n} layers int8 compute (u8 x s8 -> s32; {note})"
     else:
-        said = f"{n} int8 layers run dequantized in float32 ({note})"
+        said = f"{n} int8 layers run dequantized in float32, inputs not rounded ({note})"
     return "; ".join([said, *lowering.split("; ")[1:]])
 
 

@@ -102,7 +102,11 @@ class QConv1d(nn.Module):
 
 def lower_int8_convs(model: nn.Module, layers: dict[str, int]) -> list[str]:
     """Replace each named calibrated Conv1d of ``model`` (in place) by a :class:`QConv1d`
-    with ``layers[name]`` weight bits; returns the names replaced."""
+    with ``layers[name]`` weight bits (``compile.int8_convs`` picks them); returns the names.
+
+    Raises:
+        ModelError: a named layer is not a calibrated, fake-quantized Conv1d.
+    """
     from voxfit.compress._quant import ActivationQuantizer
 
     done = []
@@ -110,7 +114,7 @@ def lower_int8_convs(model: nn.Module, layers: dict[str, int]) -> list[str]:
         conv = model.get_submodule(name)
         quant = getattr(conv, "act_quant", None)
         if not isinstance(conv, nn.Conv1d) or not isinstance(quant, ActivationQuantizer):
-            continue
+            raise ModelError(f"{name}: not a Conv1d with an 8-bit activation quantizer")
         if not torch.isfinite(quant.lo):
             raise ModelError(f"{name}: 8-bit activations were never calibrated")
         parent_name, _, attr = name.rpartition(".")

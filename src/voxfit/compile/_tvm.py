@@ -261,6 +261,18 @@ def _tensor_of(ep: Any, node: Any) -> np.ndarray:
     raise ModelError(f"qconv1d: {node.name} is not a constant of the program")
 
 
+def _quantize_u8(x: Any, scale: float, zero: int) -> Any:
+    """uint8 quantization rounding ties to even like torch.round (relax.quantize rounds them
+    away from zero, a step off torch's fake quantization now and then)."""
+    from tvm import te, tirx
+
+    def f(*i: Any) -> Any:
+        v = tirx.nearbyint(x(*i) / tirx.const(scale, "float32")) + tirx.const(zero, "float32")
+        return tirx.max(tirx.min(v, 255.0), 0.0).astype("uint8")
+
+    return te.compute(x.shape, f, name="quantize_u8")
+
+
 class _QConv1dConverter:
     """``voxfit::qconv1d`` -> Relax: quantize the input to uint8, ``conv1d`` uint8 x int8 ->
     int32, dequantize with the zero-point correction folded into a per-channel zero point
@@ -288,15 +300,9 @@ class _QConv1dConverter:
                 )
             )
             return bb.emit(relax.op.add(y, b))  # type: ignore[no-any-return]
-        q = bb.emit(
-            relax.op.quantize(
-                x,
-                relax.const(np.float32(x_scale)),
-                relax.const(np.int32(x_zero)),
-                axis=1,
-                out_dtype="uint8",
-            )
-        )
+        if int(np.prod(w.shape[1:])) * 255 * 128 >= 2**31:
+            raise ModelError(f"qconv1d: {w.shape[1]}x{w.shape[2]} taps could overflow int32")
+        q = bb.emit_te(_quantize_u8, x, float(x_scale), int(x_zero), primfunc_name_hint="quantize")
         if x_zero and padding:
             pads = [0, 0, 0, 0, padding, padding]
             q = bb.emit(relax.op.nn.pad(q, pads, pad_value=float(x_zero)))
