@@ -160,13 +160,14 @@ def int8_convs(model: nn.Module) -> dict[str, int]:
     }
 
 
-def lowering_of(model: nn.Module) -> str:
+def lowering_of(model: nn.Module, int8_built: dict[str, Any] | None = None) -> str:
     """How the plan's low bit-widths are compiled (said in every result, per the design).
 
     Layers with 8-bit activations and <= 8-bit weights (convolutions) are exported as int8
     ops (see :func:`int8_convs`); the TVM build says whether they ran as int8 compute on the
-    target (``CompileResult.lowering`` then comes from the build). Every other low-bit layer
-    keeps its quantized weight *values* and computes in float32: it buys size, not latency.
+    target (``int8_built``: the build's ``int8`` report, which then describes them). Every
+    other low-bit layer keeps its quantized weight *values* and computes in float32: it buys
+    size, not latency.
     """
     from voxfit.compress import plan_of
 
@@ -177,18 +178,18 @@ def lowering_of(model: nn.Module) -> str:
         | {f"a{x.act_bits}" for x in layers if x.act_bits < 32 and x.name not in int8}
     )
     parts = [f"{len(int8)} layers as int8 ops"] if int8 else []
+    if int8_built:
+        parts = [_int8_said(int8_built)]
     if low:
         parts.append(f"{'/'.join(low)} layers run dequantized in float32")
     return "; ".join(parts) or "fp32"
 
 
-def _int8_said(lowering: str, int8: dict[str, Any]) -> str:
+def _int8_said(int8: dict[str, Any]) -> str:
     n, note = int8["layers"], int8["note"]
     if int8["compute"] == "int8":
-        said = f"{n} layers int8 compute (u8 x s8 -> s32; {note})"
-    else:
-        said = f"{n} int8 layers run dequantized in float32, inputs not rounded ({note})"
-    return "; ".join([said, *lowering.split("; ")[1:]])
+        return f"{n} layers int8 compute (u8 x s8 -> s32; {note})"
+    return f"{n} int8 layers run dequantized in float32, inputs not rounded ({note})"
 
 
 def compile_model(
@@ -243,7 +244,7 @@ def compile_model(
             )
             continue
         if "int8" in r:  # what the build made of the int8 ops on this target
-            base["lowering"] = _int8_said(lowering, r["int8"])
+            base["lowering"] = lowering_of(model, r["int8"])
         results.append(
             CompileResult(
                 **base,
