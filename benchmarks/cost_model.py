@@ -1,7 +1,8 @@
 """How well does the learned cost model predict tuned TVM latency on the local CPU profile?
 
 Samples candidates from a space, compiles (tuning tasks the profile's database lacks) and
-measures each on this machine with per-kernel times (``voxfit cost-model collect``), holds
+measures each on this machine with per-kernel times (``voxfit cost-model collect``), in
+rounds alternating with the uncompressed base model so the host's speed drift cancels, holds
 out a share of the candidates, fits the xgboost per-task model on the rest and reports, for
 it and for the analytic roofline, RMSE, MAPE, the share within +-10% / +-5% and rank
 correlations on the held-out candidates; writes ``benchmarks/results/cost_model.json`` and a
@@ -116,6 +117,8 @@ def main(argv: list[str] | None = None) -> int:
         "n_train": len(tr),
         "n_test": len(te),
         "roofline": {k: m["roofline"][k] for k in KEYS},
+        "raw": {k: m["raw"][k] for k in KEYS},
+        "reference_ms": cm.card.get("reference_ms"),
         "predict_ms": predict_ms,
         "collect_minutes": collect_minutes,
         "collect": info,
@@ -164,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
         )
     fig.update_layout(
         title=f"{profile.name}: predicted vs measured latency, {len(te)} held-out candidates",
-        xaxis_title="measured ms (TVM, tuned)",
+        xaxis_title="measured ms (TVM, tuned; at the reference speed)",
         yaxis_title="predicted ms",
     )
     fig.write_html(args.out.with_suffix(".html"), include_plotlyjs="cdn")

@@ -94,8 +94,14 @@ def test_kernel_times_are_attributed_to_the_segment_that_ran_them() -> None:
         attribute_calls(calls[:-3], _tasks())
 
 
-def _synthetic(profile: HardwareProfile, n: int, seed: int) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Candidates whose task times follow a known law (FLOPs-bound + a fixed cost)."""
+def _synthetic(
+    profile: HardwareProfile, n: int, seed: int, drift: float = 0.0
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Candidates whose task times follow a known law (FLOPs-bound + a fixed cost).
+
+    ``drift``: each candidate is timed on a host running up to that much slower (raw ms and
+    instrumented task ms), beside a reference model of 2 ms that slowed down with it.
+    """
     rng = np.random.default_rng(seed)
     base = _base()
     models, tasks = [], []
@@ -109,18 +115,23 @@ def _synthetic(profile: HardwareProfile, n: int, seed: int) -> tuple[pd.DataFram
         )
         ts = decompose(apply(base, cand, channel_multiple=8), 100)
         ms = [0.02 + t.features["mflops"] * 0.05 for t in ts]
+        slow = 1.0 + drift * float(rng.random())
         key = f"c{i}"
         models.append(
             {
                 "cand": key,
                 "input": "utterance_1s",
-                "measured_ms": sum(ms) + 0.03,
+                "measured_ms": (sum(ms) + 0.03) * slow,
+                "kernels_ms": (sum(ms) + 0.03) * slow,
+                "loose_ms": 0.03 * slow,
+                "reference_ms": 2.0 * slow if drift else None,
+                "relative": (sum(ms) + 0.03) / 2.0 if drift else None,
                 "profile_hash": profile.stable_hash(),
                 "tvm_version": "0.27.0",
             }
         )
         tasks += [
-            {"cand": key, "input": "utterance_1s", "task": t.name, **t.features, "ms": v}
+            {"cand": key, "input": "utterance_1s", "task": t.name, **t.features, "ms": v * slow}
             for t, v in zip(ts, ms, strict=True)
         ]
     return pd.DataFrame(models), pd.DataFrame(tasks)
@@ -141,6 +152,26 @@ def test_fit_learns_a_known_law_and_round_trips(profile: HardwareProfile, tmp_pa
     (tmp_path / "model.json").write_text((tmp_path / "model.json").read_text() + " ")
     with pytest.raises(ConfigError, match="sha256"):
         CostModel.load(tmp_path)
+
+
+def test_labels_are_normalized_by_the_reference_timed_alongside(
+    profile: HardwareProfile,
+) -> None:
+    models, tasks = _synthetic(profile, 40, 3, drift=1.0)  # the host up to 2x slower
+    cm = fit(models, tasks, profile)
+    # the reference's typical time: the median over the collection
+    assert cm.card["reference_ms"]["utterance_1s"] == pytest.approx(
+        float(models["reference_ms"].median())
+    )
+    m, frame = evaluate(cm, models, tasks, profile)
+    assert m["within_10pct"] >= 0.9
+    assert m["spearman"] > 0.95
+    # the normalized labels are the law's times scaled to the reference's median speed
+    typical = float(models["reference_ms"].median()) / 2.0
+    law = models["relative"] * 2.0 * typical
+    assert frame["measured_ms"].to_numpy() == pytest.approx(law.to_numpy())
+    # against the raw (drifting) medians the same predictions miss far more often
+    assert m["raw"]["within_10pct"] < m["within_10pct"] - 0.3
 
 
 def test_a_model_refuses_another_profile(profile: HardwareProfile) -> None:
@@ -217,6 +248,14 @@ def test_tiny_collect_fit_predict(profile: HardwareProfile, tmp_path: Path) -> N
     # the kernels' sum is what the whole-model time is made of (VM overhead aside)
     ratio = models["kernels_ms"] / models["measured_ms"]
     assert ratio.between(0.25, 4.0).all(), ratio.tolist()  # same ballpark (shared machine)
+    # the base was timed alongside each candidate: compressed ones are no slower than it
+    assert (models["reference_ms"] > 0).all()
+    assert models["relative"].between(0.05, 1.5).all(), models["relative"].tolist()
+    assert (
+        (models["relative"] * models["reference_ms"] / models["measured_ms"])
+        .between(0.5, 2.0)
+        .all()
+    )
     again = collect(base, bound, p, 3, work_dir=tmp_path / "w", cost_models_dir=tmp_path / "cm")
     assert again["skipped"] == 3
     cm = fit(models, tasks, p)

@@ -614,13 +614,58 @@ def _time_calls(vm: relax.VirtualMachine, dev: tvm.runtime.Device, frames: int, 
     ]
 
 
+# Reference executables stay loaded for the worker's life (measure_local's ``reference``).
+_REFERENCES: dict[str, Any] = {}
+
+
+def _vm_of(lib: str, dev: tvm.runtime.Device) -> relax.VirtualMachine:
+    ex = _EXECUTABLES.get(lib)
+    return relax.VirtualMachine(ex if ex is not None else tvm.runtime.load_module(lib), dev)
+
+
+def _time_paired(
+    vm: relax.VirtualMachine,
+    ref: relax.VirtualMachine,
+    dev: tvm.runtime.Device,
+    frames: int,
+    m: dict[str, Any],
+) -> dict[str, Any]:
+    """Time ``vm`` and a reference model in alternating rounds (one sample each per round).
+
+    The machine's speed drifts (shared host: 1.5-2x over hours, bursts of load within
+    seconds); the median of the per-round ratios cancels what both runs of a round share.
+    """
+    x = tvm.runtime.tensor(
+        np.random.default_rng(0).standard_normal((1, frames, 80)).astype("float32"), dev
+    )
+    for _ in range(int(m["warmup"])):
+        vm["main"](x)
+        ref["main"](x)
+    kw = {"number": 1, "repeat": 1, "min_repeat_ms": int(m["min_repeat_ms"])}
+    f, g = vm.time_evaluator("main", dev, **kw), ref.time_evaluator("main", dev, **kw)
+    mine, theirs = [], []
+    for _ in range(int(m["repeats"])):
+        mine.append(f(x).results[0])
+        theirs.append(g(x).results[0])
+    out = _stats(mine)
+    out["reference_ms"] = statistics.median(theirs) * 1e3
+    out["relative"] = statistics.median(a / b for a, b in zip(mine, theirs, strict=True))
+    return out
+
+
 def measure_local(req: dict[str, Any]) -> dict[str, Any]:
-    """Time ``lib`` on this machine (request keys: lib, frames, measurement, device, and
-    ``calls``: how many instrumented runs give per-kernel times, 0 for none)."""
+    """Time ``lib`` on this machine (request keys: lib, frames, measurement, device,
+    ``calls``: how many instrumented runs give per-kernel times, 0 for none, and
+    ``reference``: a library timed in rounds alternating with ``lib``, 0/None for none)."""
     dev = tvm.cuda(0) if req.get("device") == "cuda" else tvm.cpu(0)
-    ex = _EXECUTABLES.get(req["lib"])
-    vm = relax.VirtualMachine(ex if ex is not None else tvm.runtime.load_module(req["lib"]), dev)
-    out = _time_vm(vm, dev, int(req["frames"]), req["measurement"])
+    vm = _vm_of(req["lib"], dev)
+    if req.get("reference"):
+        if req["reference"] not in _REFERENCES:
+            _REFERENCES[req["reference"]] = _vm_of(req["reference"], dev)
+        ref = _REFERENCES[req["reference"]]
+        out = _time_paired(vm, ref, dev, int(req["frames"]), req["measurement"])
+    else:
+        out = _time_vm(vm, dev, int(req["frames"]), req["measurement"])
     out["threads"] = int(os.environ.get("TVM_NUM_THREADS", "0"))
     if int(req.get("calls", 0)) > 0:
         out["calls"] = _time_calls(vm, dev, int(req["frames"]), int(req["calls"]))
@@ -630,8 +675,7 @@ def measure_local(req: dict[str, Any]) -> dict[str, Any]:
 def run_local(req: dict[str, Any]) -> dict[str, Any]:
     """Run ``lib`` once on ``input`` (a numpy array) here; returns the output array."""
     dev = tvm.cuda(0) if req.get("device") == "cuda" else tvm.cpu(0)
-    ex = _EXECUTABLES.get(req["lib"])
-    vm = relax.VirtualMachine(ex if ex is not None else tvm.runtime.load_module(req["lib"]), dev)
+    vm = _vm_of(req["lib"], dev)
     out = vm["main"](tvm.runtime.tensor(np.asarray(req["input"], dtype="float32"), dev))
     first = out[0] if not hasattr(out, "numpy") else out
     return {"output": first.numpy()}

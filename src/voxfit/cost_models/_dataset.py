@@ -84,6 +84,8 @@ def rows_of(
         "plan": json.dumps(candidate.to_dict(), sort_keys=True),
         "measured_ms": result.median_ms,
         "iqr_ms": result.iqr_ms,
+        "reference_ms": result.reference_ms,
+        "relative": result.relative,
         "kernels_ms": sum(ms for _, ms in result.calls) if result.calls else None,
         "loose_ms": loose if result.calls else None,
         "n_kernels": len(result.calls),
@@ -188,12 +190,15 @@ def collect(
     seed: int = 0,
     calibration: Any = None,
     on_result: Callable[[Candidate, LatencyResult], None] | None = None,
+    reference: bool = True,
 ) -> dict[str, Any]:
     """Compile (tuning new tasks) and measure ``n`` sampled candidates; append them.
 
     Only local measurement gives per-task times (the VM is instrumented in-process); an
-    RPC profile records whole-model times only. Failed candidates are counted, not stored.
-    Returns counts and the wall time.
+    RPC profile records whole-model times only. With ``reference`` the uncompressed
+    ``base`` is timed in rounds alternating with every candidate, so each row also has the
+    candidate's drift-free latency relative to the base (``relative``). Failed candidates
+    are counted, not stored. Returns counts and the wall time.
     """
     from voxfit.compress import apply
     from voxfit.latency import TvmLocalEstimator
@@ -208,6 +213,10 @@ def collect(
     inputs = inputs or (profile.primary_input,)
     done = set()
     if not models.empty:
+        if reference and "relative" in models:
+            models = models[models["relative"].notna()]  # rows without it are measured again
+        elif reference:
+            models = models.iloc[:0]
         done = set(zip(models["cand"], models["input"], strict=True))
     todo = [
         c
@@ -225,7 +234,11 @@ def collect(
     stored = failed = 0
     with (
         TvmLocalEstimator(
-            profile, work_dir, cost_models_dir=cost_models_dir, profile_calls=5
+            profile,
+            work_dir,
+            cost_models_dir=cost_models_dir,
+            profile_calls=5,
+            reference=base if reference else None,
         ) as est,
         progress_bar(info=True) as bar,
     ):

@@ -1,8 +1,11 @@
 """Latency cost models per profile: gradient-boosted trees per task, a roofline baseline.
 
 The learned model predicts each task's ms with xgboost (trained on log ms, so errors are
-relative) and adds a per-model overhead (a least-squares line over the number of
-adapters, fitted on what the kernels' sum leaves of the whole-model median). Files, no
+relative) and adds a per-model overhead (a least-squares line over the number of adapters,
+fitted on the time no task owns). Labels are latencies at one reference speed: a candidate
+timed in rounds alternating with the uncompressed base gets ``relative`` x the base's
+typical ms (``card.reference_ms``), so the host's drift does not enter the labels, and each
+task's label is its share of the instrumented kernel time scaled to that. Files, no
 pickle: ``model.json`` (xgboost's JSON) and ``card.yaml`` (features, the training ranges,
 the task kinds seen, the overhead, metrics, provenance). A card is bound to one profile: a
 model trained on one refuses to predict for another.
@@ -110,7 +113,10 @@ def metrics_table(title: str, m: dict[str, Any]) -> Any:
     t = Table(title=title)
     for col in ("model", "within 10%", "within 5%", "MAPE", "RMSE ms", "Spearman", "Kendall"):
         t.add_column(col)
-    for name, row in (("xgboost", m), ("roofline", m["roofline"])):
+    rows = [("xgboost", m), ("roofline", m["roofline"])]
+    if "raw" in m:
+        rows.append(("xgboost vs raw ms", m["raw"]))
+    for name, row in rows:
         t.add_row(
             name,
             f"{row['within_10pct']:.0%}",
@@ -246,6 +252,54 @@ def load_for(profile: HardwareProfile, cost_models_dir: str | Path = "cost_model
     return cm
 
 
+def reference_ms(models: pd.DataFrame) -> dict[str, float]:
+    """Per input, the median time of the reference model over the rows that timed it."""
+    if "relative" not in models or models["relative"].isna().all():
+        return {}
+    timed = models.dropna(subset=["relative", "reference_ms"])
+    return {str(k): float(g["reference_ms"].median()) for k, g in timed.groupby("input")}
+
+
+def normalized_ms(models: pd.DataFrame, reference: dict[str, float]) -> pd.Series:
+    """Each row's latency at the reference speed: ``relative`` x the reference model's
+    typical ms for that input where the row timed the reference, else the raw median.
+
+    The host's speed drifts (1.5-2x over hours on a shared machine), the ratio to a model
+    timed in alternating rounds does not; this is the label the cost model learns.
+    """
+    out = models["measured_ms"].astype(float).copy()
+    if "relative" in models and reference:
+        ref = models["input"].map(reference)
+        ok = models["relative"].notna() & ref.notna()
+        out[ok] = models.loc[ok, "relative"].astype(float) * ref[ok].astype(float)
+    return out
+
+
+def _task_labels(
+    models: pd.DataFrame, labelled: pd.DataFrame, reference: dict[str, float]
+) -> tuple[pd.Series, dict[tuple[str, str], float]]:
+    """Per-task labels that add up to the candidate's normalized whole-model time.
+
+    The instrumented run gives each task's share of the kernel time (its absolute ms carry
+    the instrument's per-call cost and the moment's machine speed); the shares are scaled to
+    the whole-model time, and the unattributed share (input layout) becomes the overhead.
+    Returns (label per task row, overhead ms per (cand, input)).
+    """
+    whole = normalized_ms(models, reference)
+    scale: dict[tuple[str, str], float] = {}
+    loose: dict[tuple[str, str], float] = {}
+    for i, m in models.iterrows():
+        key = (m["cand"], m["input"])
+        kernels = m.get("kernels_ms")
+        if kernels is None or not np.isfinite(kernels) or kernels <= 0:
+            continue
+        scale[key] = float(whole[i]) / float(kernels)
+        loose[key] = float(m.get("loose_ms") or 0.0) * scale[key]
+    keys = list(zip(labelled["cand"], labelled["input"], strict=True))
+    factor = np.array([scale.get(k, np.nan) for k in keys])
+    return labelled["ms"].astype(float) * factor, loose
+
+
 def fit(
     models: pd.DataFrame,
     tasks: pd.DataFrame,
@@ -268,13 +322,16 @@ def fit(
             f"cost-model fit: dataset rows from other profile versions ({', '.join(other)}); "
             f"{profile.name} is {profile.stable_hash()}"
         )
+    reference = reference_ms(models)
     labelled = tasks.dropna(subset=["ms"])
+    labels, loose = _task_labels(models, labelled, reference)
+    labelled = labelled.assign(label=labels).dropna(subset=["label"])
     keys = set(zip(labelled["cand"], labelled["input"], strict=True))
     used = models[[k in keys for k in zip(models["cand"], models["input"], strict=True)]]
     if used.empty:
         raise ConfigError("cost-model fit: no candidate has per-task times (collect locally)")
     x = labelled[list(FEATURES)].to_numpy(dtype=np.float32)
-    y = np.log(np.maximum(labelled["ms"].to_numpy(dtype=float), 1e-4))
+    y = np.log(np.maximum(labelled["label"].to_numpy(dtype=float), 1e-4))
     params = {
         "objective": "reg:squarederror",
         "seed": seed,
@@ -289,13 +346,13 @@ def fit(
         xgb.DMatrix(x, label=y, feature_names=list(FEATURES)),
         num_boost_round=int(_XGB_PARAMS["n_estimators"]),
     )
-    # overhead: whole-model median minus the sum of its measured task times
+    # overhead: the share of the whole-model time no task owns
     rows_x, rows_y = [], []
     by_key = {k: g for k, g in labelled.groupby(["cand", "input"])}
     for _, m in used.iterrows():
-        g = by_key[(m["cand"], m["input"])]
-        rows_x.append(_overhead_x(g))
-        rows_y.append(float(m["measured_ms"]) - float(g["ms"].sum()))
+        key = (m["cand"], m["input"])
+        rows_x.append(_overhead_x(by_key[key]))
+        rows_y.append(loose[key])
     coef, *_ = np.linalg.lstsq(np.asarray(rows_x), np.asarray(rows_y), rcond=None)
     ranges = {f: [float(labelled[f].min()), float(labelled[f].max())] for f in FEATURES}
     seen = sorted(
@@ -315,6 +372,8 @@ def fit(
         "ranges": ranges,
         "seen_kinds": [list(k) for k in seen],
         "overhead": {"terms": ["1", "n_adapters"], "coef": [float(c) for c in coef]},
+        # labels are latencies at the speed where the reference model takes these ms
+        "reference_ms": reference,
         "xgboost": {**_XGB_PARAMS, "target": "log(ms) per task", "seed": seed},
         "metrics": {},
     }
@@ -332,7 +391,8 @@ def evaluate(
 
     rows = []
     by_key = {k: g for k, g in tasks.groupby(["cand", "input"])}
-    for _, m in models.iterrows():
+    measured = normalized_ms(models, cm.card.get("reference_ms") or {})
+    for i, m in models.iterrows():
         g = by_key[(m["cand"], m["input"])]
         ts = [Task(r["task"], {f: float(r[f]) for f in FEATURES}) for _, r in g.iterrows()]
         p = cm.predict_tasks(ts)
@@ -340,7 +400,8 @@ def evaluate(
             {
                 "cand": m["cand"],
                 "input": m["input"],
-                "measured_ms": float(m["measured_ms"]),
+                "measured_ms": float(measured[i]),
+                "raw_ms": float(m["measured_ms"]),
                 "predicted_ms": p.ms,
                 "roofline_ms": roofline_ms(ts, profile),
                 "low_confidence": p.low_confidence,
@@ -349,6 +410,8 @@ def evaluate(
     frame = pd.DataFrame(rows)
     out: dict[str, Any] = metrics(frame["predicted_ms"], frame["measured_ms"])
     out["roofline"] = metrics(frame["roofline_ms"], frame["measured_ms"])
+    # the same predictions against the raw medians (the machine's speed at that moment)
+    out["raw"] = metrics(frame["predicted_ms"], frame["raw_ms"])
     out["low_confidence"] = int(frame["low_confidence"].sum())
     return out, frame
 

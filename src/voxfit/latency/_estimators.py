@@ -17,7 +17,7 @@ from typing import Any, Literal, Protocol
 from torch import nn
 
 from voxfit.compile import CompileResult, TvmWorker, compile_model
-from voxfit.errors import ConfigError
+from voxfit.errors import ConfigError, ModelError
 from voxfit.hw_profiles import HardwareProfile, InputSpec, host_runs
 
 Method = Literal["local", "rpc", "predicted"]
@@ -46,6 +46,10 @@ class LatencyResult:
     # (kernel name, median ms) in call order, when the estimator profiles kernels
     calls: tuple[tuple[str, float], ...] = field(default=(), compare=False)
     note: str = ""  # e.g. why a predicted latency is low-confidence
+    # with a reference model timed in alternating rounds: its median, and the median of
+    # the per-round (this / reference) ratios -- a drift-free relative latency
+    reference_ms: float | None = None
+    relative: float | None = None
 
     @property
     def ok(self) -> bool:
@@ -75,6 +79,8 @@ class LatencyResult:
             "measure_s": self.measure_s,
             "error": self.error,
             "note": self.note,
+            "reference_ms": self.reference_ms,
+            "relative": self.relative,
             "compile": None
             if c is None
             else {
@@ -214,6 +220,8 @@ class _TvmEstimator:
                     measure_s=took,
                     samples_ms=tuple(r["samples_ms"]),
                     calls=tuple((str(n), float(t)) for n, t in r.get("calls", ())),
+                    reference_ms=r.get("reference_ms"),
+                    relative=r.get("relative"),
                 )
             )
         return results
@@ -230,18 +238,56 @@ class TvmLocalEstimator(_TvmEstimator):
     export_library = False
 
     def __init__(
-        self, profile: HardwareProfile, work_dir: str | Path, *, profile_calls: int = 0, **kw: Any
+        self,
+        profile: HardwareProfile,
+        work_dir: str | Path,
+        *,
+        profile_calls: int = 0,
+        reference: nn.Module | None = None,
+        **kw: Any,
     ) -> None:
-        """``profile_calls`` > 0: also time every kernel over that many runs (``calls``)."""
+        """``profile_calls`` > 0: also time every kernel over that many runs (``calls``).
+        ``reference``: a model timed in rounds alternating with each candidate (results
+        carry ``reference_ms`` and ``relative``); compiled once, at the first estimate.
+
+        Raises:
+            ConfigError: this CPU cannot run the profile's target code.
+        """
         ok, why = host_runs(profile)
         if not ok:
             raise ConfigError(f"{profile.source or profile.name}: cannot measure locally: {why}")
         super().__init__(profile, work_dir, **kw)
         self.profile_calls = profile_calls
+        self.reference = reference
+        self._reference_libs: dict[str, str] = {}
+
+    def _reference_lib(self, c: CompileResult) -> str | None:
+        if self.reference is None:
+            return None
+        if c.input not in self._reference_libs:
+            spec = InputSpec(name=c.input, frames=c.frames)
+            (r,) = compile_model(
+                self.reference,
+                self.profile,
+                self.worker,
+                self.work_dir / f"reference-{c.input}",
+                inputs=(spec,),
+                cost_models_dir=self.cost_models_dir,
+                tune=self.tune,
+                export=True,  # a file: the worker keeps it loaded, whatever it builds next
+            )
+            if not r.ok or r.lib is None:
+                raise ModelError(f"reference model ({c.input}) failed to compile: {r.error}")
+            self._reference_libs[c.input] = str(r.lib)
+        return self._reference_libs[c.input]
 
     def _measure(self, c: CompileResult) -> dict[str, Any]:
+        try:
+            ref = self._reference_lib(c)
+        except ModelError as e:
+            return {"error": str(e)}
         return self.worker.call(
-            "measure_local", calls=self.profile_calls, **self._measure_request(c)
+            "measure_local", calls=self.profile_calls, reference=ref, **self._measure_request(c)
         )
 
 
