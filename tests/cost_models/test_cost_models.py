@@ -126,6 +126,7 @@ def _synthetic(
                 "loose_ms": 0.03 * slow,
                 "reference_ms": 2.0 * slow if drift else None,
                 "relative": (sum(ms) + 0.03) / 2.0 if drift else None,
+                "reference": "Ref-1" if drift else None,
                 "profile_hash": profile.stable_hash(),
                 "tvm_version": "0.27.0",
             }
@@ -160,7 +161,7 @@ def test_labels_are_normalized_by_the_reference_timed_alongside(
     models, tasks = _synthetic(profile, 40, 3, drift=1.0)  # the host up to 2x slower
     cm = fit(models, tasks, profile)
     # the reference's typical time: the median over the collection
-    assert cm.card["reference_ms"]["utterance_1s"] == pytest.approx(
+    assert cm.card["reference_ms"]["utterance_1s@Ref-1"] == pytest.approx(
         float(models["reference_ms"].median())
     )
     m, frame = evaluate(cm, models, tasks, profile)

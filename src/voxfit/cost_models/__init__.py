@@ -6,6 +6,7 @@ from voxfit.cost_models._dataset import (
     dataset_dir,
     drop_noisy,
     load_dataset,
+    reference_key,
     rows_of,
     sample_candidates,
 )
@@ -47,6 +48,7 @@ __all__ = [
     "metrics_table",
     "model_dir",
     "roofline_ms",
+    "reference_key",
     "rows_of",
     "sample_candidates",
     "should_measure",

@@ -44,6 +44,13 @@ def _versions() -> dict[str, str]:
     return {"tvm_version": md.version("apache-tvm"), "voxfit_version": md.version("voxfit")}
 
 
+def reference_key(model: nn.Module) -> str:
+    """Names a reference model by what its latency depends on: class and parameter count."""
+    from voxfit.models import count_parameters
+
+    return f"{type(model).__name__}-{count_parameters(model)}"
+
+
 def load_dataset(directory: str | Path) -> tuple[pd.DataFrame, pd.DataFrame]:
     """(models, tasks) frames; empty frames when nothing was collected yet."""
     d = Path(directory)
@@ -64,8 +71,10 @@ def rows_of(
     result: LatencyResult,
     profile: HardwareProfile,
     source: str,
+    reference: str | None = None,
 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """The dataset rows of one measured candidate (whole model, and per task if profiled).
+    """The dataset rows of one measured candidate (whole model, and per task if profiled);
+    ``reference``: :func:`reference_key` of the model timed alongside, if one was.
 
     Raises:
         ModelError: the kernels do not line up with the model's tasks.
@@ -86,6 +95,7 @@ def rows_of(
         "iqr_ms": result.iqr_ms,
         "reference_ms": result.reference_ms,
         "relative": result.relative,
+        "reference": reference if result.relative is not None else None,
         "kernels_ms": sum(ms for _, ms in result.calls) if result.calls else None,
         "loose_ms": loose if result.calls else None,
         "n_kernels": len(result.calls),
@@ -252,7 +262,9 @@ def collect(
                     failed += 1
                     bar.console.print(f"[red]{cand.stable_hash()} {r.input}: {r.error}")
                     continue
-                row, task_rows = rows_of(model, cand, r, profile, "collect")
+                row, task_rows = rows_of(
+                    model, cand, r, profile, "collect", reference_key(base) if reference else None
+                )
                 append(d, row, task_rows)
                 stored += 1
                 if on_result:

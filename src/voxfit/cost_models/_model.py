@@ -252,12 +252,17 @@ def load_for(profile: HardwareProfile, cost_models_dir: str | Path = "cost_model
     return cm
 
 
+def _ref_keys(models: pd.DataFrame) -> pd.Series:
+    return models["input"].astype(str) + "@" + models["reference"].astype(str)
+
+
 def reference_ms(models: pd.DataFrame) -> dict[str, float]:
-    """Per input, the median time of the reference model over the rows that timed it."""
+    """Per input and reference model (``input@reference``), the reference's median time
+    over the rows that timed it."""
     if "relative" not in models or models["relative"].isna().all():
         return {}
-    timed = models.dropna(subset=["relative", "reference_ms"])
-    return {str(k): float(g["reference_ms"].median()) for k, g in timed.groupby("input")}
+    timed = models.dropna(subset=["relative", "reference_ms", "reference"])
+    return {str(k): float(g["reference_ms"].median()) for k, g in timed.groupby(_ref_keys(timed))}
 
 
 def normalized_ms(models: pd.DataFrame, reference: dict[str, float]) -> pd.Series:
@@ -268,8 +273,8 @@ def normalized_ms(models: pd.DataFrame, reference: dict[str, float]) -> pd.Serie
     timed in alternating rounds does not; this is the label the cost model learns.
     """
     out = models["measured_ms"].astype(float).copy()
-    if "relative" in models and reference:
-        ref = models["input"].map(reference)
+    if "relative" in models and "reference" in models and reference:
+        ref = _ref_keys(models).map(reference)
         ok = models["relative"].notna() & ref.notna()
         out[ok] = models.loc[ok, "relative"].astype(float) * ref[ok].astype(float)
     return out

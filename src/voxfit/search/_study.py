@@ -28,6 +28,7 @@ from typing import Any
 
 import optuna
 from optuna.trial import FrozenTrial, TrialState
+from torch import nn
 
 from voxfit.errors import ConfigError, VoxfitError
 from voxfit.hw_profiles import HardwareProfile
@@ -152,10 +153,12 @@ def _versions() -> dict[str, str]:
 class _Latency:
     """Predict with the cost model, measure for real when promoted; feed the dataset."""
 
-    def __init__(self, s: SearchSettings) -> None:
+    def __init__(self, s: SearchSettings, reference: nn.Module | None = None) -> None:
         from voxfit.cost_models import PredictedEstimator
 
         self.s = s
+        # timed alongside each local measurement: drift-free rows for the cost model
+        self.reference = reference
         self.predictor: PredictedEstimator | None = None
         try:
             self.predictor = PredictedEstimator(s.profile, s.cost_models_dir)
@@ -177,6 +180,7 @@ class _Latency:
                     work,
                     cost_models_dir=self.s.cost_models_dir,
                     profile_calls=3,
+                    reference=self.reference,
                 )
             else:
                 self.measurer = make_estimator(
@@ -196,7 +200,13 @@ class _Latency:
         front: list[tuple[float, ...]],
         force: bool,
     ) -> dict[str, Any]:
-        from voxfit.cost_models import append, dataset_dir, rows_of, should_measure
+        from voxfit.cost_models import (
+            append,
+            dataset_dir,
+            reference_key,
+            rows_of,
+            should_measure,
+        )
 
         spec = self.s.profile.primary_input
         out: dict[str, Any] = {
@@ -237,9 +247,13 @@ class _Latency:
             out["compile_s"] = c.total_s if c else None
             out["lowering"] = c.lowering if c else None
             out["method"] = r.method
+            if r.relative is not None:
+                out["relative_to_base"] = r.relative
+                out["base_ms"] = r.reference_ms
             if r.calls:
                 try:
-                    row, task_rows = rows_of(model, cand, r, self.s.profile, "search")
+                    ref = reference_key(self.reference) if self.reference is not None else None
+                    row, task_rows = rows_of(model, cand, r, self.s.profile, "search", ref)
                     append(dataset_dir(self.s.profile, self.s.cost_models_dir), row, task_rows)
                 except VoxfitError as e:  # the dataset is a by-product: never fail a trial
                     log.warning("measurement not added to the cost-model dataset: %s", e)
@@ -431,7 +445,7 @@ def run_search(s: SearchSettings, ctx: SearchContext) -> optuna.Study:
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = prepare_study(s, ctx)
-    latency = _Latency(s)
+    latency = _Latency(s, reference=ctx.base)
     if latency.predictor is not None:
         card = latency.predictor.model.card
         study.set_user_attr(
