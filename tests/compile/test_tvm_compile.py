@@ -129,6 +129,36 @@ def test_local_estimator_measures_with_spread(
     assert r.peak_memory_mb > 0
 
 
+def test_a_model_timed_against_itself_is_relative_one(
+    cold: CompileResult, db: Path, tmp_path: Path
+) -> None:
+    base = _tiny()
+    s = base.structure()
+    quarter = Candidate(groups=tuple(GroupPlan(g.name, 0.25) for g in s.groups))
+    small = apply(base, quarter, channel_multiple=4)
+    with TvmLocalEstimator(_profile(db), tmp_path, reference=_tiny()) as est:
+        (same,) = est.estimate(_tiny())
+        (pruned,) = est.estimate(small)
+    assert same.ok, same.error
+    assert pruned.ok, pruned.error
+    assert same.relative is not None
+    assert same.reference_ms is not None
+    assert 0.7 < same.relative < 1.4  # one model, alternating rounds
+    assert pruned.relative is not None
+    assert pruned.relative < same.relative  # a quarter of the channels
+
+
+def test_retune_tunes_tuned_tasks_again(
+    cold: CompileResult, worker: TvmWorker, db: Path, tmp_path: Path
+) -> None:
+    records = db / RECORDS
+    before = records.read_text().count("\n")
+    (r,) = compile_model(_tiny(), _profile(db), worker, tmp_path, retune_trials=2)
+    assert r.ok, r.error
+    assert (r.new_tasks, r.tuned_trials) == (0, 2 * r.n_tasks)
+    assert records.read_text().count("\n") > before
+
+
 def test_rpc_measurement_agrees_with_local(cold: CompileResult, db: Path, tmp_path: Path) -> None:
     local_profile = _profile(db)
     with TvmLocalEstimator(local_profile, tmp_path / "local") as est:

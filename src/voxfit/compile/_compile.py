@@ -203,6 +203,7 @@ def compile_model(
     tune: bool = True,
     export: bool = True,
     timeout_s: float | None = None,
+    retune_trials: int = 0,
 ) -> list[CompileResult]:
     """Compile ``model`` for each of the profile's ``inputs`` (default: all of them).
 
@@ -210,7 +211,8 @@ def compile_model(
     new tasks in one MetaSchedule run, ``trials_per_task`` each) unless ``tune`` is False.
     With ``export=False`` no library file is linked: the executable stays in the worker
     for a local measurement (``lib`` names it; ~2 s saved per candidate). Never raises for
-    a build failure: the result carries ``error``.
+    a build failure: the result carries ``error``. ``retune_trials`` > 0 tunes every task
+    that many more trials, tuned before or not (the database keeps the best record).
     """
     out = Path(out_dir)
     results = []
@@ -236,6 +238,7 @@ def compile_model(
             tune=tune,
             export=export,
             lib_out=str((out / f"{spec.name}.so").resolve()),
+            retune_trials=retune_trials,
         )
         total = time.monotonic() - t0
         if "error" in r:

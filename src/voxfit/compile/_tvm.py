@@ -454,7 +454,9 @@ def _open_db(db_dir: Path) -> tuple[Any, str]:
 def build(req: dict[str, Any]) -> dict[str, Any]:
     """Compile one exported program for the profile; tune tasks the database lacks.
 
-    Request keys: program, profile (dict), db_dir, tune (bool), lib_out, seed.
+    Request keys: program, profile (dict), db_dir, tune (bool), lib_out, seed, and
+    retune_trials: tune every task (not only new ones) that many more trials, starting from
+    the database's best (for a model to be deployed: more trials than the search spends).
     Returns n_tasks, new_tasks, task_names, tuned_trials, tune_s, build_s, lib, memory.
     """
     profile = req["profile"]
@@ -489,15 +491,17 @@ def build(req: dict[str, Any]) -> dict[str, Any]:
         ]
         out["new_tasks"] = len(missing)
         out["new_task_names"] = [t.task_name for t in missing]
-        trials = int(tuning["trials_per_task"])
+        retune = int(req.get("retune_trials") or 0)
+        trials = retune or int(tuning["trials_per_task"])
+        todo = tasks if retune else missing
         t1 = time.monotonic()
         tuned = 0
-        if req.get("tune", True) and missing and trials > 0 and not gpu:
+        if req.get("tune", True) and todo and trials > 0 and not gpu:
             _light_tensor_intrin(target)
             builder = _make_pool_builder(int(profile["cores"]), float(tuning["builder_timeout_s"]))
             logs = db_dir / "logs"
             ctxs, weights = ms.relax_integration.extracted_tasks_to_tune_contexts(
-                missing,
+                todo,
                 str(logs),
                 # A smaller population than the default 512: budgets here are tens of
                 # trials per task, and evolving 512 candidates per round costs more than
