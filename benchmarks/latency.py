@@ -45,7 +45,7 @@ from voxfit.models import build_model, count_parameters, default_config
 from voxfit.plan import AdapterPlan, Candidate, GroupPlan, LayerPlan
 
 N_OUTPUTS = 55  # the default corpus's phone inventory + blank
-ROUNDS = 3  # alternating onnxruntime / TVM rounds for the base model's ratio
+ROUNDS = 7  # alternating onnxruntime / TVM rounds for the base model's ratio
 
 
 def variants(

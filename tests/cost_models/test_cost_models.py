@@ -175,6 +175,34 @@ def test_labels_are_normalized_by_the_reference_timed_alongside(
     assert m["raw"]["within_10pct"] < m["within_10pct"] - 0.3
 
 
+def test_noisy_rows_are_judged_by_their_ratio_spread_when_paired(tmp_path: Path) -> None:
+    from voxfit.cost_models import append, drop_noisy, load_dataset
+
+    rows = [  # (cand, raw median, raw IQR, relative, relative IQR)
+        ("quiet", 2.0, 0.1, 0.5, 0.01),
+        ("loaded-but-paired", 2.0, 1.5, 0.5, 0.02),  # raw spread, steady ratio: kept
+        ("unsteady-ratio", 2.0, 0.1, 0.5, 0.3),
+        ("unpaired-loaded", 2.0, 1.5, None, None),
+    ]
+    for cand, ms, iqr, rel, rel_iqr in rows:
+        append(
+            tmp_path,
+            {
+                "cand": cand,
+                "input": "utterance_1s",
+                "measured_ms": ms,
+                "iqr_ms": iqr,
+                "relative": rel,
+                "relative_iqr": rel_iqr,
+            },
+            [{"cand": cand, "input": "utterance_1s", "task": "stem", "ms": ms}],
+        )
+    assert drop_noisy(tmp_path, 0.25) == 2
+    models, tasks = load_dataset(tmp_path)
+    assert sorted(models["cand"]) == ["loaded-but-paired", "quiet"]
+    assert sorted(tasks["cand"]) == ["loaded-but-paired", "quiet"]
+
+
 def test_a_model_refuses_another_profile(profile: HardwareProfile) -> None:
     models, tasks = _synthetic(profile, 10, 1)
     cm = fit(models, tasks, profile)

@@ -653,7 +653,10 @@ def _time_paired(
         theirs.append(g(x).results[0])
     out = _stats(mine)
     out["reference_ms"] = statistics.median(theirs) * 1e3
-    out["relative"] = statistics.median(a / b for a, b in zip(mine, theirs, strict=True))
+    ratios = sorted(a / b for a, b in zip(mine, theirs, strict=True))
+    q = statistics.quantiles(ratios, n=4) if len(ratios) >= 2 else [ratios[0]] * 3
+    out["relative"] = statistics.median(ratios)
+    out["relative_iqr"] = q[2] - q[0]
     return out
 
 

@@ -95,6 +95,7 @@ def rows_of(
         "iqr_ms": result.iqr_ms,
         "reference_ms": result.reference_ms,
         "relative": result.relative,
+        "relative_iqr": result.relative_iqr,
         "reference": reference if result.relative is not None else None,
         "kernels_ms": sum(ms for _, ms in result.calls) if result.calls else None,
         "loose_ms": loose if result.calls else None,
@@ -148,14 +149,21 @@ def append(
 
 
 def drop_noisy(directory: str | Path, max_rel_iqr: float = 0.25) -> int:
-    """Remove candidates whose whole-model IQR exceeds ``max_rel_iqr`` of the median (they
-    were measured while something else loaded the machine); returns how many. A following
-    :func:`collect` with the same seed measures them again."""
+    """Remove candidates measured too noisily to learn from; returns how many. Noisy: the
+    IQR of the per-round ratios to the reference exceeds ``max_rel_iqr`` of their median
+    (rows timed with a reference: load both runs of a round share cancels), else the
+    whole-model IQR exceeds ``max_rel_iqr`` of the median. A following :func:`collect`
+    with the same seed measures them again."""
     d = Path(directory)
     models, tasks = load_dataset(d)
     if models.empty:
         return 0
     noisy = models["iqr_ms"] > max_rel_iqr * models["measured_ms"]
+    if "relative_iqr" in models:
+        paired = models["relative_iqr"].notna()
+        noisy[paired] = models.loc[paired, "relative_iqr"] > (
+            max_rel_iqr * models.loc[paired, "relative"]
+        )
     keys = set(zip(models.loc[noisy, "cand"], models.loc[noisy, "input"], strict=True))
     if not keys:
         return 0

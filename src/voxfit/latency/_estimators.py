@@ -50,6 +50,7 @@ class LatencyResult:
     # the per-round (this / reference) ratios -- a drift-free relative latency
     reference_ms: float | None = None
     relative: float | None = None
+    relative_iqr: float | None = None
 
     @property
     def ok(self) -> bool:
@@ -81,6 +82,7 @@ class LatencyResult:
             "note": self.note,
             "reference_ms": self.reference_ms,
             "relative": self.relative,
+            "relative_iqr": self.relative_iqr,
             "compile": None
             if c is None
             else {
@@ -222,6 +224,7 @@ class _TvmEstimator:
                     calls=tuple((str(n), float(t)) for n, t in r.get("calls", ())),
                     reference_ms=r.get("reference_ms"),
                     relative=r.get("relative"),
+                    relative_iqr=r.get("relative_iqr"),
                 )
             )
         return results
