@@ -571,12 +571,17 @@ def _stats(secs: list[float]) -> dict[str, Any]:
     }
 
 
+def _input(frames: int, dev: tvm.runtime.Device) -> tvm.runtime.Tensor:
+    """The timing input: one utterance of ``frames`` log-mel frames (fixed values)."""
+    return tvm.runtime.tensor(
+        np.random.default_rng(0).standard_normal((1, frames, 80)).astype("float32"), dev
+    )
+
+
 def _time_vm(
     vm: relax.VirtualMachine, dev: tvm.runtime.Device, frames: int, m: dict[str, Any]
 ) -> dict[str, Any]:
-    x = tvm.runtime.tensor(
-        np.random.default_rng(0).standard_normal((1, frames, 80)).astype("float32"), dev
-    )
+    x = _input(frames, dev)
     for _ in range(int(m["warmup"])):
         vm["main"](x)
     f = vm.time_evaluator(
@@ -639,9 +644,7 @@ def _time_paired(
     The machine's speed drifts (shared host: 1.5-2x over hours, bursts of load within
     seconds); the median of the per-round ratios cancels what both runs of a round share.
     """
-    x = tvm.runtime.tensor(
-        np.random.default_rng(0).standard_normal((1, frames, 80)).astype("float32"), dev
-    )
+    x = _input(frames, dev)
     for _ in range(int(m["warmup"])):
         vm["main"](x)
         ref["main"](x)

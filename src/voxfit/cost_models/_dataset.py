@@ -250,6 +250,7 @@ def collect(
         calibration = [(torch.randn(2, frames, 80, generator=g), torch.full((2,), frames))]
     t0 = time.monotonic()
     stored = failed = 0
+    ref_key = reference_key(base) if reference else None
     with (
         TvmLocalEstimator(
             profile,
@@ -270,9 +271,7 @@ def collect(
                     failed += 1
                     bar.console.print(f"[red]{cand.stable_hash()} {r.input}: {r.error}")
                     continue
-                row, task_rows = rows_of(
-                    model, cand, r, profile, "collect", reference_key(base) if reference else None
-                )
+                row, task_rows = rows_of(model, cand, r, profile, "collect", ref_key)
                 append(d, row, task_rows)
                 stored += 1
                 if on_result:

@@ -159,6 +159,11 @@ class _Latency:
         self.s = s
         # timed alongside each local measurement: drift-free rows for the cost model
         self.reference = reference
+        self.reference_key: str | None = None
+        if reference is not None:
+            from voxfit.cost_models import reference_key
+
+            self.reference_key = reference_key(reference)
         self.predictor: PredictedEstimator | None = None
         try:
             self.predictor = PredictedEstimator(s.profile, s.cost_models_dir)
@@ -200,13 +205,7 @@ class _Latency:
         front: list[tuple[float, ...]],
         force: bool,
     ) -> dict[str, Any]:
-        from voxfit.cost_models import (
-            append,
-            dataset_dir,
-            reference_key,
-            rows_of,
-            should_measure,
-        )
+        from voxfit.cost_models import append, dataset_dir, rows_of, should_measure
 
         spec = self.s.profile.primary_input
         out: dict[str, Any] = {
@@ -252,8 +251,9 @@ class _Latency:
                 out["base_ms"] = r.reference_ms
             if r.calls:
                 try:
-                    ref = reference_key(self.reference) if self.reference is not None else None
-                    row, task_rows = rows_of(model, cand, r, self.s.profile, "search", ref)
+                    row, task_rows = rows_of(
+                        model, cand, r, self.s.profile, "search", self.reference_key
+                    )
                     append(dataset_dir(self.s.profile, self.s.cost_models_dir), row, task_rows)
                 except VoxfitError as e:  # the dataset is a by-product: never fail a trial
                     log.warning("measurement not added to the cost-model dataset: %s", e)
