@@ -11,7 +11,7 @@ candidate under ``cost_models/<profile>/model``. Collection resumes: measured ca
 kept in the profile's dataset and skipped; candidates measured under load (whole-model IQR
 above 25% of the median) are measured once more before fitting.
 
-    python benchmarks/cost_model.py --n 210
+    python benchmarks/cost_model.py --n 120 --levelled 100
 """
 
 from __future__ import annotations
@@ -57,7 +57,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--space", default="tdnn-default")
     ap.add_argument("--preset", default="default", choices=["tiny", "default"])
-    ap.add_argument("--n", type=int, default=210, help="candidates to measure (train + test)")
+    ap.add_argument("--n", type=int, default=120, help="uniformly sampled candidates")
+    ap.add_argument(
+        "--levelled",
+        type=int,
+        default=100,
+        help="more candidates drawn near per-candidate levels (the space's corners)",
+    )
     ap.add_argument("--test-frac", type=float, default=0.25)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--work", type=Path, default=Path("work"))
@@ -87,6 +93,7 @@ def main(argv: list[str] | None = None) -> int:
             work_dir=args.work / "cost-collect" / profile.name,
             cost_models_dir=args.cost_models,
             seed=args.seed,
+            levelled=args.levelled,
         )
 
     info = run_collect()
@@ -98,6 +105,8 @@ def main(argv: list[str] | None = None) -> int:
     collect_minutes = (time.monotonic() - t0) / 60
     models, tasks = load_dataset(dataset_dir(profile, args.cost_models))
     models = models[models["input"] == profile.primary_input.name]
+    timed = models["collect_s"].dropna() if "collect_s" in models else models.iloc[:0, 0]
+    per_cand = float(timed.median()) if len(timed) else None
     train_ids, test_ids = split(models, args.test_frac, args.seed)
     tr = models[models["cand"].isin(train_ids)]
     te = models[models["cand"].isin(test_ids)]
@@ -121,6 +130,10 @@ def main(argv: list[str] | None = None) -> int:
         "reference_ms": cm.card.get("reference_ms"),
         "predict_ms": predict_ms,
         "collect_minutes": collect_minutes,
+        # this run collected only what the dataset lacked; the whole dataset's collection
+        # time, from the candidates that recorded theirs (median x candidates)
+        "collect_s_per_candidate": per_cand,
+        "dataset_collect_minutes_est": per_cand * len(models) / 60 if per_cand else None,
         "collect": info,
         "remeasured_noisy": remeasured,
         "low_confidence_test": m["low_confidence"],

@@ -304,6 +304,12 @@ CostDir = Annotated[Path, typer.Option("--cost-models", help="Cost-model root.")
 def cost_collect(
     profile: ProfileOpt,
     n: Annotated[int, typer.Option("--n", min=1, help="Candidates to sample.")] = 50,
+    levelled: Annotated[
+        int,
+        typer.Option(
+            min=0, help="More candidates with per-candidate levels (the space's corners)."
+        ),
+    ] = 0,
     space: Annotated[str, typer.Option(help="Space name or YAML path.")] = "tdnn-default",
     preset: Preset = "default",
     outputs: Annotated[int, typer.Option(help="Output units (phones + blank).")] = 55,
@@ -335,6 +341,7 @@ def cost_collect(
         cost_models_dir=cost_models,
         inputs=prof.inputs if all_inputs else None,
         seed=seed,
+        levelled=levelled,
     )
     console.print(
         f"stored {out['stored']} measurements ({out['failed']} failed, {out['skipped']} "

@@ -242,6 +242,35 @@ def test_roofline_and_metrics(profile: HardwareProfile) -> None:
     assert m["spearman"] == pytest.approx(1.0)
 
 
+def _mean_keep(c: Candidate, blocks: int) -> float:
+    keep = {g.name: g.keep_ratio for g in c.groups}
+    return sum(keep.get(f"blocks.{i}.hidden", 1.0) for i in range(blocks)) / blocks
+
+
+def test_levelled_candidates_reach_the_corners_uniform_ones_miss() -> None:
+    from voxfit.cost_models import sample_candidates
+    from voxfit.spaces import find_space
+
+    base = build_model(default_config("tdnn", 20, "default"))
+    bound = find_space(ROOT / "spaces" / "tdnn-default.yaml").bind(base.structure())
+    blocks = sum(1 for g in base.structure().groups if g.name.endswith(".hidden"))
+    uniform = sample_candidates(bound, 60, 0)
+    both = sample_candidates(bound, 60, 0, levelled=60)
+    assert len(both) == 120
+    assert len({c.stable_hash() for c in both}) == 120  # distinct
+    assert [c.stable_hash() for c in both[:60]] == [c.stable_hash() for c in uniform]
+    again = sample_candidates(bound, 60, 0, levelled=60)
+    assert [c.stable_hash() for c in again] == [c.stable_hash() for c in both]  # deterministic
+    u = np.array([_mean_keep(c, blocks) for c in uniform])
+    lv = np.array([_mean_keep(c, blocks) for c in both[60:]])
+    # the same per-layer choices, but whole candidates spread over the space's range
+    assert lv.std() > 1.4 * u.std(), (lv.std(), u.std())
+    corners = ((lv <= 0.35) | (lv >= 0.9)).sum()
+    assert (lv <= 0.35).any()
+    assert (lv >= 0.9).any()
+    assert corners >= 3 * max(1, ((u <= 0.35) | (u >= 0.9)).sum()), corners
+
+
 def test_promotion_rule() -> None:
     front = [(1.0, 20.0, 5.0), (2.0, 18.0, 4.6)]
     assert dominates((1.0, 19.0, 5.0), (1.0, 20.0, 5.0))
@@ -279,6 +308,7 @@ def test_tiny_collect_fit_predict(profile: HardwareProfile, tmp_path: Path) -> N
     assert ratio.between(0.25, 4.0).all(), ratio.tolist()  # same ballpark (shared machine)
     # the base was timed alongside each candidate: compressed ones are no slower than it
     assert (models["reference_ms"] > 0).all()
+    assert (models["collect_s"] > 0).all()
     assert models["relative"].between(0.05, 1.5).all(), models["relative"].tolist()
     assert (
         (models["relative"] * models["reference_ms"] / models["measured_ms"])

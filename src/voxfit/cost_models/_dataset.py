@@ -181,18 +181,58 @@ class _Seeded:
         return self.r.choice(choices)
 
 
-def sample_candidates(space: BoundSpace, n: int, seed: int) -> list[Candidate]:
-    """``n`` distinct candidates drawn uniformly from ``space`` (deterministic per seed).
+class _Levelled(_Seeded):
+    """Numeric choices of one kind drawn near one shared level per candidate.
 
-    Recovery steps are dropped: distillation changes weights, not the compiled graph.
+    Call :meth:`next_candidate` before each candidate: every kind of choice (the name's
+    prefix: ``keep``, ``wbits``, ``adapter`` ...) gets its own level in [0, 1], and a choice
+    among ``k`` sorted numbers is the one at index ``level * (k - 1)`` plus Gaussian jitter
+    (sd 0.75 index). So one candidate keeps most blocks narrow and another most wide. Uniform
+    per-layer draws average many independent choices and cluster around the space's centre;
+    these reach its corners, where a search's Pareto front lies. Non-numeric choices stay
+    uniform.
+    """
+
+    def __init__(self, seed: int) -> None:
+        super().__init__(seed)
+        self.levels: dict[str, float] = {}
+
+    def next_candidate(self) -> None:
+        self.levels = {}
+
+    def suggest_categorical(self, name: str, choices: Sequence[Any]) -> Any:
+        if not all(isinstance(c, int | float) and not isinstance(c, bool) for c in choices):
+            return super().suggest_categorical(name, choices)
+        level = self.levels.setdefault(name.split(":")[0], self.r.random())
+        ordered = sorted(choices)
+        i = round(level * (len(ordered) - 1) + self.r.gauss(0.0, 0.75))
+        return ordered[min(max(i, 0), len(ordered) - 1)]
+
+
+def sample_candidates(space: BoundSpace, n: int, seed: int, levelled: int = 0) -> list[Candidate]:
+    """``n`` distinct candidates drawn uniformly from ``space``, then ``levelled`` more.
+
+    The ``levelled`` ones (distinct from the first ``n``) draw each kind of numeric choice
+    near one per-candidate level (:class:`_Levelled`), so a dataset covers the light and
+    heavy corners of the space as well as its centre. Deterministic per seed; the first
+    ``n`` do not depend on ``levelled``. Recovery steps are dropped: distillation changes
+    weights, not the compiled graph.
     """
     out: dict[str, Candidate] = {}
     rng = _Seeded(seed)
     for _ in range(n * 50):
-        c = replace(sample(space, rng), recovery_steps=0)
-        out.setdefault(c.stable_hash(), c)
         if len(out) == n:
             break
+        c = replace(sample(space, rng), recovery_steps=0)
+        out.setdefault(c.stable_hash(), c)
+    lev = _Levelled(seed + 7919)
+    want = len(out) + levelled
+    for _ in range(levelled * 50):
+        if len(out) == want:
+            break
+        lev.next_candidate()
+        c = replace(sample(space, lev), recovery_steps=0)
+        out.setdefault(c.stable_hash(), c)
     return list(out.values())
 
 
@@ -209,8 +249,12 @@ def collect(
     calibration: Any = None,
     on_result: Callable[[Candidate, LatencyResult], None] | None = None,
     reference: bool = True,
+    levelled: int = 0,
 ) -> dict[str, Any]:
     """Compile (tuning new tasks) and measure ``n`` sampled candidates; append them.
+
+    ``levelled`` more candidates are drawn to reach the space's light and heavy corners
+    (:func:`sample_candidates`).
 
     Only local measurement gives per-task times (the VM is instrumented in-process); an
     RPC profile records whole-model times only. With ``reference`` the uncompressed
@@ -238,7 +282,7 @@ def collect(
         done = set(zip(models["cand"], models["input"], strict=True))
     todo = [
         c
-        for c in sample_candidates(space, n, seed)
+        for c in sample_candidates(space, n, seed, levelled)
         if any((c.stable_hash(), i.name) not in done for i in inputs)
     ]
     if calibration is None:
@@ -263,6 +307,7 @@ def collect(
     ):
         task = bar.add_task(f"collect {profile.name}", total=len(todo), info="")
         for cand in todo:
+            t_cand = time.monotonic()
             model = apply(
                 base, cand, channel_multiple=profile.channel_multiple, calibration=calibration
             )
@@ -272,6 +317,7 @@ def collect(
                     bar.console.print(f"[red]{cand.stable_hash()} {r.input}: {r.error}")
                     continue
                 row, task_rows = rows_of(model, cand, r, profile, "collect", ref_key)
+                row["collect_s"] = time.monotonic() - t_cand  # build, tune, measure
                 append(d, row, task_rows)
                 stored += 1
                 if on_result:
@@ -285,7 +331,7 @@ def collect(
     return {
         "stored": stored,
         "failed": failed,
-        "skipped": n - len(todo),
+        "skipped": n + levelled - len(todo),
         "minutes": (time.monotonic() - t0) / 60,
         "dataset": str(d),
     }
