@@ -11,7 +11,7 @@ candidate under ``cost_models/<profile>/model``. Collection resumes: measured ca
 kept in the profile's dataset and skipped; candidates measured under load (whole-model IQR
 above 25% of the median) are measured once more before fitting.
 
-    python benchmarks/cost_model.py --n 120 --levelled 100
+    python benchmarks/cost_model.py --n 200 --levelled 100
 """
 
 from __future__ import annotations
@@ -57,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--space", default="tdnn-default")
     ap.add_argument("--preset", default="default", choices=["tiny", "default"])
-    ap.add_argument("--n", type=int, default=120, help="uniformly sampled candidates")
+    ap.add_argument("--n", type=int, default=200, help="uniformly sampled candidates")
     ap.add_argument(
         "--levelled",
         type=int,
