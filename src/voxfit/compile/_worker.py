@@ -13,6 +13,8 @@ from __future__ import annotations
 import logging
 import multiprocessing as mp
 import os
+import threading
+import time
 import traceback
 from multiprocessing.connection import Connection
 from typing import Any
@@ -30,15 +32,34 @@ OPS = (
 )
 
 
-def serve(conn: Connection, env: dict[str, str]) -> None:
+def _exit_with_parent(parent: int, every_s: float = 1.0) -> None:
+    """End this process as soon as its parent is gone (reparented), even mid-job.
+
+    A parent killed by a signal runs no exit handlers, so the daemon flag alone would leave
+    the worker tuning for minutes; MetaSchedule and time.sleep release the GIL, so this
+    thread gets to run while a job is in progress.
+    """
+    while True:
+        time.sleep(every_s)
+        if os.getppid() != parent:
+            os._exit(0)
+
+
+def serve(conn: Connection, env: dict[str, str], parent: int | None = None) -> None:
     """The worker's main loop (runs in the spawned child)."""
+    if parent is not None:
+        threading.Thread(target=_exit_with_parent, args=(parent,), daemon=True).start()
     os.environ.update(env)  # before TVM is imported: thread count, no affinity pinning
     # MetaSchedule logs every round to stdout at DEBUG; keep that in its log files only.
     logging.getLogger("tvm.s_tir.meta_schedule").setLevel(logging.WARNING)
     from voxfit.compile import _tvm
 
+    def _ping(req: dict[str, Any]) -> dict[str, Any]:
+        time.sleep(float(req.get("sleep_s", 0.0)))  # a busy worker, for tests
+        return {"pid": os.getpid(), "tvm": _tvm.tvm.__version__}
+
     handlers = {
-        "ping": lambda req: {"pid": os.getpid(), "tvm": _tvm.tvm.__version__},
+        "ping": _ping,
         "check_target": lambda req: {"target": _tvm.check_target(req["profile"])},
         "build": _tvm.build,
         "measure_local": _tvm.measure_local,
@@ -88,7 +109,7 @@ class TvmWorker:
             "TVM_BIND_THREADS": "0",
             "OMP_NUM_THREADS": str(self.threads),
         }
-        self._proc = ctx.Process(target=serve, args=(child, env), daemon=True)
+        self._proc = ctx.Process(target=serve, args=(child, env, os.getpid()), daemon=True)
         self._proc.start()
         child.close()
         self._conn = parent
