@@ -85,7 +85,7 @@ _PLAN_SOURCES = {
 # fmt: off
 _FRAME_COLUMNS = [
     "number", *OBJECTIVES, "feasible", "on_front", "baseline", "latency_source",
-    "predicted_ms", "measured_ms", "low_confidence", "peak_memory_mb",
+    "predicted_ms", "measured_ms", "measured_ref_ms", "low_confidence", "peak_memory_mb",
     "pre_adapt_per", "plan_hash", "duration_s",
 ]
 # fmt: on
@@ -175,7 +175,8 @@ def study_frame(study: optuna.Study) -> pd.DataFrame:
     ``size_mb``),
     ``feasible`` (every constraint <= 0), ``on_front`` (non-dominated among feasible complete
     trials), ``baseline`` (``""`` for searched trials), ``latency_source``
-    (measured/predicted), ``predicted_ms``, ``measured_ms``, ``low_confidence``,
+    (measured/predicted), ``predicted_ms``, ``measured_ms`` (raw median),
+    ``measured_ref_ms`` (at the cost model's reference speed), ``low_confidence``,
     ``peak_memory_mb``, ``pre_adapt_per``, ``plan_hash``, ``duration_s``, then
     every trial parameter under its own name (``keep:<group>``, ``wbits:<layer>``, ...).
     Missing attributes are NaN/None, never errors.
@@ -200,6 +201,7 @@ def study_frame(study: optuna.Study) -> pd.DataFrame:
             "latency_source": lat.get("source"),
             "predicted_ms": _number(lat.get("predicted_ms")),
             "measured_ms": _number(lat.get("measured_ms")),
+            "measured_ref_ms": _number(lat.get("measured_ref_ms")),
             "low_confidence": lat.get("low_confidence"),
             "peak_memory_mb": _number(metrics.get("peak_memory_mb")),
             "pre_adapt_per": _number(metrics.get("pre_adapt_per")),
@@ -213,7 +215,7 @@ def study_frame(study: optuna.Study) -> pd.DataFrame:
     frame = pd.DataFrame(rows, columns=columns)
     # Explicit dtypes so that an empty frame still filters (an object column of no rows
     # would be read as a list of column labels) and missing numbers are NaN.
-    floats = [*OBJECTIVES, "predicted_ms", "measured_ms", "peak_memory_mb"]
+    floats = [*OBJECTIVES, "predicted_ms", "measured_ms", "measured_ref_ms", "peak_memory_mb"]
     return frame.astype(
         {"number": int, "feasible": bool, "on_front": bool, **dict.fromkeys(floats, float)}
     )
@@ -568,11 +570,14 @@ def importance_figure(study: optuna.Study, top: int = 15) -> go.Figure | None:
 def latency_figure(study: optuna.Study) -> go.Figure | None:
     """Predicted vs measured latency for the trials that record both, with y = x, the ±10%
     band, and the predictor's MAPE and ±10% accuracy in the title (nn-Meter's metrics).
-    Low-confidence predictions are orange. ``None`` when no trial has both.
+    Low-confidence predictions are orange. ``None`` when no trial has both. A measurement
+    that timed the base alongside is compared at the cost model's reference speed (what
+    predictions mean), others by their raw median.
     """
     f = study_frame(study).dropna(subset=["predicted_ms", "measured_ms"])
     if f.empty:
         return None
+    f = f.assign(measured_ms=f["measured_ref_ms"].fillna(f["measured_ms"]))
     pred, meas = f["predicted_ms"], f["measured_ms"]
     err = (pred - meas).abs() / meas
     within = float((err <= 0.10).mean())

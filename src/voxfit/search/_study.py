@@ -171,6 +171,16 @@ class _Latency:
             if s.profile.measurement.method == "predicted":
                 raise
             log.warning("no usable cost model (%s): every trial is measured", e)
+        # The cost model predicts at one fixed machine speed: its reference model's typical
+        # time. A measurement that timed the same reference alongside is put on that speed
+        # too (its ratio to the reference x that time), so predicted and measured objectives,
+        # the promotion rule's front and the latency budget share one scale however the
+        # host's speed drifts during a long search. Without it: the raw median.
+        self.reference_ms: float | None = None
+        if self.predictor is not None and self.reference_key is not None:
+            known = self.predictor.model.card.get("reference_ms") or {}
+            ref = known.get(f"{s.profile.primary_input.name}@{self.reference_key}")
+            self.reference_ms = float(ref) if ref else None
         self.measurer: Any = None
         self.tvm_version = md.version("apache-tvm")
 
@@ -249,6 +259,8 @@ class _Latency:
             if r.relative is not None:
                 out["relative_to_base"] = r.relative
                 out["base_ms"] = r.reference_ms
+                if self.reference_ms is not None:
+                    out["measured_ref_ms"] = r.relative * self.reference_ms
             if r.calls:
                 try:
                     row, task_rows = rows_of(
@@ -258,9 +270,12 @@ class _Latency:
                 except VoxfitError as e:  # the dataset is a by-product: never fail a trial
                     log.warning("measurement not added to the cost-model dataset: %s", e)
         out["source"] = "measured" if out["measured_ms"] is not None else "predicted"
-        out["objective_ms"] = (
-            out["measured_ms"] if out["measured_ms"] is not None else out["predicted_ms"]
-        )
+        if out.get("measured_ref_ms") is not None:
+            out["objective_ms"], out["objective_basis"] = out["measured_ref_ms"], "reference"
+        elif out["measured_ms"] is not None:
+            out["objective_ms"], out["objective_basis"] = out["measured_ms"], "raw"
+        else:
+            out["objective_ms"], out["objective_basis"] = out["predicted_ms"], "reference"
         return out
 
 

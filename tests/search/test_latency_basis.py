@@ -1,0 +1,105 @@
+"""Predicted and measured latency objectives of one study share the cost model's speed."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import pytest
+import torch
+
+from voxfit.compress import apply
+from voxfit.cost_models import decompose, fit, model_dir, reference_key
+from voxfit.hw_profiles import HardwareProfile, pick_local_profile
+from voxfit.latency import LatencyResult
+from voxfit.models import build_model, default_config
+from voxfit.plan import Candidate, GroupPlan
+from voxfit.search._study import SearchSettings, _Latency
+from voxfit.spaces import find_space
+
+ROOT = Path(__file__).resolve().parents[2]
+REF_MS = 4.0  # the reference model's typical time in the (synthetic) dataset
+
+
+class _SlowHost:
+    """A measurer on a host running 2x slower than when the dataset was collected."""
+
+    def __init__(self, relative: float) -> None:
+        self.relative = relative
+
+    def estimate(self, model: Any, inputs: Any) -> list[LatencyResult]:
+        (spec,) = inputs
+        return [
+            LatencyResult(
+                profile="p",
+                input=spec.name,
+                frames=spec.frames,
+                method="local",
+                median_ms=self.relative * REF_MS * 2.0,
+                reference_ms=REF_MS * 2.0,
+                relative=self.relative,
+                repeats=15,
+            )
+        ]
+
+    def close(self) -> None:
+        pass
+
+
+def _cost_model(profile: HardwareProfile, base: torch.nn.Module, root: Path) -> None:
+    """A cost model whose card knows ``base`` as its reference at REF_MS."""
+    frames = profile.primary_input.frames
+    models, tasks = [], []
+    for i, keep in enumerate((0.25, 0.5, 0.75, 1.0) * 3):
+        cand = Candidate(groups=(GroupPlan("blocks.0.hidden", keep),))
+        ts = decompose(apply(base, cand, channel_multiple=8), frames)
+        ms = [0.01 + 0.02 * t.features["mflops"] for t in ts]
+        models.append(
+            {
+                "cand": f"c{i}",
+                "input": profile.primary_input.name,
+                "measured_ms": sum(ms),
+                "kernels_ms": sum(ms),
+                "loose_ms": 0.0,
+                "reference_ms": REF_MS,
+                "relative": sum(ms) / REF_MS,
+                "reference": reference_key(base),
+                "profile_hash": profile.stable_hash(),
+                "tvm_version": "0.27.0",
+            }
+        )
+        tasks += [
+            {"cand": f"c{i}", "input": profile.primary_input.name, **t.features, "ms": v}
+            for t, v in zip(ts, ms, strict=True)
+        ]
+    cm = fit(pd.DataFrame(models), pd.DataFrame(tasks), profile)
+    cm.save(model_dir(profile, root))
+
+
+@pytest.mark.parametrize("same_reference", [True, False])
+def test_measured_objective_is_put_on_the_cost_models_speed(
+    tmp_path: Path, same_reference: bool
+) -> None:
+    profile = pick_local_profile(ROOT / "hw_profiles")
+    torch.manual_seed(0)
+    base = build_model(default_config("tdnn", 20, "tiny")).eval()
+    _cost_model(profile, base, tmp_path / "cm")
+    space = find_space(ROOT / "spaces" / "tdnn-default.yaml").bind(base.structure())
+    s = SearchSettings(profile, space, "sqlite://", "t", 1, cost_models_dir=tmp_path / "cm")
+    other = build_model(default_config("tdnn", 21, "tiny")).eval()  # another parameter count
+    lat = _Latency(s, reference=base if same_reference else other)
+    lat.measurer = _SlowHost(relative=0.5)
+    out = lat(base, Candidate(), (0.0, 0.0, 0.0), [], force=True)
+    assert out["source"] == "measured"
+    assert out["measured_ms"] == pytest.approx(4.0)  # raw: half the base on a 2x slower host
+    if same_reference:
+        # half the base at the speed the cost model predicts for: comparable with predictions
+        assert out["objective_basis"] == "reference"
+        assert out["measured_ref_ms"] == pytest.approx(0.5 * REF_MS)
+        assert out["objective_ms"] == pytest.approx(2.0)
+    else:  # the card's reference is another model: no common scale, the raw median
+        assert out["objective_basis"] == "raw"
+        assert "measured_ref_ms" not in out
+        assert out["objective_ms"] == pytest.approx(4.0)
+    assert out["predicted_ms"] is not None
