@@ -65,3 +65,61 @@ def test_a_study_with_other_objectives_is_not_resumed(structure, tmp_path: Path)
     with pytest.raises(ConfigError, match="study 'old' optimizes .*size_mb.*another --study"):
         prepare_study(settings, None)  # type: ignore[arg-type]
     assert OBJECTIVES[-1] == "size_mb"
+
+
+def test_a_study_resumes_by_space_choices_not_prose(structure, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """Only what a search can draw decides whether a study goes on with an edited space."""
+    import optuna
+
+    from voxfit.errors import ConfigError
+    from voxfit.hw_profiles import load_profile
+    from voxfit.search import OBJECTIVES, SearchSettings, prepare_study
+
+    original = load_space(SPACES / "tdnn-default.yaml")
+    url = f"sqlite:///{tmp_path}/s.db"
+    profile = load_profile(SPACES.parent / "hw_profiles" / "x86-avx2-2core.yaml")
+    study = optuna.create_study(storage=url, study_name="s", directions=["minimize"] * 4)
+    for k, v in {
+        "objectives": list(OBJECTIVES),
+        "profile": {"name": profile.name},
+        "space": original.name,
+        "space_hash": original.stable_hash(),
+        "space_choices_hash": original.choices_hash(),
+        "space_choices": original.choices(),
+    }.items():
+        study.set_user_attr(k, v)
+
+    def resume(text: str) -> optuna.Study:
+        (tmp_path / "edited.yaml").write_text(text)
+        space = load_space(tmp_path / "edited.yaml").bind(structure)
+        s = SearchSettings(profile=profile, space=space, storage=url, study_name="s", n_trials=1)
+        return prepare_study(s, None)  # type: ignore[arg-type]
+
+    text = (SPACES / "tdnn-default.yaml").read_text()
+    reworded = text.replace("description: >", "description: >\n  Reworded.")
+    assert load_space_text(reworded, tmp_path).stable_hash() != original.stable_hash()
+    assert resume(reworded).study_name == "s"  # the description is prose: it goes on
+    changed = text.replace("head: [8, 32]", "head: [4, 8, 32]")
+    with pytest.raises(ConfigError, match=r"changed: quantization\.weight_bits\.head\)"):
+        resume(changed)
+    # a study from before the choices were recorded: the file's hash, as it was
+    old = optuna.create_study(storage=url, study_name="old", directions=["minimize"] * 4)
+    for k in ("objectives", "space"):
+        old.set_user_attr(k, study.user_attrs[k])
+    old.set_user_attr("profile", {"name": profile.name})
+    old.set_user_attr("space_hash", original.stable_hash())
+    (tmp_path / "edited.yaml").write_text(reworded)
+    s = SearchSettings(
+        profile=profile,
+        space=load_space(tmp_path / "edited.yaml").bind(structure),
+        storage=url,
+        study_name="old",
+        n_trials=1,
+    )
+    with pytest.raises(ConfigError, match="file changed since the study began"):
+        prepare_study(s, None)  # type: ignore[arg-type]
+
+
+def load_space_text(text: str, tmp_path: Path):  # type: ignore[no-untyped-def]
+    (tmp_path / "probe.yaml").write_text(text)
+    return load_space(tmp_path / "probe.yaml")

@@ -34,7 +34,7 @@ from voxfit.errors import ConfigError, VoxfitError
 from voxfit.hw_profiles import HardwareProfile
 from voxfit.plan import AdapterPlan, Candidate, GroupPlan, LayerPlan
 from voxfit.search._context import SearchContext
-from voxfit.spaces import BoundSpace, params_of, sample
+from voxfit.spaces import BoundSpace, SearchSpace, params_of, sample
 
 log = logging.getLogger(__name__)
 # Size is an objective, not only the memory budget's constraint: weight bit-widths do not
@@ -385,6 +385,33 @@ def reseed_on_resume(study: optuna.Study, sampler: str, seed: int) -> None:
         study.sampler = make_sampler(sampler, seed + 7919 * n)
 
 
+def _leaves(d: Any, prefix: str = "") -> dict[str, Any]:
+    if not isinstance(d, dict):
+        return {prefix: d}
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        out.update(_leaves(v, f"{prefix}.{k}" if prefix else str(k)))
+    return out
+
+
+def space_change(attrs: dict[str, Any], space: SearchSpace) -> str | None:
+    """Why a study (its user attributes) cannot go on with ``space``, or None when it can.
+
+    Only what a search can draw counts: a reworded description does not stop a resume. A
+    study recorded before the choices were stored is compared by the whole file's hash.
+    """
+    if "space_choices_hash" in attrs:
+        if attrs["space_choices_hash"] == space.choices_hash():
+            return None
+        old, new = _leaves(attrs.get("space_choices") or {}), _leaves(space.choices())
+        keys = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
+        more = f" and {len(keys) - 4} more" if len(keys) > 4 else ""
+        return f"changed: {', '.join(keys[:4])}{more}" if keys else "its choices changed"
+    if "space_hash" in attrs and attrs["space_hash"] != space.stable_hash():
+        return "its file changed since the study began"
+    return None
+
+
 def prepare_study(s: SearchSettings, ctx: SearchContext) -> optuna.Study:
     """Create or resume the study; enqueue the baselines into a new one."""
     storage = open_storage(s.storage)
@@ -407,15 +434,18 @@ def prepare_study(s: SearchSettings, ctx: SearchContext) -> optuna.Study:
             f"study {s.study_name!r} was made for profile {attrs['profile'].get('name')}, "
             f"not {s.profile.name}: pick another --study name"
         )
-    if "space_hash" in attrs and attrs["space_hash"] != s.space.space.stable_hash():
+    changed = space_change(attrs, s.space.space)
+    if changed:
         raise ConfigError(
             f"study {s.study_name!r} was made with another version of space "
-            f"{attrs.get('space')}: pick another --study name"
+            f"{attrs.get('space')} ({changed}): pick another --study name"
         )
     if "profile" not in attrs:
         study.set_user_attr("profile", {**s.profile.to_dict(), "name": s.profile.name})
         study.set_user_attr("space", s.space.space.name)
         study.set_user_attr("space_hash", s.space.space.stable_hash())
+        study.set_user_attr("space_choices_hash", s.space.space.choices_hash())
+        study.set_user_attr("space_choices", s.space.space.choices())
         study.set_user_attr("objectives", list(OBJECTIVES))
         study.set_user_attr("checkpoint", str(ctx.checkpoint))
         study.set_user_attr("preset", ctx.preset)

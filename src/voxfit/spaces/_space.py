@@ -83,6 +83,17 @@ class SearchSpace:
         text = json.dumps(self.to_dict(), sort_keys=True)
         return hashlib.sha256(text.encode()).hexdigest()[:12]
 
+    def choices(self) -> dict[str, Any]:
+        """What a search can draw from this space: :meth:`to_dict` without the prose."""
+        out = self.to_dict()
+        out.pop("description")
+        return out
+
+    def choices_hash(self) -> str:
+        """Hash of :meth:`choices`: rewording the description leaves it unchanged."""
+        text = json.dumps(self.choices(), sort_keys=True)
+        return hashlib.sha256(text.encode()).hexdigest()[:12]
+
     def bind(self, structure: ModelStructure) -> BoundSpace:
         """Resolve the patterns against a model's declared names.
 
