@@ -105,8 +105,8 @@ def main(argv: list[str] | None = None) -> int:
     collect_minutes = (time.monotonic() - t0) / 60
     models, tasks = load_dataset(dataset_dir(profile, args.cost_models))
     models = models[models["input"] == profile.primary_input.name]
-    timed = models["collect_s"].dropna() if "collect_s" in models else models.iloc[:0, 0]
-    per_cand = float(timed.median()) if len(timed) else None
+    timed = models.get("collect_s")  # rows from before it was recorded: NaN, skipped
+    per_cand = float(timed.median()) if timed is not None and timed.notna().any() else None
     train_ids, test_ids = split(models, args.test_frac, args.seed)
     tr = models[models["cand"].isin(train_ids)]
     te = models[models["cand"].isin(test_ids)]

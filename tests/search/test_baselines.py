@@ -8,7 +8,7 @@ import pytest
 
 from voxfit.models import build_model, default_config
 from voxfit.search import baselines
-from voxfit.spaces import load_space
+from voxfit.spaces import SearchSpace, load_space
 
 SPACES = Path(__file__).resolve().parents[2] / "spaces"
 
@@ -89,15 +89,23 @@ def test_a_study_resumes_by_space_choices_not_prose(structure, tmp_path: Path) -
     }.items():
         study.set_user_attr(k, v)
 
-    def resume(text: str) -> optuna.Study:
+    def space(text: str) -> SearchSpace:
         (tmp_path / "edited.yaml").write_text(text)
-        space = load_space(tmp_path / "edited.yaml").bind(structure)
-        s = SearchSettings(profile=profile, space=space, storage=url, study_name="s", n_trials=1)
+        return load_space(tmp_path / "edited.yaml")
+
+    def resume(text: str, study_name: str = "s") -> optuna.Study:
+        s = SearchSettings(
+            profile=profile,
+            space=space(text).bind(structure),
+            storage=url,
+            study_name=study_name,
+            n_trials=1,
+        )
         return prepare_study(s, None)  # type: ignore[arg-type]
 
     text = (SPACES / "tdnn-default.yaml").read_text()
     reworded = text.replace("description: >", "description: >\n  Reworded.")
-    assert load_space_text(reworded, tmp_path).stable_hash() != original.stable_hash()
+    assert space(reworded).stable_hash() != original.stable_hash()
     assert resume(reworded).study_name == "s"  # the description is prose: it goes on
     changed = text.replace("head: [8, 32]", "head: [4, 8, 32]")
     with pytest.raises(ConfigError, match=r"changed: quantization\.weight_bits\.head\)"):
@@ -108,18 +116,5 @@ def test_a_study_resumes_by_space_choices_not_prose(structure, tmp_path: Path) -
         old.set_user_attr(k, study.user_attrs[k])
     old.set_user_attr("profile", {"name": profile.name})
     old.set_user_attr("space_hash", original.stable_hash())
-    (tmp_path / "edited.yaml").write_text(reworded)
-    s = SearchSettings(
-        profile=profile,
-        space=load_space(tmp_path / "edited.yaml").bind(structure),
-        storage=url,
-        study_name="old",
-        n_trials=1,
-    )
     with pytest.raises(ConfigError, match="file changed since the study began"):
-        prepare_study(s, None)  # type: ignore[arg-type]
-
-
-def load_space_text(text: str, tmp_path: Path):  # type: ignore[no-untyped-def]
-    (tmp_path / "probe.yaml").write_text(text)
-    return load_space(tmp_path / "probe.yaml")
+        resume(reworded, "old")

@@ -184,21 +184,21 @@ class _Seeded:
 class _Levelled(_Seeded):
     """Numeric choices of one kind drawn near one shared level per candidate.
 
-    Call :meth:`next_candidate` before each candidate: every kind of choice (the name's
-    prefix: ``keep``, ``wbits``, ``adapter`` ...) gets its own level in [0, 1], and a choice
-    among ``k`` sorted numbers is the one at index ``level * (k - 1)`` plus Gaussian jitter
-    (sd 0.75 index). So one candidate keeps most blocks narrow and another most wide. Uniform
-    per-layer draws average many independent choices and cluster around the space's centre;
-    these reach its corners, where a search's Pareto front lies. Non-numeric choices stay
-    uniform.
+    Each :meth:`candidate` gives every kind of choice (the name's prefix: ``keep``,
+    ``wbits``, ``adapter`` ...) its own level in [0, 1], and a choice among ``k`` sorted
+    numbers is the one at index ``level * (k - 1)`` plus Gaussian jitter (sd 0.75 index). So
+    one candidate keeps most blocks narrow and another most wide. Uniform per-layer draws
+    average many independent choices and cluster around the space's centre; these reach its
+    corners, where a search's Pareto front lies. Non-numeric choices stay uniform.
     """
 
     def __init__(self, seed: int) -> None:
         super().__init__(seed)
         self.levels: dict[str, float] = {}
 
-    def next_candidate(self) -> None:
+    def candidate(self, space: BoundSpace) -> Candidate:
         self.levels = {}
+        return sample(space, self)
 
     def suggest_categorical(self, name: str, choices: Sequence[Any]) -> Any:
         if not all(isinstance(c, int | float) and not isinstance(c, bool) for c in choices):
@@ -219,20 +219,18 @@ def sample_candidates(space: BoundSpace, n: int, seed: int, levelled: int = 0) -
     weights, not the compiled graph.
     """
     out: dict[str, Candidate] = {}
-    rng = _Seeded(seed)
-    for _ in range(n * 50):
-        if len(out) == n:
-            break
-        c = replace(sample(space, rng), recovery_steps=0)
-        out.setdefault(c.stable_hash(), c)
-    lev = _Levelled(seed + 7919)
-    want = len(out) + levelled
-    for _ in range(levelled * 50):
-        if len(out) == want:
-            break
-        lev.next_candidate()
-        c = replace(sample(space, lev), recovery_steps=0)
-        out.setdefault(c.stable_hash(), c)
+
+    def fill(count: int, draw: Callable[[], Candidate]) -> None:
+        want = len(out) + count
+        for _ in range(count * 50):  # a small space may hold fewer distinct candidates
+            if len(out) == want:
+                return
+            c = replace(draw(), recovery_steps=0)
+            out.setdefault(c.stable_hash(), c)
+
+    rng, lev = _Seeded(seed), _Levelled(seed + 7919)
+    fill(n, lambda: sample(space, rng))
+    fill(levelled, lambda: lev.candidate(space))
     return list(out.values())
 
 
