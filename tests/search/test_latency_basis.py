@@ -103,3 +103,23 @@ def test_measured_objective_is_put_on_the_cost_models_speed(
         assert "measured_ref_ms" not in out
         assert out["objective_ms"] == pytest.approx(4.0)
     assert out["predicted_ms"] is not None
+
+
+def test_a_predicted_objective_says_which_speed_its_card_predicts_at(tmp_path: Path) -> None:
+    from dataclasses import replace
+
+    profile = pick_local_profile(ROOT / "hw_profiles")
+    profile = replace(profile, measurement=replace(profile.measurement, method="predicted"))
+    torch.manual_seed(0)
+    base = build_model(default_config("tdnn", 20, "tiny")).eval()
+    _cost_model(profile, base, tmp_path / "cm")
+    space = find_space(ROOT / "spaces" / "tdnn-default.yaml").bind(base.structure())
+    s = SearchSettings(profile, space, "sqlite://", "t", 1, cost_models_dir=tmp_path / "cm")
+    lat = _Latency(s, reference=base)
+    out = lat(base, Candidate(), (0.0, 0.0, 0.0), [], force=True)
+    assert out["source"] == "predicted"
+    assert out["objective_ms"] == out["predicted_ms"]
+    assert out["objective_basis"] == "reference"
+    assert lat.predictor is not None
+    del lat.predictor.model.card["reference_ms"]  # a card fitted on raw medians
+    assert lat(base, Candidate(), (0.0, 0.0, 0.0), [], force=True)["objective_basis"] == "raw"

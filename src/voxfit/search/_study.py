@@ -275,7 +275,10 @@ class _Latency:
         elif out["measured_ms"] is not None:
             out["objective_ms"], out["objective_basis"] = out["measured_ms"], "raw"
         else:
-            out["objective_ms"], out["objective_basis"] = out["predicted_ms"], "reference"
+            # a card fitted on raw medians (before reference timing) predicts raw times
+            ref = self.predictor is not None and self.predictor.model.card.get("reference_ms")
+            out["objective_ms"] = out["predicted_ms"]
+            out["objective_basis"] = "reference" if ref else "raw"
         return out
 
 
