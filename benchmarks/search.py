@@ -36,29 +36,26 @@ from typing import Any
 
 import numpy as np
 import optuna
-from optuna.trial import FrozenTrial, TrialState
+from optuna.trial import TrialState
 from rich.console import Console
 from rich.table import Table
 
 from voxfit import __version__
 from voxfit.hw_profiles import find_profile, load_profile, pick_local_profile
-from voxfit.plan import Candidate
 from voxfit.search import (
     DEFAULT_SAMPLER,
     SearchContext,
     SearchSettings,
-    is_feasible,
+    TrialRecord,
+    complete,
+    front,
     run_search,
 )
 from voxfit.spaces import find_space
 
 
-def feasible(study: optuna.Study) -> list[FrozenTrial]:
-    return [
-        t
-        for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-        if is_feasible(t)
-    ]
+def feasible(study: optuna.Study) -> list[TrialRecord]:
+    return [r for r in complete(study) if r.feasible]
 
 
 def search_minutes(study: optuna.Study) -> float:
@@ -82,21 +79,21 @@ def hypervolume(points: np.ndarray, ref: np.ndarray) -> float:
     return float(compute_hypervolume(inside, ref)) if len(inside) else 0.0
 
 
-def row(t: FrozenTrial, fp32: FrozenTrial, name: str) -> dict[str, Any]:
-    m, b = t.user_attrs["metrics"], fp32.user_attrs["metrics"]
+def row(t: TrialRecord, fp32: TrialRecord, name: str) -> dict[str, Any]:
+    m, b = t.accuracy, fp32.accuracy
     return {
         "name": name,
         "trial": t.number,
         "latency_ms": t.values[0],
-        "latency_source": t.user_attrs["latency"]["source"],
-        "size_mb": m["size_mb"],
-        "dev_per": m["dev_per"],
-        "post_adapt_per": m["post_adapt_per"],
+        "latency_source": t.latency.source,
+        "size_mb": t.size_mb,
+        "dev_per": m.dev_per,
+        "post_adapt_per": m.post_adapt_per,
         "speedup_vs_fp32": fp32.values[0] / t.values[0],
-        "size_reduction_vs_fp32": b["size_mb"] / m["size_mb"],
-        "dev_per_delta": m["dev_per"] - b["dev_per"],
-        "post_adapt_per_delta": m["post_adapt_per"] - b["post_adapt_per"],
-        "plan": t.user_attrs["plan"],
+        "size_reduction_vs_fp32": fp32.size_mb / t.size_mb,
+        "dev_per_delta": m.dev_per - b.dev_per,
+        "post_adapt_per_delta": m.post_adapt_per - b.post_adapt_per,
+        "plan": t.plan.to_dict(),
     }
 
 
@@ -180,17 +177,15 @@ def main(argv: list[str] | None = None) -> int:
     hv = {n: hypervolume(p, ref) for n, p in pts.items()}
 
     default = studies[samplers[0]]
-    done = default.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-    base = {t.user_attrs.get("baseline"): t for t in done if t.user_attrs.get("baseline")}
+    base = {r.baseline: r for r in complete(default) if r.baseline}
     fp32 = base["fp32"]
     within = [t for t in feasible(default) if t.values[0] <= profile.latency_budget_ms]
     if not within:
         console.print("[red]no trial meets the latency budget")
         return 1
-    fb = fp32.user_attrs["metrics"]
 
-    def smaller(t: FrozenTrial) -> float:
-        return float(fb["size_mb"] / t.user_attrs["metrics"]["size_mb"])
+    def smaller(t: TrialRecord) -> float:
+        return float((fp32.size_mb or 0.0) / (t.size_mb or float("inf")))
 
     by_quality = sorted(within, key=lambda t: (t.values[1], t.values[2]))
     small = [t for t in by_quality if smaller(t) >= 4.0][: args.measure_max]
@@ -208,8 +203,8 @@ def main(argv: list[str] | None = None) -> int:
     ) as est:
         for label, t in todo:
             # distillation changes weights, not the compiled graph: skip it for timing
-            cand = replace(Candidate.from_dict(t.user_attrs["plan"]), recovery_steps=0)
-            model = ctx.build(cand, profile.channel_multiple, int(t.user_attrs["seed"]))
+            cand = replace(t.plan, recovery_steps=0)
+            model = ctx.build(cand, profile.channel_multiple, t.seed)
             (r,) = est.estimate(model, (profile.primary_input,))
             remeasured[label] = r.median_ms
             console.print(f"TVM {label}: {r.median_ms if r.ok else r.error} ms")
@@ -259,7 +254,9 @@ def main(argv: list[str] | None = None) -> int:
         "reference_point": ref.tolist(),
         "objectives": default.user_attrs.get("objectives"),
         "measured_candidates": [t.number for t in small],
-        "front_sizes": {n: len(p) for n, p in pts.items()},
+        # the non-dominated feasible trials (before: the count of feasible trials)
+        "front_sizes": {n: len(front(complete(s))) for n, s in studies.items()},
+        "feasible_counts": {n: len(p) for n, p in pts.items()},
         "sampler_minutes": minutes,
         "default_sampler": samplers[0],
         "profile": profile.name,

@@ -398,18 +398,9 @@ DEFAULT_STORAGE = "sqlite:///work/search/voxfit.db"
 
 
 def _load_study(storage: str, study: str | None):  # type: ignore[no-untyped-def]
-    import optuna
+    from voxfit.search import load_study
 
-    from voxfit.search import open_storage
-
-    st = open_storage(storage)
-    names = [s.study_name for s in optuna.get_all_study_summaries(st)]
-    if not names:
-        raise ConfigError(f"--storage {storage}: no study in it (run voxfit search)")
-    name = study or names[-1]
-    if name not in names:
-        raise ConfigError(f"--study {name!r}: not in {storage} (have: {', '.join(names)})")
-    return optuna.load_study(study_name=name, storage=st)
+    return load_study(storage, study)
 
 
 def _duration(text: str | None) -> float | None:

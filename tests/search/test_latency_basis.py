@@ -91,18 +91,18 @@ def test_measured_objective_is_put_on_the_cost_models_speed(
     lat = _Latency(s, reference=base if same_reference else other)
     lat.measurer = _SlowHost(relative=0.5)
     out = lat(base, Candidate(), (0.0, 0.0, 0.0), [], force=True)
-    assert out["source"] == "measured"
-    assert out["measured_ms"] == pytest.approx(4.0)  # raw: half the base on a 2x slower host
+    assert out.source == "measured"
+    assert out.measured_ms == pytest.approx(4.0)  # raw: half the base on a 2x slower host
     if same_reference:
         # half the base at the speed the cost model predicts for: comparable with predictions
-        assert out["objective_basis"] == "reference"
-        assert out["measured_ref_ms"] == pytest.approx(0.5 * REF_MS)
-        assert out["objective_ms"] == pytest.approx(2.0)
+        assert out.basis == "reference"
+        assert out.measured_ref_ms == pytest.approx(0.5 * REF_MS)
+        assert out.objective_ms == pytest.approx(2.0)
     else:  # the card's reference is another model: no common scale, the raw median
-        assert out["objective_basis"] == "raw"
-        assert "measured_ref_ms" not in out
-        assert out["objective_ms"] == pytest.approx(4.0)
-    assert out["predicted_ms"] is not None
+        assert out.basis == "raw"
+        assert out.measured_ref_ms is None
+        assert out.objective_ms == pytest.approx(4.0)
+    assert out.predicted_ms is not None
 
 
 def test_a_predicted_objective_says_which_speed_its_card_predicts_at(tmp_path: Path) -> None:
@@ -117,9 +117,9 @@ def test_a_predicted_objective_says_which_speed_its_card_predicts_at(tmp_path: P
     s = SearchSettings(profile, space, "sqlite://", "t", 1, cost_models_dir=tmp_path / "cm")
     lat = _Latency(s, reference=base)
     out = lat(base, Candidate(), (0.0, 0.0, 0.0), [], force=True)
-    assert out["source"] == "predicted"
-    assert out["objective_ms"] == out["predicted_ms"]
-    assert out["objective_basis"] == "reference"
+    assert out.source == "predicted"
+    assert out.objective_ms == out.predicted_ms
+    assert out.basis == "reference"
     assert lat.predictor is not None
     del lat.predictor.model.card["reference_ms"]  # a card fitted on raw medians
-    assert lat(base, Candidate(), (0.0, 0.0, 0.0), [], force=True)["objective_basis"] == "raw"
+    assert lat(base, Candidate(), (0.0, 0.0, 0.0), [], force=True).basis == "raw"

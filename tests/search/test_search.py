@@ -16,6 +16,7 @@ import pytest
 import yaml
 
 from voxfit.data import Manifest
+from voxfit.search import OBJECTIVES, record_of
 
 pytestmark = [pytest.mark.slow, pytest.mark.tvm]
 ROOT = Path(__file__).resolve().parents[2]
@@ -87,16 +88,21 @@ def test_search_export_verify_report(setup: dict[str, Path]) -> None:
     trials = study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))
     assert len(trials) == 4
     # baselines first, then sampled candidates; every trial records plan, metrics, latency
-    assert [t.user_attrs.get("baseline") for t in trials[:3]] == ["fp32", "int8", "prune50"]
-    for t in trials:
-        lat = t.user_attrs["latency"]
-        assert lat["source"] == "measured"  # no cost model for this profile: all measured
-        assert t.values[0] == lat["measured_ms"]
-        assert t.values[3] == t.user_attrs["metrics"]["size_mb"]  # size is an objective
-        assert set(t.user_attrs["metrics"]) >= {"dev_per", "post_adapt_per", "size_mb"}
-        assert t.user_attrs["per_speaker"]
-    fp32, int8 = trials[0].user_attrs["metrics"], trials[1].user_attrs["metrics"]
-    assert int8["size_mb"] < fp32["size_mb"] / 3
+    recs = [record_of(t) for t in trials]
+    assert [r.baseline for r in recs[:3]] == ["fp32", "int8", "prune50"]
+    for t, r in zip(trials, recs, strict=True):
+        assert set(t.user_attrs) <= {"record", "baseline"}  # one record, nothing loose
+        assert r.version == 1
+        assert r.latency.source == "measured"  # no cost model for this profile: all measured
+        assert t.values[0] == r.latency.measured_ms
+        assert t.values[3] == r.size_mb  # size is an objective
+        assert r.accuracy.dev_per is not None
+        assert r.accuracy.post_adapt_per is not None
+        assert r.accuracy.per_speaker
+        assert r.constraints is not None
+        assert len(r.constraints) == 2  # stored once, by Optuna
+    assert study.metric_names == list(OBJECTIVES)
+    assert recs[1].size_mb < recs[0].size_mb / 3
     assert study.user_attrs["base"]["trial"] == trials[0].number
     # the measurements went into the profile's cost-model dataset
     assert (setup["root"] / "cm" / "ci-cpu" / "dataset" / "models.parquet").exists()

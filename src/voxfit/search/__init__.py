@@ -1,57 +1,82 @@
-"""The search service: Optuna study over a space for one profile, bundles, review."""
+"""The search service: Optuna study over a space for one profile, bundles, review.
 
+A study is read through :func:`load_study`, :func:`records` (one :class:`TrialRecord` per
+trial), :func:`front` and :func:`study_frame`; the same feasibility rule and front serve the
+search, ``voxfit export --pareto``, the report and the notebook.
+"""
+
+from voxfit.search._access import (
+    complete,
+    front,
+    front_table,
+    load_study,
+    open_storage,
+    records,
+    study_frame,
+)
 from voxfit.search._bundle import export_bundle, verify_bundle, write_manifest
 from voxfit.search._context import SearchContext
+from voxfit.search._record import (
+    OBJECTIVES,
+    AccuracyRecord,
+    LatencyRecord,
+    TrialRecord,
+    record_of,
+)
 from voxfit.search._report import (
-    front_table,
+    LABELS,
+    NOTES,
     importance_figure,
     latency_figure,
-    load_study,
     pareto_3d_figure,
     pareto_figure,
     plan_heatmap,
+    plan_matrix,
     speaker_figure,
-    study_frame,
     write_report,
 )
 from voxfit.search._study import (
     DEFAULT_SAMPLER,
-    OBJECTIVES,
     SAMPLERS,
     SearchSettings,
     baselines,
-    constraints_of,
-    is_feasible,
     make_sampler,
-    open_storage,
     prepare_study,
     run_search,
 )
 
 __all__ = [
     "DEFAULT_SAMPLER",
+    "LABELS",
+    "NOTES",
     "OBJECTIVES",
     "SAMPLERS",
+    "AccuracyRecord",
+    "LatencyRecord",
     "SearchContext",
     "SearchSettings",
+    "TrialRecord",
     "baselines",
-    "constraints_of",
-    "is_feasible",
+    "complete",
     "export_bundle",
+    "front",
     "front_table",
     "importance_figure",
     "latency_figure",
     "load_study",
+    "make_sampler",
+    "open_storage",
     "pareto_3d_figure",
     "pareto_figure",
     "plan_heatmap",
+    "plan_matrix",
+    "prepare_study",
+    "record_of",
+    "records",
+    "run_search",
     "speaker_figure",
     "study_frame",
-    "write_report",
-    "make_sampler",
-    "open_storage",
-    "prepare_study",
-    "run_search",
     "verify_bundle",
     "write_manifest",
+    "write_report",
 ]

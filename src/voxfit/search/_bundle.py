@@ -16,6 +16,7 @@ A bundle is a folder a deployment team can take as is:
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import shutil
@@ -30,8 +31,8 @@ from torch import nn
 
 from voxfit.errors import ConfigError, VoxfitError
 from voxfit.hw_profiles import HardwareProfile
-from voxfit.plan import Candidate
 from voxfit.search._context import SearchContext
+from voxfit.search._record import record_of
 
 MANIFEST = "manifest.json"
 BUNDLE_SCHEMA_VERSION = 1
@@ -159,12 +160,15 @@ def export_bundle(
     if made_for and made_for != profile.name:
         raise ConfigError(f"study was searched for {made_for}, not {profile.name}")
     t0 = time.monotonic()
-    cand = Candidate.from_dict(trial.user_attrs["plan"], f"trial {trial.number} plan")
+    rec = record_of(trial)
+    if rec.plan is None or rec.seed is None:
+        raise ConfigError(f"trial {trial.number} records no plan and seed to rebuild from")
+    cand = rec.plan
     bundle = Path(out_dir) / f"trial-{trial.number}"
     tmp = bundle.with_name(bundle.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    model = ctx.build(cand, profile.channel_multiple, int(trial.user_attrs["seed"]))
+    model = ctx.build(cand, profile.channel_multiple, rec.seed)
     (tmp / "plan.yaml").write_text(cand.dump_yaml())
 
     onnx_info = export_onnx(model, tmp / "model.onnx", calibration=ctx.calibration)
@@ -219,23 +223,31 @@ def export_bundle(
         "schema_version": BUNDLE_SCHEMA_VERSION,
         "study": study.study_name,
         "trial": trial.number,
-        "baseline": trial.user_attrs.get("baseline"),
+        "baseline": rec.baseline or None,
         "plan_hash": cand.stable_hash(),
         "objectives": dict(
             zip(study.user_attrs.get("objectives", []), trial.values, strict=False)
         ),
-        "metrics": trial.user_attrs.get("metrics", {}),
+        "metrics": {
+            "dev_per": rec.accuracy.dev_per,
+            "post_adapt_per": rec.accuracy.post_adapt_per,
+            "pre_adapt_per": rec.accuracy.pre_adapt_per,
+            "adapt_gain": rec.accuracy.adapt_gain,
+            "size_mb": rec.size_mb,
+            "params": rec.params,
+            "peak_memory_mb": rec.peak_memory_mb,
+        },
         "dev_per_rebuilt": dev,
         "per_speaker": {
             "note": "PER % [before, after] adapting to each held-out speaker "
-            f"({trial.user_attrs.get('adaptation', 'proxy')} settings)",
-            "speakers": trial.user_attrs.get("per_speaker", {}),
+            f"({rec.accuracy.adaptation} settings)",
+            "speakers": {k: list(v) for k, v in rec.accuracy.per_speaker.items()},
         },
-        "latency": trial.user_attrs.get("latency", {}),
+        "latency": dataclasses.asdict(rec.latency),
         "constraints": {
             "latency_budget_ms": profile.latency_budget_ms,
             "memory_budget_mb": profile.memory_budget_mb,
-            "values": trial.user_attrs.get("constraints"),
+            "values": list(rec.constraints) if rec.constraints is not None else None,
         },
         "base": study.user_attrs.get("base"),
         "profile": {"name": profile.name, "hash": profile.stable_hash(), "target": profile.target},
@@ -252,7 +264,8 @@ def export_bundle(
             "arrays": {k: list(v.shape) for k, v in arrays.items()},
             "kinds": {a.slot: a.kind for a in cand.adapters},
         },
-        "seed": trial.user_attrs.get("seed"),
+        "seed": rec.seed,
+        "record_version": rec.version,
         "checkpoint": study.user_attrs.get("checkpoint"),
         "versions": study.user_attrs.get("versions"),
         "export_s": time.monotonic() - t0,

@@ -1,10 +1,9 @@
 """Review of a search: one frame, the front, plotly figures and one static HTML report.
 
-Reads only what the search records on the study (the attribute contract of
-``voxfit.search``): study user attrs ``profile``, ``space``, ``objectives``, ``base``,
-``checkpoint``, ``versions``; per trial ``values = [latency_ms, post_adapt_per, dev_per]``
-(PER in percent) and user attrs ``plan``, ``baseline``, ``metrics``, ``latency``,
-``per_speaker``, ``constraints`` and, for failed trials, ``fail_reason``.
+Reads the study through :mod:`voxfit.search._access` (study user attrs ``profile``,
+``space``, ``objectives``, ``base``, ``checkpoint``, ``versions``) and each trial through its
+:class:`~voxfit.search._record.TrialRecord`; feasibility and the front are the access
+module's, the same the search and ``voxfit export --pareto`` use.
 
 A study that is still running, or was written by an older voxfit, lacks some of these: every
 figure builder then returns ``None`` and the report shows the sentence in :data:`NOTES`
@@ -15,11 +14,9 @@ goes on.
 
 from __future__ import annotations
 
-import datetime
 import html
 import json
 import math
-import re
 import warnings
 from collections import Counter
 from collections.abc import Callable, Mapping
@@ -33,8 +30,16 @@ from optuna.trial import FrozenTrial, TrialState
 from plotly.offline import get_plotlyjs
 from plotly.subplots import make_subplots
 
-from voxfit.errors import ConfigError
-from voxfit.search._study import OBJECTIVES, front_trials
+from voxfit.search._access import (
+    check_objectives,
+    complete,
+    front_table,
+    load_study,
+    natural,
+    records,
+    study_frame,
+)
+from voxfit.search._record import OBJECTIVES, TrialRecord
 
 __all__ = [
     "LABELS",
@@ -82,171 +87,7 @@ _PLAN_SOURCES = {
     "wbits": ("layers", "weight_bits", 32),
     "adapter": ("adapters", "dim", 0),
 }
-# fmt: off
-_FRAME_COLUMNS = [
-    "number", *OBJECTIVES, "feasible", "on_front", "baseline", "latency_source",
-    "predicted_ms", "measured_ms", "measured_ref_ms", "low_confidence", "peak_memory_mb",
-    "pre_adapt_per", "plan_hash", "duration_s",
-]
-# fmt: on
 _COLORS = {"front": "#d62728", "feasible": "#1f77b4", "infeasible": "#bbbbbb"}
-
-
-# -- loading ---------------------------------------------------------------------------------
-def load_study(storage: str, study_name: str | None = None) -> optuna.Study:
-    """Open a study of ``storage`` for review.
-
-    Args:
-        storage: an Optuna storage URL, e.g. ``sqlite:///work/search/voxfit.db`` (a relative
-            SQLite path is relative to the working directory).
-        study_name: the study to open; ``None`` = the study whose first trial started last
-            (a study without trials counts as the oldest).
-
-    Raises:
-        ConfigError: the SQLite file does not exist (Optuna would silently create an empty
-            one), the storage holds no study, or ``study_name`` is not one of them.
-    """
-    if storage.startswith("sqlite:///"):
-        path = Path(storage.removeprefix("sqlite:///"))
-        if str(path) != ":memory:" and not path.exists():
-            raise ConfigError(
-                f"no study storage at {path.resolve()} (from {storage!r}); relative SQLite "
-                f"paths are relative to the working directory {Path.cwd()}"
-            )
-    summaries = optuna.get_all_study_summaries(storage, include_best_trial=False)
-    names = [s.study_name for s in summaries]
-    if not names:
-        raise ConfigError(f"{storage}: holds no study")
-    if study_name is None:
-        oldest = datetime.datetime.min
-        order = sorted(
-            enumerate(summaries), key=lambda ix: (ix[1].datetime_start or oldest, ix[0])
-        )
-        study_name = order[-1][1].study_name
-    elif study_name not in names:
-        raise ConfigError(f"{storage}: no study {study_name!r} (have: {', '.join(names)})")
-    return optuna.load_study(study_name=study_name, storage=storage)
-
-
-# -- the frame -------------------------------------------------------------------------------
-def _feasible(t: FrozenTrial) -> bool:
-    """All constraints <= 0; a trial that records none is feasible (unconstrained study)."""
-    cons = t.user_attrs.get("constraints", t.system_attrs.get("constraints"))
-    if cons is None:
-        return True
-    return all(float(c) <= 0.0 for c in cons)
-
-
-def _complete(study: optuna.Study) -> list[FrozenTrial]:
-    return [
-        t
-        for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-        if t.values is not None and len(t.values) == len(OBJECTIVES)
-    ]
-
-
-def _front_numbers(trials: list[FrozenTrial]) -> set[int]:
-    """Numbers of the non-dominated trials among the feasible ones (all objectives minimized).
-
-    Feasibility is the report's own (:func:`_feasible`) rather than ``study.best_trials``',
-    which reads the constraints from the system attrs: the report trusts the user attr the
-    search writes, and treats an unconstrained study's trials as feasible.
-    """
-    return {t.number for t in front_trials(trials, _feasible)}
-
-
-def _check_objectives(study: optuna.Study) -> None:
-    names = study.user_attrs.get("objectives")
-    if names is not None and tuple(names) != OBJECTIVES:
-        raise ConfigError(
-            f"study {study.study_name!r} optimizes {list(names)}; this report reads "
-            f"{list(OBJECTIVES)}"
-        )
-
-
-def _number(x: Any) -> float | None:
-    return float(x) if isinstance(x, int | float) and not isinstance(x, bool) else None
-
-
-def study_frame(study: optuna.Study) -> pd.DataFrame:
-    """One row per COMPLETE trial, ordered by trial number.
-
-    Columns: ``number``, the objectives (``latency_ms``, ``post_adapt_per``, ``dev_per``,
-    ``size_mb``),
-    ``feasible`` (every constraint <= 0), ``on_front`` (non-dominated among feasible complete
-    trials), ``baseline`` (``""`` for searched trials), ``latency_source``
-    (measured/predicted), ``predicted_ms``, ``measured_ms`` (raw median),
-    ``measured_ref_ms`` (at the cost model's reference speed), ``low_confidence``,
-    ``peak_memory_mb``, ``pre_adapt_per``, ``plan_hash``, ``duration_s``, then
-    every trial parameter under its own name (``keep:<group>``, ``wbits:<layer>``, ...).
-    Missing attributes are NaN/None, never errors.
-
-    Raises:
-        ConfigError: the study records objectives other than :data:`OBJECTIVES`.
-    """
-    _check_objectives(study)
-    trials = _complete(study)
-    front = _front_numbers(trials)
-    rows = []
-    params: dict[str, None] = {}
-    for t in trials:
-        metrics = t.user_attrs.get("metrics") or {}
-        lat = t.user_attrs.get("latency") or {}
-        row: dict[str, Any] = {
-            "number": t.number,
-            **dict(zip(OBJECTIVES, t.values, strict=True)),
-            "feasible": _feasible(t),
-            "on_front": t.number in front,
-            "baseline": str(t.user_attrs.get("baseline") or ""),
-            "latency_source": lat.get("source"),
-            "predicted_ms": _number(lat.get("predicted_ms")),
-            "measured_ms": _number(lat.get("measured_ms")),
-            "measured_ref_ms": _number(lat.get("measured_ref_ms")),
-            "low_confidence": lat.get("low_confidence"),
-            "peak_memory_mb": _number(metrics.get("peak_memory_mb")),
-            "pre_adapt_per": _number(metrics.get("pre_adapt_per")),
-            "plan_hash": t.user_attrs.get("plan_hash"),
-            "duration_s": t.duration.total_seconds() if t.duration is not None else None,
-        }
-        row.update(t.params)
-        params.update(dict.fromkeys(t.params))
-        rows.append(row)
-    columns = _FRAME_COLUMNS + sorted(params, key=_natural)
-    frame = pd.DataFrame(rows, columns=columns)
-    # Explicit dtypes so that an empty frame still filters (an object column of no rows
-    # would be read as a list of column labels) and missing numbers are NaN.
-    floats = [*OBJECTIVES, "predicted_ms", "measured_ms", "measured_ref_ms", "peak_memory_mb"]
-    return frame.astype(
-        {"number": int, "feasible": bool, "on_front": bool, **dict.fromkeys(floats, float)}
-    )
-
-
-def front_table(study: optuna.Study) -> list[dict[str, Any]]:
-    """The front as printable rows, fastest first.
-
-    Keys: ``trial``, ``latency_ms``, ``latency_source``, ``dev_per``, ``post_adapt_per``,
-    ``size_mb``, ``baseline`` (``""`` for searched trials). Empty when no feasible trial
-    completed.
-    """
-    f = study_frame(study)
-    f = f[f["on_front"]].sort_values(["latency_ms", "number"])
-    return [
-        {
-            "trial": int(r.number),
-            "latency_ms": float(r.latency_ms),
-            "latency_source": r.latency_source,
-            "dev_per": float(r.dev_per),
-            "post_adapt_per": float(r.post_adapt_per),
-            "size_mb": None if pd.isna(r.size_mb) else float(r.size_mb),
-            "baseline": r.baseline,
-        }
-        for r in f.itertuples()
-    ]
-
-
-def _natural(name: str) -> list[Any]:
-    """Sort key that puts ``blocks.2`` before ``blocks.10``."""
-    return [(0, int(p), "") if p.isdigit() else (1, 0, p) for p in re.split(r"(\d+)", name)]
 
 
 def _label(row: Any) -> str:
@@ -385,22 +226,26 @@ def pareto_3d_figure(study: optuna.Study) -> go.Figure | None:
 
 
 # -- plan heatmap ----------------------------------------------------------------------------
-def _plan_value(t: FrozenTrial, column: str) -> float | None:
+def _number(x: Any) -> float | None:
+    return float(x) if isinstance(x, int | float) and not isinstance(x, bool) else None
+
+
+def _plan_value(r: TrialRecord, column: str) -> float | None:
     """``column``'s value from the trial's params, else from its recorded plan's defaults."""
-    if column in t.params:
-        return _number(t.params[column])
-    plan = t.user_attrs.get("plan")
-    if not isinstance(plan, Mapping):
+    if column in r.trial_params:
+        return _number(r.trial_params[column])
+    plan = r.plan_dict
+    if not plan:
         return None
     prefix, _, name = column.partition(":")
     section, key, default = _PLAN_SOURCES[prefix]
     return _number(((plan.get(section) or {}).get(name) or {}).get(key, default))
 
 
-def _plan_columns(t: FrozenTrial) -> list[str]:
-    cols = [p for p in t.params if p.startswith(tuple(pre for pre, _ in _PLAN_PANELS))]
-    plan = t.user_attrs.get("plan")
-    if isinstance(plan, Mapping):
+def _plan_columns(r: TrialRecord) -> list[str]:
+    cols = [p for p in r.trial_params if p.startswith(tuple(pre for pre, _ in _PLAN_PANELS))]
+    plan = r.plan_dict
+    if plan:
         for prefix, (section, _, _) in _PLAN_SOURCES.items():
             cols += [f"{prefix}:{n}" for n in (plan.get(section) or {})]
     return cols
@@ -415,13 +260,13 @@ def plan_matrix(study: optuna.Study) -> pd.DataFrame:
     """
     f = study_frame(study)
     f = f[f["on_front"]].sort_values(["latency_ms", "number"])
-    by_number = {t.number: t for t in _complete(study)}
+    by_number = {r.number: r for r in complete(study)}
     trials = [by_number[int(n)] for n in f["number"]]
     seen = dict.fromkeys(c for t in trials for c in _plan_columns(t))
     columns = [
         c
         for prefix, _ in _PLAN_PANELS
-        for c in sorted((c for c in seen if c.startswith(prefix)), key=_natural)
+        for c in sorted((c for c in seen if c.startswith(prefix)), key=natural)
     ]
     return pd.DataFrame(
         [[_plan_value(t, c) for c in columns] for t in trials],
@@ -485,15 +330,15 @@ def _objective(i: int) -> Callable[[FrozenTrial], float]:
 
 def _importances(study: optuna.Study) -> dict[str, dict[str, float] | str]:
     """Objective -> parameter importances (PED-ANOVA, normalized), or why they are missing."""
-    trials = _complete(study)
+    trials = complete(study)
     varying = [
         p
-        for p in dict.fromkeys(k for t in trials for k in t.params)
-        if len({json.dumps(t.params.get(p), default=str) for t in trials}) > 1
+        for p in dict.fromkeys(k for t in trials for k in t.trial_params)
+        if len({json.dumps(t.trial_params.get(p), default=str) for t in trials}) > 1
     ]
     out: dict[str, dict[str, float] | str] = {}
     for i, name in enumerate(OBJECTIVES):
-        vals = [t.values[i] for t in trials if math.isfinite(t.values[i])]
+        vals = [v[i] for t in trials if (v := t.values) and math.isfinite(v[i])]
         if len(vals) < 2 or len(set(vals)) < 2:
             out[name] = f"needs >= 2 complete trials whose {name} differ ({len(vals)} complete)"
             continue
@@ -627,19 +472,6 @@ def latency_figure(study: optuna.Study) -> go.Figure | None:
 
 
 # -- per-speaker adaptation ------------------------------------------------------------------
-def _per_speaker(t: FrozenTrial) -> dict[str, tuple[float, float]]:
-    raw = t.user_attrs.get("per_speaker")
-    if not isinstance(raw, Mapping):
-        return {}
-    out = {}
-    for spk, pair in raw.items():
-        if isinstance(pair, list | tuple) and len(pair) == 2:
-            before, after = _number(pair[0]), _number(pair[1])
-            if before is not None and after is not None:
-                out[str(spk)] = (before, after)
-    return out
-
-
 def speaker_figure(study: optuna.Study) -> go.Figure | None:
     """Per-speaker adaptation of the front trials: cell = PER after - PER before (points;
     blue = adaptation helped), text = ``before→after``; the row label carries the means.
@@ -647,12 +479,12 @@ def speaker_figure(study: optuna.Study) -> go.Figure | None:
     """
     f = study_frame(study)
     f = f[f["on_front"]].sort_values(["latency_ms", "number"])
-    by_number = {t.number: t for t in _complete(study)}
-    rows = [(r, _per_speaker(by_number[int(r.number)])) for r in f.itertuples()]
+    by_number = {r.number: r for r in complete(study)}
+    rows = [(r, dict(by_number[int(r.number)].accuracy.per_speaker)) for r in f.itertuples()]
     rows = [(r, s) for r, s in rows if s]
     if not rows:
         return None
-    speakers = sorted({k for _, s in rows for k in s}, key=_natural)
+    speakers = sorted({k for _, s in rows for k in s}, key=natural)
     z, text, labels = [], [], []
     for r, s in rows:
         z.append([s[k][1] - s[k][0] if k in s else None for k in speakers])
@@ -733,11 +565,11 @@ def _summary(study: optuna.Study) -> str:
         )
     else:
         parts.append("<p class='note'>No feasible complete trial: the front is empty.</p>")
-    failed = [t for t in study.get_trials(deepcopy=False) if t.state == TrialState.FAIL]
+    failed = records(study, (TrialState.FAIL,))
     if failed:
         reasons: dict[str, list[int]] = {}
         for t in failed:
-            reason = str(t.user_attrs.get("fail_reason") or "(no reason recorded)")
+            reason = t.failure or "(no reason recorded)"
             reasons.setdefault(reason[:300], []).append(t.number)
         frame = pd.DataFrame(
             [
@@ -774,7 +606,7 @@ def write_report(study: optuna.Study, out_path: Path) -> Path:
     Raises:
         ConfigError: the study records objectives other than :data:`OBJECTIVES`.
     """
-    _check_objectives(study)
+    check_objectives(study)
     body = [f"<h1>voxfit search report: {html.escape(study.study_name)}</h1>", _summary(study)]
     for title, build in _SECTIONS:
         body.append(f"<h2>{html.escape(title)}</h2>")

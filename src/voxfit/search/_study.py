@@ -1,9 +1,10 @@
 """The search: an Optuna multi-objective study over a space, for one hardware profile.
 
-Objectives (all minimized): latency on the profile's primary input (ms), post-adaptation PER
-of held-out speakers (the adaptation proxy, %), dev PER (%). Size is not an objective: the
-profile's memory budget (packed weights + activation plan) and latency budget are
-Optuna constraints (``Trial.set_constraint``), and size is recorded and plotted.
+Objectives (all minimized, named on the study so optuna-dashboard shows them): latency on
+the profile's primary input (ms), post-adaptation PER of held-out speakers (the adaptation
+proxy, %), dev PER (%) and size (MB of packed weights). The profile's latency and memory
+budgets are Optuna constraints (``Trial.set_constraint``). Each trial's facts are one
+:class:`~voxfit.search._record.TrialRecord`, written once at its end.
 
 Every trial's latency is first predicted by the profile's cost model (when it has one) and
 promoted to a real TVM measurement when the prediction is within ``margin`` of the current
@@ -21,8 +22,8 @@ import json
 import logging
 import time
 import warnings
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -33,27 +34,22 @@ from torch import nn
 from voxfit.errors import ConfigError, VoxfitError
 from voxfit.hw_profiles import HardwareProfile
 from voxfit.plan import AdapterPlan, Candidate, GroupPlan, LayerPlan
+from voxfit.search._access import complete, front, open_storage
 from voxfit.search._context import SearchContext
+from voxfit.search._record import (
+    OBJECTIVES,
+    RECORD_KEY,
+    AccuracyRecord,
+    LatencyRecord,
+    TrialRecord,
+    record_of,
+)
 from voxfit.spaces import BoundSpace, SearchSpace, params_of, sample
 
 log = logging.getLogger(__name__)
-# Size is an objective, not only the memory budget's constraint: weight bit-widths do not
-# change latency where TVM computes in fp32, so without it nothing asks the search for the
-# smaller of two otherwise equal plans.
-OBJECTIVES = ("latency_ms", "post_adapt_per", "dev_per", "size_mb")
 SAMPLERS = ("tpe", "nsga2", "random")
 DEFAULT_SAMPLER = "tpe"
 _FINISHED = (TrialState.COMPLETE, TrialState.FAIL)
-
-
-def constraints_of(trial: FrozenTrial) -> Sequence[float]:
-    """A trial's constraint values (<= 0 is feasible); a trial without them is infeasible."""
-    return tuple(trial.user_attrs.get("constraints", (1.0, 1.0)))
-
-
-def is_feasible(trial: FrozenTrial) -> bool:
-    """Every constraint of the trial is met (see :func:`constraints_of`)."""
-    return all(c <= 0 for c in constraints_of(trial))
 
 
 def make_sampler(name: str, seed: int) -> optuna.samplers.BaseSampler:
@@ -65,25 +61,6 @@ def make_sampler(name: str, seed: int) -> optuna.samplers.BaseSampler:
     if name == "random":
         return optuna.samplers.RandomSampler(seed=seed)
     raise ConfigError(f"--sampler: {name!r} is not one of {', '.join(SAMPLERS)}")
-
-
-def open_storage(url: str, grace_s: int = 90) -> optuna.storages.BaseStorage:
-    """An RDB storage with heartbeats, so trials of a killed process get failed and retried."""
-    if url.startswith("sqlite:///"):
-        Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            return optuna.storages.RDBStorage(
-                url,
-                heartbeat_interval=30,
-                grace_period=grace_s,
-                heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(
-                    max_retry=1
-                ),
-            )
-    except Exception as e:  # noqa: BLE001 - sqlalchemy raises many kinds
-        raise ConfigError(f"--storage {url}: cannot open ({type(e).__name__}: {e})") from e
 
 
 def baselines(space: BoundSpace, adapter_dim: int) -> dict[str, Candidate]:
@@ -214,7 +191,7 @@ class _Latency:
         quality: tuple[float, ...],
         front: list[tuple[float, ...]],
         force: bool,
-    ) -> dict[str, Any]:
+    ) -> LatencyRecord:
         from voxfit.cost_models import append, dataset_dir, rows_of, should_measure
 
         spec = self.s.profile.primary_input
@@ -279,22 +256,11 @@ class _Latency:
             ref = self.predictor is not None and self.predictor.model.card.get("reference_ms")
             out["objective_ms"] = out["predicted_ms"]
             out["objective_basis"] = "reference" if ref else "raw"
-        return out
-
-
-def front_trials(
-    trials: Sequence[FrozenTrial], feasible: Callable[[FrozenTrial], bool] = is_feasible
-) -> list[FrozenTrial]:
-    """The non-dominated trials (all objectives minimized) among the ``feasible`` ones."""
-    from voxfit.cost_models import dominates
-
-    ok = [t for t in trials if t.values is not None and feasible(t)]
-    return [t for t in ok if not any(dominates(o.values, t.values) for o in ok if o is not t)]
+        return LatencyRecord.from_dict(out)
 
 
 def _front(study: optuna.Study) -> list[tuple[float, ...]]:
-    done = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-    return [tuple(t.values) for t in front_trials(done)]
+    return [tuple(r.values) for r in front(complete(study)) if r.values is not None]
 
 
 def make_objective(
@@ -305,12 +271,11 @@ def make_objective(
 
     def objective(trial: optuna.Trial) -> tuple[float, float, float, float]:
         t0 = time.monotonic()
+        rec = TrialRecord(number=trial.number, state="RUNNING")
         try:
             cand = sample(s.space, trial)
             seed = s.seed * 100003 + trial.number
-            trial.set_user_attr("plan", cand.to_dict())
-            trial.set_user_attr("plan_hash", cand.stable_hash())
-            trial.set_user_attr("seed", seed)
+            rec = replace(rec, plan=cand, plan_hash=cand.stable_hash(), seed=seed)
             model = ctx.build(cand, s.profile.channel_multiple, seed)
             build_s = time.monotonic() - t0
             acc = ctx.accuracy(model)
@@ -322,42 +287,37 @@ def make_objective(
                 _front(trial.study),
                 force="baseline" in trial.user_attrs,
             )
-            memory = lat.get("peak_memory_mb") or lat.get("predicted_memory_mb") or size_mb
-            trial.set_user_attr(
-                "metrics",
-                {
-                    "dev_per": acc["dev_per"],
-                    "post_adapt_per": acc["post_adapt_per"],
-                    "pre_adapt_per": acc["pre_adapt_per"],
-                    "adapt_gain": acc["adapt_gain"],
-                    "size_mb": size_mb,
-                    "params": count_parameters(model),
-                    "peak_memory_mb": memory,
-                },
-            )
-            trial.set_user_attr("per_speaker", acc["per_speaker"])
-            trial.set_user_attr("latency", lat)
-            over = [
-                lat["objective_ms"] - s.profile.latency_budget_ms,
-                memory - s.profile.memory_budget_mb,
-            ]
-            trial.set_user_attr("constraints", over)
-            trial.set_constraint("latency_ms", over[0])
-            trial.set_constraint("peak_memory_mb", over[1])
-            trial.set_user_attr(
-                "timings",
-                {
+            if lat.objective_ms is None:
+                raise VoxfitError("no latency: neither predicted nor measured")
+            memory = lat.peak_memory_mb or lat.predicted_memory_mb or size_mb
+            trial.set_constraint("latency_ms", lat.objective_ms - s.profile.latency_budget_ms)
+            trial.set_constraint("peak_memory_mb", memory - s.profile.memory_budget_mb)
+            rec = replace(
+                rec,
+                accuracy=AccuracyRecord(
+                    dev_per=acc["dev_per"],
+                    post_adapt_per=acc["post_adapt_per"],
+                    pre_adapt_per=acc["pre_adapt_per"],
+                    adapt_gain=acc["adapt_gain"],
+                    per_speaker={k: (v[0], v[1]) for k, v in acc["per_speaker"].items()},
+                    adaptation=acc.get("adaptation", "proxy"),
+                ),
+                latency=lat,
+                size_mb=size_mb,
+                params=count_parameters(model),
+                peak_memory_mb=memory,
+                timings={
                     "build_s": build_s,
                     "dev_s": acc["dev_s"],
                     "adapt_s": acc["adapt_s"],
                     "total_s": time.monotonic() - t0,
                 },
             )
-            return (float(lat["objective_ms"]), acc["post_adapt_per"], acc["dev_per"], size_mb)
+            trial.set_user_attr(RECORD_KEY, rec.to_attr())
+            return (lat.objective_ms, acc["post_adapt_per"], acc["dev_per"], size_mb)
         except Exception as e:
             reason = f"{type(e).__name__}: {e}".splitlines()[0][:500]
-            trial.set_user_attr("fail_reason", reason)
-            trial.set_user_attr("constraints", [1.0, 1.0])
+            trial.set_user_attr(RECORD_KEY, replace(rec, failure=reason).to_attr())
             log.warning("trial %d failed: %s", trial.number, reason)
             raise
 
@@ -365,18 +325,13 @@ def make_objective(
 
 
 def _best_line(study: optuna.Study, budget_ms: float) -> str:
-    ok = [
-        t
-        for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-        if is_feasible(t)
-    ]
+    ok = [r for r in complete(study) if r.feasible and r.values is not None]
     if not ok:
         return f"no trial meets the budgets yet ({budget_ms:g} ms)"
-    best = min(ok, key=lambda t: t.values[1])
-    return (
-        f"best in budget: #{best.number} {best.values[0]:.2f} ms, "
-        f"post-adapt {best.values[1]:.1f}%, dev {best.values[2]:.1f}%"
-    )
+    best = min(ok, key=lambda r: r.values[1])  # type: ignore[index]
+    v = best.values
+    assert v is not None
+    return f"best in budget: #{best.number} {v[0]:.2f} ms, post-adapt {v[1]:.1f}%, dev {v[2]:.1f}%"
 
 
 def reseed_on_resume(study: optuna.Study, sampler: str, seed: int) -> None:
@@ -437,6 +392,9 @@ def prepare_study(s: SearchSettings, ctx: SearchContext) -> optuna.Study:
             f"study {s.study_name!r} was made for profile {attrs['profile'].get('name')}, "
             f"not {s.profile.name}: pick another --study name"
         )
+    with warnings.catch_warnings():  # optuna-dashboard shows these names, not "Objective 0"
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        study.set_metric_names(list(OBJECTIVES))
     changed = space_change(attrs, s.space.space)
     if changed:
         raise ConfigError(
@@ -469,19 +427,18 @@ def prepare_study(s: SearchSettings, ctx: SearchContext) -> optuna.Study:
 def _record_base(study: optuna.Study) -> None:
     if "base" in study.user_attrs:
         return
-    for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
-        if t.user_attrs.get("baseline") == "fp32":
-            m = t.user_attrs["metrics"]
+    for r in complete(study):
+        if r.baseline == "fp32":
             study.set_user_attr(
                 "base",
                 {
-                    "trial": t.number,
-                    "dev_per": m["dev_per"],
-                    "post_adapt_per": m["post_adapt_per"],
-                    "pre_adapt_per": m["pre_adapt_per"],
-                    "size_mb": m["size_mb"],
-                    "latency_ms": t.values[0],
-                    "latency_source": t.user_attrs["latency"]["source"],
+                    "trial": r.number,
+                    "dev_per": r.accuracy.dev_per,
+                    "post_adapt_per": r.accuracy.post_adapt_per,
+                    "pre_adapt_per": r.accuracy.pre_adapt_per,
+                    "size_mb": r.size_mb,
+                    "latency_ms": r.objective("latency_ms"),
+                    "latency_source": r.latency.source,
                 },
             )
             return
@@ -517,7 +474,7 @@ def run_search(s: SearchSettings, ctx: SearchContext) -> optuna.Study:
             def on_trial(st: optuna.Study, t: FrozenTrial) -> None:
                 _record_base(st)
                 msg = (
-                    f"#{t.number} failed: {t.user_attrs.get('fail_reason', '')}"
+                    f"#{t.number} failed: {record_of(t).failure or ''}"
                     if t.state == TrialState.FAIL
                     else _best_line(st, s.profile.latency_budget_ms)
                 )
