@@ -129,11 +129,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     console = Console()
     t0 = time.monotonic()
-    profile = (
-        load_profile(find_profile(args.profile))
-        if args.profile
-        else pick_local_profile("hw_profiles")
-    )
+    profile = load_profile(find_profile(args.profile)) if args.profile else pick_local_profile()
     measured_profile = profile
     if args.predicted:
         profile = replace(profile, measurement=replace(profile.measurement, method="predicted"))

@@ -253,3 +253,27 @@ def test_latency_benchmark_tiny_without_tuning(tmp_path: Path) -> None:
     assert runtimes == {(m, rt) for m in models for rt in ("torch", "onnxruntime", "tvm")}
     assert all(r["median_ms"] > 0 for r in figures["rows"])
     assert out.with_suffix(".html").exists()
+
+
+def test_shipped_spaces_and_profiles_are_found_from_any_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from voxfit.errors import ConfigError
+    from voxfit.hw_profiles import find_profile, pick_local_profile
+    from voxfit.spaces import find_space
+
+    monkeypatch.chdir(tmp_path)  # no spaces/ or hw_profiles/ here
+    assert find_space("tdnn-default").name == "tdnn-default"
+    assert find_profile("x86-avx2-2core").is_file()
+    assert pick_local_profile().measurement.method == "local"
+    res = subprocess.run(
+        [str(Path(sys.executable).parent / "voxfit"), "profile", "check", "x86-avx2-2core",
+         "--no-tvm"],
+        capture_output=True, text=True, check=False, cwd=tmp_path,
+    )  # fmt: skip
+    assert res.returncode == 0, res.stderr
+    assert "valid" in res.stdout
+    empty = tmp_path / "none"
+    empty.mkdir()
+    with pytest.raises(ConfigError, match="no hardware profile"):
+        pick_local_profile(empty)

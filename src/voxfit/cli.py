@@ -449,7 +449,7 @@ def search(
     from voxfit.spaces import find_space
 
     _setup_logging(verbose)
-    prof = load_profile(find_profile(profile)) if profile else pick_local_profile("hw_profiles")
+    prof = load_profile(find_profile(profile)) if profile else pick_local_profile()
     sp = find_space(space)
     if sp.model != model:
         raise ConfigError(f"{sp.source}: model: {sp.model} but --model is {model}")

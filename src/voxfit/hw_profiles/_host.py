@@ -69,18 +69,24 @@ def host_runs(profile: HardwareProfile) -> tuple[bool, str]:
     return True, f"this CPU has the flags mcpu {mcpu!r} needs"
 
 
-def pick_local_profile(profiles_dir: str | Path = "hw_profiles") -> HardwareProfile:
-    """The first ``local`` profile (sorted by name, ``x86-avx512-*`` first) this host runs.
+def pick_local_profile(profiles_dir: str | Path | None = None) -> HardwareProfile:
+    """The first ``local`` profile (sorted by name, ``x86-avx512-*`` first) this host runs,
+    from ``profiles_dir`` (default: the shipped profiles).
 
     Raises:
-        ConfigError: none of the shipped local profiles runs here (with each one's reason).
+        ConfigError: the folder has no profile, or none of its local profiles runs here (with
+            each one's reason).
     """
     from voxfit.errors import ConfigError
+    from voxfit.hw_profiles._profile import SHIPPED_PROFILES
 
+    profiles_dir = SHIPPED_PROFILES if profiles_dir is None else Path(profiles_dir)
     paths = sorted(
-        Path(profiles_dir).glob("*.yaml"),
+        profiles_dir.glob("*.yaml"),
         key=lambda p: (not p.stem.startswith("x86-avx512"), p.stem),
     )
+    if not paths:
+        raise ConfigError(f"{profiles_dir}: no hardware profile (*.yaml) in this folder")
     reasons = []
     for p in paths:
         prof = load_profile(p)

@@ -222,8 +222,14 @@ def load_profile(path: str | Path) -> HardwareProfile:
     return profile_from_dict(raw, str(p))
 
 
-def find_profile(name_or_path: str | Path, profiles_dir: str | Path = "hw_profiles") -> Path:
-    """A profile file given its path or its name in ``profiles_dir`` (``<name>.yaml``).
+# The shipped profiles are package data (``hw_profiles/`` at the repository root links here),
+# so an installed voxfit finds them from any folder.
+SHIPPED_PROFILES = Path(__file__).resolve().parent / "shipped"
+
+
+def find_profile(name_or_path: str | Path, profiles_dir: str | Path | None = None) -> Path:
+    """A profile file given its path or its name in ``profiles_dir`` (``<name>.yaml``;
+    default: the shipped profiles, :data:`SHIPPED_PROFILES`).
 
     Raises:
         ConfigError: neither exists; lists the shipped profile names.
@@ -233,10 +239,11 @@ def find_profile(name_or_path: str | Path, profiles_dir: str | Path = "hw_profil
         if not p.exists():
             raise ConfigError(f"{p}: no such profile file")
         return p
-    cand = Path(profiles_dir) / f"{name_or_path}.yaml"
+    profiles_dir = SHIPPED_PROFILES if profiles_dir is None else Path(profiles_dir)
+    cand = profiles_dir / f"{name_or_path}.yaml"
     if cand.exists():
         return cand
-    names = sorted(x.stem for x in Path(profiles_dir).glob("*.yaml"))
+    names = sorted(x.stem for x in profiles_dir.glob("*.yaml"))
     raise ConfigError(
         f"unknown profile {str(name_or_path)!r} (in {profiles_dir}: {', '.join(names) or 'none'})"
     )

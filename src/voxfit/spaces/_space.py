@@ -259,14 +259,21 @@ def load_space(path: str | Path) -> SearchSpace:
     return space_from_dict(raw, str(p))
 
 
-def find_space(name_or_path: str, spaces_dir: str | Path = "spaces") -> SearchSpace:
-    """A space by file path, or by name under ``spaces_dir``."""
+# The shipped spaces are package data (``spaces/`` at the repository root links here), so an
+# installed voxfit finds them from any folder.
+SHIPPED_SPACES = Path(__file__).resolve().parent / "shipped"
+
+
+def find_space(name_or_path: str, spaces_dir: str | Path | None = None) -> SearchSpace:
+    """A space by file path, or by name under ``spaces_dir`` (default: the shipped spaces,
+    :data:`SHIPPED_SPACES`)."""
     p = Path(name_or_path)
     if p.suffix in (".yaml", ".yml") or p.exists():
         return load_space(p)
-    candidate = Path(spaces_dir) / f"{name_or_path}.yaml"
+    spaces_dir = SHIPPED_SPACES if spaces_dir is None else Path(spaces_dir)
+    candidate = spaces_dir / f"{name_or_path}.yaml"
     if not candidate.exists():
-        known = sorted(x.stem for x in Path(spaces_dir).glob("*.yaml"))
+        known = sorted(x.stem for x in spaces_dir.glob("*.yaml"))
         raise ConfigError(
             f"no space {name_or_path!r} in {spaces_dir} (have: {', '.join(known) or 'none'})"
         )
