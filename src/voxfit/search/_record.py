@@ -194,34 +194,42 @@ def record_of(t: FrozenTrial) -> TrialRecord:
         "trial_params": dict(t.params),
     }
     raw = a.get(RECORD_KEY)
-    if isinstance(raw, Mapping):
-        acc = raw.get("accuracy") or {}
-        return TrialRecord(
-            **common,
-            version=int(raw.get("version", RECORD_VERSION)),
-            **_plan(raw.get("plan"), t.number),
-            plan_hash=raw.get("plan_hash"),
-            seed=raw.get("seed"),
-            accuracy=_accuracy(acc, acc.get("per_speaker"), str(acc.get("adaptation", "proxy"))),
-            latency=LatencyRecord.from_dict(raw.get("latency") or {}),
-            size_mb=raw.get("size_mb"),
-            params=raw.get("params"),
-            peak_memory_mb=raw.get("peak_memory_mb"),
-            timings=dict(raw.get("timings") or {}),
-            failure=raw.get("failure"),
-        )
-    metrics = a.get("metrics") or {}
+    raw = raw if isinstance(raw, Mapping) else _legacy(a)
+    acc = raw.get("accuracy") or {}
     return TrialRecord(
         **common,
-        **_plan(a.get("plan"), t.number),
-        version=0,
-        plan_hash=a.get("plan_hash"),
-        seed=a.get("seed"),
-        accuracy=_accuracy(metrics, a.get("per_speaker"), str(a.get("adaptation", "proxy"))),
-        latency=LatencyRecord.from_dict(a.get("latency") or {}),
-        size_mb=metrics.get("size_mb"),
-        params=metrics.get("params"),
-        peak_memory_mb=metrics.get("peak_memory_mb"),
-        timings=dict(a.get("timings") or {}),
-        failure=a.get("fail_reason"),
+        version=int(raw.get("version", RECORD_VERSION)),
+        **_plan(raw.get("plan"), t.number),
+        plan_hash=raw.get("plan_hash"),
+        seed=raw.get("seed"),
+        accuracy=_accuracy(acc, acc.get("per_speaker"), str(acc.get("adaptation", "proxy"))),
+        latency=LatencyRecord.from_dict(raw.get("latency") or {}),
+        size_mb=raw.get("size_mb"),
+        params=raw.get("params"),
+        peak_memory_mb=raw.get("peak_memory_mb"),
+        timings=dict(raw.get("timings") or {}),
+        failure=raw.get("failure"),
     )
+
+
+def _legacy(a: Mapping[str, Any]) -> dict[str, Any]:
+    """The loose user attributes of a trial written before the record (version 0), in the
+    record's shape."""
+    metrics = a.get("metrics") or {}
+    return {
+        "version": 0,
+        "plan": a.get("plan"),
+        "plan_hash": a.get("plan_hash"),
+        "seed": a.get("seed"),
+        "accuracy": {
+            **metrics,
+            "per_speaker": a.get("per_speaker"),
+            "adaptation": a.get("adaptation", "proxy"),
+        },
+        "latency": a.get("latency"),
+        "size_mb": metrics.get("size_mb"),
+        "params": metrics.get("params"),
+        "peak_memory_mb": metrics.get("peak_memory_mb"),
+        "timings": a.get("timings"),
+        "failure": a.get("fail_reason"),
+    }
