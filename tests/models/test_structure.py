@@ -181,3 +181,13 @@ def test_inconsistent_declaration_is_caught() -> None:
         )
     with pytest.raises(ModelError, match="unknown channel group 'x'"):
         good.group("x")
+
+
+def test_declarations_are_the_torch_free_ones() -> None:
+    # spaces resolve patterns against voxfit.structure without torch; models re-exports the
+    # same classes, so a declaration built from either import is the same type
+    import voxfit.models as models
+    import voxfit.structure as structure
+
+    for name in ("AdapterSlot", "ChannelGroup", "ChannelMember", "ModelStructure"):
+        assert getattr(models, name) is getattr(structure, name)

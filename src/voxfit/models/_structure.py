@@ -1,92 +1,43 @@
-"""The declaration of a model's compressible structure: the extension point for user models.
+"""The torch side of a model's structure declaration: validation and physical pruning.
 
-A model that voxfit can search declares, in one place (its ``structure()`` method):
-
-- **channel groups**: sets of layer sides that share one channel axis and must be pruned
-  together (a conv's output channels, the BatchNorm after it, the next conv's input channels,
-  every residual branch writing into the same stream);
-- **quantizable layers**: the Conv1d/Linear modules whose weights may be quantized;
-- **adapter slots**: one per block, a module attribute holding ``nn.Identity`` that an
-  adapter replaces, with the channel group whose width it sees.
-
-:func:`prune_group` physically removes channels of one group; the declaration is validated by
-:func:`validate_structure` so a wrong declaration fails with a clear message instead of a
-shape error deep in a forward pass.
+The declaration itself (channel groups, quantizable layers, adapter slots) is plain data in
+:mod:`voxfit.structure`, importable without torch; it is re-exported here and from
+:mod:`voxfit.models` for existing imports. :func:`prune_group` physically removes channels of
+one group; :func:`validate_structure` checks a declaration against a model, so a wrong
+declaration fails with a clear message instead of a shape error deep in a forward pass.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import Literal, Protocol, runtime_checkable
+from typing import Protocol, runtime_checkable
 
 import torch
 from torch import nn
 
 from voxfit.errors import ModelError
+from voxfit.structure import (
+    AdapterSlot,
+    ChannelGroup,
+    ChannelMember,
+    Layout,
+    ModelStructure,
+    Side,
+)
 
-Side = Literal["out", "in", "norm", "depthwise"]
-Layout = Literal["BCT", "BTC"]
-
-
-@dataclass(frozen=True, slots=True)
-class ChannelMember:
-    """One side of one module that indexes a group's channels.
-
-    ``side``: "out" = output channels of a Conv1d/Linear; "in" = input channels;
-    "norm" = a BatchNorm1d/LayerNorm's features; "depthwise" = a depthwise Conv1d
-    (in = out = groups).
-    """
-
-    module: str
-    side: Side
-
-
-@dataclass(frozen=True, slots=True)
-class ChannelGroup:
-    """Channels pruned together. ``unit`` > 1 prunes whole blocks (e.g. attention heads)."""
-
-    name: str
-    members: tuple[ChannelMember, ...]
-    unit: int = 1
-
-
-@dataclass(frozen=True, slots=True)
-class AdapterSlot:
-    """Where an adapter may go.
-
-    A residual adapter replaces ``module`` (an nn.Identity at the block's output) and is as
-    wide as ``group``; a LoRA adapter adds a low-rank delta to ``lora_target`` (a 1x1 Conv1d
-    or a Linear of the same block; "" = LoRA not offered here).
-    """
-
-    name: str
-    module: str
-    group: str
-    layout: Layout
-    lora_target: str = ""
-
-
-@dataclass(frozen=True, slots=True)
-class ModelStructure:
-    """Everything compression and search need to know about a model's layers."""
-
-    groups: tuple[ChannelGroup, ...]
-    quantizable: tuple[str, ...]
-    adapter_slots: tuple[AdapterSlot, ...]
-
-    def group(self, name: str) -> ChannelGroup:
-        """The group called ``name``.
-
-        Raises:
-            ModelError: no such group (lists the declared ones).
-        """
-        for g in self.groups:
-            if g.name == name:
-                return g
-        raise ModelError(
-            f"unknown channel group {name!r}; declared: {', '.join(g.name for g in self.groups)}"
-        )
+__all__ = [
+    "AdapterSlot",
+    "ChannelGroup",
+    "ChannelMember",
+    "Layout",
+    "ModelStructure",
+    "Side",
+    "StructuredModel",
+    "group_size",
+    "member_size",
+    "prune_group",
+    "validate_structure",
+]
 
 
 @runtime_checkable

@@ -22,8 +22,8 @@ from typing import Any, Protocol
 
 from voxfit._config import Fields, load_yaml_mapping
 from voxfit.errors import ConfigError
-from voxfit.models import ModelStructure
 from voxfit.plan import ACT_BITS, WEIGHT_BITS, AdapterPlan, Candidate, GroupPlan, LayerPlan
+from voxfit.structure import ModelStructure
 
 SPACE_SCHEMA_VERSION = 1
 _KINDS = ("residual", "lora")
