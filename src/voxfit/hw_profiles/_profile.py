@@ -15,7 +15,27 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from voxfit._config import Fields, load_yaml_mapping
+from voxfit._config import (
+    BANDWIDTH_GBS,
+    CHANNEL_MULTIPLE,
+    CORES,
+    FRAMES,
+    GFLOPS,
+    LATENCY_MS,
+    MEMORY_MB,
+    PORT,
+    REPEAT_MS,
+    REPEATS,
+    TIMEOUT_S,
+    TRIALS,
+    TRIALS_PER_ITER,
+    WARMUP,
+    Bound,
+    Fields,
+    check_int,
+    load_yaml_mapping,
+    show,
+)
 from voxfit.errors import ConfigError
 
 PROFILE_SCHEMA_VERSION = 1
@@ -122,18 +142,47 @@ def _target(f: Fields, key: str, *, required: bool) -> dict[str, Any] | None:
     if isinstance(raw, str):
         raise f.error(
             key,
-            f"{raw!r} is a target string; TVM 0.27 wants a JSON dict, "
+            f"{show(raw)} is a target string; TVM 0.27 wants a JSON dict, "
             "e.g. {kind: llvm, mtriple: x86_64-linux-gnu, mcpu: skylake-avx512}",
         )
     kind = raw.get("kind")
     if kind not in TARGET_KINDS:
-        raise f.error(f"{key}.kind", f"{kind!r} is not one of {', '.join(TARGET_KINDS)}")
+        raise f.error(f"{key}.kind", f"{show(kind)} is not one of {', '.join(TARGET_KINDS)}")
     if raw.get("mcpu") == "native":
         raise f.error(f"{key}.mcpu", "'native' is rejected by TVM's default triple; name the CPU")
-    for k in raw:
+    for k, v in raw.items():
         if not isinstance(k, str):
-            raise f.error(f"{key}", f"target keys must be strings, got {k!r}")
+            raise f.error(f"{key}", f"target keys must be strings, got {show(k)}")
+        problem = _target_value_problem(v)
+        if problem:
+            raise f.error(f"{key}.{k}", problem)
+    if "num-cores" in raw:
+        problem = check_int(raw["num-cores"], CORES)
+        if problem:
+            raise f.error(f"{key}.num-cores", problem)
     return dict(raw)
+
+
+def _target_value_problem(v: Any) -> str | None:
+    """TVM target attributes are strings, booleans, integers or lists of strings; anything
+    else (a YAML date, NaN, a nested mapping) would fail inside TVM or in the profile hash."""
+    if isinstance(v, list):
+        bad = next((x for x in v if not isinstance(x, str)), None)
+        return None if bad is None else f"list items must be strings, got {show(bad)}"
+    if isinstance(v, bool | str):
+        return None
+    if isinstance(v, int):
+        return check_int(v, Bound(-(2**31), 2**31 - 1))
+    return f"expected a string, integer, boolean or list of strings, got {show(v)}"
+
+
+def _path_text(f: Fields, name: str) -> str | None:
+    """An optional file name or command: one printable line (a YAML "\\0" escape in a path
+    would only fail later, inside the OS call)."""
+    v = f.get(name, str, None)
+    if v is not None and (not v or not v.isprintable()):
+        raise f.error(name, f"{show(v)} must be a non-empty printable path or command")
+    return v
 
 
 def profile_from_dict(raw: dict[str, Any], source: str = "profile") -> HardwareProfile:
@@ -148,10 +197,10 @@ def profile_from_dict(raw: dict[str, Any], source: str = "profile") -> HardwareP
     host = _target(f, "host_target", required=False)
     if target["kind"] == "cuda" and host is None:
         raise f.error("host_target", "a cuda target needs a host_target (an llvm target dict)")
-    cores = f.number("cores", int, lo=1)
+    cores = f.int_in("cores", CORES)
     inputs = []
     for x in f.items("inputs"):
-        inputs.append(InputSpec(x.get("name", str), x.number("frames", int, lo=8)))
+        inputs.append(InputSpec(x.get("name", str), x.int_in("frames", FRAMES)))
         x.done()
     if not inputs:
         raise f.error("inputs", "list at least one input to time")
@@ -165,28 +214,28 @@ def profile_from_dict(raw: dict[str, Any], source: str = "profile") -> HardwareP
     if r is not None:
         rpc = RpcSpec(
             tracker_host=r.get("tracker_host", str),
-            tracker_port=r.number("tracker_port", int, lo=1, hi=65535),
+            tracker_port=r.int_in("tracker_port", PORT),
             device_key=r.get("device_key", str),
-            connect_timeout_s=r.number("connect_timeout_s", float, 20.0, lo=0, lo_open=True),
-            session_timeout_s=r.number("session_timeout_s", float, 300.0, lo=0, lo_open=True),
+            connect_timeout_s=r.float_in("connect_timeout_s", TIMEOUT_S, 20.0),
+            session_timeout_s=r.float_in("session_timeout_s", TIMEOUT_S, 300.0),
         )
         r.done()
     measurement = MeasurementSpec(
         method=method,  # type: ignore[arg-type]
-        warmup=m.number("warmup", int, 3, lo=0),
-        repeats=m.number("repeats", int, 10, lo=1),
-        min_repeat_ms=m.number("min_repeat_ms", float, 100.0, lo=0),
+        warmup=m.int_in("warmup", WARMUP, 3),
+        repeats=m.int_in("repeats", REPEATS, 10),
+        min_repeat_ms=m.float_in("min_repeat_ms", REPEAT_MS, 100.0),
         rpc=rpc,
     )
     m.done()
 
     t = f.sub("tuning")
     tuning = TuningSpec(
-        trials_per_task=t.number("trials_per_task", int, lo=0),
-        trials_per_iter=t.number("trials_per_iter", int, 16, lo=1),
-        builder_timeout_s=t.number("builder_timeout_s", float, 300.0, lo=0, lo_open=True),
-        runner_timeout_s=t.number("runner_timeout_s", float, 60.0, lo=0, lo_open=True),
-        database_dir=t.get("database_dir", str, None),
+        trials_per_task=t.int_in("trials_per_task", TRIALS),
+        trials_per_iter=t.int_in("trials_per_iter", TRIALS_PER_ITER, 16),
+        builder_timeout_s=t.float_in("builder_timeout_s", TIMEOUT_S, 300.0),
+        runner_timeout_s=t.float_in("runner_timeout_s", TIMEOUT_S, 60.0),
+        database_dir=_path_text(t, "database_dir"),
     )
     t.done()
 
@@ -194,17 +243,17 @@ def profile_from_dict(raw: dict[str, Any], source: str = "profile") -> HardwareP
         name=name,
         target=target,
         cores=cores,
-        latency_budget_ms=f.number("latency_budget_ms", float, lo=0, lo_open=True),
-        memory_budget_mb=f.number("memory_budget_mb", float, lo=0, lo_open=True),
+        latency_budget_ms=f.float_in("latency_budget_ms", LATENCY_MS),
+        memory_budget_mb=f.float_in("memory_budget_mb", MEMORY_MB),
         inputs=tuple(inputs),
         measurement=measurement,
         tuning=tuning,
-        channel_multiple=f.number("channel_multiple", int, lo=1),
+        channel_multiple=f.int_in("channel_multiple", CHANNEL_MULTIPLE),
         description=f.get("description", str, ""),
         host_target=host,
-        cross_compiler=f.get("cross_compiler", str, None),
-        peak_gflops=f.number("peak_gflops", float, None, lo=0, lo_open=True),
-        memory_bandwidth_gbs=f.number("memory_bandwidth_gbs", float, None, lo=0, lo_open=True),
+        cross_compiler=_path_text(f, "cross_compiler"),
+        peak_gflops=f.float_in("peak_gflops", GFLOPS, None),
+        memory_bandwidth_gbs=f.float_in("memory_bandwidth_gbs", BANDWIDTH_GBS, None),
         source=source,
     )
     f.done()

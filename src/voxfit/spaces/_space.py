@@ -20,7 +20,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from voxfit._config import Fields, load_yaml_mapping
+from voxfit._config import (
+    ADAPTER_DIM,
+    RECOVERY_STEPS,
+    Bound,
+    Fields,
+    check_float,
+    check_int,
+    load_yaml_mapping,
+    show,
+)
 from voxfit.errors import ConfigError
 from voxfit.plan import ACT_BITS, WEIGHT_BITS, AdapterPlan, Candidate, GroupPlan, LayerPlan
 from voxfit.structure import ModelStructure
@@ -28,6 +37,7 @@ from voxfit.structure import ModelStructure
 SPACE_SCHEMA_VERSION = 1
 _KINDS = ("residual", "lora")
 _IMPORTANCE = ("magnitude", "adaptation")
+_KEEP_RATIO = Bound(0.0, 1.0, lo_open=True)
 
 
 class Suggester(Protocol):
@@ -160,9 +170,9 @@ def _rules(f: Fields | None, check: Any, what: str) -> tuple[Rule, ...]:
         for v in values:
             problem = check(v)
             if problem:
-                raise f.error(pattern, f"{v!r} {problem}")
+                raise f.error(pattern, f"{show(v)} {problem}")
         if len(set(values)) != len(values):
-            raise f.error(pattern, f"repeated choice in {values}")
+            raise f.error(pattern, f"repeated choice in {show(values)}")
         out.append(Rule(pattern, tuple(values), f.key(pattern)))
     return tuple(out)
 
@@ -170,7 +180,7 @@ def _rules(f: Fields | None, check: Any, what: str) -> tuple[Rule, ...]:
 def _ratio(v: Any) -> str | None:
     if isinstance(v, bool) or not isinstance(v, int | float):
         return "is not a number"
-    return None if 0.0 < float(v) <= 1.0 else "must be in (0, 1]"
+    return None if check_float(v, _KEEP_RATIO) is None else "must be in (0, 1]"
 
 
 def _in(options: tuple[int, ...]) -> Any:
@@ -183,8 +193,8 @@ def _in(options: tuple[int, ...]) -> Any:
 
 
 def _dim(v: Any) -> str | None:
-    if isinstance(v, bool) or not isinstance(v, int) or v < 0 or v > 1024:
-        return "must be an adapter size in 0..1024 (0 = no adapter)"
+    if check_int(v, ADAPTER_DIM) is not None:
+        return f"must be an adapter size in 0..{ADAPTER_DIM.hi:g} (0 = no adapter)"
     return None
 
 
@@ -195,7 +205,7 @@ def _str_list(
     values = raw if isinstance(raw, list) else [raw]
     for v in values:
         if v not in options:
-            raise f.error(name, f"{v!r} is not one of {', '.join(options)}")
+            raise f.error(name, f"{show(v)} is not one of {', '.join(options)}")
     if not values:
         raise f.error(name, "needs at least one choice")
     return tuple(values)
@@ -221,8 +231,9 @@ def space_from_dict(raw: dict[str, Any], source: str = "space") -> SearchSpace:
     steps_raw = f.get("recovery_steps", (list, int), [0])
     steps = steps_raw if isinstance(steps_raw, list) else [steps_raw]
     for s in steps:
-        if isinstance(s, bool) or not isinstance(s, int) or s < 0:
-            raise f.error("recovery_steps", f"{s!r} must be an int >= 0")
+        problem = check_int(s, RECOVERY_STEPS)
+        if problem:
+            raise f.error("recovery_steps", problem)
     quant = f.sub_optional("quantization")
     wbits: tuple[Rule, ...] = ()
     abits: tuple[Rule, ...] = ()
