@@ -95,6 +95,13 @@ def show(value: Any, limit: int = 60) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
+def key_text(key: Any) -> str:
+    """A mapping key as an error names it: as written when short and printable, else
+    :func:`show`'s quoted, cut form."""
+    text = str(key)
+    return text if text.isprintable() and len(text) <= 60 else show(text)
+
+
 def read_user_text(
     path: str | Path,
     *,
@@ -338,9 +345,5 @@ class Fields:
         unknown = sorted(str(k) for k in set(self._data) - self._read)
         if unknown:
             known = ", ".join(sorted(self._read))
-            key = (
-                unknown[0]
-                if unknown[0].isprintable() and len(unknown[0]) <= 60
-                else show(unknown[0])
-            )
+            key = key_text(unknown[0])
             raise self.error(key, f"unknown key (known here: {known})")

@@ -13,8 +13,20 @@ import hashlib
 import json
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal
 
+from voxfit._config import (
+    ADAPTER_DIM,
+    RECOVERY_STEPS,
+    Bound,
+    check_float,
+    check_int,
+    key_text,
+    parse_yaml,
+    read_user_text,
+    show,
+)
 from voxfit.errors import ConfigError
 
 __all__ = [
@@ -32,6 +44,7 @@ WEIGHT_BITS = (4, 8, 16, 32)
 ACT_BITS = (8, 16, 32)
 Importance = Literal["magnitude", "adaptation"]
 AdapterKind = Literal["residual", "lora"]
+_KEEP_RATIO = Bound(0.0, 1.0, lo_open=True)
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,29 +87,42 @@ class Candidate:
 
     def __post_init__(self) -> None:
         for g in self.groups:
-            if not isinstance(g.keep_ratio, int | float) or not 0.0 < g.keep_ratio <= 1.0:
-                raise ConfigError(f"groups.{g.name}.keep_ratio: {g.keep_ratio!r} not in (0, 1]")
-        for layer in self.layers:
-            if layer.weight_bits not in WEIGHT_BITS:
+            if check_float(g.keep_ratio, _KEEP_RATIO) is not None:
                 raise ConfigError(
-                    f"layers.{layer.name}.weight_bits: {layer.weight_bits!r} not in {WEIGHT_BITS}"
+                    f"groups.{g.name}.keep_ratio: {show(g.keep_ratio)} not in (0, 1]"
                 )
-            if layer.act_bits not in ACT_BITS:
+        for layer in self.layers:
+            if isinstance(layer.weight_bits, bool) or layer.weight_bits not in WEIGHT_BITS:
                 raise ConfigError(
-                    f"layers.{layer.name}.act_bits: {layer.act_bits!r} not in {ACT_BITS}"
+                    f"layers.{layer.name}.weight_bits: {show(layer.weight_bits)} "
+                    f"not in {WEIGHT_BITS}"
+                )
+            if isinstance(layer.act_bits, bool) or layer.act_bits not in ACT_BITS:
+                raise ConfigError(
+                    f"layers.{layer.name}.act_bits: {show(layer.act_bits)} not in {ACT_BITS}"
                 )
         for a in self.adapters:
-            if not isinstance(a.dim, int) or a.dim < 0:
-                raise ConfigError(f"adapters.{a.slot}.dim: {a.dim!r} must be an integer >= 0")
+            if check_int(a.dim, ADAPTER_DIM) is not None:
+                raise ConfigError(
+                    f"adapters.{a.slot}.dim: {show(a.dim)} must be an integer in "
+                    f"0..{ADAPTER_DIM.hi:g} (0 = no adapter)"
+                )
             if a.kind not in ("residual", "lora"):
-                raise ConfigError(f"adapters.{a.slot}.kind: {a.kind!r} not in (residual, lora)")
-        if not isinstance(self.recovery_steps, int) or self.recovery_steps < 0:
-            raise ConfigError(f"recovery_steps: {self.recovery_steps!r} must be an integer >= 0")
-        if self.importance not in ("magnitude", "adaptation"):
-            raise ConfigError(f"importance: {self.importance!r} not in (magnitude, adaptation)")
-        if self.schema_version != PLAN_SCHEMA_VERSION:
+                raise ConfigError(
+                    f"adapters.{a.slot}.kind: {show(a.kind)} not in (residual, lora)"
+                )
+        if check_int(self.recovery_steps, RECOVERY_STEPS) is not None:
             raise ConfigError(
-                f"schema_version: {self.schema_version!r} "
+                f"recovery_steps: {show(self.recovery_steps)} must be an integer in "
+                f"0..{RECOVERY_STEPS.hi:g}"
+            )
+        if self.importance not in ("magnitude", "adaptation"):
+            raise ConfigError(
+                f"importance: {show(self.importance)} not in (magnitude, adaptation)"
+            )
+        if isinstance(self.schema_version, bool) or self.schema_version != PLAN_SCHEMA_VERSION:
+            raise ConfigError(
+                f"schema_version: {show(self.schema_version)} "
                 f"(this voxfit reads {PLAN_SCHEMA_VERSION})"
             )
         for what, names in (
@@ -178,9 +204,9 @@ class Candidate:
             "adapters",
             "note",
         }
-        unknown = sorted(set(raw) - top)
+        unknown = sorted(str(k) for k in set(raw) - top)
         if unknown:
-            raise ConfigError(f"{source}: unknown key(s) {', '.join(map(str, unknown))}")
+            raise ConfigError(f"{source}: unknown key(s) {', '.join(map(key_text, unknown))}")
         if "schema_version" not in raw:
             raise ConfigError(f"{source}: missing key schema_version")
 
@@ -191,10 +217,13 @@ class Candidate:
             out = []
             for name, settings in section.items():
                 if not isinstance(settings, Mapping):
-                    raise ConfigError(f"{source}: {key}.{name} must be a mapping")
-                bad = sorted(set(settings) - allowed)
+                    raise ConfigError(f"{source}: {key}.{key_text(name)} must be a mapping")
+                bad = sorted(str(k) for k in set(settings) - allowed)
                 if bad:
-                    raise ConfigError(f"{source}: {key}.{name}: unknown key(s) {', '.join(bad)}")
+                    raise ConfigError(
+                        f"{source}: {key}.{key_text(name)}: "
+                        f"unknown key(s) {', '.join(map(key_text, bad))}"
+                    )
                 out.append((str(name), dict(settings)))
             return out
 
@@ -247,16 +276,20 @@ class Candidate:
         """Parse YAML written by :meth:`dump_yaml`.
 
         Raises:
-            ConfigError: YAML syntax errors (with line) or invalid content.
+            ConfigError: empty text, YAML errors (with line) or invalid content, one line
+                naming ``source``.
         """
-        import yaml
+        if not text.strip():
+            raise ConfigError(f"{source}: the plan is empty")
+        return cls.from_dict(parse_yaml(text, source), source)
 
-        try:
-            raw = yaml.safe_load(text)
-        except yaml.YAMLError as e:
-            mark = getattr(e, "problem_mark", None)
-            where = f":{mark.line + 1}" if mark is not None else ""
-            raise ConfigError(
-                f"{source}{where}: invalid YAML ({getattr(e, 'problem', e)})"
-            ) from None
-        return cls.from_dict(raw, source)
+    @classmethod
+    def load(cls, path: str | Path) -> Candidate:
+        """Read a ``plan.yaml`` (a bundle's, or one a user wrote).
+
+        Raises:
+            ConfigError: missing, empty, binary, non-UTF-8 or oversized file, invalid YAML, or
+                invalid content -- one line naming the file and the field.
+        """
+        p, text = read_user_text(path)
+        return cls.load_yaml(text, str(p))
