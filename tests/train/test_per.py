@@ -4,7 +4,7 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from voxfit.train import edit_distance, greedy_decode
+from voxfit.metrics import edit_distance, greedy_decode
 
 seqs = st.lists(st.integers(1, 5), max_size=12)
 
