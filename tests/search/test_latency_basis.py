@@ -10,12 +10,12 @@ import pytest
 import torch
 
 from voxfit.compress import apply
-from voxfit.cost_models import decompose, fit, model_dir, reference_key
+from voxfit.cost_models import CostModelPredictor, decompose, fit, model_dir, reference_key
 from voxfit.hw_profiles import HardwareProfile, pick_local_profile
-from voxfit.latency import LatencyResult
+from voxfit.latency import LatencyResult, PredictedEstimator, always
 from voxfit.models import build_model, default_config
 from voxfit.plan import Candidate, GroupPlan
-from voxfit.search._study import SearchSettings, _Latency
+from voxfit.search._study import SearchSettings, _latency_record, make_latency
 from voxfit.spaces import find_space
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -88,9 +88,10 @@ def test_measured_objective_is_put_on_the_cost_models_speed(
     space = find_space(ROOT / "spaces" / "tdnn-default.yaml").bind(base.structure())
     s = SearchSettings(profile, space, "sqlite://", "t", 1, cost_models_dir=tmp_path / "cm")
     other = build_model(default_config("tdnn", 21, "tiny")).eval()  # another parameter count
-    lat = _Latency(s, reference=base if same_reference else other)
-    lat.measurer = _SlowHost(relative=0.5)
-    out = lat(base, Candidate(), (0.0, 0.0, 0.0), [], force=True)
+    lat = make_latency(s, reference=base if same_reference else other)
+    lat.measurer = _SlowHost(relative=0.5)  # type: ignore[assignment]
+    (r,) = lat.estimate(base, (profile.primary_input,), promote=always)
+    out = _latency_record(r, profile)
     assert out.source == "measured"
     assert out.measured_ms == pytest.approx(4.0)  # raw: half the base on a 2x slower host
     if same_reference:
@@ -115,11 +116,17 @@ def test_a_predicted_objective_says_which_speed_its_card_predicts_at(tmp_path: P
     _cost_model(profile, base, tmp_path / "cm")
     space = find_space(ROOT / "spaces" / "tdnn-default.yaml").bind(base.structure())
     s = SearchSettings(profile, space, "sqlite://", "t", 1, cost_models_dir=tmp_path / "cm")
-    lat = _Latency(s, reference=base)
-    out = lat(base, Candidate(), (0.0, 0.0, 0.0), [], force=True)
+    lat = make_latency(s, reference=base)
+    assert lat.measurer is None  # a predicted profile never measures, baselines included
+    (r,) = lat.estimate(base, (profile.primary_input,), promote=always)
+    out = _latency_record(r, profile)
     assert out.source == "predicted"
     assert out.objective_ms == out.predicted_ms
     assert out.basis == "reference"
     assert lat.predictor is not None
-    del lat.predictor.model.card["reference_ms"]  # a card fitted on raw medians
-    assert lat(base, Candidate(), (0.0, 0.0, 0.0), [], force=True).basis == "raw"
+    cm = lat.predictor.predictor.model  # type: ignore[attr-defined]
+    del cm.card["reference_ms"]  # a card fitted on raw medians
+    (r,) = PredictedEstimator(profile, CostModelPredictor(cm)).estimate(
+        base, (profile.primary_input,)
+    )
+    assert _latency_record(r, profile).basis == "raw"

@@ -1,19 +1,47 @@
-"""Latency of a candidate on a hardware profile: local TVM, TVM RPC (cost model: predicted)."""
+"""Latency of a candidate on a hardware profile: one composable stack.
+
+``make_estimator(profile, work, predictor=...)`` returns a :class:`PromotingEstimator`:
+predict with the profile's cost model (injected, see ``voxfit.cost_models``), promote to a
+real measurement (local TVM, or TVM RPC on the device) by a rule. Every estimator returns
+one :class:`LatencyResult` per input; failures are results, never exceptions.
+"""
 
 from voxfit.latency._estimators import (
     LatencyEstimator,
     LatencyResult,
     TvmLocalEstimator,
     TvmRpcEstimator,
-    make_estimator,
     summarize,
+)
+from voxfit.latency._stack import (
+    LatencyPredictor,
+    PredictedEstimator,
+    PredictedLatency,
+    PromotingEstimator,
+    PromotionRule,
+    always,
+    dominates,
+    front_rule,
+    low_confidence_rule,
+    make_estimator,
+    should_measure,
 )
 
 __all__ = [
     "LatencyEstimator",
+    "LatencyPredictor",
     "LatencyResult",
+    "PredictedEstimator",
+    "PredictedLatency",
+    "PromotingEstimator",
+    "PromotionRule",
     "TvmLocalEstimator",
     "TvmRpcEstimator",
+    "always",
+    "dominates",
+    "front_rule",
+    "low_confidence_rule",
     "make_estimator",
+    "should_measure",
     "summarize",
 ]

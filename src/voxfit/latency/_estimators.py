@@ -1,4 +1,4 @@
-"""Latency estimators: what a candidate costs on a profile's device, in milliseconds.
+"""Latency estimators that measure: what a candidate costs on a profile's device, in ms.
 
 Every estimator returns one :class:`LatencyResult` per profile input; a compile, upload or
 run failure is a result with ``error`` set (the search records the trial as failed and goes
@@ -51,10 +51,24 @@ class LatencyResult:
     reference_ms: float | None = None
     relative: float | None = None
     relative_iqr: float | None = None
+    # a prediction the predictor does not trust (a task kind or size it never saw)
+    low_confidence: bool = False
+    # the machine speed ``value_ms`` is at: ``raw`` (this moment's) or ``reference`` (the
+    # cost model's reference speed; see PromotingEstimator)
+    basis: Literal["raw", "reference"] = "raw"
+    at_reference_ms: float | None = None
+    # for a measurement promoted from a prediction: that prediction
+    predicted: LatencyResult | None = field(default=None, compare=False)
 
     @property
     def ok(self) -> bool:
         return self.error is None and self.median_ms is not None
+
+    @property
+    def value_ms(self) -> float | None:
+        """The latency on ``basis``'s scale: at the reference speed where known, else the
+        median."""
+        return self.at_reference_ms if self.at_reference_ms is not None else self.median_ms
 
     @property
     def peak_memory_mb(self) -> float | None:
@@ -83,6 +97,10 @@ class LatencyResult:
             "reference_ms": self.reference_ms,
             "relative": self.relative,
             "relative_iqr": self.relative_iqr,
+            "low_confidence": self.low_confidence,
+            "basis": self.basis,
+            "at_reference_ms": self.at_reference_ms,
+            "predicted_ms": None if self.predicted is None else self.predicted.median_ms,
             "compile": None
             if c is None
             else {
@@ -319,28 +337,6 @@ class TvmRpcEstimator(_TvmEstimator):
                 "session_timeout_s": rpc.session_timeout_s,
             },
         )
-
-
-def make_estimator(
-    profile: HardwareProfile, work_dir: str | Path, method: Method | None = None, **kw: Any
-) -> _TvmEstimator:
-    """The estimator for ``method`` (default: the profile's ``measurement.method``).
-
-    Raises:
-        ConfigError: ``predicted`` needs a fitted cost model (``voxfit cost-model fit``).
-    """
-    match method or profile.measurement.method:
-        case "local":
-            return TvmLocalEstimator(profile, work_dir, **kw)
-        case "rpc":
-            return TvmRpcEstimator(profile, work_dir, **kw)
-        case "predicted":
-            raise ConfigError(
-                f"{profile.name}: measurement.method 'predicted' needs a fitted cost model "
-                f"under cost_models/{profile.name}/"
-            )
-        case other:
-            raise ConfigError(f"unknown measurement method {other!r}")
 
 
 def summarize(results: list[LatencyResult]) -> str:

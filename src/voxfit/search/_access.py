@@ -106,7 +106,7 @@ def complete(study: optuna.Study) -> list[TrialRecord]:
 
 def front(recs: Sequence[TrialRecord]) -> list[TrialRecord]:
     """The non-dominated records among the complete feasible ones (the study's front)."""
-    from voxfit.cost_models import dominates
+    from voxfit.latency import dominates
 
     ok = [r for r in recs if r.complete and r.feasible]
     return [

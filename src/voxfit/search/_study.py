@@ -8,8 +8,9 @@ budgets are Optuna constraints (``Trial.set_constraint``). Each trial's facts ar
 
 Every trial's latency is first predicted by the profile's cost model (when it has one) and
 promoted to a real TVM measurement when the prediction is within ``margin`` of the current
-front, low-confidence, or a baseline; the trial records both and which the objective used,
-and every measurement is appended to the cost model's dataset. Storage is any Optuna RDB
+front, low-confidence, unavailable, or a baseline (the stack of :mod:`voxfit.latency`); the
+trial records both and which the objective used, and every measurement is kept for the cost
+model under ``<work>/measurements/<profile>/``, one file per candidate. Storage is any Optuna RDB
 URL (SQLite by default) with heartbeats: a trial left RUNNING by a killed process is marked
 failed and retried once when the study resumes, and completed trials are never redone.
 """
@@ -33,6 +34,7 @@ from torch import nn
 
 from voxfit.errors import ConfigError, VoxfitError
 from voxfit.hw_profiles import HardwareProfile
+from voxfit.latency import LatencyResult, PromotingEstimator, always, front_rule
 from voxfit.plan import AdapterPlan, Candidate, GroupPlan, LayerPlan
 from voxfit.search._access import complete, front, open_storage
 from voxfit.search._context import SearchContext
@@ -127,136 +129,78 @@ def _versions() -> dict[str, str]:
     return out
 
 
-class _Latency:
-    """Predict with the cost model, measure for real when promoted; feed the dataset."""
+def _latency_record(r: LatencyResult, profile: HardwareProfile) -> LatencyRecord:
+    """The trial's latency facts from the stack's result (a prediction, or a measurement
+    promoted from one)."""
+    p = r.predicted if r.method != "predicted" else r
+    measured = r.method != "predicted"
+    c = r.compile
+    return LatencyRecord(
+        objective_ms=r.value_ms,
+        basis=r.basis,
+        source="measured" if measured else "predicted",
+        predicted_ms=p.median_ms if p is not None else None,
+        measured_ms=r.median_ms if measured else None,
+        measured_ref_ms=r.at_reference_ms,
+        relative_to_base=r.relative,
+        base_ms=r.reference_ms,
+        iqr_ms=r.iqr_ms if measured else None,
+        repeats=r.repeats,
+        low_confidence=p.low_confidence if p is not None else False,
+        note=p.note if p is not None else "",
+        input=r.input,
+        frames=r.frames,
+        target=json.dumps(profile.target, sort_keys=True),
+        tvm_version=md.version("apache-tvm"),
+        method=r.method if measured else None,
+        new_tasks=c.new_tasks if c else None,
+        compile_s=c.total_s if c else None,
+        lowering=c.lowering if c else None,
+        peak_memory_mb=r.peak_memory_mb if measured else None,
+        predicted_memory_mb=p.peak_memory_mb if p is not None else None,
+    )
 
-    def __init__(self, s: SearchSettings, reference: nn.Module | None = None) -> None:
-        from voxfit.cost_models import PredictedEstimator
 
-        self.s = s
-        # timed alongside each local measurement: drift-free rows for the cost model
-        self.reference = reference
-        self.reference_key: str | None = None
-        if reference is not None:
-            from voxfit.cost_models import reference_key
+def make_latency(s: SearchSettings, reference: nn.Module | None) -> PromotingEstimator:
+    """The search's latency stack: the profile's cost model (when it has a usable one)
+    promoting to the profile's measurer; ``reference`` (the base) is timed alongside each
+    local measurement."""
+    from voxfit.cost_models import load_predictor
+    from voxfit.latency import make_estimator
 
-            self.reference_key = reference_key(reference)
-        self.predictor: PredictedEstimator | None = None
-        try:
-            self.predictor = PredictedEstimator(s.profile, s.cost_models_dir)
-        except ConfigError as e:
-            if s.profile.measurement.method == "predicted":
-                raise
-            log.warning("no usable cost model (%s): every trial is measured", e)
-        # The cost model predicts at one fixed machine speed: its reference model's typical
-        # time. A measurement that timed the same reference alongside is put on that speed
-        # too (its ratio to the reference x that time), so predicted and measured objectives,
-        # the promotion rule's front and the latency budget share one scale however the
-        # host's speed drifts during a long search. Without it: the raw median.
-        self.reference_ms: float | None = None
-        if self.predictor is not None and self.reference_key is not None:
-            known = self.predictor.model.card.get("reference_ms") or {}
-            ref = known.get(f"{s.profile.primary_input.name}@{self.reference_key}")
-            self.reference_ms = float(ref) if ref else None
-        self.measurer: Any = None
-        self.tvm_version = md.version("apache-tvm")
+    predictor = None
+    try:
+        predictor = load_predictor(s.profile, s.cost_models_dir)
+    except ConfigError as e:
+        if s.profile.measurement.method == "predicted":
+            raise
+        log.warning("no usable cost model (%s): every trial is measured", e)
+    kw: dict[str, Any] = {"cost_models_dir": s.cost_models_dir}
+    if s.profile.measurement.method == "local":
+        kw["profile_calls"] = 3  # per-task times: rows for the cost model's dataset
+    return make_estimator(
+        s.profile,
+        s.work / "search-builds" / s.profile.name,
+        predictor=predictor,
+        reference=reference,
+        **kw,
+    )
 
-    def _measurer(self) -> Any:
-        if self.measurer is None:
-            from voxfit.latency import TvmLocalEstimator, make_estimator
 
-            work = self.s.work / "search-builds" / self.s.profile.name
-            if self.s.profile.measurement.method == "local":
-                self.measurer = TvmLocalEstimator(
-                    self.s.profile,
-                    work,
-                    cost_models_dir=self.s.cost_models_dir,
-                    profile_calls=3,
-                    reference=self.reference,
-                )
-            else:
-                self.measurer = make_estimator(
-                    self.s.profile, work, cost_models_dir=self.s.cost_models_dir
-                )
-        return self.measurer
+def _keep_measurement(
+    s: SearchSettings, model: nn.Module, cand: Candidate, r: LatencyResult, ref: nn.Module | None
+) -> None:
+    """A measured candidate's rows for the cost model (a by-product: never fails a trial)."""
+    from voxfit.cost_models import MeasurementStore, measurements_dir, reference_key, rows_of
 
-    def close(self) -> None:
-        if self.measurer is not None:
-            self.measurer.close()
-
-    def __call__(
-        self,
-        model: Any,
-        cand: Candidate,
-        quality: tuple[float, ...],
-        front: list[tuple[float, ...]],
-        force: bool,
-    ) -> LatencyRecord:
-        from voxfit.cost_models import append, dataset_dir, rows_of, should_measure
-
-        spec = self.s.profile.primary_input
-        out: dict[str, Any] = {
-            "input": spec.name,
-            "frames": spec.frames,
-            "target": json.dumps(self.s.profile.target, sort_keys=True),
-            "tvm_version": self.tvm_version,
-            "predicted_ms": None,
-            "measured_ms": None,
-            "low_confidence": False,
-            "note": "",
-            "repeats": 0,
-        }
-        promote = force or self.predictor is None
-        if self.predictor is not None:
-            (p,) = self.predictor.estimate(model, (spec,))
-            pred = self.predictor.last[0]
-            out["predicted_ms"] = p.median_ms
-            out["low_confidence"] = pred.low_confidence
-            out["note"] = p.note
-            out["predicted_memory_mb"] = p.peak_memory_mb
-            promote = promote or should_measure(
-                (p.median_ms or 0.0, *quality),
-                front,
-                self.s.margin,
-                low_confidence=pred.low_confidence,
-            )
-        if promote and self.s.profile.measurement.method != "predicted":
-            (r,) = self._measurer().estimate(model, (spec,))
-            if not r.ok:
-                raise VoxfitError(f"latency measurement failed: {r.error}")
-            out["measured_ms"] = r.median_ms
-            out["iqr_ms"] = r.iqr_ms
-            out["repeats"] = r.repeats
-            out["peak_memory_mb"] = r.peak_memory_mb
-            c = r.compile
-            out["new_tasks"] = c.new_tasks if c else None
-            out["compile_s"] = c.total_s if c else None
-            out["lowering"] = c.lowering if c else None
-            out["method"] = r.method
-            if r.relative is not None:
-                out["relative_to_base"] = r.relative
-                out["base_ms"] = r.reference_ms
-                if self.reference_ms is not None:
-                    out["measured_ref_ms"] = r.relative * self.reference_ms
-            if r.calls:
-                try:
-                    row, task_rows = rows_of(
-                        model, cand, r, self.s.profile, "search", self.reference_key
-                    )
-                    append(dataset_dir(self.s.profile, self.s.cost_models_dir), row, task_rows)
-                except VoxfitError as e:  # the dataset is a by-product: never fail a trial
-                    log.warning("measurement not added to the cost-model dataset: %s", e)
-        out["source"] = "measured" if out["measured_ms"] is not None else "predicted"
-        if out.get("measured_ref_ms") is not None:
-            out["objective_ms"], out["objective_basis"] = out["measured_ref_ms"], "reference"
-        elif out["measured_ms"] is not None:
-            out["objective_ms"], out["objective_basis"] = out["measured_ms"], "raw"
-        else:
-            # a card fitted on raw medians (before reference timing) predicts raw times
-            ref = self.predictor is not None and self.predictor.model.card.get("reference_ms")
-            out["objective_ms"] = out["predicted_ms"]
-            out["objective_basis"] = "reference" if ref else "raw"
-        return LatencyRecord.from_dict(out)
+    if r.method == "predicted" or not r.calls:
+        return
+    try:
+        key = reference_key(ref) if ref is not None else None
+        row, task_rows = rows_of(model, cand, r, s.profile, "search", key)
+        MeasurementStore(measurements_dir(s.profile, s.work)).add(row, task_rows)
+    except VoxfitError as e:
+        log.warning("measurement not added to the cost-model dataset: %s", e)
 
 
 def _front(study: optuna.Study) -> list[tuple[float, ...]]:
@@ -264,7 +208,7 @@ def _front(study: optuna.Study) -> list[tuple[float, ...]]:
 
 
 def make_objective(
-    ctx: SearchContext, s: SearchSettings, latency: _Latency
+    ctx: SearchContext, s: SearchSettings, latency: PromotingEstimator
 ) -> Callable[[optuna.Trial], tuple[float, float, float, float]]:
     from voxfit.metrics import packed_size_bytes
     from voxfit.models import count_parameters
@@ -280,13 +224,14 @@ def make_objective(
             build_s = time.monotonic() - t0
             acc = ctx.accuracy(model)
             size_mb = packed_size_bytes(model) / 1e6
-            lat = latency(
-                model,
-                cand,
-                (acc["post_adapt_per"], acc["dev_per"], size_mb),
-                _front(trial.study),
-                force="baseline" in trial.user_attrs,
-            )
+            quality = (acc["post_adapt_per"], acc["dev_per"], size_mb)
+            forced = "baseline" in trial.user_attrs
+            rule = always if forced else front_rule(quality, _front(trial.study), s.margin)
+            (r,) = latency.estimate(model, (s.profile.primary_input,), promote=rule)
+            if not r.ok:
+                raise VoxfitError(f"latency: {r.error}")
+            _keep_measurement(s, model, cand, r, ctx.base)
+            lat = _latency_record(r, s.profile)
             if lat.objective_ms is None:
                 raise VoxfitError("no latency: neither predicted nor measured")
             memory = lat.peak_memory_mb or lat.predicted_memory_mb or size_mb
@@ -450,9 +395,9 @@ def run_search(s: SearchSettings, ctx: SearchContext) -> optuna.Study:
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = prepare_study(s, ctx)
-    latency = _Latency(s, reference=ctx.base)
+    latency = make_latency(s, ctx.base)
     if latency.predictor is not None:
-        card = latency.predictor.model.card
+        card = latency.predictor.predictor.card
         study.set_user_attr(
             f"cost_model_{card.get('model_sha256', '')[:12]}",
             {k: card.get(k) for k in ("trained", "n_candidates", "hardware_key", "metrics")},
