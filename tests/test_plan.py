@@ -92,7 +92,7 @@ def test_yaml_errors_name_source_and_key() -> None:
         Candidate.load_yaml("schema_version: 1\ncolour: red\n", "p.yaml")
     with pytest.raises(ConfigError, match=r"p\.yaml: layers\.x: unknown key\(s\) bits"):
         Candidate.load_yaml("schema_version: 1\nlayers: {x: {bits: 8}}\n", "p.yaml")
-    with pytest.raises(ConfigError, match=r"p\.yaml: line 3: invalid YAML"):
+    with pytest.raises(ConfigError, match=r"p\.yaml:3: invalid YAML"):
         Candidate.load_yaml("schema_version: 1\nlayers: [a, b\nnote: x\n", "p.yaml")
     with pytest.raises(ConfigError, match=r"p\.yaml: layers\.x\.weight_bits: 3 not in"):
         Candidate.load_yaml("schema_version: 1\nlayers: {x: {weight_bits: 3}}\n", "p.yaml")

@@ -69,6 +69,8 @@ UTTERANCE_S = Bound(0, 3600, lo_open=True)  # one manifest row: up to an hour of
 # A YAML config is a few KB; a bigger file given as one is almost surely the wrong file (a
 # checkpoint, a dataset), so it is refused before being read into memory.
 MAX_CONFIG_BYTES = 1024 * 1024
+# A corpus manifest is ~200 bytes per utterance: 512 MiB is over two million utterances.
+MAX_MANIFEST_BYTES = 512 * 1024 * 1024
 
 
 def check_int(value: Any, bound: Bound) -> str | None:
@@ -136,14 +138,13 @@ def read_user_text(
         raise error(f"{p}: the file is empty")
     if b"\0" in data:
         line = data[: data.index(b"\0")].count(b"\n") + 1
-        raise error(f"{p}: line {line}: a binary file (NUL byte), not text")
+        raise error(f"{p}:{line}: a binary file (NUL byte), not text")
     try:
         text = data.decode("utf-8-sig")
     except UnicodeDecodeError as e:
         line = data[: e.start].count(b"\n") + 1
         raise error(
-            f"{p}: line {line}: not UTF-8 text (byte 0x{data[e.start]:02x}); "
-            "is this the right file?"
+            f"{p}:{line}: not UTF-8 text (byte 0x{data[e.start]:02x}); is this the right file?"
         ) from None
     return p, text
 
@@ -159,10 +160,10 @@ def parse_yaml(text: str, source: str) -> Any:
         return yaml.safe_load(text)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
-        where = f" line {mark.line + 1}:" if mark is not None else ""
+        where = f":{mark.line + 1}" if mark is not None else ""
         problem = getattr(e, "problem", None) or getattr(e, "reason", None) or str(e)
         raise ConfigError(
-            f"{source}:{where} invalid YAML: {' '.join(str(problem).split())}"
+            f"{source}{where}: invalid YAML: {' '.join(str(problem).split())}"
         ) from None
     except (ValueError, RecursionError) as e:  # a constructor rejected a scalar, or depth
         raise ConfigError(f"{source}: invalid YAML: {' '.join(str(e).split())}") from None

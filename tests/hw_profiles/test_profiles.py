@@ -100,7 +100,7 @@ def test_bad_profile_names_file_and_field(tmp_path: Path, mutate, names: str) ->
 def test_invalid_yaml_names_the_line(tmp_path: Path) -> None:
     path = tmp_path / "p.yaml"
     path.write_text("schema_version: 1\nname: [unclosed\n")
-    with pytest.raises(ConfigError, match=r"p\.yaml: line \d+: invalid YAML"):
+    with pytest.raises(ConfigError, match=r"p\.yaml:\d+: invalid YAML"):
         load_profile(path)
 
 

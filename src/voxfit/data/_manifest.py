@@ -20,6 +20,14 @@ from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from voxfit._config import (
+    MAX_MANIFEST_BYTES,
+    UTTERANCE_S,
+    check_float,
+    key_text,
+    read_user_text,
+    show,
+)
 from voxfit.errors import DataError
 
 SPLITS = ("train", "dev", "adapt", "eval")
@@ -73,6 +81,8 @@ def _parse_line(path: Path, lineno: int, line: str, check_audio: bool) -> Uttera
         obj = json.loads(line)
     except json.JSONDecodeError as e:
         raise _fail(path, lineno, f"not valid JSON ({e.msg} at column {e.colno})") from None
+    except (RecursionError, ValueError) as e:  # nesting too deep; an int of 5000 digits
+        raise _fail(path, lineno, f"not valid JSON ({type(e).__name__})") from None
     if not isinstance(obj, dict):
         raise _fail(path, lineno, "expected a JSON object")
     missing = [k for k in _KEYS if k not in obj]
@@ -80,19 +90,31 @@ def _parse_line(path: Path, lineno: int, line: str, check_audio: bool) -> Uttera
         raise _fail(path, lineno, f"missing key(s) {', '.join(missing)}")
     unknown = sorted(set(obj) - set(_KEYS))
     if unknown:
-        raise _fail(path, lineno, f"unknown key(s) {', '.join(unknown)}")
+        raise _fail(path, lineno, f"unknown key(s) {', '.join(map(key_text, unknown))}")
     split = obj["split"]
-    if split not in SPLITS:
-        raise _fail(path, lineno, f"unknown split {split!r} (expected one of {', '.join(SPLITS)})")
+    if not isinstance(split, str) or split not in SPLITS:
+        raise _fail(
+            path, lineno, f"unknown split {show(split)} (expected one of {', '.join(SPLITS)})"
+        )
     phones = obj["phones"]
     if not isinstance(phones, str) or not phones.split():
         raise _fail(path, lineno, "'phones' must be a non-empty space-separated string")
     if not isinstance(obj["speaker"], str) or not obj["speaker"]:
         raise _fail(path, lineno, "'speaker' must be a non-empty string")
+    if not isinstance(obj["text"], str):
+        raise _fail(path, lineno, f"'text' must be a string, got {show(obj['text'])}")
+    raw_duration = obj["duration_s"]
     try:
-        duration = float(obj["duration_s"])
-    except (TypeError, ValueError):
-        raise _fail(path, lineno, f"'duration_s' is not a number: {obj['duration_s']!r}") from None
+        duration = float(raw_duration)
+    except (TypeError, ValueError, OverflowError):
+        raise _fail(path, lineno, f"'duration_s' is not a number: {show(raw_duration)}") from None
+    if isinstance(raw_duration, bool):
+        raise _fail(path, lineno, f"'duration_s' is not a number: {raw_duration!r}")
+    problem = check_float(duration, UTTERANCE_S)
+    if problem:
+        raise _fail(path, lineno, f"'duration_s' {problem}")
+    if not isinstance(obj["path"], str) or not obj["path"] or "\0" in obj["path"]:
+        raise _fail(path, lineno, f"'path' must be a file name, got {show(obj['path'])}")
     wav = Path(obj["path"])
     if not wav.is_absolute():
         wav = path.parent / wav
@@ -116,28 +138,32 @@ def load_manifest(path: str | os.PathLike[str], check_audio: bool = True) -> Man
         check_audio: also check that every wav file exists.
 
     Raises:
-        DataError: naming the file and line: bad JSON, a missing/unknown key, an unknown split,
-            a missing wav, a speaker in both training and held-out splits, or no training data.
+        DataError: naming the file and line: an empty, binary or non-UTF-8 file, bad JSON
+            (a line cut off mid-way), a missing/unknown key, an unknown split, a duration
+            that is not a finite number of seconds in (0, 3600], a missing wav, a speaker in
+            both training and held-out splits, or no training data.
     """
     src = Path(path)
-    if not src.is_file():
+    if not src.exists():
         raise DataError(f"{src}: manifest not found")
+    # empty, binary and non-UTF-8 files fail here, naming the file (and the line)
+    _, text = read_user_text(src, max_bytes=MAX_MANIFEST_BYTES, error=DataError)
     utts: list[Utterance] = []
     first_line: dict[str, tuple[int, str]] = {}
-    with src.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            u = _parse_line(src, lineno, line, check_audio)
-            role = "training" if u.split in TRAIN_SPLITS else "held-out"
-            seen = first_line.setdefault(u.speaker, (lineno, role))
-            if seen[1] != role:
-                raise _fail(
-                    src,
-                    lineno,
-                    f"speaker {u.speaker!r} is {role} here but {seen[1]} on line {seen[0]}",
-                )
-            utts.append(u)
+    # split on "\n" only: JSON strings may hold U+2028 and friends, which splitlines() splits
+    for lineno, line in enumerate(text.split("\n"), start=1):
+        if not line.strip():
+            continue
+        u = _parse_line(src, lineno, line, check_audio)
+        role = "training" if u.split in TRAIN_SPLITS else "held-out"
+        seen = first_line.setdefault(u.speaker, (lineno, role))
+        if seen[1] != role:
+            raise _fail(
+                src,
+                lineno,
+                f"speaker {show(u.speaker)} is {role} here but {seen[1]} on line {seen[0]}",
+            )
+        utts.append(u)
     if not any(u.split == "train" for u in utts):
         raise DataError(f"{src}: no utterance has split 'train'")
     return Manifest(source=src, utterances=tuple(utts))
