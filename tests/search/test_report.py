@@ -15,7 +15,7 @@ from optuna.trial import TrialState, create_trial
 from plotly.offline import get_plotlyjs
 
 from voxfit.errors import ConfigError
-from voxfit.search._report import (
+from voxfit.search import (
     NOTES,
     OBJECTIVES,
     front_table,

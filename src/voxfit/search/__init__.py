@@ -16,14 +16,7 @@ from voxfit.search._access import (
 )
 from voxfit.search._bundle import export_bundle, verify_bundle, write_manifest
 from voxfit.search._context import SearchContext
-from voxfit.search._record import (
-    OBJECTIVES,
-    AccuracyRecord,
-    LatencyRecord,
-    TrialRecord,
-    record_of,
-)
-from voxfit.search._report import (
+from voxfit.search._figures import (
     LABELS,
     NOTES,
     importance_figure,
@@ -33,8 +26,15 @@ from voxfit.search._report import (
     plan_heatmap,
     plan_matrix,
     speaker_figure,
-    write_report,
 )
+from voxfit.search._record import (
+    OBJECTIVES,
+    AccuracyRecord,
+    LatencyRecord,
+    TrialRecord,
+    record_of,
+)
+from voxfit.search._report import write_report
 from voxfit.search._study import (
     DEFAULT_SAMPLER,
     SAMPLERS,
