@@ -7,9 +7,13 @@ out a share of the candidates, fits the xgboost per-task model on the rest and r
 it and for the analytic roofline, RMSE, MAPE, the share within +-10% / +-5% and rank
 correlations on the held-out candidates; writes ``benchmarks/results/cost_model.json`` and a
 predicted-vs-measured scatter (``cost_model.html``), and saves the model refitted on every
-candidate under ``cost_models/<profile>/model``. Collection resumes: measured candidates are
-kept in the profile's dataset and skipped; candidates measured under load (whole-model IQR
-above 25% of the median) are measured once more before fitting.
+candidate under ``<work>/cost_models/<profile>/model`` (``--model-out``). The dataset is the
+shipped ``cost_models/<profile>/dataset`` (read-only) plus the measurement store
+``<work>/measurements/<profile>``, where new measurements go. Collection resumes: candidates
+either holds are skipped; candidates measured under load (whole-model IQR above 25% of the
+median) are measured once more before fitting, and the noisy rows the second pass did not
+measure again are left out. To refresh the shipped dataset and model, say so:
+``--dataset-out cost_models/<profile>/dataset --model-out cost_models/<profile>/model``.
 
     python benchmarks/cost_model.py --n 200 --levelled 100
 """
@@ -34,14 +38,17 @@ from voxfit.cost_models import (
     collect,
     dataset_dir,
     decompose,
-    drop_noisy,
+    drop_keys,
     evaluate,
     fit,
+    fitted_model_dir,
     load_dataset,
+    measurements_dir,
     metrics_table,
-    model_dir,
+    noisy_keys,
     sample_candidates,
     split,
+    write_dataset,
 )
 from voxfit.hw_profiles import find_profile, load_profile, pick_local_profile
 from voxfit.models import build_model, default_config
@@ -71,6 +78,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--out", type=Path, default=Path(__file__).parent / "results" / "cost_model.json"
     )
+    ap.add_argument(
+        "--model-out",
+        type=Path,
+        default=None,
+        help="where to save the fitted model (default: <work>/cost_models/<profile>/model)",
+    )
+    ap.add_argument(
+        "--dataset-out",
+        type=Path,
+        default=None,
+        help="also write the merged dataset here as parquet (e.g. the shipped one, on purpose)",
+    )
     args = ap.parse_args(argv)
     console = Console()
     profile = (
@@ -83,27 +102,39 @@ def main(argv: list[str] | None = None) -> int:
     bound = space.bind(base.structure())
 
     t0 = time.monotonic()
+    store = measurements_dir(profile, args.work)
+    sources = (dataset_dir(profile, args.cost_models), store)
 
-    def run_collect() -> dict[str, Any]:
+    measured: set[tuple[str, str]] = set()
+
+    def run_collect(remeasure: frozenset[tuple[str, str]] = frozenset()) -> dict[str, Any]:
         return collect(
             base,
             bound,
             profile,
             args.n,
             work_dir=args.work / "cost-collect" / profile.name,
+            store=store,
             cost_models_dir=args.cost_models,
             seed=args.seed,
             levelled=args.levelled,
+            remeasure=remeasure,
+            on_result=lambda c, r: measured.add((c.stable_hash(), r.input)),
         )
 
     info = run_collect()
     # candidates measured while the machine was loaded (IQR > 25% of the median) are
-    # measured once more, so the held-out figures judge the model, not the noise
-    remeasured = drop_noisy(dataset_dir(profile, args.cost_models), 0.25)
-    if remeasured:
-        run_collect()
+    # measured once more, so the held-out figures judge the model, not the noise; noisy
+    # rows the second pass did not measure (not among its samples) are left out
+    noisy = frozenset(noisy_keys(load_dataset(*sources)[0], 0.25))
+    remeasured = len(noisy)
+    if noisy:
+        measured.clear()
+        run_collect(noisy)
     collect_minutes = (time.monotonic() - t0) / 60
-    models, tasks = load_dataset(dataset_dir(profile, args.cost_models))
+    models, tasks = drop_keys(*load_dataset(*sources), noisy - measured)
+    if args.dataset_out is not None:
+        write_dataset(models, tasks, args.dataset_out)
     models = models[models["input"] == profile.primary_input.name]
     timed = models.get("collect_s")  # rows from before it was recorded: NaN, skipped
     per_cand = float(timed.median()) if timed is not None and timed.notna().any() else None
@@ -163,7 +194,7 @@ def main(argv: list[str] | None = None) -> int:
         "n_test": len(te),
         "roofline": result["roofline"],
     }
-    saved = full.save(model_dir(profile, args.cost_models))
+    saved = full.save(args.model_out or fitted_model_dir(profile, args.work))
 
     fig = go.Figure()
     lim = [0, float(max(frame["measured_ms"].max(), frame["predicted_ms"].max()) * 1.05)]

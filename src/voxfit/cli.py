@@ -318,12 +318,15 @@ def cost_collect(
     all_inputs: Annotated[
         bool, typer.Option("--all-inputs", help="Every input of the profile, not the first.")
     ] = False,
-    work: Annotated[Path, typer.Option(help="Scratch directory for builds.")] = Path("work"),
+    work: Annotated[
+        Path, typer.Option(help="Work folder: builds, and the measurements under measurements/.")
+    ] = Path("work"),
     cost_models: CostDir = Path("cost_models"),
     verbose: Verbose = False,
 ) -> None:
-    """Compile and measure sampled candidates; append them to the profile's dataset."""
-    from voxfit.cost_models import collect
+    """Compile and measure sampled candidates into <work>/measurements/<profile>/ (the
+    shipped dataset is only read, to skip what it already holds)."""
+    from voxfit.cost_models import collect, measurements_dir
     from voxfit.hw_profiles import find_profile, load_profile
     from voxfit.spaces import find_space
 
@@ -332,12 +335,14 @@ def cost_collect(
     sp = find_space(space)
     base = _base_model(sp.model, preset, outputs, checkpoint)
     bound = sp.bind(base.structure())
+    store = measurements_dir(prof, work)
     out = collect(
         base,
         bound,
         prof,
         n,
         work_dir=work / "cost-collect" / prof.name,
+        store=store,
         cost_models_dir=cost_models,
         inputs=prof.inputs if all_inputs else None,
         seed=seed,
@@ -345,8 +350,24 @@ def cost_collect(
     )
     console.print(
         f"stored {out['stored']} measurements ({out['failed']} failed, {out['skipped']} "
-        f"already in the dataset) in {out['minutes']:.1f} min -> {out['dataset']}"
+        f"already measured) in {out['minutes']:.1f} min -> {store}; "
+        f"fit with: voxfit cost-model fit --profile {profile} --extra {store}"
     )
+
+
+def _extra_folders(extra: list[Path]) -> list[Path]:
+    """``--extra`` folders, each checked to hold measurements."""
+    from voxfit.cost_models import MeasurementStore
+
+    for d in extra:
+        if not d.is_dir():
+            raise ConfigError(f"--extra {d}: no such folder")
+        if not (d / "models.parquet").exists() and not MeasurementStore(d).files():
+            raise ConfigError(
+                f"--extra {d}: no measurements here (expected the files of cost-model "
+                "collect or a search, <work>/measurements/<profile>/, or a models.parquet)"
+            )
+    return extra
 
 
 @cost_app.command("fit")
@@ -357,23 +378,52 @@ def cost_fit(
     ] = 0.25,
     seed: Annotated[int, typer.Option(help="Split and xgboost seed.")] = 0,
     cost_models: CostDir = Path("cost_models"),
+    extra: Annotated[
+        list[Path] | None,
+        typer.Option(
+            "--extra",
+            help="More measurements (e.g. <work>/measurements/<profile>); repeatable.",
+        ),
+    ] = None,
+    work: Annotated[Path, typer.Option(help="Work folder (default model location).")] = Path(
+        "work"
+    ),
+    out: Annotated[
+        Path | None,
+        typer.Option(help="Save the model here; default <work>/cost_models/<profile>/model."),
+    ] = None,
+    dataset_out: Annotated[
+        Path | None,
+        typer.Option(help="Also write the merged dataset here as parquet (to refresh one)."),
+    ] = None,
 ) -> None:
-    """Fit the profile's cost model (xgboost + roofline baseline) and save it."""
+    """Fit the profile's cost model (xgboost + roofline baseline) on the shipped dataset plus
+    any --extra measurements, and save it (never into the shipped tree unless --out says so)."""
     from voxfit.cost_models import (
+        MeasurementStore,
         dataset_dir,
         evaluate,
         fit,
+        fitted_model_dir,
         load_dataset,
+        measurements_dir,
         metrics_table,
-        model_dir,
         split,
+        write_dataset,
     )
     from voxfit.hw_profiles import find_profile, load_profile
 
     prof = load_profile(find_profile(profile))
-    models, tasks = load_dataset(dataset_dir(prof, cost_models))
+    shipped = dataset_dir(prof, cost_models)
+    extras = _extra_folders(extra or [])
+    models, tasks = load_dataset(shipped, *extras)
     if models.empty:
-        raise ConfigError(f"{dataset_dir(prof, cost_models)}: no dataset (run cost-model collect)")
+        raise ConfigError(
+            f"{shipped}: no dataset, and no --extra measurements (run cost-model collect)"
+        )
+    mine = measurements_dir(prof, work)
+    if mine.resolve() not in {e.resolve() for e in extras} and MeasurementStore(mine).files():
+        console.print(f"note: {mine} holds measurements not used here (add --extra {mine})")
     train_ids, test_ids = split(models, test_frac, seed)
     tr = models[models["cand"].isin(train_ids)]
     cm = fit(tr, tasks[tasks["cand"].isin(train_ids)], prof, seed=seed)
@@ -386,8 +436,10 @@ def cost_fit(
     # the saved model is refitted on every candidate; its card keeps the held-out figures
     full = fit(models, tasks, prof, seed=seed)
     full.card["metrics"] = cm.card["metrics"]
-    d = full.save(model_dir(prof, cost_models))
+    d = full.save(out or fitted_model_dir(prof, work))
     console.print(f"saved {d}/model.json and card.yaml ({len(models)} candidates)")
+    if dataset_out is not None:
+        console.print(f"wrote the merged dataset to {write_dataset(models, tasks, dataset_out)}")
 
 
 Storage = Annotated[

@@ -12,16 +12,14 @@ from torch import nn
 from voxfit.compress import apply
 from voxfit.cost_models import (
     CostModel,
-    PredictedEstimator,
     Task,
     attribute_calls,
     decompose,
-    dominates,
     evaluate,
     fit,
     metrics,
+    predicted_estimator,
     roofline_ms,
-    should_measure,
 )
 from voxfit.errors import ConfigError, ModelError
 from voxfit.hw_profiles import HardwareProfile, pick_local_profile
@@ -175,34 +173,6 @@ def test_labels_are_normalized_by_the_reference_timed_alongside(
     assert m["raw"]["within_10pct"] < m["within_10pct"] - 0.3
 
 
-def test_noisy_rows_are_judged_by_their_ratio_spread_when_paired(tmp_path: Path) -> None:
-    from voxfit.cost_models import append, drop_noisy, load_dataset
-
-    rows = [  # (cand, raw median, raw IQR, relative, relative IQR)
-        ("quiet", 2.0, 0.1, 0.5, 0.01),
-        ("loaded-but-paired", 2.0, 1.5, 0.5, 0.02),  # raw spread, steady ratio: kept
-        ("unsteady-ratio", 2.0, 0.1, 0.5, 0.3),
-        ("unpaired-loaded", 2.0, 1.5, None, None),
-    ]
-    for cand, ms, iqr, rel, rel_iqr in rows:
-        append(
-            tmp_path,
-            {
-                "cand": cand,
-                "input": "utterance_1s",
-                "measured_ms": ms,
-                "iqr_ms": iqr,
-                "relative": rel,
-                "relative_iqr": rel_iqr,
-            },
-            [{"cand": cand, "input": "utterance_1s", "task": "stem", "ms": ms}],
-        )
-    assert drop_noisy(tmp_path, 0.25) == 2
-    models, tasks = load_dataset(tmp_path)
-    assert sorted(models["cand"]) == ["loaded-but-paired", "quiet"]
-    assert sorted(tasks["cand"]) == ["loaded-but-paired", "quiet"]
-
-
 def test_a_model_refuses_another_profile(profile: HardwareProfile) -> None:
     models, tasks = _synthetic(profile, 10, 1)
     cm = fit(models, tasks, profile)
@@ -210,8 +180,8 @@ def test_a_model_refuses_another_profile(profile: HardwareProfile) -> None:
     with pytest.raises(ConfigError, match="trained for"):
         cm.predict(_base(), other, 100)
     with pytest.raises(ConfigError, match="trained for"):
-        PredictedEstimator(other, model=cm)
-    (r,) = PredictedEstimator(profile, model=cm).estimate(_base(), profile.inputs[:1])
+        predicted_estimator(other, model=cm)
+    (r,) = predicted_estimator(profile, model=cm).estimate(_base(), profile.inputs[:1])
     assert r.method == "predicted"
     assert r.median_ms is not None
     assert r.median_ms > 0
@@ -271,20 +241,10 @@ def test_levelled_candidates_reach_the_corners_uniform_ones_miss() -> None:
     assert corners >= 3 * max(1, ((u <= 0.35) | (u >= 0.9)).sum()), corners
 
 
-def test_promotion_rule() -> None:
-    front = [(1.0, 20.0, 5.0), (2.0, 18.0, 4.6)]
-    assert dominates((1.0, 19.0, 5.0), (1.0, 20.0, 5.0))
-    assert not dominates((1.0, 20.0, 5.0), (1.0, 20.0, 5.0))
-    assert not should_measure((3.0, 21.0, 6.0), front)  # dominated even 10% faster
-    assert should_measure((1.05, 19.9, 5.0), front)  # within 10% of the front's latency
-    assert should_measure((3.0, 21.0, 6.0), front, low_confidence=True)
-    assert should_measure((3.0, 21.0, 6.0), [])
-
-
 @pytest.mark.tvm
 @pytest.mark.slow
 def test_tiny_collect_fit_predict(profile: HardwareProfile, tmp_path: Path) -> None:
-    from voxfit.cost_models import collect, dataset_dir, load_dataset
+    from voxfit.cost_models import collect, load_dataset
     from voxfit.spaces import find_space
 
     p = replace(
@@ -297,9 +257,12 @@ def test_tiny_collect_fit_predict(profile: HardwareProfile, tmp_path: Path) -> N
     )
     base = _base()
     bound = find_space(ROOT / "spaces" / "tdnn-default.yaml").bind(base.structure())
-    out = collect(base, bound, p, 3, work_dir=tmp_path / "w", cost_models_dir=tmp_path / "cm")
+    store = tmp_path / "work" / "measurements"
+    out = collect(
+        base, bound, p, 3, work_dir=tmp_path / "w", store=store, cost_models_dir=tmp_path / "cm"
+    )
     assert out["stored"] == 3
-    models, tasks = load_dataset(dataset_dir(p, tmp_path / "cm"))
+    models, tasks = load_dataset(store)
     assert len(models) == 3
     assert len(tasks) == 3 * 4
     assert tasks["ms"].notna().all()
@@ -315,11 +278,13 @@ def test_tiny_collect_fit_predict(profile: HardwareProfile, tmp_path: Path) -> N
         .between(0.5, 2.0)
         .all()
     )
-    again = collect(base, bound, p, 3, work_dir=tmp_path / "w", cost_models_dir=tmp_path / "cm")
+    again = collect(
+        base, bound, p, 3, work_dir=tmp_path / "w", store=store, cost_models_dir=tmp_path / "cm"
+    )
     assert again["skipped"] == 3
     cm = fit(models, tasks, p)
     cm.save(tmp_path / "model")
-    est = PredictedEstimator(p, model=CostModel.load(tmp_path / "model"))
+    est = predicted_estimator(p, model=CostModel.load(tmp_path / "model"))
     (r,) = est.estimate(base, p.inputs)
     assert r.median_ms is not None
     assert r.median_ms > 0

@@ -1,22 +1,28 @@
-"""Learned latency cost models per hardware profile (``cost_models/<profile>/``)."""
+"""Learned latency cost models per hardware profile.
+
+The shipped ``cost_models/<profile>/{dataset,model}`` are read-only at run time; what a run
+measures goes to a :class:`MeasurementStore` under the work folder (:func:`measurements_dir`)
+and what ``voxfit cost-model fit`` fits to :func:`fitted_model_dir` unless told otherwise.
+"""
 
 from voxfit.cost_models._dataset import (
-    append,
     collect,
-    dataset_dir,
-    drop_noisy,
-    load_dataset,
     reference_key,
     rows_of,
     sample_candidates,
 )
-from voxfit.cost_models._estimator import PredictedEstimator, dominates, should_measure
+from voxfit.cost_models._estimator import (
+    CostModelPredictor,
+    load_predictor,
+    predicted_estimator,
+)
 from voxfit.cost_models._features import FEATURES, Task, attribute_calls, decompose
 from voxfit.cost_models._model import (
     CostModel,
     Prediction,
     evaluate,
     fit,
+    fitted_model_dir,
     hardware_key,
     load_for,
     metrics,
@@ -25,32 +31,45 @@ from voxfit.cost_models._model import (
     roofline_ms,
     split,
 )
+from voxfit.cost_models._store import (
+    MeasurementStore,
+    dataset_dir,
+    drop_keys,
+    load_dataset,
+    measurements_dir,
+    noisy_keys,
+    write_dataset,
+)
 
 __all__ = [
     "FEATURES",
     "CostModel",
-    "PredictedEstimator",
+    "CostModelPredictor",
+    "MeasurementStore",
     "Prediction",
     "Task",
-    "append",
     "attribute_calls",
     "collect",
     "dataset_dir",
     "decompose",
-    "dominates",
-    "drop_noisy",
+    "drop_keys",
     "evaluate",
     "fit",
+    "fitted_model_dir",
     "hardware_key",
     "load_dataset",
     "load_for",
+    "load_predictor",
+    "measurements_dir",
     "metrics",
     "metrics_table",
     "model_dir",
-    "roofline_ms",
+    "noisy_keys",
+    "predicted_estimator",
     "reference_key",
+    "roofline_ms",
     "rows_of",
     "sample_candidates",
-    "should_measure",
     "split",
+    "write_dataset",
 ]

@@ -1,41 +1,35 @@
-"""A profile's latency dataset: measured candidates and their per-task times, as parquet.
+"""A profile's latency dataset: what one measured candidate adds, and how to collect many.
 
-``cost_models/<profile>/dataset/models.parquet`` has one row per measured candidate and input
-(whole-model median, kernel sum, compile facts, provenance); ``tasks.parquet`` one row per
-task (features of :mod:`voxfit.cost_models._features` and the measured ms). Rows are
-appended one candidate at a time (atomic rewrite), so an interrupted collection keeps every
-candidate it finished, and a repeated collection skips candidates already measured.
+A measurement gives one ``models`` row per candidate and input (whole-model median, kernel
+sum, compile facts, provenance) and one ``tasks`` row per task (features of
+:mod:`voxfit.cost_models._features` and the measured ms): :func:`rows_of`. :func:`collect`
+adds each candidate to a :class:`~voxfit.cost_models.MeasurementStore` under the work folder
+as soon as it is measured, so an interrupted collection keeps every candidate it finished,
+and a repeated collection skips candidates the shipped dataset or the store already hold.
+Where the rows live and how they are merged: :mod:`voxfit.cost_models._store`.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import json
-import os
 import random
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-import pandas as pd
 from torch import nn
 
 from voxfit._progress import progress_bar
 from voxfit.cost_models._features import FEATURES, attribute_calls, decompose
+from voxfit.cost_models._store import MeasurementStore, dataset_dir, load_dataset
 from voxfit.errors import ConfigError
 from voxfit.hw_profiles import HardwareProfile, InputSpec
 from voxfit.latency import LatencyResult
 from voxfit.plan import Candidate
 from voxfit.spaces import BoundSpace, sample
-
-MODELS = "models.parquet"
-TASKS = "tasks.parquet"
-
-
-def dataset_dir(profile: HardwareProfile, cost_models_dir: str | Path = "cost_models") -> Path:
-    return Path(cost_models_dir) / profile.name / "dataset"
 
 
 def _versions() -> dict[str, str]:
@@ -49,20 +43,6 @@ def reference_key(model: nn.Module) -> str:
     from voxfit.models import count_parameters
 
     return f"{type(model).__name__}-{count_parameters(model)}"
-
-
-def load_dataset(directory: str | Path) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """(models, tasks) frames; empty frames when nothing was collected yet."""
-    d = Path(directory)
-    models = pd.read_parquet(d / MODELS) if (d / MODELS).exists() else pd.DataFrame()
-    tasks = pd.read_parquet(d / TASKS) if (d / TASKS).exists() else pd.DataFrame()
-    return models, tasks
-
-
-def _write(frame: pd.DataFrame, path: Path) -> None:
-    tmp = path.with_suffix(".tmp")
-    frame.to_parquet(tmp, index=False)
-    os.replace(tmp, path)
 
 
 def rows_of(
@@ -124,53 +104,6 @@ def rows_of(
         for t in tasks
     ]
     return row, task_rows
-
-
-def append(
-    directory: str | Path, model_row: dict[str, Any], task_rows: list[dict[str, Any]]
-) -> None:
-    """Add one candidate's rows (replacing an earlier measurement of the same cand/input)."""
-    d = Path(directory)
-    d.mkdir(parents=True, exist_ok=True)
-    models, tasks = load_dataset(d)
-    key = (model_row["cand"], model_row["input"])
-    if not models.empty:
-        keep = ~((models["cand"] == key[0]) & (models["input"] == key[1]))
-        models = models[keep]
-    if not tasks.empty:
-        keep = ~((tasks["cand"] == key[0]) & (tasks["input"] == key[1]))
-        tasks = tasks[keep]
-    new_models = pd.DataFrame([model_row])
-    new_tasks = pd.DataFrame(task_rows)
-    models = new_models if models.empty else pd.concat([models, new_models], ignore_index=True)
-    tasks = new_tasks if tasks.empty else pd.concat([tasks, new_tasks], ignore_index=True)
-    _write(tasks, d / TASKS)
-    _write(models, d / MODELS)  # written last: a model row implies its task rows exist
-
-
-def drop_noisy(directory: str | Path, max_rel_iqr: float = 0.25) -> int:
-    """Remove candidates measured too noisily to learn from; returns how many. Noisy: the
-    IQR of the per-round ratios to the reference exceeds ``max_rel_iqr`` of their median
-    (rows timed with a reference: load both runs of a round share cancels), else the
-    whole-model IQR exceeds ``max_rel_iqr`` of the median. A following :func:`collect`
-    with the same seed measures them again."""
-    d = Path(directory)
-    models, tasks = load_dataset(d)
-    if models.empty:
-        return 0
-    noisy = models["iqr_ms"] > max_rel_iqr * models["measured_ms"]
-    if "relative_iqr" in models:
-        paired = models["relative_iqr"].notna()
-        noisy[paired] = models.loc[paired, "relative_iqr"] > (
-            max_rel_iqr * models.loc[paired, "relative"]
-        )
-    keys = set(zip(models.loc[noisy, "cand"], models.loc[noisy, "input"], strict=True))
-    if not keys:
-        return 0
-    keep_t = [k not in keys for k in zip(tasks["cand"], tasks["input"], strict=True)]
-    _write(tasks[keep_t], d / TASKS)
-    _write(models[~noisy], d / MODELS)
-    return len(keys)
 
 
 class _Seeded:
@@ -241,6 +174,7 @@ def collect(
     n: int,
     *,
     work_dir: str | Path,
+    store: str | Path | MeasurementStore,
     cost_models_dir: str | Path = "cost_models",
     inputs: tuple[InputSpec, ...] | None = None,
     seed: int = 0,
@@ -248,28 +182,34 @@ def collect(
     on_result: Callable[[Candidate, LatencyResult], None] | None = None,
     reference: bool = True,
     levelled: int = 0,
+    remeasure: Collection[tuple[str, str]] = frozenset(),
 ) -> dict[str, Any]:
-    """Compile (tuning new tasks) and measure ``n`` sampled candidates; append them.
+    """Compile (tuning new tasks) and measure ``n`` sampled candidates; add each to ``store``.
 
     ``levelled`` more candidates are drawn to reach the space's light and heavy corners
-    (:func:`sample_candidates`).
+    (:func:`sample_candidates`). A candidate and input already in the profile's shipped
+    dataset (under ``cost_models_dir``) or in ``store`` is skipped, unless its
+    ``(cand, input)`` is in ``remeasure`` (e.g. :func:`~voxfit.cost_models.noisy_keys`):
+    the new measurement then replaces the old one when the dataset is loaded. Nothing is
+    written outside ``work_dir`` (builds) and ``store``.
 
     Only local measurement gives per-task times (the VM is instrumented in-process); an
     RPC profile records whole-model times only. With ``reference`` the uncompressed
     ``base`` is timed in rounds alternating with every candidate, so each row also has the
-    candidate's drift-free latency relative to the base (``relative``). Failed candidates
-    are counted, not stored. Returns counts and the wall time.
-    """
-    from voxfit.compress import apply
-    from voxfit.latency import TvmLocalEstimator
+    candidate's drift-free latency relative to the base (``relative``); rows without it
+    are measured again. Failed candidates are counted, not stored. Returns counts, the wall
+    time and the store's folder (``dataset``).
 
+    Raises:
+        ConfigError: the profile does not measure locally.
+    """
     if profile.measurement.method != "local":
         raise ConfigError(
             f"{profile.source or profile.name}: measurement.method: collecting per-task "
             f"times needs local measurement (this profile says {profile.measurement.method})"
         )
-    d = dataset_dir(profile, cost_models_dir)
-    models, _ = load_dataset(d)
+    out_store = store if isinstance(store, MeasurementStore) else MeasurementStore(store)
+    models, _ = load_dataset(dataset_dir(profile, cost_models_dir), out_store.directory)
     inputs = inputs or (profile.primary_input,)
     done = set()
     if not models.empty:
@@ -277,12 +217,55 @@ def collect(
             models = models[models["relative"].notna()]  # rows without it are measured again
         elif reference:
             models = models.iloc[:0]
-        done = set(zip(models["cand"], models["input"], strict=True))
+        done = set(zip(models["cand"], models["input"], strict=True)) - set(remeasure)
     todo = [
         c
         for c in sample_candidates(space, n, seed, levelled)
         if any((c.stable_hash(), i.name) not in done for i in inputs)
     ]
+    t0 = time.monotonic()
+    stored = failed = 0
+    if todo:  # nothing to measure: no TVM worker to start
+        stored, failed = _measure_into(
+            out_store,
+            base,
+            todo,
+            profile,
+            inputs,
+            work_dir=work_dir,
+            cost_models_dir=cost_models_dir,
+            seed=seed,
+            calibration=calibration,
+            on_result=on_result,
+            reference=reference,
+        )
+    return {
+        "stored": stored,
+        "failed": failed,
+        "skipped": n + levelled - len(todo),
+        "minutes": (time.monotonic() - t0) / 60,
+        "dataset": str(out_store.directory),
+    }
+
+
+def _measure_into(
+    store: MeasurementStore,
+    base: nn.Module,
+    todo: list[Candidate],
+    profile: HardwareProfile,
+    inputs: tuple[InputSpec, ...],
+    *,
+    work_dir: str | Path,
+    cost_models_dir: str | Path,
+    seed: int,
+    calibration: Any,
+    on_result: Callable[[Candidate, LatencyResult], None] | None,
+    reference: bool,
+) -> tuple[int, int]:
+    """:func:`collect`'s measuring loop; returns (stored, failed)."""
+    from voxfit.compress import apply
+    from voxfit.latency import TvmLocalEstimator
+
     if calibration is None:
         # latency does not depend on the calibration values: random frames serve 8-bit layers
         import torch
@@ -290,7 +273,6 @@ def collect(
         g = torch.Generator().manual_seed(seed)
         frames = inputs[0].frames
         calibration = [(torch.randn(2, frames, 80, generator=g), torch.full((2,), frames))]
-    t0 = time.monotonic()
     stored = failed = 0
     ref_key = reference_key(base) if reference else None
     with (
@@ -316,7 +298,7 @@ def collect(
                     continue
                 row, task_rows = rows_of(model, cand, r, profile, "collect", ref_key)
                 row["collect_s"] = time.monotonic() - t_cand  # build, tune, measure
-                append(d, row, task_rows)
+                store.add(row, task_rows)
                 stored += 1
                 if on_result:
                     on_result(cand, r)
@@ -326,10 +308,4 @@ def collect(
                     info=f"{r.median_ms:.2f} ms, {c.new_tasks if c else 0} new tasks",
                 )
             bar.advance(task)
-    return {
-        "stored": stored,
-        "failed": failed,
-        "skipped": n + levelled - len(todo),
-        "minutes": (time.monotonic() - t0) / 60,
-        "dataset": str(d),
-    }
+    return stored, failed

@@ -18,6 +18,7 @@ import hashlib
 import json
 import math
 import os
+import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,7 +46,14 @@ _XGB_PARAMS = {
 
 
 def model_dir(profile: HardwareProfile, cost_models_dir: str | Path = "cost_models") -> Path:
+    """The profile's shipped model (read-only at run time)."""
     return Path(cost_models_dir) / profile.name / "model"
+
+
+def fitted_model_dir(profile: HardwareProfile, work: str | Path = "work") -> Path:
+    """Where ``voxfit cost-model fit`` saves a model by default: ``<work>/cost_models/<profile>/
+    model``, out of the repository; :func:`load_for` reads it when given this folder."""
+    return Path(work) / "cost_models" / profile.name / "model"
 
 
 def _overhead_x(tasks: pd.DataFrame | Sequence[Task]) -> list[float]:
@@ -211,14 +219,21 @@ class CostModel:
 
         d = Path(directory)
         d.mkdir(parents=True, exist_ok=True)
-        tmp = d / "model.tmp.json"  # the extension picks xgboost's JSON format
-        self.booster.save_model(str(tmp))
-        os.replace(tmp, d / MODEL_FILE)
-        card = dict(self.card)
-        card["model_sha256"] = hashlib.sha256((d / MODEL_FILE).read_bytes()).hexdigest()
-        tmp_card = d / (CARD_FILE + ".tmp")
-        tmp_card.write_text(yaml.safe_dump(card, sort_keys=False))
-        os.replace(tmp_card, d / CARD_FILE)
+        # unique temporaries: two fits saving into one folder never write one file together
+        unique = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        tmp = d / f".model-{unique}.json"  # the extension picks xgboost's JSON format
+        tmp_card = d / f".{CARD_FILE}-{unique}.tmp"
+        try:
+            self.booster.save_model(str(tmp))
+            blob = tmp.read_bytes()
+            card = dict(self.card)
+            card["model_sha256"] = hashlib.sha256(blob).hexdigest()
+            tmp_card.write_text(yaml.safe_dump(card, sort_keys=False))
+            os.replace(tmp, d / MODEL_FILE)
+            os.replace(tmp_card, d / CARD_FILE)
+        finally:
+            tmp.unlink(missing_ok=True)
+            tmp_card.unlink(missing_ok=True)
         self.card = card
         self.directory = d
         return d
@@ -245,9 +260,20 @@ class CostModel:
         return cls(booster, card, d)
 
 
-def load_for(profile: HardwareProfile, cost_models_dir: str | Path = "cost_models") -> CostModel:
-    """The profile's fitted cost model, checked to be this profile's."""
-    cm = CostModel.load(model_dir(profile, cost_models_dir))
+def load_for(
+    profile: HardwareProfile,
+    cost_models_dir: str | Path = "cost_models",
+    directory: str | Path | None = None,
+) -> CostModel:
+    """The profile's cost model, checked to be this profile's: the one saved in
+    ``directory`` (e.g. :func:`fitted_model_dir`, or ``voxfit cost-model fit --out``) if
+    given, else the shipped one under ``cost_models_dir`` (:func:`model_dir`).
+
+    Raises:
+        ConfigError: no model there, its files do not match, or it was trained for another
+            profile.
+    """
+    cm = CostModel.load(model_dir(profile, cost_models_dir) if directory is None else directory)
     cm.check_profile(profile)
     return cm
 
