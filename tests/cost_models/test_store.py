@@ -256,12 +256,18 @@ def test_collect_and_fit_leave_the_repository_as_it_was(
     res = runner.invoke(
         app,
         ["cost-model", "fit", "--profile", SHIPPED_PROFILE, "--test-frac", "0",
-         "--work", str(work), "--extra", str(store.directory)],
+         "--work", str(work), "--extra", str(store.directory),
+         "--dataset-out", str(tmp_path / "merged")],
     )  # fmt: skip
     assert res.exit_code == 0, res.output
     assert f"({len(shipped_m) + 2} candidates)" in res.output
     cm = load_for(profile, directory=fitted_model_dir(profile, work))
     assert cm.card["n_candidates"] == len(shipped_m) + 2
+    # the merged dataset, written where asked, reads back as the merge
+    merged_m, merged_t = load_dataset(tmp_path / "merged")
+    want_m, want_t = load_dataset(SHIPPED, store.directory)
+    pd.testing.assert_frame_equal(merged_m, want_m)
+    pd.testing.assert_frame_equal(merged_t, want_t)
     assert _tree_digest(ROOT / "cost_models") == before
 
 
