@@ -1,7 +1,8 @@
 """Compression: structured pruning, mixed-precision fake quantization, adapters.
 
 ``apply(model, candidate)`` is the one verb; importance scores and quantizers are exposed
-for sensitivity analysis and tests.
+for sensitivity analysis and tests, ``ActivationQuantizer``, ``plan_of`` and
+``fake_quant_off`` for what lowers a compressed model (compile, bundles).
 """
 
 from voxfit.compress._apply import apply, plan_of
@@ -12,6 +13,7 @@ from voxfit.compress._quant import (
     ActivationQuantizer,
     attach_activation_quantizers,
     calibrate,
+    fake_quant_off,
     quantize_weight,
 )
 from voxfit.compress._saliency import adaptation_saliency
@@ -30,6 +32,7 @@ __all__ = [
     "apply",
     "attach_activation_quantizers",
     "calibrate",
+    "fake_quant_off",
     "kept_channels",
     "magnitude_scores",
     "plan_of",

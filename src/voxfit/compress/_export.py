@@ -11,8 +11,7 @@ from __future__ import annotations
 import os
 import re
 import tempfile
-from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,8 +19,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from voxfit._warnings import quiet_export
 from voxfit.compress._apply import plan_of
-from voxfit.compress._quant import ActivationQuantizer
+from voxfit.compress._quant import fake_quant_off
 from voxfit.errors import ConfigError
 
 INPUTS = ("feats", "lengths")
@@ -37,17 +37,8 @@ class OnnxExport:
     qdq_nodes: int
 
 
-@contextmanager
-def _fake_quant_off(model: nn.Module) -> Iterator[None]:
-    quants = [m for m in model.modules() if isinstance(m, ActivationQuantizer)]
-    saved = [q.bits for q in quants]
-    for q in quants:
-        q.bits = 32
-    try:
-        yield
-    finally:
-        for q, b in zip(quants, saved, strict=True):
-            q.bits = b
+# Transitional private name: compile/ and tests/compile still import it from here.
+_fake_quant_off = fake_quant_off
 
 
 def _scope(layer: str) -> str:
@@ -92,7 +83,7 @@ def export_onnx(
     example = (torch.zeros(1, 64, 80), torch.tensor([64]))
     with tempfile.TemporaryDirectory() as tmp:
         fp32 = Path(tmp) / "fp32.onnx"
-        with _fake_quant_off(model), torch.no_grad():
+        with fake_quant_off(model), torch.no_grad(), quiet_export():
             torch.onnx.export(
                 model,
                 example,
@@ -122,17 +113,18 @@ def export_onnx(
         ]
         if not nodes:
             raise ConfigError(f"no ONNX node found for the 8-bit layers {', '.join(int8)}")
-        quantize_static(
-            str(fp32),
-            str(dst),
-            _Reader(calibration or ()),
-            quant_format=QuantFormat.QDQ,
-            per_channel=True,
-            weight_type=QuantType.QInt8,
-            activation_type=QuantType.QUInt8,
-            nodes_to_quantize=nodes,
-            calibrate_method=CalibrationMethod.MinMax,
-        )
+        with quiet_export():
+            quantize_static(
+                str(fp32),
+                str(dst),
+                _Reader(calibration or ()),
+                quant_format=QuantFormat.QDQ,
+                per_channel=True,
+                weight_type=QuantType.QInt8,
+                activation_type=QuantType.QUInt8,
+                nodes_to_quantize=nodes,
+                calibrate_method=CalibrationMethod.MinMax,
+            )
     m = onnx.load(str(dst))
     onnx.checker.check_model(m)
     qdq = sum(n.op_type in ("QuantizeLinear", "DequantizeLinear") for n in m.graph.node)

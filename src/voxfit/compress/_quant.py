@@ -8,7 +8,8 @@ grid whose range was calibrated on training data; at 16 bits to float16.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 
 import torch
 from torch import nn
@@ -63,6 +64,26 @@ class ActivationQuantizer(nn.Module):
         q = torch.clamp(torch.round(x / scale) + zero, 0, 255)
         # straight-through: gradients pass as if unquantized (adapters train through it)
         return x + ((q - zero) * scale - x).detach()
+
+
+@contextmanager
+def fake_quant_off(model: nn.Module) -> Iterator[None]:
+    """Within the block every ActivationQuantizer of ``model`` passes its input through.
+
+    The weights stay as they are (already rounded by ``apply``), so the model computes what
+    a deployment with float activations computes: the graph exporters (ONNX, torch.export)
+    and the checks against their output use it. The bit-widths are restored on exit, also
+    after an exception.
+    """
+    quants = [m for m in model.modules() if isinstance(m, ActivationQuantizer)]
+    saved = [q.bits for q in quants]
+    for q in quants:
+        q.bits = 32
+    try:
+        yield
+    finally:
+        for q, b in zip(quants, saved, strict=True):
+            q.bits = b
 
 
 def attach_activation_quantizers(model: nn.Module, bits: dict[str, int]) -> None:

@@ -119,11 +119,11 @@ def _adapter_arrays(model: nn.Module) -> dict[str, np.ndarray]:
 def _onnx_check(model: nn.Module, path: Path, frames: int) -> dict[str, Any]:
     import onnxruntime as ort
 
-    from voxfit.compress._export import _fake_quant_off
+    from voxfit.compress import fake_quant_off
 
     x = torch.randn(1, frames, 80, generator=torch.Generator().manual_seed(0))
     n = torch.tensor([frames])
-    with torch.no_grad(), _fake_quant_off(model):
+    with torch.no_grad(), fake_quant_off(model):
         ref, _ = model(x, n)
     sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     got = sess.run(None, {"feats": x.numpy(), "lengths": n.numpy()})[0]
@@ -151,8 +151,7 @@ def export_bundle(
         ConfigError: the trial is not complete or was made for another profile.
     """
     from voxfit.compile import compile_model
-    from voxfit.compress import export_onnx
-    from voxfit.compress._export import _fake_quant_off
+    from voxfit.compress import export_onnx, fake_quant_off
 
     if trial.state != optuna.trial.TrialState.COMPLETE:
         raise ConfigError(f"trial {trial.number} is {trial.state.name}, not COMPLETE")
@@ -204,7 +203,7 @@ def export_bundle(
             r = worker.call("run_local", timeout_s=300, lib=str(lib.resolve()), input=x)
             if "error" in r:
                 raise VoxfitError(f"the bundle's TVM library does not run: {r['error']}")
-            with torch.no_grad(), _fake_quant_off(model):
+            with torch.no_grad(), fake_quant_off(model):
                 ref, _ = model(torch.from_numpy(x), torch.tensor([spec.frames]))
             tvm_info["max_abs_diff_vs_torch"] = float(np.max(np.abs(r["output"] - ref.numpy())))
     finally:
@@ -216,7 +215,7 @@ def export_bundle(
     arrays = _adapter_arrays(model)
     np.savez(tmp / "adapters.npz", **arrays)  # type: ignore[arg-type]
 
-    from voxfit.train import phone_error_rate
+    from voxfit.metrics import phone_error_rate
 
     dev = phone_error_rate(model, ctx.manifest.split("dev"), ctx.store, ctx.inventory)
     report = {
