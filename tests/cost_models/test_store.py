@@ -126,6 +126,22 @@ def test_load_merges_shipped_and_extra_keeping_the_latest(tmp_path: Path) -> Non
     assert nothing[1].empty
 
 
+def test_a_broken_parquet_table_is_one_error_naming_it(tmp_path: Path) -> None:
+    from voxfit.errors import ConfigError
+
+    row, tasks = _rows("a")
+    write_dataset(pd.DataFrame([row]), pd.DataFrame(tasks), tmp_path / "ok")
+    good = (tmp_path / "ok" / "models.parquet").read_bytes()
+    (tmp_path / "cut").mkdir()
+    (tmp_path / "cut" / "models.parquet").write_bytes(good[: len(good) // 2])
+    with pytest.raises(ConfigError, match=r"cut/models.parquet: not a readable parquet"):
+        load_dataset(tmp_path / "cut")
+    (tmp_path / "other").mkdir()
+    pd.DataFrame({"x": [1]}).to_parquet(tmp_path / "other" / "models.parquet")
+    with pytest.raises(ConfigError, match="cand/input: columns missing"):
+        load_dataset(tmp_path / "other")
+
+
 def test_the_shipped_dataset_reads_exactly_as_its_parquet() -> None:
     models, tasks = load_dataset(SHIPPED)
     pd.testing.assert_frame_equal(models, pd.read_parquet(SHIPPED / "models.parquet"))

@@ -35,6 +35,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from voxfit.errors import ConfigError
 from voxfit.hw_profiles import HardwareProfile
 
 log = logging.getLogger(__name__)
@@ -161,13 +162,29 @@ class MeasurementStore:
         return load_dataset(self.directory)
 
 
+def _read_table(path: Path) -> pd.DataFrame:
+    """A parquet table with ``cand`` and ``input`` columns.
+
+    Raises:
+        ConfigError: unreadable (truncated, not parquet) or without those columns.
+    """
+    try:
+        frame = pd.read_parquet(path)
+    except (OSError, ValueError) as e:  # pyarrow's ArrowInvalid is a ValueError
+        why = " ".join(str(e).split())[:120]
+        raise ConfigError(f"{path}: not a readable parquet table ({why})") from None
+    if not frame.empty and not set(_KEY) <= set(frame.columns):
+        raise ConfigError(f"{path}: cand/input: columns missing, not a latency dataset")
+    return frame
+
+
 def _frames_of(directory: Path, index: int) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Every row in one folder (parquet and store files), tagged with its measurement."""
     models: list[pd.DataFrame] = []
     tasks: list[pd.DataFrame] = []
     if (directory / MODELS).exists():
-        m = pd.read_parquet(directory / MODELS)
-        t = pd.read_parquet(directory / TASKS) if (directory / TASKS).exists() else pd.DataFrame()
+        m = _read_table(directory / MODELS)
+        t = _read_table(directory / TASKS) if (directory / TASKS).exists() else pd.DataFrame()
         if not m.empty:
             ids = f"{index}:parquet:" + m["cand"].astype(str) + ":" + m["input"].astype(str)
             models.append(m.assign(**{_ID: ids, _SRC: index, _FILE: ""}))
@@ -206,6 +223,11 @@ def load_dataset(*directories: str | Path) -> tuple[pd.DataFrame, pd.DataFrame]:
     candidate and input were measured more than once, the latest measurement (``date``; on
     a tie, the later folder, then the later file) gives the model row and all its task rows.
     Nothing is written.
+
+    Raises:
+        ConfigError: a parquet table is unreadable or is not a latency dataset. (A store
+            file that does not parse is skipped with a warning instead: one damaged
+            measurement should not stop a search or a fit.)
     """
     parts = [_frames_of(Path(d), i) for i, d in enumerate(directories)]
     # a column that is null in every store file is of object type: numbers where any are
