@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 from rich.console import Console
 from rich.logging import RichHandler
+from rich.markup import escape
 from rich.table import Table
 
 from voxfit.errors import ConfigError, VoxfitError
@@ -144,13 +145,12 @@ def evaluate_cmd(
 ) -> None:
     """Dev PER and per held-out speaker PER before/after adapter-only adaptation."""
     from voxfit.data import FeatureStore, load_manifest
-    from voxfit.train import adapt_preset, evaluate_cached, load_checkpoint
+    from voxfit.train import adapt_preset, evaluate_cached
 
     _setup_logging(verbose)
     man = load_manifest(manifest)
-    report = evaluate_cached(
-        load_checkpoint(checkpoint), man, FeatureStore(man, out / "features"), adapt_preset(preset)
-    )
+    ckpt = _user_checkpoint(checkpoint)
+    report = evaluate_cached(ckpt, man, FeatureStore(man, out / "features"), adapt_preset(preset))
     print_report(report)
 
 
@@ -284,13 +284,25 @@ def profile_check(
     console.print(t)
 
 
+def _user_checkpoint(path: Path):  # type: ignore[no-untyped-def]
+    """``load_checkpoint`` of a file the user named. A truncated or foreign file is already a
+    ModelError; one that unpickles into the right format tag but cannot be built (a
+    model_config or weights from another voxfit) is one naming the file too, not a traceback."""
+    from voxfit.errors import ModelError
+    from voxfit.train import load_checkpoint
+
+    try:
+        return load_checkpoint(path)
+    except (KeyError, TypeError, ValueError, RuntimeError) as e:
+        why = " ".join(str(e).split())[:120]
+        raise ModelError(f"{path}: not a checkpoint this voxfit can load ({why})") from None
+
+
 def _base_model(space_kind: str, preset: str, outputs: int, checkpoint: Path | None):  # type: ignore[no-untyped-def]
     from voxfit.models import build_model, default_config
 
     if checkpoint is not None:
-        from voxfit.train import load_checkpoint
-
-        return load_checkpoint(checkpoint).model.eval()
+        return _user_checkpoint(checkpoint).model.eval()
     if preset not in ("tiny", "default"):
         raise ConfigError(f"--preset: {preset!r} is not tiny or default")
     return build_model(default_config(space_kind, outputs, preset)).eval()  # type: ignore[arg-type]
@@ -632,7 +644,9 @@ def main() -> None:
     try:
         app()
     except VoxfitError as e:
-        err.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+        # escaped: a message quoting the user's "[/x]" is text, not rich markup (which raised)
+        text = escape(" ".join(str(e).splitlines()))
+        err.print(f"[bold red]error:[/] {text}", highlight=False, soft_wrap=True)
         sys.exit(2)
 
 
