@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from voxfit.compile import repair
+from voxfit.compile import check, repair
 from voxfit.compile._database import RECORDS, WORKLOADS
 
 
@@ -51,3 +51,15 @@ def test_missing_database_is_created_empty(tmp_path: Path) -> None:
     r = repair(tmp_path / "new" / "tuning")
     assert (r.workloads, r.records) == (0, 0)
     assert (tmp_path / "new" / "tuning" / WORKLOADS).read_text() == ""
+
+
+def test_check_reports_a_torn_database_without_writing(tmp_path: Path) -> None:
+    d = _db(tmp_path, 2, [0, 1])
+    with (d / RECORDS).open("a") as f:
+        f.write('[1, ["rec-half')
+    before = (d / RECORDS).read_bytes(), (d / WORKLOADS).read_bytes()
+    r = check(d)
+    assert (r.records, r.dropped_records, r.changed) == (2, 1, True)
+    assert ((d / RECORDS).read_bytes(), (d / WORKLOADS).read_bytes()) == before
+    assert check(tmp_path / "absent").changed is False
+    assert not (tmp_path / "absent").exists()

@@ -66,6 +66,24 @@ def _write_atomic(path: Path, lines: list[str]) -> None:
     os.replace(tmp, path)
 
 
+def _scan(d: Path) -> tuple[list[str], list[str], int, int]:
+    """Complete workload lines, records that point at them, and how many lines are broken."""
+    workloads, dropped_w = _complete_lines(d / WORKLOADS)
+    records, dropped_r = _complete_lines(d / RECORDS)
+    kept = [r for r in records if 0 <= int(json.loads(r)[0]) < len(workloads)]
+    return workloads, kept, dropped_w, dropped_r + len(records) - len(kept)
+
+
+def check(db_dir: str | Path) -> RepairReport:
+    """What :func:`repair` would find in ``db_dir``, without writing anything.
+
+    For a database that is read-only at run time (the shipped one): a torn one is reported
+    (``changed``), never rewritten in place. A missing folder or file counts as empty.
+    """
+    workloads, kept, dropped_w, dropped_r = _scan(Path(db_dir))
+    return RepairReport(len(workloads), len(kept), dropped_w, dropped_r)
+
+
 def repair(db_dir: str | Path) -> RepairReport:
     """Make ``db_dir``'s database loadable after a crash, keeping every complete record.
 
@@ -75,10 +93,7 @@ def repair(db_dir: str | Path) -> RepairReport:
     d = Path(db_dir)
     d.mkdir(parents=True, exist_ok=True)
     wl_path, rec_path = d / WORKLOADS, d / RECORDS
-    workloads, dropped_w = _complete_lines(wl_path)
-    records, dropped_r = _complete_lines(rec_path)
-    kept = [r for r in records if 0 <= int(json.loads(r)[0]) < len(workloads)]
-    dropped_r += len(records) - len(kept)
+    workloads, kept, dropped_w, dropped_r = _scan(d)
     if dropped_w or not wl_path.exists():
         _write_atomic(wl_path, workloads)
     if dropped_r or not rec_path.exists():
