@@ -59,6 +59,9 @@ def test_loads_valid_manifest_with_relative_paths(tmp_path: Path, wav_file: Path
         (None, "unknown key(s) extra"),
         (None, "'phones' must be a non-empty"),
         (None, "'duration_s' is not a number"),
+        (None, "'duration_s' must be a finite number, got nan"),
+        (None, "'duration_s' must be <= 3600, got 1e+300"),
+        ('{"path": "x.wav", "speaker": [[[[' + "[" * 5000, "not valid JSON"),
     ],
 )
 def test_broken_line_names_file_and_line(
@@ -71,6 +74,10 @@ def test_broken_line_names_file_and_line(
             "unknown key(s) extra": _row(wav_file, extra=1),
             "'phones' must be a non-empty": _row(wav_file, phones="  "),
             "'duration_s' is not a number": _row(wav_file, duration_s="long"),
+            "'duration_s' must be a finite number, got nan": _row(
+                wav_file, duration_s=float("nan")
+            ),
+            "'duration_s' must be <= 3600, got 1e+300": _row(wav_file, duration_s=1e300),
         }[message]
     p = _write(tmp_path, [_row(wav_file), line])
     with pytest.raises(DataError) as e:
@@ -94,6 +101,22 @@ def test_manifest_without_training_data_is_rejected(tmp_path: Path, wav_file: Pa
     p = _write(tmp_path, [_row(wav_file, split="dev")])
     with pytest.raises(DataError, match="no utterance has split 'train'"):
         load_manifest(p)
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        (b"", ": the file is empty"),
+        (b"\x00\x01\x02" * 100, ":1: a binary file"),
+        ('{"path": "caf\u00e9"}\n'.encode("latin-1"), ":1: not UTF-8 text"),
+    ],
+)
+def test_unreadable_file_is_named(tmp_path: Path, data: bytes, message: str) -> None:
+    p = tmp_path / "manifest.jsonl"
+    p.write_bytes(data)
+    with pytest.raises(DataError) as e:
+        load_manifest(p)
+    assert str(e.value).startswith(f"{p}{message}")
 
 
 def test_write_then_load_round_trips(tmp_path: Path, wav_file: Path) -> None:

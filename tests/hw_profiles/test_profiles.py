@@ -82,6 +82,18 @@ def test_shipped_profile_is_valid(path: Path) -> None:
         (lambda d: d["inputs"][1].update(frames=2), "inputs[1].frames: must be >= 8"),
         (lambda d: d.pop("channel_multiple"), "channel_multiple: is required"),
         (lambda d: d.update(schema_version=2), "schema_version: 2 is not supported"),
+        (
+            lambda d: d.update(latency_budget_ms=float("nan")),
+            "latency_budget_ms: must be a finite number, got nan",
+        ),
+        (lambda d: d.update(memory_budget_mb=float("inf")), "memory_budget_mb: must be a finite"),
+        (lambda d: d.update(cores=10**12), "cores: must be <= 4096, got 1000000000000"),
+        (
+            lambda d: d["tuning"].update(trials_per_task=1e300),
+            "tuning.trials_per_task: expected int, got 1e+300",
+        ),
+        (lambda d: d["target"].update({"num-cores": 10**9}), "target.num-cores: must be <="),
+        (lambda d: d.update(cross_compiler="g++\0"), "cross_compiler: 'g++\\x00' must be"),
     ],
 )
 def test_bad_profile_names_file_and_field(tmp_path: Path, mutate, names: str) -> None:
