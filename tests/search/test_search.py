@@ -104,8 +104,10 @@ def test_search_export_verify_report(setup: dict[str, Path]) -> None:
     assert study.metric_names == list(OBJECTIVES)
     assert recs[1].size_mb < recs[0].size_mb / 3
     assert study.user_attrs["base"]["trial"] == trials[0].number
-    # the measurements went into the profile's cost-model dataset
-    assert (setup["root"] / "cm" / "ci-cpu" / "dataset" / "models.parquet").exists()
+    # the measurements went to the work folder's store, one file each; nothing into cm/
+    stored = list((setup["root"] / "work" / "measurements" / "ci-cpu").glob("*.json"))
+    assert len(stored) == len(trials)
+    assert not (setup["root"] / "cm" / "ci-cpu" / "dataset").exists()
 
     bundles = setup["root"] / "bundles"
     root = setup["root"]

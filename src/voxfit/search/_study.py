@@ -199,7 +199,7 @@ def _keep_measurement(
         key = reference_key(ref) if ref is not None else None
         row, task_rows = rows_of(model, cand, r, s.profile, "search", key)
         MeasurementStore(measurements_dir(s.profile, s.work)).add(row, task_rows)
-    except VoxfitError as e:
+    except (VoxfitError, OSError, ValueError) as e:
         log.warning("measurement not added to the cost-model dataset: %s", e)
 
 
