@@ -330,12 +330,12 @@ def _bad_checkpoints(good: Path, folder: Path) -> dict[str, Path]:
 
 
 def test_broken_checkpoints_fail_in_one_line(checkpoint: Path, tmp_path: Path) -> None:
-    from voxfit.cli import _user_checkpoint
+    from voxfit.train import load_checkpoint
 
-    _user_checkpoint(checkpoint)
+    load_checkpoint(checkpoint)
     for name, p in _bad_checkpoints(checkpoint, tmp_path).items():
         with pytest.raises(ModelError) as e:
-            _user_checkpoint(p)
+            load_checkpoint(p)
         _one_line_naming(e.value, p)
         assert name  # the loop names the case in a failure's locals
 

@@ -145,11 +145,11 @@ def evaluate_cmd(
 ) -> None:
     """Dev PER and per held-out speaker PER before/after adapter-only adaptation."""
     from voxfit.data import FeatureStore, load_manifest
-    from voxfit.train import adapt_preset, evaluate_cached
+    from voxfit.train import adapt_preset, evaluate_cached, load_checkpoint
 
     _setup_logging(verbose)
     man = load_manifest(manifest)
-    ckpt = _user_checkpoint(checkpoint)
+    ckpt = load_checkpoint(checkpoint)
     report = evaluate_cached(ckpt, man, FeatureStore(man, out / "features"), adapt_preset(preset))
     print_report(report)
 
@@ -284,25 +284,12 @@ def profile_check(
     console.print(t)
 
 
-def _user_checkpoint(path: Path):  # type: ignore[no-untyped-def]
-    """``load_checkpoint`` of a file the user named. A truncated or foreign file is already a
-    ModelError; one that unpickles into the right format tag but cannot be built (a
-    model_config or weights from another voxfit) is one naming the file too, not a traceback."""
-    from voxfit.errors import ModelError
-    from voxfit.train import load_checkpoint
-
-    try:
-        return load_checkpoint(path)
-    except (KeyError, TypeError, ValueError, RuntimeError) as e:
-        why = " ".join(str(e).split())[:120]
-        raise ModelError(f"{path}: not a checkpoint this voxfit can load ({why})") from None
-
-
 def _base_model(space_kind: str, preset: str, outputs: int, checkpoint: Path | None):  # type: ignore[no-untyped-def]
     from voxfit.models import build_model, default_config
+    from voxfit.train import load_checkpoint
 
     if checkpoint is not None:
-        return _user_checkpoint(checkpoint).model.eval()
+        return load_checkpoint(checkpoint).model.eval()
     if preset not in ("tiny", "default"):
         raise ConfigError(f"--preset: {preset!r} is not tiny or default")
     return build_model(default_config(space_kind, outputs, preset)).eval()  # type: ignore[arg-type]

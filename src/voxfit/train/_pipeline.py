@@ -107,7 +107,8 @@ def load_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
     """Load a checkpoint written by :func:`save_checkpoint`.
 
     Raises:
-        ModelError: missing file, not a voxfit checkpoint, or an unsupported version.
+        ModelError: missing file, not a voxfit checkpoint, an unsupported version, or a
+            model config / weights this voxfit cannot build (one line naming the file).
     """
     p = Path(path)
     if not p.is_file():
@@ -120,11 +121,17 @@ def load_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
         raise ModelError(f"{p}: not a voxfit checkpoint")
     if raw.get("version") != CHECKPOINT_VERSION:
         raise ModelError(f"{p}: checkpoint version {raw.get('version')} is not supported")
-    cfg = ModelConfig(**raw["model_config"])
-    model = build_model(cfg)
-    model.load_state_dict(raw["state_dict"])
+    try:
+        cfg = ModelConfig(**raw["model_config"])
+        model = build_model(cfg)
+        model.load_state_dict(raw["state_dict"])
+        inventory = PhoneInventory(tuple(raw["inventory"]))
+        meta = raw["meta"]
+    except (KeyError, TypeError, ValueError, RuntimeError) as e:
+        why = " ".join(str(e).split())[:120]
+        raise ModelError(f"{p}: not a checkpoint this voxfit can load ({why})") from None
     model.eval()
-    return Checkpoint(model, cfg, PhoneInventory(tuple(raw["inventory"])), raw["meta"], p)
+    return Checkpoint(model, cfg, inventory, meta, p)
 
 
 def train_cached(
