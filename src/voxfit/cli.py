@@ -492,6 +492,10 @@ def search(
     ] = None,
     work: Annotated[Path, typer.Option(help="Corpus, models and builds.")] = Path("work"),
     cost_models: CostDir = Path("cost_models"),
+    cost_model: Annotated[
+        Path | None,
+        typer.Option(help="A fitted cost model folder (`cost-model fit` output) to predict with."),
+    ] = None,
     verbose: Verbose = False,
 ) -> None:
     """Run (or resume) a multi-objective search for one hardware profile."""
@@ -525,6 +529,7 @@ def search(
         margin=margin,
         work=work,
         cost_models_dir=cost_models,
+        cost_model=cost_model,
     )
     st = run_search(settings, ctx)
     _print_front(front_table(st), f"Pareto front of {name} ({prof.name})")

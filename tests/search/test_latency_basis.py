@@ -130,3 +130,21 @@ def test_a_predicted_objective_says_which_speed_its_card_predicts_at(tmp_path: P
         base, (profile.primary_input,)
     )
     assert _latency_record(r, profile).basis == "raw"
+
+
+def test_a_search_predicts_with_a_user_fitted_cost_model(tmp_path: Path) -> None:
+    profile = pick_local_profile(ROOT / "hw_profiles")
+    torch.manual_seed(0)
+    base = build_model(default_config("tdnn", 20, "tiny")).eval()
+    _cost_model(profile, base, tmp_path / "fitted")
+    space = find_space(ROOT / "spaces" / "tdnn-default.yaml").bind(base.structure())
+    s = SearchSettings(profile, space, "sqlite://", "t", 1, cost_models_dir=tmp_path / "none")
+    lat = make_latency(s, reference=base)
+    assert lat.predictor is None  # nothing shipped under cost_models_dir: every trial measured
+    lat.close()
+    s.cost_model = model_dir(profile, tmp_path / "fitted")
+    lat = make_latency(s, reference=base)
+    assert lat.predictor is not None
+    (r,) = lat.estimate(base, (profile.primary_input,))
+    assert r.method == "predicted"
+    lat.close()

@@ -53,14 +53,17 @@ class CostModelPredictor:
 
 
 def load_predictor(
-    profile: HardwareProfile, cost_models_dir: str | Path = "cost_models"
+    profile: HardwareProfile,
+    cost_models_dir: str | Path = "cost_models",
+    directory: str | Path | None = None,
 ) -> CostModelPredictor:
-    """The profile's fitted cost model as a predictor.
+    """The profile's cost model as a predictor: the one saved in ``directory`` (``voxfit
+    cost-model fit`` output) if given, else the shipped one under ``cost_models_dir``.
 
     Raises:
-        ConfigError: the profile has no cost model, or it was trained for another profile.
+        ConfigError: no cost model there, or it was trained for another profile.
     """
-    return CostModelPredictor(load_for(profile, cost_models_dir))
+    return CostModelPredictor(load_for(profile, cost_models_dir, directory))
 
 
 def predicted_estimator(

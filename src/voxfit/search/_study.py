@@ -118,6 +118,8 @@ class SearchSettings:
     margin: float = 0.10
     work: Path = Path("work")
     cost_models_dir: Path = Path("cost_models")
+    # a cost model fitted by the user (``voxfit cost-model fit``) instead of the shipped one
+    cost_model: Path | None = None
     enqueue_baselines: bool = True
 
 
@@ -170,7 +172,7 @@ def make_latency(s: SearchSettings, reference: nn.Module | None) -> PromotingEst
 
     predictor = None
     try:
-        predictor = load_predictor(s.profile, s.cost_models_dir)
+        predictor = load_predictor(s.profile, s.cost_models_dir, s.cost_model)
     except ConfigError as e:
         if s.profile.measurement.method == "predicted":
             raise
