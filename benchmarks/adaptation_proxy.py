@@ -15,14 +15,10 @@ finish, so an interrupted run resumes where it stopped.
 
 from __future__ import annotations
 
-import argparse
 import json
-import platform
 import sys
 import time
 from dataclasses import replace
-from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any
 
 import pandas as pd
@@ -30,10 +26,10 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from voxfit import __version__
+from _common import parser, provenance, write_result
 from voxfit.compress import Recovery, adaptation_saliency, apply
 from voxfit.data import FeatureStore, load_manifest, make_corpus, preset
-from voxfit.metrics import packed_size_bytes
+from voxfit.metrics import packed_size_bytes, phone_error_rate
 from voxfit.models import count_parameters
 from voxfit.plan import AdapterPlan, Candidate, GroupPlan, LayerPlan
 from voxfit.train import (
@@ -44,7 +40,6 @@ from voxfit.train import (
     collate,
     load_checkpoint,
     measure_adaptation,
-    phone_error_rate,
     train_cached,
     train_preset,
 )
@@ -135,15 +130,9 @@ def spearman(a: list[float], b: list[float]) -> float:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--preset", default="default", choices=["tiny", "default"])
-    ap.add_argument("--model", default="tdnn", choices=["tdnn", "conformer"])
-    ap.add_argument("--work", type=Path, default=Path("work"))
+    ap = parser("adaptation_proxy", __doc__, preset=True, model=True)
     ap.add_argument("--channel-multiple", type=int, default=8)
     ap.add_argument("--kd-steps", type=int, default=300, help="recovery steps of the +kd rows")
-    ap.add_argument(
-        "--out", type=Path, default=Path(__file__).parent / "results" / "adaptation_proxy.json"
-    )
     args = ap.parse_args(argv)
     console = Console()
     t_start = time.monotonic()
@@ -264,17 +253,13 @@ def main(argv: list[str] | None = None) -> int:
         },
         "channel_multiple": args.channel_multiple,
         "rows": rows,
-        "provenance": {
-            "voxfit": __version__,
-            "torch": str(torch.__version__),
-            "python": platform.python_version(),
-            "checkpoint": str(ckpt.path),
-            "date": datetime.now(UTC).isoformat(timespec="seconds"),
-            "script_minutes": round((time.monotonic() - t_start) / 60, 1),
-        },
+        "provenance": provenance(
+            {"torch": str(torch.__version__)},
+            checkpoint=str(ckpt.path),
+            script_minutes=round((time.monotonic() - t_start) / 60, 1),
+        ),
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    write_result(args.out, result)
 
     t = Table(title="candidates: PER (%)")
     for col in ("candidate", "dev", "proxy post", "full pre", "full post", "retention", "MB"):

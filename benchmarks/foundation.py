@@ -8,32 +8,21 @@ then writes ``benchmarks/results/foundation.json`` and prints the figures as a t
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import platform
 import sys
 import time
-from datetime import UTC, datetime
-from pathlib import Path
 
 import torch
 
-from voxfit import __version__
+from _common import parser, provenance, write_result
 from voxfit.cli import print_report
 from voxfit.data import FeatureStore, load_manifest, make_corpus, preset
 from voxfit.train import adapt_preset, evaluate_cached, load_checkpoint, train_cached, train_preset
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--preset", default="default", choices=["tiny", "default"])
-    ap.add_argument("--model", default="tdnn", choices=["tdnn", "conformer"])
-    ap.add_argument("--work", type=Path, default=Path("work"))
-    ap.add_argument(
-        "--out", type=Path, default=Path(__file__).parent / "results" / "foundation.json"
-    )
-    args = ap.parse_args(argv)
+    args = parser("foundation", __doc__, preset=True, model=True).parse_args(argv)
 
     t0 = time.monotonic()
     manifest = load_manifest(make_corpus(preset(args.preset), args.work / "corpus"))
@@ -67,18 +56,14 @@ def main(argv: list[str] | None = None) -> int:
         "model": args.model,
         "corpus": manifest.source.parent.name,
         "checkpoint": str(path),
-        "provenance": {
-            "voxfit": __version__,
-            "torch": str(torch.__version__),
-            "python": platform.python_version(),
-            "machine": platform.machine(),
-            "cpus": len(os.sched_getaffinity(0)),
-            "date": datetime.now(UTC).isoformat(timespec="seconds"),
-            "script_seconds": round(time.monotonic() - t0, 1),
-        },
+        "provenance": provenance(
+            {"torch": str(torch.__version__)},
+            machine=platform.machine(),
+            cpus=len(os.sched_getaffinity(0)),
+            script_seconds=round(time.monotonic() - t0, 1),
+        ),
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    write_result(args.out, result)
     print(f"wrote {args.out}")
     return 0
 

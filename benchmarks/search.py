@@ -24,14 +24,9 @@ Writes ``benchmarks/results/search.json``.
 
 from __future__ import annotations
 
-import argparse
-import json
-import platform
 import sys
 import time
 from dataclasses import replace
-from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -40,8 +35,7 @@ from optuna.trial import TrialState
 from rich.console import Console
 from rich.table import Table
 
-from voxfit import __version__
-from voxfit.hw_profiles import find_profile, load_profile, pick_local_profile
+from _common import parser, provenance, resolve_profile, write_result
 from voxfit.search import (
     DEFAULT_SAMPLER,
     SearchContext,
@@ -98,17 +92,10 @@ def row(t: TrialRecord, fp32: TrialRecord, name: str) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument(
-        "--profile", default=None, help="default: the first local profile this CPU runs"
-    )
-    ap.add_argument("--space", default="tdnn-default")
-    ap.add_argument("--preset", default="default", choices=["tiny", "default"])
+    ap = parser("search", __doc__, profile=True, space=True, preset=True, cost_models=True)
     ap.add_argument("--trials", type=int, default=24, help="trials per sampler (equal budget)")
     ap.add_argument("--samplers", default=f"{DEFAULT_SAMPLER},random")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--work", type=Path, default=Path("work"))
-    ap.add_argument("--cost-models", type=Path, default=Path("cost_models"))
     ap.add_argument("--storage", default="sqlite:///work/search/bench.db")
     ap.add_argument(
         "--predicted",
@@ -125,11 +112,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--measure-max", type=int, default=8, help="most candidates measured with TVM at the end"
     )
-    ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "search.json")
     args = ap.parse_args(argv)
     console = Console()
     t0 = time.monotonic()
-    profile = load_profile(find_profile(args.profile)) if args.profile else pick_local_profile()
+    profile = resolve_profile(args.profile)
     measured_profile = profile
     if args.predicted:
         profile = replace(profile, measurement=replace(profile.measurement, method="predicted"))
@@ -261,16 +247,9 @@ def main(argv: list[str] | None = None) -> int:
         "space": space.name,
         "storage": args.storage,
         "studies": {n: s.study_name for n, s in studies.items()},
-        "provenance": {
-            "voxfit": __version__,
-            "optuna": optuna.__version__,
-            "python": platform.python_version(),
-            "checkpoint": str(ctx.checkpoint),
-            "date": datetime.now(UTC).isoformat(timespec="seconds"),
-        },
+        "provenance": provenance({"optuna": optuna.__version__}, checkpoint=str(ctx.checkpoint)),
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2, default=str) + "\n")
+    write_result(args.out, result, default=str)
 
     title = f"{profile.name}: best within {profile.latency_budget_ms:g} ms vs baselines"
     table = Table(title=title)
