@@ -17,8 +17,6 @@ would for its final model (the database keeps the best record). Writes
 
 from __future__ import annotations
 
-import argparse
-import json
 import platform
 import shutil
 import statistics
@@ -35,10 +33,10 @@ from rich.console import Console
 from rich.table import Table
 from torch import nn
 
-from voxfit import __version__
+from _common import parser, provenance, resolve_profile, write_result
 from voxfit.compile import compile_model
 from voxfit.compress import apply, export_onnx
-from voxfit.hw_profiles import HardwareProfile, find_profile, load_profile, pick_local_profile
+from voxfit.hw_profiles import HardwareProfile
 from voxfit.latency import LatencyResult, TvmLocalEstimator
 from voxfit.metrics import packed_size_bytes
 from voxfit.models import build_model, count_parameters, default_config
@@ -147,10 +145,7 @@ def _breakdown(r: LatencyResult) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--profile", default=None, help="name or file (default: first local one)")
-    ap.add_argument("--work", type=Path, default=Path("work"))
-    ap.add_argument("--cost-models", type=Path, default=Path("cost_models"))
+    ap = parser("latency", __doc__, profile=True, cost_models=True)
     ap.add_argument("--trials", type=int, default=None, help="override trials_per_task")
     ap.add_argument("--size", default="default", choices=["tiny", "default"])
     ap.add_argument("--repeats", type=int, default=50, help="torch/onnxruntime timing runs")
@@ -161,12 +156,11 @@ def main(argv: list[str] | None = None) -> int:
         help="first tune the base model's tasks this many more trials each in the persistent "
         "database (what a deployment does for its final model); 0: none",
     )
-    ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "latency.json")
     args = ap.parse_args(argv)
     console = Console()
     t_start = time.monotonic()
 
-    profile = load_profile(find_profile(args.profile)) if args.profile else pick_local_profile()
+    profile = resolve_profile(args.profile)
     frames = profile.primary_input.frames
     threads = profile.cores
     torch.set_num_threads(threads)
@@ -307,18 +301,14 @@ def main(argv: list[str] | None = None) -> int:
         "cold_tasks": cold.compile.new_tasks,
         "trials_per_task": args.trials or profile.tuning.trials_per_task,
         "rows": rows,
-        "provenance": {
-            "voxfit": __version__,
-            "torch": str(torch.__version__),
-            "python": platform.python_version(),
-            "cpu": platform.processor() or platform.machine(),
-            "target": profile.target,
-            "date": datetime.now(UTC).isoformat(timespec="seconds"),
-            "script_minutes": round((time.monotonic() - t_start) / 60, 1),
-        },
+        "provenance": provenance(
+            {"torch": str(torch.__version__)},
+            cpu=platform.processor() or platform.machine(),
+            target=profile.target,
+            script_minutes=round((time.monotonic() - t_start) / 60, 1),
+        ),
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    write_result(args.out, result)
     _plot(rows, args.out.with_suffix(".html"), profile.name)
 
     t = Table(title=f"latency on {profile.name} ({frames} frames, {threads} threads), ms")
