@@ -67,7 +67,7 @@ def resolve_profile(name: str | None) -> HardwareProfile:
     return load_profile(find_profile(name)) if name else pick_local_profile()
 
 
-def provenance(versions: Mapping[str, str] | None = None, **facts: Any) -> dict[str, Any]:
+def provenance(versions: Mapping[str, Any] | None = None, **facts: Any) -> dict[str, Any]:
     """Where a result came from: voxfit's version, ``versions`` (e.g. torch), Python's,
     then ``facts`` (checkpoint, cpu, timing...) and the date (UTC, seconds)."""
     return {
