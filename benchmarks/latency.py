@@ -194,8 +194,8 @@ def main(argv: list[str] | None = None) -> int:
         )
 
     # Cold: the base model's tasks tuned into an empty database.
-    cold_db = work / f"cold-db-{datetime.now(UTC):%Y%m%d%H%M%S}"
-    with TvmLocalEstimator(_with_db(profile, cold_db, args.trials), work / "builds") as est:
+    cold_db = work / f"cold-{datetime.now(UTC):%Y%m%d%H%M%S}" / "tuning" / profile.name
+    with TvmLocalEstimator(_with_db(profile, cold_db, args.trials), cold_db.parents[1]) as est:
         (cold,) = est.estimate(models["base-fp32"])
     if not cold.ok or cold.compile is None:
         console.print(f"[red]cold tuning failed: {cold.error}")
@@ -222,7 +222,7 @@ def main(argv: list[str] | None = None) -> int:
                 models["base-fp32"],
                 est.profile,
                 est.worker,
-                work / "retune",
+                work / "builds" / "retune",  # the estimator's user database: builds/tuning
                 cost_models_dir=args.cost_models,
                 export=False,
                 retune_trials=args.base_trials,

@@ -30,10 +30,11 @@ def _workloads(mod) -> list[tuple[str, int]]:  # type: ignore[no-untyped-def]
     import tvm_ffi
     from tvm.s_tir import meta_schedule as ms
 
-    from voxfit.compile._tvm import _fuse, make_target
+    from voxfit.compile._build import fuse
+    from voxfit.compile._import import make_target
 
     target = make_target(load_profile(ROOT / "hw_profiles" / "x86-avx2-2core.yaml").to_dict())
-    tasks = ms.relax_integration.extract_tasks(_fuse(mod, target), target)
+    tasks = ms.relax_integration.extract_tasks(fuse(mod, target), target)
     return sorted((t.task_name, tvm_ffi.structural_hash(t.dispatched[0])) for t in tasks)
 
 
@@ -62,7 +63,7 @@ def _compressed(m: torch.nn.Module, adapters: bool) -> torch.nn.Module:
 def test_import_matches_torch_and_the_decomposed_tasks(
     kind: str, variant: str, expected: tuple[str, str | None], tmp_path: Path
 ) -> None:
-    from voxfit.compile._tvm import load_program
+    from voxfit.compile._import import load_program
 
     torch.manual_seed(0)
     m = build_model(default_config(kind, 12, "tiny")).eval()
@@ -85,7 +86,7 @@ def test_import_matches_torch_and_the_decomposed_tasks(
 
 
 def test_forcing_the_direct_import_raises_instead_of_falling_back(tmp_path: Path) -> None:
-    from voxfit.compile._tvm import load_program
+    from voxfit.compile._import import load_program
 
     m = build_model(default_config("conformer", 12, "tiny")).eval()
     path = str(export_program(m, 40, tmp_path / "c.pt2"))

@@ -1,11 +1,15 @@
 """Real TVM: compile, tune into a persistent database, measure locally and over RPC.
 
 One TVM worker and one tuning database serve the module (tuning a tiny TDNN's tasks once,
-2 trials each, is the expensive part); each test checks a different promise on top.
+2 trials each, is the expensive part); each test checks a different promise on top. The
+module's database is the user's (``tuning_dir``) for the cold compile; later tests use it
+as the read-only shipped layer (the profile's ``tuning.database_dir``) under a new user
+database, and check that it is never written.
 """
 
 from __future__ import annotations
 
+import hashlib
 import struct
 import time
 from dataclasses import replace
@@ -16,7 +20,7 @@ import pytest
 import torch
 from torch import nn
 
-from voxfit.compile import CompileResult, TvmWorker, compile_model
+from voxfit.compile import CompileResult, TvmWorker, compile_model, default_tuning_dir
 from voxfit.compile._database import RECORDS, WORKLOADS
 from voxfit.compress import apply
 from voxfit.hw_profiles import HardwareProfile, RpcSpec, load_profile, pick_local_profile
@@ -39,15 +43,23 @@ def _tiny() -> nn.Module:
     return m
 
 
-def _profile(db: Path, trials: int = 2) -> HardwareProfile:
+def _profile(shipped: Path, trials: int = 2) -> HardwareProfile:
+    """The local profile, small, with ``shipped`` as its (read-only) shipped database."""
     p = pick_local_profile(ROOT / "hw_profiles")
     return replace(
         p,
         cores=1,
         inputs=p.inputs[:1],
         measurement=replace(p.measurement, repeats=5, min_repeat_ms=5, warmup=1),
-        tuning=replace(p.tuning, trials_per_task=trials, trials_per_iter=2, database_dir=str(db)),
+        tuning=replace(
+            p.tuning, trials_per_task=trials, trials_per_iter=2, database_dir=str(shipped)
+        ),
     )
+
+
+def _hashes(db: Path) -> dict[str, str]:
+    files = sorted(f for f in db.rglob("*") if f.is_file())
+    return {str(f.relative_to(db)): hashlib.sha256(f.read_bytes()).hexdigest() for f in files}
 
 
 @pytest.fixture(scope="module")
@@ -62,15 +74,28 @@ def db(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def cold(worker: TvmWorker, db: Path, tmp_path_factory: pytest.TempPathFactory) -> CompileResult:
-    (r,) = compile_model(_tiny(), _profile(db), worker, tmp_path_factory.mktemp("cold"))
+def nothing_shipped(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("empty") / "none"
+
+
+@pytest.fixture(scope="module")
+def cold(
+    worker: TvmWorker,
+    db: Path,
+    nothing_shipped: Path,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> CompileResult:
+    out = tmp_path_factory.mktemp("cold")
+    (r,) = compile_model(_tiny(), _profile(nothing_shipped), worker, out, tuning_dir=db)
     return r
 
 
 def test_cold_compile_tunes_every_task_and_matches_torch(
-    cold: CompileResult, worker: TvmWorker
+    cold: CompileResult, worker: TvmWorker, db: Path, nothing_shipped: Path
 ) -> None:
     assert cold.ok, cold.error
+    assert (db / "logs").is_dir()  # MetaSchedule's logs beside the user's records
+    assert not nothing_shipped.exists()  # a missing shipped database is not created
     assert cold.n_tasks >= 4
     assert cold.new_tasks == cold.n_tasks
     assert cold.tuned_trials == 2 * cold.n_tasks
@@ -85,9 +110,9 @@ def test_cold_compile_tunes_every_task_and_matches_torch(
 
 
 def test_warm_compile_tunes_nothing(
-    cold: CompileResult, worker: TvmWorker, db: Path, tmp_path: Path
+    cold: CompileResult, worker: TvmWorker, db: Path, nothing_shipped: Path, tmp_path: Path
 ) -> None:
-    (warm,) = compile_model(_tiny(), _profile(db), worker, tmp_path)
+    (warm,) = compile_model(_tiny(), _profile(nothing_shipped), worker, tmp_path, tuning_dir=db)
     assert warm.ok, warm.error
     assert (warm.n_tasks, warm.new_tasks, warm.tuned_trials) == (cold.n_tasks, 0, 0)
     assert warm.task_names == cold.task_names
@@ -105,8 +130,9 @@ def test_compressed_candidate_compiles_and_reports_its_new_tasks(
     )
     small = apply(base, cand, channel_multiple=4)
     assert count_parameters(small) < count_parameters(base)
-    (r,) = compile_model(small, _profile(db), worker, tmp_path, tune=False)
+    (r,) = compile_model(small, _profile(db), worker, tmp_path / "out", tune=False)
     assert r.ok, r.error
+    assert r.details["tuner"] == "local"
     assert 0 < r.new_tasks <= r.n_tasks  # pruned shapes are new to the database
     assert r.tuned_trials == 0  # tune=False: compiled with default schedules
     assert "w8" in r.lowering
@@ -148,15 +174,68 @@ def test_a_model_timed_against_itself_is_relative_one(
     assert pruned.relative < same.relative  # a quarter of the channels
 
 
-def test_retune_tunes_tuned_tasks_again(
+def test_retune_starts_from_the_shipped_best_and_writes_only_the_users_database(
     cold: CompileResult, worker: TvmWorker, db: Path, tmp_path: Path
 ) -> None:
-    records = db / RECORDS
-    before = records.read_text().count("\n")
-    (r,) = compile_model(_tiny(), _profile(db), worker, tmp_path, retune_trials=2)
+    shipped = _hashes(db)
+    user = tmp_path / "user-tuning"
+    (r,) = compile_model(
+        _tiny(), _profile(db), worker, tmp_path / "out", tuning_dir=user, retune_trials=2
+    )
     assert r.ok, r.error
     assert (r.new_tasks, r.tuned_trials) == (0, 2 * r.n_tasks)
-    assert records.read_text().count("\n") > before
+    # every task's shipped best was copied over first, and the new trials came after
+    assert r.details["seeded_records"] >= r.n_tasks
+    assert (user / RECORDS).read_text().count("\n") > r.details["seeded_records"]
+    assert _hashes(db) == shipped
+
+
+def test_new_tasks_go_to_the_users_database_over_the_shipped_one(
+    cold: CompileResult, worker: TvmWorker, db: Path, tmp_path: Path
+) -> None:
+    """The shipped database stays byte-identical; the second compile finds the new records."""
+    base = _tiny()
+    cand = Candidate(groups=tuple(GroupPlan(g.name, 0.5) for g in base.structure().groups))
+    small = apply(base, cand, channel_multiple=4)
+    shipped = _hashes(db)
+    user = tmp_path / "user-tuning"
+    p = _profile(db, trials=1)
+    (first,) = compile_model(small, p, worker, tmp_path / "a", tuning_dir=user)
+    assert first.ok, first.error
+    assert 0 < first.new_tasks < first.n_tasks  # some shapes are new, the rest shipped
+    assert first.tuned_trials == first.new_tasks
+    assert (user / RECORDS).read_text().count("\n") >= first.new_tasks
+    assert _hashes(db) == shipped
+    (second,) = compile_model(small, p, worker, tmp_path / "b", tuning_dir=user)
+    assert second.ok, second.error
+    assert (second.new_tasks, second.tuned_trials) == (0, 0)
+    assert _hashes(db) == shipped
+
+
+def test_a_torn_shipped_database_is_an_error_naming_it_and_left_as_it_is(
+    cold: CompileResult, worker: TvmWorker, db: Path, tmp_path: Path
+) -> None:
+    torn = tmp_path / "shipped"
+    torn.mkdir()
+    for name in (WORKLOADS, RECORDS):
+        (torn / name).write_bytes((db / name).read_bytes())
+    with (torn / RECORDS).open("a") as f:
+        f.write('[0, [["half a rec')
+    before = _hashes(torn)
+    (r,) = compile_model(_tiny(), _profile(torn), worker, tmp_path / "out")
+    assert not r.ok
+    assert str(torn) in (r.error or "")
+    assert "torn" in (r.error or "")
+    assert _hashes(torn) == before
+
+
+def test_default_user_database_is_beside_the_builds(
+    cold: CompileResult, worker: TvmWorker, db: Path, tmp_path: Path
+) -> None:
+    p = _profile(db)
+    (r,) = compile_model(_tiny(), p, worker, tmp_path / "builds" / "one", tune=False)
+    assert r.ok, r.error
+    assert (default_tuning_dir(tmp_path / "builds", p) / WORKLOADS).exists()
 
 
 def test_rpc_measurement_agrees_with_local(cold: CompileResult, db: Path, tmp_path: Path) -> None:
@@ -206,8 +285,9 @@ def test_cross_compiled_arm_library_is_an_aarch64_elf(worker: TvmWorker, tmp_pat
     p = replace(
         p, inputs=p.inputs[:1], tuning=replace(p.tuning, database_dir=str(tmp_path / "db"))
     )
-    (r,) = compile_model(_tiny(), p, worker, tmp_path, tune=False)
+    (r,) = compile_model(_tiny(), p, worker, tmp_path / "out", tune=False)
     assert r.ok, r.error
+    assert r.details["tuner"] == "rpc"  # it would tune on the profile's device
     header = r.lib.read_bytes()[:20] if r.lib else b""
     assert header[:4] == b"\x7fELF"
     assert struct.unpack("<H", header[18:20])[0] == 183  # e_machine EM_AARCH64
@@ -215,13 +295,15 @@ def test_cross_compiled_arm_library_is_an_aarch64_elf(worker: TvmWorker, tmp_pat
 
 def test_killed_tuning_leaves_a_database_the_next_run_resumes(tmp_path: Path) -> None:
     db = tmp_path / "db"
+    p = _profile(tmp_path / "nothing-shipped", trials=64)
     m = _tiny()
     with TvmWorker(1) as w:
-        (r,) = compile_model(m, _profile(db, trials=64), w, tmp_path / "a", timeout_s=45)
+        (r,) = compile_model(m, p, w, tmp_path / "a", tuning_dir=db, timeout_s=45)
     assert not r.ok
     assert "did not finish" in (r.error or "")
+    p = replace(p, tuning=replace(p.tuning, trials_per_task=1))
     with TvmWorker(1) as w:
-        (again,) = compile_model(m, _profile(db, trials=1), w, tmp_path / "b")
+        (again,) = compile_model(m, p, w, tmp_path / "b", tuning_dir=db)
     assert again.ok, again.error
     assert (db / WORKLOADS).exists()
     assert (db / RECORDS).exists()
@@ -233,7 +315,7 @@ def test_cuda_profile_builds_without_a_gpu(worker: TvmWorker, tmp_path: Path) ->
     p = replace(
         p, inputs=p.inputs[:1], tuning=replace(p.tuning, database_dir=str(tmp_path / "db"))
     )
-    (r,) = compile_model(_tiny(), p, worker, tmp_path, tune=False)
+    (r,) = compile_model(_tiny(), p, worker, tmp_path / "out", tune=False)
     assert r.ok, r.error
     assert r.lib is not None
     assert r.lib.stat().st_size > 0

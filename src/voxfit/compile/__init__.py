@@ -1,19 +1,35 @@
 """Compile models for a hardware profile with Apache TVM (Relax + MetaSchedule).
 
 TVM itself runs in a :class:`TvmWorker` process; this package's import needs torch but not
-TVM. The per-profile tuning database lives under ``cost_models/<profile>/tuning/``.
+TVM. Tuning reads the profile's shipped database (``cost_models/<profile>/tuning/``,
+read-only at run time) under the user's own, which takes every new record
+(:func:`compile_model`'s ``tuning_dir``, by default next to its ``out_dir``). Tuning trials
+run where the profile measures (:func:`runner_spec`).
 """
 
-from voxfit.compile._compile import CompileResult, compile_model, export_program
-from voxfit.compile._database import RepairReport, locked, repair
+from voxfit.compile._compile import (
+    CompileResult,
+    compile_model,
+    default_tuning_dir,
+    export_program,
+)
+from voxfit.compile._database import RepairReport, check, locked, repair
+from voxfit.compile._executables import kept_executable
+from voxfit.compile._runner import RunnerKind, RunnerSpec, runner_spec
 from voxfit.compile._worker import TvmWorker
 
 __all__ = [
     "CompileResult",
     "RepairReport",
+    "RunnerKind",
+    "RunnerSpec",
     "TvmWorker",
+    "check",
     "compile_model",
+    "default_tuning_dir",
     "export_program",
+    "kept_executable",
     "locked",
     "repair",
+    "runner_spec",
 ]

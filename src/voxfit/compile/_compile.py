@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from voxfit.compile._qops import lower_int8_convs
+from voxfit.compile._runner import runner_spec
 from voxfit.compile._worker import TvmWorker
 from voxfit.hw_profiles import HardwareProfile, InputSpec
 
@@ -192,6 +193,15 @@ def _int8_said(int8: dict[str, Any]) -> str:
     return f"{n} int8 layers run dequantized in float32, inputs not rounded ({note})"
 
 
+def default_tuning_dir(work: str | Path, profile: HardwareProfile) -> Path:
+    """The user's tuning database of ``profile`` under a work folder: ``<work>/tuning/<name>``.
+
+    Pass it as :func:`compile_model`'s ``tuning_dir`` from everything that shares one work
+    folder, so a task tuned once (by a search, a collection, an export) is found by all.
+    """
+    return Path(work) / "tuning" / profile.name
+
+
 def compile_model(
     model: nn.Module,
     profile: HardwareProfile,
@@ -200,6 +210,7 @@ def compile_model(
     *,
     inputs: tuple[InputSpec, ...] | None = None,
     cost_models_dir: str | Path = "cost_models",
+    tuning_dir: str | Path | None = None,
     tune: bool = True,
     export: bool = True,
     timeout_s: float | None = None,
@@ -207,17 +218,29 @@ def compile_model(
 ) -> list[CompileResult]:
     """Compile ``model`` for each of the profile's ``inputs`` (default: all of them).
 
-    Tasks missing from the profile's tuning database are tuned first (all of one input's
-    new tasks in one MetaSchedule run, ``trials_per_task`` each) unless ``tune`` is False.
-    With ``export=False`` no library file is linked: the executable stays in the worker
-    for a local measurement (``lib`` names it; ~2 s saved per candidate). Never raises for
-    a build failure: the result carries ``error``. ``retune_trials`` > 0 tunes every task
-    that many more trials, tuned before or not (the database keeps the best record).
+    Two tuning databases are read: the profile's shipped one
+    (``profile.database_dir(cost_models_dir)``, read-only: nothing is written there, and a
+    torn one is an error naming it) and the user's, ``tuning_dir``, which takes every new
+    record and MetaSchedule's logs (default: ``default_tuning_dir(Path(out_dir).parent,
+    profile)``, i.e. ``<out_dir>/../tuning/<profile>``, beside the caller's other builds;
+    pass :func:`default_tuning_dir` of the work folder to share it more widely). The same
+    folder for both makes one writable database (to grow the shipped records on purpose).
+
+    Tasks neither database has are tuned first (all of one input's new tasks in one
+    MetaSchedule run, ``trials_per_task`` each, measured where the profile measures: see
+    :func:`~voxfit.compile.runner_spec`) unless ``tune`` is False. With ``export=False`` no
+    library file is linked: the executable stays in the worker for a local measurement
+    (``lib`` names it; ~2 s saved per candidate). Never raises for a build failure: the
+    result carries ``error``. ``retune_trials`` > 0 tunes every task that many more trials,
+    tuned before or not, starting from the best records of either database (the shipped
+    ones are copied into the user's first).
     """
     out = Path(out_dir)
     results = []
     lowering = lowering_of(model)
-    db_dir = profile.database_dir(cost_models_dir)
+    shipped = profile.database_dir(cost_models_dir)
+    user = Path(tuning_dir) if tuning_dir is not None else default_tuning_dir(out.parent, profile)
+    runner = runner_spec(profile).to_dict()
     for spec in inputs or profile.inputs:
         t0 = time.monotonic()
         base: dict[str, Any] = dict(
@@ -234,7 +257,9 @@ def compile_model(
             timeout_s=timeout_s,
             program=str(program),
             profile=profile.to_dict(),
-            db_dir=str(db_dir.resolve()),
+            db_dir=str(user.resolve()),
+            shipped_db_dir=str(shipped.resolve()),
+            runner=runner,
             tune=tune,
             export=export,
             lib_out=str((out / f"{spec.name}.so").resolve()),
@@ -270,6 +295,8 @@ def compile_model(
                         "import_fallback",
                         "db_repair",
                         "new_task_names",
+                        "seeded_records",
+                        "tuner",
                         "db_load_s",
                         "compile_relax_s",
                         "memory_plan_s",

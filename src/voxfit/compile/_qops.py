@@ -4,7 +4,7 @@ A Conv1d whose plan says 8-bit activations and 4- or 8-bit weights is exported a
 instead of ``aten.conv1d``: its input is rounded to the calibrated uint8 grid, its weight is
 the int8 grid (per-output-channel scale). In torch it computes exactly what the fake-quantized
 layer computes (so the exported program runs and evaluates like the model); TVM's importer
-turns it into uint8 x int8 -> int32 compute (``voxfit.compile._tvm``), or, on a target that
+turns it into uint8 x int8 -> int32 compute (``voxfit.compile._import``), or, on a target that
 cannot run int8 compute, into a float32 conv of the dequantized weights.
 """
 

@@ -52,20 +52,27 @@ def serve(conn: Connection, env: dict[str, str], parent: int | None = None) -> N
     os.environ.update(env)  # before TVM is imported: thread count, no affinity pinning
     # MetaSchedule logs every round to stdout at DEBUG; keep that in its log files only.
     logging.getLogger("tvm.s_tir.meta_schedule").setLevel(logging.WARNING)
-    from voxfit.compile import _tvm
+    # TVM is imported here, in the child, never in the parent. The timing ops belong to
+    # voxfit.latency (which imports compile, not the other way round at module level); they
+    # are served by this same process because a local measurement runs the executable a
+    # build just kept here (compile._executables).
+    import tvm
+
+    from voxfit.compile import _build, _import
+    from voxfit.latency import _tvm_timing
 
     def _ping(req: dict[str, Any]) -> dict[str, Any]:
         time.sleep(float(req.get("sleep_s", 0.0)))  # a busy worker, for tests
-        return {"pid": os.getpid(), "tvm": _tvm.tvm.__version__}
+        return {"pid": os.getpid(), "tvm": tvm.__version__}
 
     handlers = {
         "ping": _ping,
-        "check_target": lambda req: {"target": _tvm.check_target(req["profile"])},
-        "build": _tvm.build,
-        "measure_local": _tvm.measure_local,
-        "measure_rpc": _tvm.measure_rpc,
-        "tracker_summary": _tvm.tracker_summary,
-        "run_local": _tvm.run_local,
+        "check_target": lambda req: {"target": _import.check_target(req["profile"])},
+        "build": _build.build,
+        "measure_local": _tvm_timing.measure_local,
+        "measure_rpc": _tvm_timing.measure_rpc,
+        "tracker_summary": _tvm_timing.tracker_summary,
+        "run_local": _tvm_timing.run_local,
     }
     while True:
         try:

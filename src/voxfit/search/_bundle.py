@@ -188,6 +188,7 @@ def export_bundle(
             tmp / "tvm" / "build",
             inputs=(spec,),
             cost_models_dir=cost_models_dir,
+            tuning_dir=Path(out_dir).parent / "tuning" / profile.name,  # not in the bundle
             export=True,
         )
         if not c.ok or c.lib is None:

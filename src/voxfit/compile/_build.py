@@ -1,0 +1,206 @@
+"""Build one exported program for a profile: the worker's ``build`` op (TVM side).
+
+Import (``_import``) -> the fusion passes MetaSchedule keys its database on -> tasks ->
+tune the tasks neither tuning database has (``_tune``, into the user's database over the
+read-only shipped one, ``_layered``) -> those schedules applied to that same fused module ->
+a shared library (cross-linked for Arm), or the executable kept in the worker for a local
+measurement. Returns plain dicts (they cross a process boundary).
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import tvm
+from tvm import relax
+from tvm.s_tir import meta_schedule as ms
+
+from voxfit.compile._database import locked
+from voxfit.compile._executables import keep_executable
+from voxfit.compile._import import int8_support, is_gpu, load_program, make_target
+from voxfit.compile._layered import open_layered
+from voxfit.compile._tune import tune
+
+
+def fuse(mod: tvm.IRModule, target: tvm.target.Target) -> tvm.IRModule:
+    """The passes compile_relax runs before applying the database (so task keys match)."""
+    from tvm.relax import pipeline as rp
+
+    try:
+        dispatch = list(rp.library_dispatch_passes(target))
+    except (ValueError, AttributeError):
+        dispatch = []
+    seq = tvm.transform.Sequential(
+        [
+            *dispatch,
+            relax.transform.LegalizeOps(),
+            relax.transform.AnnotateTIROpPattern(),
+            relax.transform.FoldConstant(),
+            relax.transform.FuseOps(),
+            relax.transform.FuseTIR(),
+        ]
+    )
+    with target, tvm.transform.PassContext(opt_level=3):
+        return seq(mod)
+
+
+def _compile_fused(db: Any, fused: tvm.IRModule, target: tvm.target.Target) -> Any:
+    """``compile_relax`` for a module :func:`fuse` already fused: apply the database's
+    schedules (DLight for GPU functions it lacks), lower and build. ``compile_relax`` would
+    run the fusion passes again (~1 s of a warm re-measure here)."""
+    from tvm.relax import pipeline as rp
+    from tvm.relax.transform import MetaScheduleApplyDatabase
+    from tvm.s_tir import dlight as dl
+
+    try:
+        rest = [*rp.dataflow_lower_passes(target), *rp.finalize_passes(target)]
+    except (ValueError, AttributeError):  # 0.27's CPU/CUDA packages do not export them
+        from tvm.relax.backend.cpu_generic import pipeline as cpu
+
+        rest = [*cpu.dataflow_lower_passes(target), *cpu.finalize_passes(target)]
+    gpu = is_gpu(target)
+
+    @tvm.transform.module_pass(opt_level=3)
+    def pipeline(mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
+        mod = MetaScheduleApplyDatabase()(mod)
+        if gpu:
+            rules = (
+                dl.gpu.Matmul(),
+                dl.gpu.GEMV(),
+                dl.gpu.Reduction(),
+                dl.gpu.GeneralReduction(),
+                dl.gpu.Fallback(),
+            )
+            mod = dl.ApplyDefaultSchedule(*rules)(mod)
+        return tvm.transform.Sequential(rest)(mod)
+
+    with target, db, tvm.transform.PassContext(opt_level=3):
+        return relax.build(fused, target=target, relax_pipeline=pipeline)
+
+
+def _static_memory_bytes(mod: tvm.IRModule, target: tvm.target.Target) -> int | None:
+    """Bytes of the storage TVM's static memory planner allocates for ``main``."""
+    try:
+        with target, tvm.transform.PassContext(opt_level=3):
+            planned = tvm.transform.Sequential(
+                [
+                    relax.transform.RewriteDataflowReshape(),
+                    relax.transform.ToNonDataflow(),
+                    relax.transform.RemovePurityChecking(),
+                    relax.transform.CallTIRRewrite(),
+                    relax.transform.StaticPlanBlockMemory(),
+                ]
+            )(mod)
+    except Exception:  # noqa: BLE001 - memory is an estimate; a failed plan is reported as None
+        return None
+    total = 0
+    alloc = tvm.ir.Op.get("relax.memory.alloc_storage")
+
+    def visit(e: object) -> None:
+        nonlocal total
+        if isinstance(e, relax.Call) and e.op.same_as(alloc):
+            shape = e.args[0]
+            if isinstance(shape, relax.ShapeExpr):
+                n = 1
+                for v in shape.values:
+                    n *= int(v)
+                total += n
+
+    relax.analysis.post_order_visit(planned["main"], visit)
+    return total
+
+
+def build(req: dict[str, Any]) -> dict[str, Any]:
+    """Compile one exported program for the profile; tune tasks neither database has.
+
+    Request keys: program, profile (dict), db_dir (the user's tuning database: locked,
+    repaired, takes new records and MetaSchedule's logs), shipped_db_dir (the shipped
+    database, read-only; absent, None or missing files: none), runner (a ``RunnerSpec``
+    dict; default: this machine), tune (bool), export (bool), lib_out, seed, and
+    retune_trials: tune every task (not only new ones) that many more trials, starting from
+    the best record of either database (for a model to be deployed: more trials than the
+    search spends).
+
+    Returns n_tasks, new_tasks, task_names, tuned_trials, tune_s, build_s, lib, memory and
+    timings. Raises for a broken input or a torn shipped database (the worker turns that
+    into an error result).
+    """
+    profile = req["profile"]
+    tuning = profile["tuning"]
+    target = make_target(profile)
+    t0 = time.monotonic()
+    int8_ok, int8_note = int8_support(target)
+    mod, how, why, n_int8 = load_program(req["program"], int8=int8_ok)
+    fused = fuse(mod, target)
+    tasks = ms.relax_integration.extract_tasks(fused, target)
+    db_dir = Path(req["db_dir"])
+    shipped = req.get("shipped_db_dir")
+    out: dict[str, Any] = {
+        "n_tasks": len(tasks),
+        "task_names": [t.task_name for t in tasks],
+        "convert_s": time.monotonic() - t0,
+        "import": how,
+    }
+    if why:
+        out["import_fallback"] = why
+    if n_int8:
+        out["int8"] = {"layers": n_int8, "compute": "int8" if int8_ok else "float32"}
+        out["int8"]["note"] = int8_note
+    runner = req.get("runner") or {"kind": "local", "timeout_s": tuning["runner_timeout_s"]}
+    with locked(db_dir):
+        t_db = time.monotonic()
+        dbs, out["db_repair"] = open_layered(db_dir, Path(shipped) if shipped else None)
+        out["db_load_s"] = time.monotonic() - t_db
+        missing = dbs.missing(tasks, target)
+        out["new_tasks"] = len(missing)
+        out["new_task_names"] = [t.task_name for t in missing]
+        retune = int(req.get("retune_trials") or 0)
+        todo = tasks if retune else missing
+        t1 = time.monotonic()
+        tuned = 0
+        if req.get("tune", True) and todo:
+            try:
+                if retune:
+                    out["seeded_records"] = dbs.seed_from_shipped(todo)
+                tuned = tune(
+                    todo,
+                    dbs.user,
+                    target,
+                    trials_per_task=retune or int(tuning["trials_per_task"]),
+                    trials_per_iter=int(tuning["trials_per_iter"]),
+                    cores=int(profile["cores"]),
+                    builder_timeout_s=float(tuning["builder_timeout_s"]),
+                    runner=runner,
+                    log_dir=db_dir / "logs",
+                    seed=req.get("seed", 0),
+                )
+            finally:
+                dbs.committed()
+        out["tuned_trials"] = tuned
+        out["tuner"] = runner["kind"]
+        out["tune_s"] = time.monotonic() - t1
+        t2 = time.monotonic()
+        ex = _compile_fused(dbs.union(), fused, target)
+    out["compile_relax_s"] = time.monotonic() - t2
+    t3 = time.monotonic()
+    out["memory_bytes"] = _static_memory_bytes(fused, target)
+    out["memory_plan_s"] = time.monotonic() - t3
+    lib = Path(req["lib_out"])
+    lib.parent.mkdir(parents=True, exist_ok=True)
+    cross = profile.get("cross_compiler")
+    out["exported"] = bool(req.get("export", True))
+    if not out["exported"]:
+        # Local measurement only: keep the executable here instead of linking a library.
+        keep_executable(str(lib), ex)
+    elif cross:
+        from tvm.support import cc
+
+        ex.export_library(str(lib), fcompile=cc.cross_compiler(cross))
+    else:
+        ex.export_library(str(lib))
+    out["build_s"] = time.monotonic() - t2
+    out["export_library_s"] = time.monotonic() - t3 - out["memory_plan_s"]
+    out["lib"] = str(lib)
+    return out

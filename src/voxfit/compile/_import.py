@@ -1,0 +1,234 @@
+"""torch.export program -> Relax, and the target it compiles for (TVM side, in the worker).
+
+The import skips torch's decomposition re-trace where the graph allows (:func:`load_program`),
+lowers ``voxfit::qconv1d`` ops to int8 compute where the target runs it
+(:func:`int8_support`), and fixes the one aten op TVM's converter gets wrong for our models.
+Runs only inside the TVM worker process (see ``_worker``).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Literal
+
+import numpy as np
+import tvm
+from tvm import relax
+
+from voxfit.compile._qops import OP_NAME  # importing it registers voxfit::qconv1d
+from voxfit.errors import ModelError
+
+log = logging.getLogger(__name__)
+
+
+def make_target(profile: dict[str, Any]) -> tvm.target.Target:
+    """The TVM target of a profile dict (``HardwareProfile.to_dict()``), with its host."""
+    host = profile.get("host_target")
+    if host:
+        return tvm.target.Target(profile["target"], host=host)
+    return tvm.target.Target(profile["target"])
+
+
+def check_target(profile: dict[str, Any]) -> str:
+    """TVM's canonical form of the profile's target (raises if TVM rejects it)."""
+    return str(make_target(profile))
+
+
+Import = Literal["auto", "direct", "decomposed"]
+
+
+def load_program(
+    path: str, how: Import = "auto", int8: bool = True
+) -> tuple[tvm.IRModule, str, str | None, int]:
+    """The Relax module of a saved torch.export program.
+
+    ``"direct"`` imports the program as exported: TVM's importer would otherwise first
+    re-trace it through torch's decompositions (``"decomposed"``), ~1.5 s per input here, a
+    third of a warm re-measure. For convolution-only graphs (the TDNN without adapters,
+    pruned or quantized) the fused tasks are the same either way
+    (tests/compile/test_import.py compares the workloads, which the tuning database is
+    keyed by). ``"auto"`` imports directly unless the graph has an op the
+    direct import mis-handles (attention with a boolean mask, which TVM's converter only
+    asserts against) or fuses into other tasks (linear layers, e.g. adapters), or the
+    direct import fails, and then decomposes.
+
+    Args:
+        path: a ``torch.export.save`` file.
+        how: ``"auto"``, or force one import.
+        int8: lower ``voxfit::qconv1d`` ops to int8 compute (else float32 convs of the
+            dequantized weights; see :func:`int8_support`).
+
+    Returns:
+        The module, the import used, why ``"auto"`` fell back (None if it did not), and how
+        many ``voxfit::qconv1d`` ops it converted.
+
+    Raises:
+        Exception: whatever TVM's importer raises for a forced import.
+    """
+    import torch
+    from tvm.relax.frontend.torch import from_exported_program
+
+    ep = torch.export.load(path)
+    qconv = _QConv1dConverter(ep, int8)
+    fixes = {"div.Tensor_mode": _div_mode, OP_NAME: qconv}
+    why = None
+    if how == "auto":
+        why = _needs_decomposition(ep)
+    if how == "direct" or (how == "auto" and why is None):
+        try:
+            mod = from_exported_program(ep, run_ep_decomposition=False, custom_convert_map=fixes)
+            return mod, "direct", None, qconv.count
+        except (AssertionError, ValueError, TypeError, KeyError, NotImplementedError) as e:
+            if how == "direct":
+                raise
+            why = f"direct import failed: {type(e).__name__}: {e}"[:300]
+            log.info("%s: %s; importing decomposed", path, why)
+    qconv.count = 0
+    return from_exported_program(ep, custom_convert_map=fixes), "decomposed", why, qconv.count
+
+
+def _needs_decomposition(ep: Any) -> str | None:
+    """Why the direct import would not do for ``ep`` (None: it will)."""
+    import torch
+
+    why = []
+    for node in ep.graph.nodes:
+        if node.op != "call_function":
+            continue
+        name = str(node.target)
+        if "scaled_dot_product_attention" in name:
+            mask = node.kwargs.get("attn_mask", node.args[3] if len(node.args) > 3 else None)
+            val = getattr(mask, "meta", {}).get("val")
+            if val is not None and val.dtype == torch.bool:
+                why.append("attention with a boolean mask")
+        if name.startswith("aten.linear"):
+            # imported directly, a linear layer on a transposed activation (the adapters)
+            # fuses into other tasks than the decomposed import's, which the shipped
+            # tuning databases hold: decomposing keeps them valid
+            why.append("linear layers fuse differently from the tuning database's tasks")
+    return "; ".join(dict.fromkeys(why)) or None
+
+
+def _div_mode(node: Any, importer: Any) -> relax.Var:
+    """``aten.div.Tensor_mode`` of an integer tensor by a Python int: the divisor takes the
+    tensor's dtype (TVM's converter makes it an int32 constant, which Relax refuses to
+    divide an int64 tensor by -- our models' output lengths, ``lengths // 2``). Every other
+    case is TVM's own converter."""
+    args = importer.retrieve_args(node)
+    x, y = args[0], args[1]
+    mode = node.kwargs.get("rounding_mode")
+    is_int = isinstance(x, relax.Expr) and str(x.ty.dtype).startswith(("int", "uint"))
+    if not (is_int and isinstance(y, int) and mode in ("floor", "trunc")):
+        return importer._div(node)  # type: ignore[no-any-return]
+    bb = importer.block_builder
+    d = relax.const(y, x.ty.dtype)
+    if mode == "floor":
+        return bb.emit(relax.op.floor_divide(x, d))  # type: ignore[no-any-return]
+    return bb.emit(relax.op.trunc(bb.emit(relax.op.divide(x, d))))  # type: ignore[no-any-return]
+
+
+def int8_support(target: tvm.target.Target) -> tuple[bool, str]:
+    """Whether int8 ops compile to int8 compute on ``target``, and what to say about it.
+
+    Only x86 targets without AVX-512BW/VNNI get it: there MetaSchedule's default rules have
+    no int8 intrinsic, so the u8 x s8 -> s32 loops stay plain TIR that LLVM vectorizes
+    (``vpmaddwd``), exact for full 8-bit inputs. On AVX-512/VNNI targets the default rules
+    would tensorize to intrinsics that need pre-packed weights (TVM 0.27's VNNI one does not
+    even compile with its LLVM 22), and the Arm and CUDA int8 rules are not verified here:
+    those targets compute the dequantized weights in float32 and the result says so.
+    """
+    from tvm.target.codegen import target_has_features
+
+    if target.kind.name != "llvm" or not str(target.attrs.get("mtriple", "")).startswith("x86_64"):
+        return False, f"int8 compute is built for x86 CPU targets only, not {target.kind.name}"
+    for feat in ("avx512bw", "avx512vnni", "avxvnni"):
+        if target_has_features(feat, target):
+            return False, (
+                f"{feat} target: MetaSchedule would tensorize int8 to intrinsics that need "
+                "pre-packed weights (not built)"
+            )
+    return True, "not tensorized: MetaSchedule has no int8 dot-product intrinsic for this ISA"
+
+
+def _tensor_of(ep: Any, node: Any) -> np.ndarray:
+    """The value of a lifted buffer/constant placeholder of an exported program."""
+    sig = ep.graph_signature
+    if node.name in sig.inputs_to_buffers:
+        return dict(ep.named_buffers())[sig.inputs_to_buffers[node.name]].numpy()  # type: ignore[no-any-return]
+    if node.name in sig.inputs_to_lifted_tensor_constants:
+        t = ep.constants[sig.inputs_to_lifted_tensor_constants[node.name]]
+        return t.numpy()  # type: ignore[no-any-return]
+    if node.name in sig.inputs_to_parameters:
+        return ep.state_dict[sig.inputs_to_parameters[node.name]].detach().numpy()  # type: ignore[no-any-return]
+    raise ModelError(f"qconv1d: {node.name} is not a constant of the program")
+
+
+def _quantize_u8(x: Any, scale: float, zero: int) -> Any:
+    """uint8 quantization rounding ties to even like torch.round (relax.quantize rounds them
+    away from zero, a step off torch's fake quantization now and then)."""
+    from tvm import te, tirx
+
+    def f(*i: Any) -> Any:
+        v = tirx.nearbyint(x(*i) / tirx.const(scale, "float32")) + tirx.const(zero, "float32")
+        return tirx.max(tirx.min(v, 255.0), 0.0).astype("uint8")
+
+    return te.compute(x.shape, f, name="quantize_u8")
+
+
+class _QConv1dConverter:
+    """``voxfit::qconv1d`` -> Relax: quantize the input to uint8, ``conv1d`` uint8 x int8 ->
+    int32, dequantize with the zero-point correction folded into a per-channel zero point
+    (``acc - z * sum(w)``, exact because the input is padded with ``z``), add the bias. With
+    ``int8=False``: a float32 conv of the dequantized weights (the input is not rounded).
+    Counts the layers it converted (``.count``)."""
+
+    def __init__(self, ep: Any, int8: bool) -> None:
+        self.ep = ep
+        self.int8 = int8
+        self.count = 0
+
+    def __call__(self, node: Any, importer: Any) -> relax.Var:
+        bb = importer.block_builder
+        x = importer.env[node.args[0]]
+        w, w_scale, bias = (_tensor_of(self.ep, n) for n in node.args[1:4])
+        x_scale, x_zero, stride, padding, dilation = node.args[4:9]
+        self.count += 1
+        b = relax.const(bias.astype("float32").reshape(1, -1, 1))
+        if not self.int8:
+            wf = w.astype("float32") * w_scale.astype("float32")[:, None, None]
+            y = bb.emit(
+                relax.op.nn.conv1d(
+                    x, relax.const(wf), strides=stride, padding=padding, dilation=dilation
+                )
+            )
+            return bb.emit(relax.op.add(y, b))  # type: ignore[no-any-return]
+        if int(np.prod(w.shape[1:])) * 255 * 128 >= 2**31:
+            raise ModelError(f"qconv1d: {w.shape[1]}x{w.shape[2]} taps could overflow int32")
+        q = bb.emit_te(_quantize_u8, x, float(x_scale), int(x_zero), primfunc_name_hint="quantize")
+        if x_zero and padding:
+            pads = [0, 0, 0, 0, padding, padding]
+            q = bb.emit(relax.op.nn.pad(q, pads, pad_value=float(x_zero)))
+            padding = 0
+        acc = bb.emit(
+            relax.op.nn.conv1d(
+                q,
+                relax.const(w.astype("int8")),
+                strides=stride,
+                padding=padding,
+                dilation=dilation,
+                out_dtype="int32",
+            )
+        )
+        corr = (int(x_zero) * w.astype("int64").sum(axis=(1, 2))).astype("int32")
+        scale = (np.float32(x_scale) * w_scale.astype("float32")).astype("float32")
+        y = bb.emit(
+            relax.op.dequantize(
+                acc, relax.const(scale), relax.const(corr), axis=1, out_dtype="float32"
+            )
+        )
+        return bb.emit(relax.op.add(y, b))  # type: ignore[no-any-return]
+
+
+def is_gpu(target: tvm.target.Target) -> bool:
+    """Whether ``target`` is a GPU (no MetaSchedule tuning there: DLight schedules)."""
+    return str(target.kind.name) in ("cuda", "rocm", "vulkan", "opencl", "metal")

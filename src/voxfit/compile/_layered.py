@@ -1,0 +1,157 @@
+"""The shipped tuning database, read-only, under the user's own (TVM side, in the worker).
+
+What the repository ships (``cost_models/<profile>/tuning/``) is an input: it is opened
+read-only, checked but never repaired in place, and nothing is committed to it. New tasks'
+records (and MetaSchedule's logs) go to the user's database (a folder under the work
+folder), which is locked and repaired like any database a run writes. A task is missing
+only when neither has it; compilation takes the better record of the two
+(MetaSchedule's ``UnionDatabase``). Re-tuning a task the user's database lacks first copies
+the shipped best records of it there, so the search starts from them.
+
+Both databases are cached per worker process and re-read only when their files change (a
+multi-MB JSON database takes seconds to parse).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import tvm
+from tvm.s_tir import meta_schedule as ms
+
+from voxfit.compile._database import RECORDS, WORKLOADS, check, repair
+from voxfit.errors import DataError
+
+# Records copied per task when re-tuning starts from the shipped database: more than the
+# evolutionary search seeds its population with (a fifth of 128).
+SEED_TOP_K = 32
+
+_CACHE: dict[str, tuple[tuple[int, ...], Any]] = {}
+
+
+def _signature(db_dir: Path) -> tuple[int, ...]:
+    sig: list[int] = []
+    for name in (WORKLOADS, RECORDS):
+        st = (db_dir / name).stat()
+        sig += [st.st_size, st.st_mtime_ns]
+    return tuple(sig)
+
+
+def _cached(db_dir: Path) -> Any | None:
+    hit = _CACHE.get(str(db_dir.resolve()))
+    if hit is None or not (db_dir / WORKLOADS).exists() or not (db_dir / RECORDS).exists():
+        return None
+    return hit[1] if hit[0] == _signature(db_dir) else None
+
+
+def _open_user(db_dir: Path) -> tuple[Any, str]:
+    """The user's database (the caller holds its lock), repaired and loaded if changed."""
+    db = _cached(db_dir)
+    if db is not None:
+        return db, "cached"
+    report = repair(db_dir)
+    db = ms.database.JSONDatabase(work_dir=str(db_dir))
+    _CACHE[str(db_dir.resolve())] = (_signature(db_dir), db)
+    return db, repr(report)
+
+
+def _open_shipped(db_dir: Path) -> Any | None:
+    """The shipped database read-only, or None when the folder has none.
+
+    Raises:
+        DataError: the database is torn (a broken line); it is not rewritten here.
+    """
+    if not (db_dir / WORKLOADS).exists() or not (db_dir / RECORDS).exists():
+        return None
+    db = _cached(db_dir)
+    if db is not None:
+        return db
+    report = check(db_dir)
+    if report.changed:
+        raise DataError(
+            f"{db_dir}: the shipped tuning database is torn ({report.dropped_workloads} "
+            f"workload and {report.dropped_records} record lines broken); it is read-only "
+            "at run time: restore it (git checkout -- <folder>) or point the profile's "
+            "tuning.database_dir at a good copy"
+        )
+    db = ms.database.JSONDatabase(work_dir=str(db_dir), allow_missing=False)
+    _CACHE[str(db_dir.resolve())] = (_signature(db_dir), db)
+    return db
+
+
+@dataclass(frozen=True, slots=True)
+class LayeredDatabase:
+    """The user's database over the shipped one (None: nothing shipped for the profile)."""
+
+    user: Any
+    shipped: Any | None
+    user_dir: Path
+
+    @property
+    def layers(self) -> tuple[Any, ...]:
+        return (self.user,) if self.shipped is None else (self.user, self.shipped)
+
+    def union(self) -> Any:
+        """The database compilation applies: the better record of the two for each task."""
+        if self.shipped is None:
+            return self.user
+        return ms.database.UnionDatabase(self.user, self.shipped)
+
+    def missing(self, tasks: list[Any], target: tvm.target.Target) -> list[Any]:
+        """The tasks neither database has a record of."""
+        return [
+            t
+            for t in tasks
+            if all(
+                db.query_tuning_record(t.dispatched[0], target, t.task_name) is None
+                for db in self.layers
+            )
+        ]
+
+    def seed_from_shipped(self, tasks: list[Any], top_k: int = SEED_TOP_K) -> int:
+        """Copy the shipped best records of ``tasks`` the user's database has none of into
+        it (re-tuning starts from them there). Returns how many records were copied."""
+        if self.shipped is None:
+            return 0
+        copied = 0
+        for t in tasks:
+            mod = t.dispatched[0]
+            # has_workload first: committing a workload the shipped database lacks would
+            # append it to the shipped file
+            if not self.shipped.has_workload(mod):
+                continue
+            best = self.shipped.get_top_k(self.shipped.commit_workload(mod), top_k)
+            if not best:
+                continue
+            mine = self.user.commit_workload(mod)
+            if self.user.get_top_k(mine, 1):
+                continue
+            for r in best:
+                self.user.commit_tuning_record(
+                    ms.database.TuningRecord(r.trace, mine, r.run_secs, r.target, r.args_info)
+                )
+            copied += len(best)
+        return copied
+
+    def committed(self) -> None:
+        """Records went to the user's files through this very object: it is current."""
+        _CACHE[str(self.user_dir.resolve())] = (_signature(self.user_dir), self.user)
+
+
+def open_layered(user_dir: Path, shipped_dir: Path | None) -> tuple[LayeredDatabase, str]:
+    """The user's database (the caller holds its lock) over the shipped one.
+
+    ``shipped_dir`` the same folder as ``user_dir`` makes one writable database (for a
+    maintainer growing the shipped records on purpose). Returns the databases and what the
+    user database's repair found (``"cached"`` when it was not re-read).
+
+    Raises:
+        DataError: the shipped database is torn.
+    """
+    user, report = _open_user(user_dir)
+    shipped = None
+    if shipped_dir is not None and shipped_dir.resolve() != user_dir.resolve():
+        shipped = _open_shipped(shipped_dir)
+    return LayeredDatabase(user, shipped, user_dir), report

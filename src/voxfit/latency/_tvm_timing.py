@@ -1,0 +1,228 @@
+"""Timing compiled models with TVM (TVM side: runs inside the TVM worker process).
+
+The worker ops ``measure_local`` (``time_evaluator`` on this machine, optionally in rounds
+alternating with a reference model, and per-kernel times), ``run_local`` (one inference, for
+checking outputs), ``tracker_summary`` and ``measure_rpc`` (a device leased from a TVM RPC
+tracker) live here; ``voxfit.compile``'s worker serves them next to its ``build`` op, in the
+same process, so a local measurement can run the executable a build just kept there. Every
+function takes and returns plain dicts (they cross a process boundary).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import statistics
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import tvm
+from tvm import relax
+
+from voxfit.compile import kept_executable
+
+
+def _stats(secs: list[float]) -> dict[str, Any]:
+    ms_ = sorted(s * 1e3 for s in secs)
+    q = statistics.quantiles(ms_, n=4) if len(ms_) >= 2 else [ms_[0]] * 3
+    return {
+        "median_ms": statistics.median(ms_),
+        "mean_ms": statistics.fmean(ms_),
+        "min_ms": ms_[0],
+        "max_ms": ms_[-1],
+        "iqr_ms": q[2] - q[0],
+        "samples_ms": ms_,
+    }
+
+
+def _input(frames: int, dev: tvm.runtime.Device) -> tvm.runtime.Tensor:
+    """The timing input: one utterance of ``frames`` log-mel frames (fixed values)."""
+    return tvm.runtime.tensor(
+        np.random.default_rng(0).standard_normal((1, frames, 80)).astype("float32"), dev
+    )
+
+
+def _time_vm(
+    vm: relax.VirtualMachine, dev: tvm.runtime.Device, frames: int, m: dict[str, Any]
+) -> dict[str, Any]:
+    x = _input(frames, dev)
+    for _ in range(int(m["warmup"])):
+        vm["main"](x)
+    f = vm.time_evaluator(
+        "main", dev, number=1, repeat=int(m["repeats"]), min_repeat_ms=int(m["min_repeat_ms"])
+    )
+    return _stats(list(f(x).results))
+
+
+def _time_calls(vm: relax.VirtualMachine, dev: tvm.runtime.Device, frames: int, runs: int) -> list:
+    """Per-call wall time of the compiled kernels, in call order: [name, median ms] each.
+
+    The VM's instrument hook brackets every call instruction; VM builtins (allocation,
+    shape checks) are left out, so the kernels' sum is a little below a whole-model time.
+    """
+    x = tvm.runtime.tensor(np.zeros((1, frames, 80), dtype="float32"), dev)
+    per_run: list[list[tuple[str, float]]] = []
+    calls: list[tuple[str, float]] = []
+    started = [0.0]
+
+    def instrument(_func: object, symbol: str, before: bool, _ret: object, *_args: object) -> int:
+        if before:
+            started[0] = time.perf_counter()
+        elif not symbol.startswith("vm.builtin."):
+            calls.append((symbol, time.perf_counter() - started[0]))
+        return 0
+
+    vm.set_instrument(instrument)
+    try:
+        for _ in range(runs + 1):  # the first run warms caches and is dropped
+            calls.clear()
+            vm["main"](x)
+            per_run.append(list(calls))
+    finally:
+        vm.set_instrument(None)
+    per_run = per_run[1:]
+    return [
+        [name, statistics.median(r[i][1] for r in per_run) * 1e3]
+        for i, (name, _) in enumerate(per_run[0])
+    ]
+
+
+# Reference executables stay loaded for the worker's life (measure_local's ``reference``).
+_REFERENCES: dict[str, Any] = {}
+
+
+def _vm_of(lib: str, dev: tvm.runtime.Device) -> relax.VirtualMachine:
+    ex = kept_executable(lib)
+    return relax.VirtualMachine(ex if ex is not None else tvm.runtime.load_module(lib), dev)
+
+
+def _time_paired(
+    vm: relax.VirtualMachine,
+    ref: relax.VirtualMachine,
+    dev: tvm.runtime.Device,
+    frames: int,
+    m: dict[str, Any],
+) -> dict[str, Any]:
+    """Time ``vm`` and a reference model in alternating rounds (one sample each per round).
+
+    The machine's speed drifts (shared host: 1.5-2x over hours, bursts of load within
+    seconds); the median of the per-round ratios cancels what both runs of a round share.
+    """
+    x = _input(frames, dev)
+    for _ in range(int(m["warmup"])):
+        vm["main"](x)
+        ref["main"](x)
+    kw = {"number": 1, "repeat": 1, "min_repeat_ms": int(m["min_repeat_ms"])}
+    f, g = vm.time_evaluator("main", dev, **kw), ref.time_evaluator("main", dev, **kw)
+    mine, theirs = [], []
+    for _ in range(int(m["repeats"])):
+        mine.append(f(x).results[0])
+        theirs.append(g(x).results[0])
+    out = _stats(mine)
+    out["reference_ms"] = statistics.median(theirs) * 1e3
+    ratios = sorted(a / b for a, b in zip(mine, theirs, strict=True))
+    q = statistics.quantiles(ratios, n=4) if len(ratios) >= 2 else [ratios[0]] * 3
+    out["relative"] = statistics.median(ratios)
+    out["relative_iqr"] = q[2] - q[0]
+    return out
+
+
+def measure_local(req: dict[str, Any]) -> dict[str, Any]:
+    """Time ``lib`` on this machine (request keys: lib, frames, measurement, device,
+    ``calls``: how many instrumented runs give per-kernel times, 0 for none, and
+    ``reference``: a library timed in rounds alternating with ``lib``, 0/None for none)."""
+    dev = tvm.cuda(0) if req.get("device") == "cuda" else tvm.cpu(0)
+    vm = _vm_of(req["lib"], dev)
+    if req.get("reference"):
+        if req["reference"] not in _REFERENCES:
+            _REFERENCES[req["reference"]] = _vm_of(req["reference"], dev)
+        ref = _REFERENCES[req["reference"]]
+        out = _time_paired(vm, ref, dev, int(req["frames"]), req["measurement"])
+    else:
+        out = _time_vm(vm, dev, int(req["frames"]), req["measurement"])
+    out["threads"] = int(os.environ.get("TVM_NUM_THREADS", "0"))
+    if int(req.get("calls", 0)) > 0:
+        out["calls"] = _time_calls(vm, dev, int(req["frames"]), int(req["calls"]))
+    return out
+
+
+def run_local(req: dict[str, Any]) -> dict[str, Any]:
+    """Run ``lib`` once on ``input`` (a numpy array) here; returns the output array."""
+    dev = tvm.cuda(0) if req.get("device") == "cuda" else tvm.cpu(0)
+    vm = _vm_of(req["lib"], dev)
+    out = vm["main"](tvm.runtime.tensor(np.asarray(req["input"], dtype="float32"), dev))
+    first = out[0] if not hasattr(out, "numpy") else out
+    return {"output": first.numpy()}
+
+
+def _check_tracker(host: str, port: int, key: str, timeout_s: float) -> None:
+    """Fail in bounded time, in one line, when the tracker or the device key is missing."""
+    try:
+        with socket.create_connection((host, port), timeout=timeout_s):
+            pass
+    except OSError as e:
+        reason = e.strerror or type(e).__name__
+        raise ConnectionError(
+            f"RPC tracker {host}:{port} unreachable ({reason}) for device key {key!r} "
+            f"after {timeout_s:g} s"
+        ) from None
+
+
+def tracker_summary(req: dict[str, Any]) -> dict[str, Any]:
+    """Free servers per device key at a tracker (request keys: host, port)."""
+    from tvm import rpc
+
+    _check_tracker(req["host"], int(req["port"]), "*", 5.0)
+    summary = rpc.connect_tracker(req["host"], int(req["port"])).summary()
+    queue = summary.get("queue_info", {})
+    return {"keys": {k: int(v.get("free", 0)) for k, v in queue.items()}}
+
+
+def measure_rpc(req: dict[str, Any]) -> dict[str, Any]:
+    """Upload ``lib`` to a device leased from the tracker and time it there."""
+    from tvm import rpc
+
+    r = req["rpc"]
+    host, port, key = r["tracker_host"], int(r["tracker_port"]), r["device_key"]
+    timeout_s = float(r["connect_timeout_s"])
+    _check_tracker(host, port, key, timeout_s)
+    tracker = rpc.connect_tracker(host, port)
+    summary = tracker.summary()
+    keys = set(summary.get("queue_info", {}))
+    if key not in keys:
+        raise ConnectionError(
+            f"RPC tracker {host}:{port} has no device with key {key!r} "
+            f"(registered: {', '.join(sorted(keys)) or 'none'})"
+        )
+    box: dict[str, Any] = {}
+
+    def lease() -> None:
+        try:
+            box["remote"] = tracker.request(
+                key, priority=1, session_timeout=float(r["session_timeout_s"])
+            )
+        except Exception as e:  # noqa: BLE001 - re-raised below in this thread
+            box["error"] = e
+
+    th = threading.Thread(target=lease, daemon=True)
+    th.start()
+    th.join(timeout_s)
+    if th.is_alive():
+        raise TimeoutError(
+            f"RPC tracker {host}:{port}: no free device with key {key!r} within {timeout_s:g} s"
+        )
+    if "error" in box:
+        raise box["error"]
+    remote = box["remote"]
+    lib = Path(req["lib"])
+    remote.upload(str(lib))
+    rlib = remote.load_module(lib.name)
+    dev = remote.cuda(0) if req.get("device") == "cuda" else remote.cpu(0)
+    vm = relax.VirtualMachine(rlib, dev)
+    out = _time_vm(vm, dev, int(req["frames"]), req["measurement"])
+    out["device_key"] = key
+    del vm, rlib, remote  # frees the one-slot server for the next lease
+    return out
