@@ -28,7 +28,7 @@ from rich.table import Table
 
 from _common import parser, provenance, write_result
 from voxfit.compress import Recovery, adaptation_saliency, apply
-from voxfit.data import FeatureStore, load_manifest, make_corpus, preset
+from voxfit.data import FeatureStore, batches, collate, load_manifest, make_corpus, preset
 from voxfit.metrics import packed_size_bytes, phone_error_rate
 from voxfit.models import count_parameters
 from voxfit.plan import AdapterPlan, Candidate, GroupPlan, LayerPlan
@@ -36,8 +36,6 @@ from voxfit.train import (
     ProxyConfig,
     adapt_preset,
     adaptation_proxy,
-    batches,
-    collate,
     load_checkpoint,
     measure_adaptation,
     train_cached,

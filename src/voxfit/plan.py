@@ -293,3 +293,13 @@ class Candidate:
         """
         p, text = read_user_text(path)
         return cls.load_yaml(text, str(p))
+
+
+# The attribute ``voxfit.compress.apply`` stores a compressed model's Candidate under.
+PLAN_ATTR = "voxfit_plan"
+
+
+def plan_of(model: object) -> Candidate:
+    """The Candidate a compressed model was made from (an empty plan for a base model)."""
+    plan = getattr(model, PLAN_ATTR, None)
+    return plan if isinstance(plan, Candidate) else Candidate()

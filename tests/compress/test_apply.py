@@ -6,7 +6,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from voxfit.compress import apply, kept_channels, magnitude_scores, plan_of, quantize_weight
+from voxfit.compress import apply, kept_channels, magnitude_scores, quantize_weight
 from voxfit.errors import ConfigError
 from voxfit.metrics import packed_size_bytes
 from voxfit.models import (
@@ -16,7 +16,7 @@ from voxfit.models import (
     default_config,
     group_size,
 )
-from voxfit.plan import AdapterPlan, Candidate, GroupPlan, LayerPlan
+from voxfit.plan import AdapterPlan, Candidate, GroupPlan, LayerPlan, plan_of
 
 KINDS = ["tdnn", "conformer"]
 

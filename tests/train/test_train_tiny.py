@@ -8,15 +8,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from voxfit.data import FeatureStore, Manifest, PhoneInventory
+from voxfit.data import FeatureStore, Manifest, PhoneInventory, batches, collate
 from voxfit.errors import ModelError
 from voxfit.models import build_model, count_parameters, default_config
 from voxfit.train import (
     AdaptConfig,
     adapt_preset,
     adapt_speaker,
-    batches,
-    collate,
     ctc_loss,
     evaluate_cached,
     load_checkpoint,

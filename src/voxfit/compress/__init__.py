@@ -5,7 +5,7 @@ for sensitivity analysis and tests, ``ActivationQuantizer``, ``plan_of`` and
 ``fake_quant_off`` for what lowers a compressed model (compile, bundles).
 """
 
-from voxfit.compress._apply import apply, plan_of
+from voxfit.compress._apply import apply
 from voxfit.compress._distill import Recovery, distill
 from voxfit.compress._export import OnnxExport, export_onnx
 from voxfit.compress._prune import kept_channels, magnitude_scores, prune_to_plan, taylor_scores
@@ -18,6 +18,7 @@ from voxfit.compress._quant import (
 )
 from voxfit.compress._saliency import adaptation_saliency
 from voxfit.compress._sensitivity import SensitivityConfig, save_sensitivity, sensitivity
+from voxfit.plan import plan_of  # transitional: compile imports it from here
 
 __all__ = [
     "ActivationQuantizer",

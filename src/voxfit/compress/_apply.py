@@ -13,9 +13,7 @@ from voxfit.compress._prune import magnitude_scores, prune_to_plan
 from voxfit.compress._quant import attach_activation_quantizers, calibrate, quantize_weight
 from voxfit.errors import ConfigError, ModelError
 from voxfit.models import StructuredModel, insert_adapters
-from voxfit.plan import Candidate
-
-PLAN_ATTR = "voxfit_plan"
+from voxfit.plan import PLAN_ATTR, Candidate
 
 
 def apply(
@@ -101,9 +99,3 @@ def apply(
                 raise ConfigError("calibration gave no batches")
     setattr(out, PLAN_ATTR, candidate)
     return out
-
-
-def plan_of(model: nn.Module) -> Candidate:
-    """The Candidate a compressed model was made from (an empty plan for a base model)."""
-    plan = getattr(model, PLAN_ATTR, None)
-    return plan if isinstance(plan, Candidate) else Candidate()

@@ -11,9 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from voxfit.data import FeatureStore, PhoneInventory, Utterance
+from voxfit.data import FeatureStore, PhoneInventory, Utterance, batches, collate
 from voxfit.errors import ConfigError
-from voxfit.train import batches, collate
 
 # Teacher posteriors per batch (keyed by the batch's utterance paths), per teacher module. The
 # batch order is fixed by the recovery seed, so every distillation from the same teacher

@@ -20,9 +20,9 @@ import torch
 from torch import nn
 
 from voxfit._warnings import quiet_export
-from voxfit.compress._apply import plan_of
 from voxfit.compress._quant import fake_quant_off
 from voxfit.errors import ConfigError
+from voxfit.plan import plan_of
 
 INPUTS = ("feats", "lengths")
 OUTPUTS = ("log_probs", "out_lengths")

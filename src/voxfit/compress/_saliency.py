@@ -15,10 +15,10 @@ import torch
 from torch import nn
 
 from voxfit.compress._prune import taylor_scores
-from voxfit.data import FeatureStore, PhoneInventory, Utterance
+from voxfit.data import FeatureStore, PhoneInventory, Utterance, batches, collate
 from voxfit.errors import ConfigError
 from voxfit.models import StructuredModel, group_size
-from voxfit.train import AdaptConfig, adapt_speaker, batches, collate, ctc_loss
+from voxfit.train import AdaptConfig, adapt_speaker, ctc_loss
 
 
 def adaptation_saliency(

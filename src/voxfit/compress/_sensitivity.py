@@ -22,15 +22,10 @@ from voxfit._progress import progress_bar
 from voxfit.compress._apply import apply
 from voxfit.data import FeatureStore, Manifest, PhoneInventory
 from voxfit.errors import ConfigError
+from voxfit.metrics import phone_error_rate
 from voxfit.models import StructuredModel
 from voxfit.plan import WEIGHT_BITS, Candidate, GroupPlan, LayerPlan
-from voxfit.train import (
-    AdaptConfig,
-    ProxyConfig,
-    adaptation_proxy,
-    measure_adaptation,
-    phone_error_rate,
-)
+from voxfit.train import AdaptConfig, ProxyConfig, adaptation_proxy, measure_adaptation
 
 
 @dataclass(frozen=True, slots=True)

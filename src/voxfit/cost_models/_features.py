@@ -21,6 +21,7 @@ from torch import nn
 
 from voxfit.errors import ModelError
 from voxfit.models import LoRAAdapter, ResidualAdapter, StructuredModel
+from voxfit.plan import plan_of
 
 #: Segment kinds and adapter kinds as numbers (xgboost reads numbers).
 KINDS = {"stem": 0, "blocks": 1, "head": 2}
@@ -98,8 +99,6 @@ def decompose(model: nn.Module, frames: int) -> list[Task]:
     Raises:
         ModelError: a model whose backbone is not a sequence of Conv1d layers.
     """
-    from voxfit.compress import plan_of
-
     plan = plan_of(model)
     bits = {lp.name: (lp.weight_bits, lp.act_bits) for lp in plan.layers}
     convs = _convs(model)

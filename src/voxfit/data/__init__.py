@@ -1,5 +1,6 @@
 """The speech corpus: synthesis, manifest, phone labels and log-mel features."""
 
+from voxfit.data._batches import Batch, batches, collate
 from voxfit.data._corpus import (
     PRESETS,
     CorpusConfig,
@@ -21,6 +22,9 @@ from voxfit.data._manifest import (
 from voxfit.data._phones import PhoneInventory, normalize_phone, phonemize
 
 __all__ = [
+    "Batch",
+    "batches",
+    "collate",
     "PRESETS",
     "SPLITS",
     "CorpusConfig",

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from voxfit.data import FeatureStore, PhoneInventory, Utterance
+from voxfit.data import FeatureStore, PhoneInventory, Utterance, batches, collate
 
 
 def edit_distance(ref: Sequence[object], hyp: Sequence[object]) -> int:
@@ -40,11 +40,6 @@ def error_counts(
     max_batch_s: float = 120.0,
 ) -> tuple[int, int]:
     """(edit operations, reference phones) summed over ``utts``; the model is run in eval mode."""
-    # Lazy, and a known break of the layering (lint-imports reports it): evaluation batches
-    # exactly as training does, and that batching still lives in voxfit.train. It belongs
-    # in voxfit.data; then this import moves to the top and comes from there.
-    from voxfit.train._batches import batches, collate
-
     was_training = model.training
     model.eval()
     errors = total = 0

@@ -6,7 +6,8 @@ import math
 
 from torch import nn
 
-from voxfit.models import Adapter
+from voxfit.models import ActivationQuantizer, Adapter
+from voxfit.plan import plan_of
 
 
 def packed_size_bytes(model: nn.Module) -> int:
@@ -16,12 +17,6 @@ def packed_size_bytes(model: nn.Module) -> int:
     scale per output channel (8 and 4 bits) — float16 weights need none. Everything else
     (biases, norms, BatchNorm statistics, adapters, activation ranges) is float32.
     """
-    # Lazy, and a known break of the layering (lint-imports reports it): compress sits above
-    # metrics (it measures PER while it trains). The plan a model carries belongs with the
-    # plan (voxfit.plan) and the quantizer module with the model's quantizable structure
-    # (voxfit.models, like the adapters); then this import moves to the top, from there.
-    from voxfit.compress import ActivationQuantizer, plan_of
-
     plan = plan_of(model)
     bits = {x.name: x.weight_bits for x in plan.layers}
     adapters = [n + "." for n, m in model.named_modules() if isinstance(m, Adapter)]

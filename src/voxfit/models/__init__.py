@@ -18,6 +18,7 @@ from voxfit.models._family import (
     count_parameters,
     default_config,
 )
+from voxfit.models._quantizer import ActivationQuantizer
 from voxfit.models._structure import (
     AdapterSlot,
     ChannelGroup,
@@ -30,6 +31,7 @@ from voxfit.models._structure import (
 )
 
 __all__ = [
+    "ActivationQuantizer",
     "Adapter",
     "AdapterKind",
     "LoRAAdapter",

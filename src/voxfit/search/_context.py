@@ -51,12 +51,10 @@ class SearchContext:
         """Make (or reuse) the corpus, features and trained base model under ``work``
         (``checkpoint``: use this trained model instead of the preset's cached one)."""
         from voxfit.compress import Recovery
-        from voxfit.data import load_manifest, make_corpus
+        from voxfit.data import batches, collate, load_manifest, make_corpus
         from voxfit.data import preset as corpus_preset
         from voxfit.train import (
             adapt_preset,
-            batches,
-            collate,
             load_checkpoint,
             train_cached,
             train_preset,
@@ -159,7 +157,8 @@ class SearchContext:
     def accuracy(self, model: nn.Module, *, full: bool = False) -> dict[str, Any]:
         """Dev PER, and PER before/after adapting to held-out speakers (the proxy unless
         ``full``: every held-out speaker with the product's adaptation settings)."""
-        from voxfit.train import adaptation_proxy, measure_adaptation, phone_error_rate
+        from voxfit.metrics import phone_error_rate
+        from voxfit.train import adaptation_proxy, measure_adaptation
 
         t0 = time.monotonic()
         dev = phone_error_rate(model, self.manifest.split("dev"), self.store, self.inventory)

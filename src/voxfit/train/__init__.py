@@ -1,8 +1,5 @@
 """Training the base model, speaker adaptation, checkpoints and the foundation report."""
 
-# Transitional: PER lives in voxfit.metrics; these names stay here until their users
-# (compress._sensitivity, search._context, tests) import voxfit.metrics.
-from voxfit.metrics import edit_distance, error_counts, greedy_decode, phone_error_rate
 from voxfit.train._adapt import (
     AdaptationResult,
     ProxyConfig,
@@ -12,7 +9,6 @@ from voxfit.train._adapt import (
     measure_adaptation,
     proxy_speakers,
 )
-from voxfit.train._batches import Batch, batches, collate
 from voxfit.train._loop import (
     AdaptConfig,
     TrainConfig,
@@ -43,24 +39,17 @@ __all__ = [
     "measure_adaptation",
     "proxy_speakers",
     "AdaptConfig",
-    "Batch",
     "Checkpoint",
     "FoundationReport",
     "TrainConfig",
     "TrainHistory",
     "adapt_preset",
     "adapt_speaker",
-    "batches",
-    "collate",
     "ctc_loss",
-    "edit_distance",
-    "error_counts",
     "evaluate",
     "evaluate_cached",
-    "greedy_decode",
     "load_checkpoint",
     "manifest_hash",
-    "phone_error_rate",
     "save_checkpoint",
     "train_base",
     "train_cached",

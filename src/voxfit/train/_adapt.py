@@ -19,8 +19,8 @@ from torch import nn
 
 from voxfit.data import FeatureStore, Manifest, PhoneInventory
 from voxfit.errors import ConfigError
+from voxfit.metrics import phone_error_rate
 from voxfit.train._loop import AdaptConfig, adapt_speaker
-from voxfit.train._per import phone_error_rate
 
 
 @dataclass(frozen=True, slots=True)

@@ -15,11 +15,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from voxfit._progress import progress_bar
-from voxfit.data import FeatureStore, PhoneInventory, Utterance
+from voxfit.data import Batch, FeatureStore, PhoneInventory, Utterance, batches, collate
 from voxfit.errors import ConfigError
+from voxfit.metrics import phone_error_rate
 from voxfit.models import adapter_parameters, freeze_backbone, insert_adapters
-from voxfit.train._batches import Batch, batches, collate
-from voxfit.train._per import phone_error_rate
 
 log = logging.getLogger(__name__)
 

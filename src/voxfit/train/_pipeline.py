@@ -21,6 +21,7 @@ from torch import nn
 from voxfit import __version__
 from voxfit.data import FeatureStore, Manifest, PhoneInventory
 from voxfit.errors import ConfigError, ModelError
+from voxfit.metrics import phone_error_rate
 from voxfit.models import (
     ModelConfig,
     build_model,
@@ -30,7 +31,6 @@ from voxfit.models import (
 )
 from voxfit.train._adapt import SpeakerAdaptation, measure_adaptation
 from voxfit.train._loop import AdaptConfig, TrainConfig, train_base
-from voxfit.train._per import phone_error_rate
 
 log = logging.getLogger(__name__)
 

@@ -8,7 +8,9 @@ from dataclasses import dataclass
 
 import torch
 
-from voxfit.data import FeatureStore, PhoneInventory, Utterance
+from voxfit.data._features import FeatureStore
+from voxfit.data._manifest import Utterance
+from voxfit.data._phones import PhoneInventory
 
 
 @dataclass(frozen=True, slots=True)
