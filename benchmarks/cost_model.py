@@ -33,6 +33,7 @@ import plotly.graph_objects as go
 from rich.console import Console
 
 from voxfit import __version__
+from voxfit.compile import default_tuning_dir
 from voxfit.compress import apply
 from voxfit.cost_models import (
     collect,
@@ -116,6 +117,7 @@ def main(argv: list[str] | None = None) -> int:
             work_dir=args.work / "cost-collect" / profile.name,
             store=store,
             cost_models_dir=args.cost_models,
+            tuning_dir=default_tuning_dir(args.work, profile),
             seed=args.seed,
             levelled=args.levelled,
             remeasure=remeasure,

@@ -174,6 +174,7 @@ def main(argv: list[str] | None = None) -> int:
     fallback = by_quality[0]
 
     # the baselines and the candidates measured back to back with TVM (same machine load)
+    from voxfit.compile import default_tuning_dir
     from voxfit.latency import TvmLocalEstimator
 
     remeasured: dict[str, float | None] = {}
@@ -181,7 +182,10 @@ def main(argv: list[str] | None = None) -> int:
     if fallback not in small:
         todo.append((f"#{fallback.number}", fallback))
     with TvmLocalEstimator(
-        measured_profile, args.work / "search-builds" / "bench", cost_models_dir=args.cost_models
+        measured_profile,
+        args.work / "search-builds" / "bench",
+        cost_models_dir=args.cost_models,
+        tuning_dir=default_tuning_dir(args.work, measured_profile),  # the searches' records
     ) as est:
         for label, t in todo:
             # distillation changes weights, not the compiled graph: skip it for timing

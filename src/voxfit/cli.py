@@ -325,6 +325,7 @@ def cost_collect(
 ) -> None:
     """Compile and measure sampled candidates into <work>/measurements/<profile>/ (the
     shipped dataset is only read, to skip what it already holds)."""
+    from voxfit.compile import default_tuning_dir
     from voxfit.cost_models import collect, measurements_dir
     from voxfit.hw_profiles import find_profile, load_profile
     from voxfit.spaces import find_space
@@ -343,6 +344,7 @@ def cost_collect(
         work_dir=work / "cost-collect" / prof.name,
         store=store,
         cost_models_dir=cost_models,
+        tuning_dir=default_tuning_dir(work, prof),
         inputs=prof.inputs if all_inputs else None,
         seed=seed,
         levelled=levelled,
@@ -588,7 +590,7 @@ def export_cmd(
         checkpoint=Path(attrs["checkpoint"]),
     )
     by_number = {t.number: t for t in st.get_trials(deepcopy=False)}
-    from voxfit.compile import TvmWorker
+    from voxfit.compile import TvmWorker, default_tuning_dir
 
     with TvmWorker(prof.cores) as w:
         for n in numbers:
@@ -601,6 +603,7 @@ def export_cmd(
                 prof,
                 out / st.study_name,
                 cost_models_dir=cost_models,
+                tuning_dir=default_tuning_dir(work, prof),
                 worker=w,
             )
             console.print(f"bundle {b}")

@@ -176,6 +176,7 @@ def collect(
     work_dir: str | Path,
     store: str | Path | MeasurementStore,
     cost_models_dir: str | Path = "cost_models",
+    tuning_dir: str | Path | None = None,
     inputs: tuple[InputSpec, ...] | None = None,
     seed: int = 0,
     calibration: Any = None,
@@ -191,7 +192,8 @@ def collect(
     dataset (under ``cost_models_dir``) or in ``store`` is skipped, unless its
     ``(cand, input)`` is in ``remeasure`` (e.g. :func:`~voxfit.cost_models.noisy_keys`):
     the new measurement then replaces the old one when the dataset is loaded. Nothing is
-    written outside ``work_dir`` (builds) and ``store``.
+    written outside ``work_dir`` (builds), ``store`` and ``tuning_dir`` (the user's tuning
+    database; default: under ``work_dir``).
 
     Only local measurement gives per-task times (the VM is instrumented in-process); an
     RPC profile records whole-model times only. With ``reference`` the uncompressed
@@ -234,6 +236,7 @@ def collect(
             inputs,
             work_dir=work_dir,
             cost_models_dir=cost_models_dir,
+            tuning_dir=tuning_dir,
             seed=seed,
             calibration=calibration,
             on_result=on_result,
@@ -257,6 +260,7 @@ def _measure_into(
     *,
     work_dir: str | Path,
     cost_models_dir: str | Path,
+    tuning_dir: str | Path | None,
     seed: int,
     calibration: Any,
     on_result: Callable[[Candidate, LatencyResult], None] | None,
@@ -280,6 +284,7 @@ def _measure_into(
             profile,
             work_dir,
             cost_models_dir=cost_models_dir,
+            tuning_dir=tuning_dir,
             profile_calls=5,
             reference=base if reference else None,
         ) as est,

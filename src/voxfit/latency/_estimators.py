@@ -16,7 +16,7 @@ from typing import Any, Literal, Protocol
 
 from torch import nn
 
-from voxfit.compile import CompileResult, TvmWorker, compile_model
+from voxfit.compile import CompileResult, TvmWorker, compile_model, default_tuning_dir
 from voxfit.errors import ConfigError, ModelError
 from voxfit.hw_profiles import HardwareProfile, InputSpec, host_runs
 
@@ -150,13 +150,21 @@ class _TvmEstimator:
         work_dir: str | Path,
         *,
         cost_models_dir: str | Path = "cost_models",
+        tuning_dir: str | Path | None = None,
         tune: bool = True,
         worker: TvmWorker | None = None,
         measure_timeout_s: float = 600.0,
     ) -> None:
+        """``cost_models_dir``: where the shipped (read-only) tuning records are;
+        ``tuning_dir``: the user's tuning database that takes new records (default:
+        ``<work_dir>/tuning/<profile>``; pass ``voxfit.compile.default_tuning_dir(work,
+        profile)`` to share one per work folder)."""
         self.profile = profile
         self.work_dir = Path(work_dir)
         self.cost_models_dir = Path(cost_models_dir)
+        self.tuning_dir = (
+            Path(tuning_dir) if tuning_dir is not None else default_tuning_dir(work_dir, profile)
+        )
         self.tune = tune
         self.measure_timeout_s = measure_timeout_s
         self._own_worker = worker is None
@@ -204,6 +212,7 @@ class _TvmEstimator:
             out_dir,
             inputs=inputs,
             cost_models_dir=self.cost_models_dir,
+            tuning_dir=self.tuning_dir,
             tune=self.tune,
             export=self.export_library,
         )
@@ -294,6 +303,7 @@ class TvmLocalEstimator(_TvmEstimator):
                 self.work_dir / f"reference-{c.input}",
                 inputs=(spec,),
                 cost_models_dir=self.cost_models_dir,
+                tuning_dir=self.tuning_dir,
                 tune=self.tune,
                 export=True,  # a file: the worker keeps it loaded, whatever it builds next
             )

@@ -177,7 +177,12 @@ def make_latency(s: SearchSettings, reference: nn.Module | None) -> PromotingEst
         if s.profile.measurement.method == "predicted":
             raise
         log.warning("no usable cost model (%s): every trial is measured", e)
-    kw: dict[str, Any] = {"cost_models_dir": s.cost_models_dir}
+    from voxfit.compile import default_tuning_dir
+
+    kw: dict[str, Any] = {
+        "cost_models_dir": s.cost_models_dir,
+        "tuning_dir": default_tuning_dir(s.work, s.profile),  # shared by everything in work
+    }
     if s.profile.measurement.method == "local":
         kw["profile_calls"] = 3  # per-task times: rows for the cost model's dataset
     return make_estimator(
