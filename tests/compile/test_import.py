@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from voxfit.compile._compile import export_program
-from voxfit.compress._export import _fake_quant_off
+from voxfit.compress import fake_quant_off
 from voxfit.hw_profiles import load_profile
 from voxfit.models import build_model, default_config
 
@@ -71,7 +71,7 @@ def test_import_matches_torch_and_the_decomposed_tasks(
         m = _compressed(m, adapters=variant.endswith("adapters")).eval()
     path = str(export_program(m, 40, tmp_path / "p.pt2"))
     x = torch.randn(1, 40, 80, generator=torch.Generator().manual_seed(1))
-    with torch.no_grad(), _fake_quant_off(m):
+    with torch.no_grad(), fake_quant_off(m):
         ref = m(x, torch.tensor([40]))[0].numpy()
     fast, how, why, _ = load_program(path)
     slow, how_slow, _, _ = load_program(path, "decomposed")

@@ -113,12 +113,12 @@ class _Deploy(nn.Module):
 @contextmanager
 def _deploy_mode(model: nn.Module) -> Iterator[None]:
     """Activation fake-quant off (the ONNX exporter's helper) and eval mode, then restored."""
-    from voxfit.compress._export import _fake_quant_off
+    from voxfit.compress import fake_quant_off
 
     was = model.training
     model.eval()
     try:
-        with _fake_quant_off(model):
+        with fake_quant_off(model):
             yield
     finally:
         model.train(was)
@@ -141,8 +141,8 @@ def int8_convs(model: nn.Module) -> dict[str, int]:
     zero-padded Conv1d layers with calibrated 8-bit activations, 4- or 8-bit weights and no
     LoRA adapter on them. Others (linear layers, depthwise convs, LoRA targets) keep float
     compute with their quantized values."""
-    from voxfit.compress import plan_of
-    from voxfit.compress._quant import ActivationQuantizer
+    from voxfit.models import ActivationQuantizer
+    from voxfit.plan import plan_of
 
     def lowers(layer: nn.Module) -> bool:
         return (
@@ -170,7 +170,7 @@ def lowering_of(model: nn.Module, int8_built: dict[str, Any] | None = None) -> s
     other low-bit layer keeps its quantized weight *values* and computes in float32: it buys
     size, not latency.
     """
-    from voxfit.compress import plan_of
+    from voxfit.plan import plan_of
 
     layers = plan_of(model).layers
     int8 = int8_convs(model)

@@ -15,6 +15,7 @@ import numpy as np
 import tvm
 from tvm import relax
 
+from voxfit._warnings import quiet_export
 from voxfit.compile._qops import OP_NAME  # importing it registers voxfit::qconv1d
 from voxfit.errors import ModelError
 
@@ -76,7 +77,10 @@ def load_program(
         why = _needs_decomposition(ep)
     if how == "direct" or (how == "auto" and why is None):
         try:
-            mod = from_exported_program(ep, run_ep_decomposition=False, custom_convert_map=fixes)
+            with quiet_export():
+                mod = from_exported_program(
+                    ep, run_ep_decomposition=False, custom_convert_map=fixes
+                )
             return mod, "direct", None, qconv.count
         except (AssertionError, ValueError, TypeError, KeyError, NotImplementedError) as e:
             if how == "direct":
@@ -84,7 +88,9 @@ def load_program(
             why = f"direct import failed: {type(e).__name__}: {e}"[:300]
             log.info("%s: %s; importing decomposed", path, why)
     qconv.count = 0
-    return from_exported_program(ep, custom_convert_map=fixes), "decomposed", why, qconv.count
+    with quiet_export():  # torch's decomposition warns of its own deprecations
+        mod = from_exported_program(ep, custom_convert_map=fixes)
+    return mod, "decomposed", why, qconv.count
 
 
 def _needs_decomposition(ep: Any) -> str | None:

@@ -107,7 +107,7 @@ def lower_int8_convs(model: nn.Module, layers: dict[str, int]) -> list[str]:
     Raises:
         ModelError: a named layer is not a calibrated, fake-quantized Conv1d.
     """
-    from voxfit.compress._quant import ActivationQuantizer
+    from voxfit.models import ActivationQuantizer
 
     done = []
     for name, bits in layers.items():

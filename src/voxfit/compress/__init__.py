@@ -1,7 +1,7 @@
 """Compression: structured pruning, mixed-precision fake quantization, adapters.
 
 ``apply(model, candidate)`` is the one verb; importance scores and quantizers are exposed
-for sensitivity analysis and tests, ``ActivationQuantizer``, ``plan_of`` and
+for sensitivity analysis and tests, ``ActivationQuantizer`` and
 ``fake_quant_off`` for what lowers a compressed model (compile, bundles).
 """
 
@@ -18,7 +18,6 @@ from voxfit.compress._quant import (
 )
 from voxfit.compress._saliency import adaptation_saliency
 from voxfit.compress._sensitivity import SensitivityConfig, save_sensitivity, sensitivity
-from voxfit.plan import plan_of  # transitional: compile imports it from here
 
 __all__ = [
     "ActivationQuantizer",
@@ -36,7 +35,6 @@ __all__ = [
     "fake_quant_off",
     "kept_channels",
     "magnitude_scores",
-    "plan_of",
     "prune_to_plan",
     "quantize_weight",
     "taylor_scores",

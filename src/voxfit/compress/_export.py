@@ -37,10 +37,6 @@ class OnnxExport:
     qdq_nodes: int
 
 
-# Transitional private name: compile/ and tests/compile still import it from here.
-_fake_quant_off = fake_quant_off
-
-
 def _scope(layer: str) -> str:
     # TorchScript names nodes by module scope: "blocks.0.conv1" -> "/blocks.0/conv1/Conv".
     return "/" + re.sub(r"\.(?!\d)", "/", layer) + "/"
