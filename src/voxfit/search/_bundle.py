@@ -29,6 +29,7 @@ import optuna
 import torch
 from torch import nn
 
+from voxfit._config import read_user_text
 from voxfit.errors import ConfigError, VoxfitError
 from voxfit.hw_profiles import HardwareProfile
 from voxfit.search._context import SearchContext
@@ -86,14 +87,21 @@ def verify_bundle(bundle: str | Path) -> list[str]:
     if not m.exists():
         return [f"{m}: missing"]
     try:
-        data = json.loads(m.read_text())
+        _, text = read_user_text(m, max_bytes=None)
+        data = json.loads(text)
         files = data["files"]
-    except (json.JSONDecodeError, KeyError, TypeError) as e:
-        return [f"{m}: unreadable ({e})"]
+        if not isinstance(files, dict) or not all(isinstance(v, dict) for v in files.values()):
+            raise TypeError("'files' is not a mapping of file -> {sha256: ...}")
+    except VoxfitError as e:
+        return [str(e)]
+    except (ValueError, KeyError, TypeError, RecursionError) as e:
+        return [f"{m}: unreadable ({type(e).__name__}: {str(e)[:200]})"]
     problems = []
     for rel, meta in files.items():
         p = b / rel
-        if not p.is_file():
+        if not p.resolve().is_relative_to(b.resolve()):
+            problems.append(f"{rel}: outside the bundle")
+        elif not p.is_file():
             problems.append(f"{rel}: missing")
         elif sha256_of(p) != meta.get("sha256"):
             problems.append(f"{rel}: sha256 differs from {MANIFEST}")
@@ -140,9 +148,14 @@ def export_bundle(
     out_dir: str | Path,
     *,
     cost_models_dir: str | Path = "cost_models",
+    tuning_dir: str | Path | None = None,
     worker: Any = None,
 ) -> Path:
     """Write the bundle of one completed trial under ``out_dir/trial-<n>/``.
+
+    ``tuning_dir``: the user's tuning database (``voxfit.compile.default_tuning_dir`` of
+    the work folder, shared with the search); default: beside ``out_dir``, never inside a
+    bundle.
 
     The model is rebuilt from the trial's plan and seed (same data, same recovery steps),
     its dev PER re-measured and compared with the trial's record.
@@ -188,7 +201,7 @@ def export_bundle(
             tmp / "tvm" / "build",
             inputs=(spec,),
             cost_models_dir=cost_models_dir,
-            tuning_dir=Path(out_dir).parent / "tuning" / profile.name,  # not in the bundle
+            tuning_dir=tuning_dir or Path(out_dir).parent / "tuning" / profile.name,
             export=True,
         )
         if not c.ok or c.lib is None:
