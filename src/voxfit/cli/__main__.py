@@ -1,0 +1,5 @@
+"""``python -m voxfit.cli``."""
+
+from voxfit.cli import main
+
+main()
