@@ -1,4 +1,5 @@
-"""Session fixtures: the tiny synthesized corpus and its features, made once."""
+"""Shared fixtures: the tiny synthesized corpus and its features (made once per session),
+the tiny model and the structure of the default-sized one."""
 
 from __future__ import annotations
 
@@ -6,8 +7,11 @@ import shutil
 from pathlib import Path
 
 import pytest
+from torch import nn
 
+from tests._tiny import tiny_tdnn
 from voxfit.data import FeatureStore, Manifest, PhoneInventory, load_manifest, make_corpus, preset
+from voxfit.structure import ModelStructure
 
 NEEDS_TTS = pytest.mark.skipif(
     not all(shutil.which(c) for c in ("espeak-ng", "flite", "sox")),
@@ -49,3 +53,15 @@ def wav_file(tmp_path: Path) -> Path:
         w.setframerate(16000)
         w.writeframes(pcm.tobytes())
     return p
+
+
+@pytest.fixture
+def tiny_model() -> nn.Module:
+    """A fresh tiny ``tdnn`` (12 outputs, seed 0, varied BatchNorm statistics)."""
+    return tiny_tdnn()
+
+
+@pytest.fixture(scope="session")
+def tdnn_structure() -> ModelStructure:
+    """The declared structure of a tiny ``tdnn`` with the corpus's 55 outputs."""
+    return tiny_tdnn(55, varied_bn=False).structure()

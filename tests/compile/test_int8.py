@@ -10,6 +10,7 @@ import pytest
 import torch
 from torch import nn
 
+from tests._tiny import tiny_tdnn
 from voxfit.compile import TvmWorker, compile_model
 from voxfit.compile._compile import _Deploy, int8_convs, lowering_of
 from voxfit.compile._qops import QConv1d
@@ -23,12 +24,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def _quantized(act_bits: int = 8, weight_bits: int = 8, adapter: int = 0) -> nn.Module:
-    torch.manual_seed(0)
-    m = build_model(default_config("tdnn", 12, "tiny")).eval()
-    for mod in m.modules():
-        if isinstance(mod, nn.BatchNorm1d):
-            mod.running_mean.uniform_(-0.5, 0.5)
-            mod.running_var.uniform_(0.5, 2.0)
+    m = tiny_tdnn()
     s = m.structure()
     layers = [LayerPlan(q, weight_bits, act_bits) for q in s.quantizable]
     layers[-1] = LayerPlan(s.quantizable[-1], 32, 32)  # the head stays float

@@ -18,29 +18,19 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from torch import nn
 
+from tests._tiny import tiny_tdnn
 from voxfit.compile import CompileResult, TvmWorker, compile_model, default_tuning_dir
 from voxfit.compile._database import RECORDS, WORKLOADS
 from voxfit.compress import apply
 from voxfit.hw_profiles import HardwareProfile, RpcSpec, load_profile, pick_local_profile
 from voxfit.latency import TvmLocalEstimator, TvmRpcEstimator
 from voxfit.latency._farm import free_port, local_farm
-from voxfit.models import build_model, count_parameters, default_config
+from voxfit.models import count_parameters
 from voxfit.plan import AdapterPlan, Candidate, GroupPlan, LayerPlan
 
 pytestmark = [pytest.mark.tvm, pytest.mark.slow]
 ROOT = Path(__file__).resolve().parents[2]
-
-
-def _tiny() -> nn.Module:
-    torch.manual_seed(0)
-    m = build_model(default_config("tdnn", 12, "tiny")).eval()
-    for mod in m.modules():  # non-trivial BatchNorm statistics, so folding is really tested
-        if isinstance(mod, nn.BatchNorm1d):
-            mod.running_mean.uniform_(-0.5, 0.5)
-            mod.running_var.uniform_(0.5, 2.0)
-    return m
 
 
 def _profile(shipped: Path, trials: int = 2) -> HardwareProfile:
@@ -86,7 +76,7 @@ def cold(
     tmp_path_factory: pytest.TempPathFactory,
 ) -> CompileResult:
     out = tmp_path_factory.mktemp("cold")
-    (r,) = compile_model(_tiny(), _profile(nothing_shipped), worker, out, tuning_dir=db)
+    (r,) = compile_model(tiny_tdnn(), _profile(nothing_shipped), worker, out, tuning_dir=db)
     return r
 
 
@@ -101,7 +91,7 @@ def test_cold_compile_tunes_every_task_and_matches_torch(
     assert cold.tuned_trials == 2 * cold.n_tasks
     assert cold.memory_bytes is not None
     assert cold.memory_bytes > 0
-    m = _tiny()
+    m = tiny_tdnn()
     x = torch.randn(1, cold.frames, 80, generator=torch.Generator().manual_seed(1))
     out = worker.call("run_local", timeout_s=120, lib=str(cold.lib), input=x.numpy())
     with torch.no_grad():
@@ -112,7 +102,9 @@ def test_cold_compile_tunes_every_task_and_matches_torch(
 def test_warm_compile_tunes_nothing(
     cold: CompileResult, worker: TvmWorker, db: Path, nothing_shipped: Path, tmp_path: Path
 ) -> None:
-    (warm,) = compile_model(_tiny(), _profile(nothing_shipped), worker, tmp_path, tuning_dir=db)
+    (warm,) = compile_model(
+        tiny_tdnn(), _profile(nothing_shipped), worker, tmp_path, tuning_dir=db
+    )
     assert warm.ok, warm.error
     assert (warm.n_tasks, warm.new_tasks, warm.tuned_trials) == (cold.n_tasks, 0, 0)
     assert warm.task_names == cold.task_names
@@ -121,7 +113,7 @@ def test_warm_compile_tunes_nothing(
 def test_compressed_candidate_compiles_and_reports_its_new_tasks(
     cold: CompileResult, worker: TvmWorker, db: Path, tmp_path: Path
 ) -> None:
-    base = _tiny()
+    base = tiny_tdnn()
     s = base.structure()
     cand = Candidate(
         groups=tuple(GroupPlan(g.name, 0.5) for g in s.groups if g.name != "stream"),
@@ -143,7 +135,7 @@ def test_local_estimator_measures_with_spread(
     cold: CompileResult, db: Path, tmp_path: Path
 ) -> None:
     with TvmLocalEstimator(_profile(db), tmp_path) as est:
-        (r,) = est.estimate(_tiny())
+        (r,) = est.estimate(tiny_tdnn())
     assert r.ok, r.error
     assert r.median_ms is not None
     assert 0 < r.median_ms < 1000
@@ -158,12 +150,12 @@ def test_local_estimator_measures_with_spread(
 def test_a_model_timed_against_itself_is_relative_one(
     cold: CompileResult, db: Path, tmp_path: Path
 ) -> None:
-    base = _tiny()
+    base = tiny_tdnn()
     s = base.structure()
     quarter = Candidate(groups=tuple(GroupPlan(g.name, 0.25) for g in s.groups))
     small = apply(base, quarter, channel_multiple=4)
-    with TvmLocalEstimator(_profile(db), tmp_path, reference=_tiny()) as est:
-        (same,) = est.estimate(_tiny())
+    with TvmLocalEstimator(_profile(db), tmp_path, reference=tiny_tdnn()) as est:
+        (same,) = est.estimate(tiny_tdnn())
         (pruned,) = est.estimate(small)
     assert same.ok, same.error
     assert pruned.ok, pruned.error
@@ -180,7 +172,7 @@ def test_retune_starts_from_the_shipped_best_and_writes_only_the_users_database(
     shipped = _hashes(db)
     user = tmp_path / "user-tuning"
     (r,) = compile_model(
-        _tiny(), _profile(db), worker, tmp_path / "out", tuning_dir=user, retune_trials=2
+        tiny_tdnn(), _profile(db), worker, tmp_path / "out", tuning_dir=user, retune_trials=2
     )
     assert r.ok, r.error
     assert (r.new_tasks, r.tuned_trials) == (0, 2 * r.n_tasks)
@@ -194,7 +186,7 @@ def test_new_tasks_go_to_the_users_database_over_the_shipped_one(
     cold: CompileResult, worker: TvmWorker, db: Path, tmp_path: Path
 ) -> None:
     """The shipped database stays byte-identical; the second compile finds the new records."""
-    base = _tiny()
+    base = tiny_tdnn()
     cand = Candidate(groups=tuple(GroupPlan(g.name, 0.5) for g in base.structure().groups))
     small = apply(base, cand, channel_multiple=4)
     shipped = _hashes(db)
@@ -222,7 +214,7 @@ def test_a_torn_shipped_database_is_an_error_naming_it_and_left_as_it_is(
     with (torn / RECORDS).open("a") as f:
         f.write('[0, [["half a rec')
     before = _hashes(torn)
-    (r,) = compile_model(_tiny(), _profile(torn), worker, tmp_path / "out")
+    (r,) = compile_model(tiny_tdnn(), _profile(torn), worker, tmp_path / "out")
     assert not r.ok
     assert str(torn) in (r.error or "")
     assert "torn" in (r.error or "")
@@ -233,7 +225,7 @@ def test_default_user_database_is_beside_the_builds(
     cold: CompileResult, worker: TvmWorker, db: Path, tmp_path: Path
 ) -> None:
     p = _profile(db)
-    (r,) = compile_model(_tiny(), p, worker, tmp_path / "builds" / "one", tune=False)
+    (r,) = compile_model(tiny_tdnn(), p, worker, tmp_path / "builds" / "one", tune=False)
     assert r.ok, r.error
     assert (default_tuning_dir(tmp_path / "builds", p) / WORKLOADS).exists()
 
@@ -241,14 +233,14 @@ def test_default_user_database_is_beside_the_builds(
 def test_rpc_measurement_agrees_with_local(cold: CompileResult, db: Path, tmp_path: Path) -> None:
     local_profile = _profile(db)
     with TvmLocalEstimator(local_profile, tmp_path / "local") as est:
-        (local,) = est.estimate(_tiny())
+        (local,) = est.estimate(tiny_tdnn())
     with local_farm("voxfit-test", log_dir=tmp_path / "farm") as farm:
         rpc = RpcSpec(farm.host, farm.tracker_port, farm.key, connect_timeout_s=30)
         p = replace(
             local_profile, measurement=replace(local_profile.measurement, method="rpc", rpc=rpc)
         )
         with TvmRpcEstimator(p, tmp_path / "rpc") as est:
-            (remote,) = est.estimate(_tiny())
+            (remote,) = est.estimate(tiny_tdnn())
     assert remote.ok, remote.error
     assert local.median_ms is not None
     assert remote.median_ms is not None
@@ -269,7 +261,7 @@ def test_unreachable_tracker_is_a_one_line_error_within_the_timeout(
     )
     t0 = time.monotonic()
     with TvmRpcEstimator(p, tmp_path) as est:
-        (r,) = est.estimate(_tiny())
+        (r,) = est.estimate(tiny_tdnn())
     assert not r.ok
     assert r.error is not None
     assert f"127.0.0.1:{port}" in r.error
@@ -285,7 +277,7 @@ def test_cross_compiled_arm_library_is_an_aarch64_elf(worker: TvmWorker, tmp_pat
     p = replace(
         p, inputs=p.inputs[:1], tuning=replace(p.tuning, database_dir=str(tmp_path / "db"))
     )
-    (r,) = compile_model(_tiny(), p, worker, tmp_path / "out", tune=False)
+    (r,) = compile_model(tiny_tdnn(), p, worker, tmp_path / "out", tune=False)
     assert r.ok, r.error
     assert r.details["tuner"] == "rpc"  # it would tune on the profile's device
     header = r.lib.read_bytes()[:20] if r.lib else b""
@@ -296,7 +288,7 @@ def test_cross_compiled_arm_library_is_an_aarch64_elf(worker: TvmWorker, tmp_pat
 def test_killed_tuning_leaves_a_database_the_next_run_resumes(tmp_path: Path) -> None:
     db = tmp_path / "db"
     p = _profile(tmp_path / "nothing-shipped", trials=64)
-    m = _tiny()
+    m = tiny_tdnn()
     with TvmWorker(1) as w:
         (r,) = compile_model(m, p, w, tmp_path / "a", tuning_dir=db, timeout_s=45)
     assert not r.ok
@@ -315,7 +307,7 @@ def test_cuda_profile_builds_without_a_gpu(worker: TvmWorker, tmp_path: Path) ->
     p = replace(
         p, inputs=p.inputs[:1], tuning=replace(p.tuning, database_dir=str(tmp_path / "db"))
     )
-    (r,) = compile_model(_tiny(), p, worker, tmp_path / "out", tune=False)
+    (r,) = compile_model(tiny_tdnn(), p, worker, tmp_path / "out", tune=False)
     assert r.ok, r.error
     assert r.lib is not None
     assert r.lib.stat().st_size > 0

@@ -16,6 +16,7 @@ import pytest
 import torch
 from torch import nn
 
+from tests._tiny import tiny_tdnn
 from voxfit.compile import TvmWorker
 from voxfit.errors import ModelError
 from voxfit.hw_profiles import HardwareProfile, RpcSpec, pick_local_profile
@@ -29,14 +30,8 @@ from voxfit.latency import (
     always,
 )
 from voxfit.latency._farm import free_port
-from voxfit.models import build_model, default_config
 
 ROOT = Path(__file__).resolve().parents[2]
-
-
-def _tiny() -> nn.Module:
-    torch.manual_seed(0)
-    return build_model(default_config("tdnn", 12, "tiny")).eval()
 
 
 class _Broken(nn.Module):
@@ -105,7 +100,7 @@ class EstimatorContract:
 
     def test_one_result_per_input_in_order(self, estimator: Any) -> None:
         est, profile = estimator
-        results = est.estimate(_tiny(), profile.inputs)
+        results = est.estimate(tiny_tdnn(varied_bn=False), profile.inputs)
         assert [r.input for r in results] == [s.name for s in profile.inputs]
         assert [r.frames for r in results] == [s.frames for s in profile.inputs]
         for r in results:
@@ -121,7 +116,7 @@ class EstimatorContract:
                 assert r.error
                 assert "\n" not in r.error
         # one input asked, one result
-        assert len(est.estimate(_tiny(), profile.inputs[1:2])) == 1
+        assert len(est.estimate(tiny_tdnn(varied_bn=False), profile.inputs[1:2])) == 1
 
     def test_a_model_it_cannot_handle_is_a_result(self, estimator: Any) -> None:
         est, profile = estimator

@@ -7,9 +7,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import torch
 from torch import nn
 
+from tests._tiny import tiny_tdnn
 from voxfit.errors import ConfigError
 from voxfit.hw_profiles import HardwareProfile, InputSpec, pick_local_profile
 from voxfit.latency import (
@@ -23,7 +23,6 @@ from voxfit.latency import (
     make_estimator,
     should_measure,
 )
-from voxfit.models import build_model, default_config
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -79,18 +78,13 @@ def profile() -> HardwareProfile:
     return pick_local_profile(ROOT / "hw_profiles")
 
 
-def _model() -> nn.Module:
-    torch.manual_seed(0)
-    return build_model(default_config("tdnn", 12, "tiny")).eval()
-
-
 def _stack(profile: HardwareProfile, pred: _Predictor, **kw: Any) -> PromotingEstimator:
     return PromotingEstimator(profile, PredictedEstimator(profile, pred), _Measurer(profile), **kw)
 
 
 def test_a_trusted_prediction_is_not_measured(profile: HardwareProfile) -> None:
     est = _stack(profile, _Predictor(2.0))
-    results = est.estimate(_model())
+    results = est.estimate(tiny_tdnn(varied_bn=False))
     assert [r.method for r in results] == ["predicted"] * len(profile.inputs)
     assert results[0].median_ms == 2.0
     assert results[0].basis == "reference"
@@ -99,8 +93,8 @@ def test_a_trusted_prediction_is_not_measured(profile: HardwareProfile) -> None:
 
 def test_low_confidence_and_failed_predictions_are_measured(profile: HardwareProfile) -> None:
     for pred in (_Predictor(2.0, low_confidence=True), _Predictor(2.0, fail=True)):
-        est = _stack(profile, pred, reference=_model())
-        results = est.estimate(_model())
+        est = _stack(profile, pred, reference=tiny_tdnn(varied_bn=False))
+        results = est.estimate(tiny_tdnn(varied_bn=False))
         assert all(r.method == "local" for r in results)
         r = results[0]
         assert r.predicted is not None
@@ -117,7 +111,7 @@ def test_the_call_rule_overrides_and_only_promoted_inputs_are_measured(
 ) -> None:
     est = _stack(profile, _Predictor(2.0))
     first = profile.inputs[0].name
-    results = est.estimate(_model(), promote=lambda p: p.input == first)
+    results = est.estimate(tiny_tdnn(varied_bn=False), promote=lambda p: p.input == first)
     assert est.measurer.calls == [(first,)]  # type: ignore[union-attr]
     assert [r.input for r in results] == [s.name for s in profile.inputs]
     assert results[0].method == "local"
@@ -129,7 +123,10 @@ def test_the_call_rule_overrides_and_only_promoted_inputs_are_measured(
 
 def test_without_a_predictor_everything_is_measured(profile: HardwareProfile) -> None:
     est = PromotingEstimator(profile, None, _Measurer(profile))
-    assert all(r.method == "local" and r.predicted is None for r in est.estimate(_model()))
+    assert all(
+        r.method == "local" and r.predicted is None
+        for r in est.estimate(tiny_tdnn(varied_bn=False))
+    )
     est.close()
     assert est.measurer.closed  # type: ignore[union-attr]
     with pytest.raises(ValueError, match="predictor, a measurer or both"):
@@ -145,11 +142,11 @@ def test_front_rule_promotes_near_the_front(profile: HardwareProfile) -> None:
     assert should_measure((3.0, 21.0, 6.0), front, low_confidence=True)
     assert should_measure((3.0, 21.0, 6.0), [])
     slow = _stack(profile, _Predictor(3.0)).estimate(
-        _model(), promote=front_rule((21.0, 6.0), front)
+        tiny_tdnn(varied_bn=False), promote=front_rule((21.0, 6.0), front)
     )
     assert slow[0].method == "predicted"
     near = _stack(profile, _Predictor(1.05)).estimate(
-        _model(), promote=front_rule((19.9, 5.0), front)
+        tiny_tdnn(varied_bn=False), promote=front_rule((19.9, 5.0), front)
     )
     assert near[0].method == "local"
     assert always(slow[0])

@@ -6,44 +6,38 @@ from pathlib import Path
 
 import pytest
 
-from voxfit.models import build_model, default_config
 from voxfit.search import baselines
 from voxfit.spaces import SearchSpace, load_space
 
 SPACES = Path(__file__).resolve().parents[2] / "spaces"
 
 
-@pytest.fixture(scope="module")
-def structure():  # type: ignore[no-untyped-def]
-    return build_model(default_config("tdnn", 55, "tiny")).structure()
-
-
-def test_prune50_halves_only_the_groups_the_space_may_halve(structure) -> None:  # type: ignore[no-untyped-def]
-    default = baselines(load_space(SPACES / "tdnn-default.yaml").bind(structure), 32)
-    wide = baselines(load_space(SPACES / "tdnn-wide.yaml").bind(structure), 32)
+def test_prune50_halves_only_the_groups_the_space_may_halve(tdnn_structure) -> None:  # type: ignore[no-untyped-def]
+    default = baselines(load_space(SPACES / "tdnn-default.yaml").bind(tdnn_structure), 32)
+    wide = baselines(load_space(SPACES / "tdnn-wide.yaml").bind(tdnn_structure), 32)
     assert list(default) == ["fp32", "int8", "prune50"]
     halved = {g.name for g in default["prune50"].groups}
     assert "stream" not in halved  # tdnn-default keeps the stream whole
-    assert halved == {g.name for g in structure.groups} - {"stream"}
-    assert {g.name for g in wide["prune50"].groups} == {g.name for g in structure.groups}
+    assert halved == {g.name for g in tdnn_structure.groups} - {"stream"}
+    assert {g.name for g in wide["prune50"].groups} == {g.name for g in tdnn_structure.groups}
     assert all(g.keep_ratio == 0.5 for g in default["prune50"].groups)
     assert default["prune50"].recovery_steps == 1000  # the longest the space offers
     # every baseline carries the same adapters: the largest offered size <= 32 at each slot
     assert {a.dim for b in default.values() for a in b.adapters} == {32}
-    small = baselines(load_space(SPACES / "tdnn-default.yaml").bind(structure), 8)
+    small = baselines(load_space(SPACES / "tdnn-default.yaml").bind(tdnn_structure), 8)
     assert small["fp32"].adapters
     assert {a.dim for a in small["fp32"].adapters} == {8}
 
 
-def test_no_prune50_when_nothing_may_be_halved(structure, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_no_prune50_when_nothing_may_be_halved(tdnn_structure, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     text = (SPACES / "tdnn-default.yaml").read_text()
     text = text.replace("[0.25, 0.5, 0.75, 1.0]", "[0.75, 1.0]")
     (tmp_path / "s.yaml").write_text(text)
-    out = baselines(load_space(tmp_path / "s.yaml").bind(structure), 32)
+    out = baselines(load_space(tmp_path / "s.yaml").bind(tdnn_structure), 32)
     assert list(out) == ["fp32", "int8"]
 
 
-def test_a_study_with_other_objectives_is_not_resumed(structure, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_a_study_with_other_objectives_is_not_resumed(tdnn_structure, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     """A study made by a version with three objectives (no size) cannot take 4-value trials:
     resuming it is a one-line error naming the study, before any work."""
     import optuna
@@ -57,7 +51,7 @@ def test_a_study_with_other_objectives_is_not_resumed(structure, tmp_path: Path)
     old.set_user_attr("objectives", ["latency_ms", "post_adapt_per", "dev_per"])
     settings = SearchSettings(
         profile=load_profile(SPACES.parent / "hw_profiles" / "x86-avx2-2core.yaml"),
-        space=load_space(SPACES / "tdnn-default.yaml").bind(structure),
+        space=load_space(SPACES / "tdnn-default.yaml").bind(tdnn_structure),
         storage=url,
         study_name="old",
         n_trials=1,
@@ -67,7 +61,7 @@ def test_a_study_with_other_objectives_is_not_resumed(structure, tmp_path: Path)
     assert OBJECTIVES[-1] == "size_mb"
 
 
-def test_a_study_resumes_by_space_choices_not_prose(structure, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_a_study_resumes_by_space_choices_not_prose(tdnn_structure, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     """Only what a search can draw decides whether a study goes on with an edited space."""
     import optuna
 
@@ -96,7 +90,7 @@ def test_a_study_resumes_by_space_choices_not_prose(structure, tmp_path: Path) -
     def resume(text: str, study_name: str = "s") -> optuna.Study:
         s = SearchSettings(
             profile=profile,
-            space=space(text).bind(structure),
+            space=space(text).bind(tdnn_structure),
             storage=url,
             study_name=study_name,
             n_trials=1,

@@ -9,7 +9,6 @@ import pytest
 import yaml
 
 from voxfit.errors import ConfigError
-from voxfit.models import build_model, default_config
 from voxfit.spaces import find_space, load_space, params_of, sample, space_from_dict
 
 SPACES = Path(__file__).resolve().parents[2] / "spaces"
@@ -23,11 +22,6 @@ class _Random:
     def suggest_categorical(self, name: str, choices: list[Any]) -> Any:
         self.asked.append(name)
         return self.r.choice(choices)
-
-
-@pytest.fixture(scope="module")
-def tdnn_structure():  # type: ignore[no-untyped-def]
-    return build_model(default_config("tdnn", 55, "tiny")).structure()
 
 
 def _raw() -> dict[str, Any]:

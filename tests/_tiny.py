@@ -1,0 +1,25 @@
+"""The tiny model every test builds, defined once (``conftest.py`` wraps it in fixtures;
+tests that need several fresh copies call :func:`tiny_tdnn` directly)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from voxfit.models import build_model, default_config
+
+
+def tiny_tdnn(outputs: int = 12, *, seed: int = 0, varied_bn: bool = True) -> nn.Module:
+    """A tiny ``tdnn`` in eval mode, the same weights for the same ``seed``.
+
+    ``varied_bn``: non-trivial BatchNorm statistics, so folding and export are really
+    tested (a fresh model's running mean 0 / var 1 would hide a dropped BatchNorm).
+    """
+    torch.manual_seed(seed)
+    m = build_model(default_config("tdnn", outputs, "tiny")).eval()
+    if varied_bn:
+        for mod in m.modules():
+            if isinstance(mod, nn.BatchNorm1d):
+                mod.running_mean.uniform_(-0.5, 0.5)
+                mod.running_var.uniform_(0.5, 2.0)
+    return m
