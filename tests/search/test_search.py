@@ -16,10 +16,12 @@ import pytest
 import yaml
 
 from voxfit.data import Manifest
-from voxfit.search import OBJECTIVES, record_of
+from voxfit.models import count_parameters
+from voxfit.search import OBJECTIVES, front, record_of, records, verify_bundle
 
 pytestmark = [pytest.mark.slow, pytest.mark.tvm]
 ROOT = Path(__file__).resolve().parents[2]
+README = ROOT / "README.md"
 SPACE = """
 schema_version: 1
 name: ci-tiny
@@ -138,6 +140,22 @@ def test_search_export_verify_report(setup: dict[str, Path]) -> None:
               "--out", str(html)])  # fmt: skip
     assert r.returncode == 0, r.stderr[-2000:]
     assert "Pareto" in html.read_text()
+
+    # the README's second Python API block: build a front trial's model, export its bundle
+    block = README.read_text().split("## Python API", 1)[1].split("```python\n")[2]
+    best = min(front(records(study)), key=lambda r: r.accuracy.post_adapt_per)
+    scope: dict[str, object] = {"study": study, "best": best}
+    here = Path.cwd()
+    os.chdir(root)
+    try:
+        exec(compile(block.split("```")[0], "README.md:Python API 2", "exec"), scope)  # noqa: S102
+    finally:
+        os.chdir(here)
+    bundle = root / str(scope["bundle"])  # relative to the folder the block ran in
+    assert bundle.is_dir()
+    assert bundle.name == f"trial-{best.number}"
+    assert verify_bundle(bundle) == []
+    assert count_parameters(scope["model"]) > 0  # type: ignore[arg-type]
 
 
 def _complete(db: Path, study: str) -> dict[int, list[float]]:

@@ -368,8 +368,7 @@ def export_cmd(
     verbose: Verbose = False,
 ) -> None:
     """Write deployable bundles (plan, ONNX, TVM library, adapters, report, manifest)."""
-    from voxfit.hw_profiles import profile_from_dict
-    from voxfit.search import SearchContext, export_bundle, front_table
+    from voxfit.search import SearchContext, export_bundle, front_table, profile_of
 
     _setup_logging(verbose)
     st = _load_study(storage, study)
@@ -378,16 +377,8 @@ def export_cmd(
     numbers = list(trial or [])
     if pareto:
         numbers += [r["trial"] for r in front_table(st) if r["trial"] not in numbers]
-    attrs = st.user_attrs
-    prof_raw = dict(attrs["profile"])
-    prof = profile_from_dict(prof_raw, f"study {st.study_name} profile")
-    ctx = SearchContext.prepare(
-        preset=attrs.get("preset", "default"),
-        model=attrs.get("model", "tdnn"),
-        work=work,
-        manifest=attrs.get("manifest"),
-        checkpoint=Path(attrs["checkpoint"]),
-    )
+    prof = profile_of(st)
+    ctx = SearchContext.of_study(st, work)
     by_number = {t.number: t for t in st.get_trials(deepcopy=False)}
     from voxfit.compile import TvmWorker, default_tuning_dir
 

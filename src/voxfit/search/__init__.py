@@ -11,6 +11,7 @@ from voxfit.search._access import (
     front_table,
     load_study,
     open_storage,
+    profile_of,
     records,
     study_frame,
 )
@@ -66,6 +67,7 @@ __all__ = [
     "load_study",
     "make_sampler",
     "open_storage",
+    "profile_of",
     "pareto_3d_figure",
     "pareto_figure",
     "plan_heatmap",

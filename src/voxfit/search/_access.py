@@ -20,6 +20,7 @@ import pandas as pd
 from optuna.trial import TrialState
 
 from voxfit.errors import ConfigError
+from voxfit.hw_profiles import HardwareProfile
 from voxfit.search._record import OBJECTIVES, TrialRecord, record_of
 
 __all__ = [
@@ -27,6 +28,7 @@ __all__ = [
     "front_table",
     "load_study",
     "open_storage",
+    "profile_of",
     "records",
     "study_frame",
 ]
@@ -87,6 +89,20 @@ def load_study(storage: str, study_name: str | None = None) -> optuna.Study:
             f"--study: no study {study_name!r} in {storage} (have: {', '.join(names)})"
         )
     return optuna.load_study(study_name=study_name, storage=st)
+
+
+def profile_of(study: optuna.Study) -> HardwareProfile:
+    """The hardware profile the study was made for (as recorded when it began).
+
+    Raises:
+        ConfigError: the study records no profile, or one this voxfit cannot load.
+    """
+    from voxfit.hw_profiles import profile_from_dict
+
+    raw = study.user_attrs.get("profile")
+    if not isinstance(raw, dict):
+        raise ConfigError(f"study {study.study_name!r}: no profile recorded")
+    return profile_from_dict(dict(raw), f"study {study.study_name} profile")
 
 
 def records(study: optuna.Study, states: Sequence[TrialState] | None = None) -> list[TrialRecord]:

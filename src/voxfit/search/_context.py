@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from voxfit.data import FeatureStore, Manifest, PhoneInventory
+from voxfit.errors import ConfigError
 from voxfit.plan import Candidate
 from voxfit.train import AdaptConfig, ProxyConfig
 
@@ -37,6 +38,25 @@ class SearchContext:
     recovery: Any = None
     builds: Path | None = None  # cache of distilled candidates (state dicts), see build()
     _saliency: dict[str, torch.Tensor] | None = None
+
+    @classmethod
+    def of_study(cls, study: Any, work: str | Path = "work") -> SearchContext:
+        """The context a study was searched in: its corpus (preset or manifest), model
+        family and base checkpoint, from the study's attributes; ``work`` for caches.
+
+        Raises:
+            ConfigError: the study records no checkpoint.
+        """
+        attrs = study.user_attrs
+        if not attrs.get("checkpoint"):
+            raise ConfigError(f"study {study.study_name!r}: no checkpoint recorded")
+        return cls.prepare(
+            preset=attrs.get("preset", "default"),
+            model=attrs.get("model", "tdnn"),
+            work=work,
+            manifest=attrs.get("manifest"),
+            checkpoint=Path(attrs["checkpoint"]),
+        )
 
     @classmethod
     def prepare(
