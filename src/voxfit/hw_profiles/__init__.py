@@ -1,9 +1,18 @@
-"""Hardware profiles (``hw_profiles/*.yaml``): schema, loader, host compatibility.
+"""Hardware profiles (``hw_profiles/*.yaml``): schema, loader, host compatibility, and a
+description of the host (:func:`describe_host`) that fitted models record.
 
 Importing this package is instant: it needs neither torch nor TVM.
 """
 
-from voxfit.hw_profiles._host import host_cpu_flags, host_runs, pick_local_profile
+from voxfit.hw_profiles._host import (
+    HostInfo,
+    check_recorded_host,
+    describe_host,
+    host_cpu_flags,
+    host_runs,
+    pick_local_profile,
+    same_host_kind,
+)
 from voxfit.hw_profiles._profile import (
     METHODS,
     PROFILE_SCHEMA_VERSION,
@@ -22,10 +31,13 @@ __all__ = [
     "METHODS",
     "PROFILE_SCHEMA_VERSION",
     "HardwareProfile",
+    "HostInfo",
     "InputSpec",
     "MeasurementSpec",
     "RpcSpec",
     "TuningSpec",
+    "check_recorded_host",
+    "describe_host",
     "explain",
     "find_profile",
     "host_cpu_flags",
@@ -33,4 +45,5 @@ __all__ = [
     "load_profile",
     "pick_local_profile",
     "profile_from_dict",
+    "same_host_kind",
 ]
