@@ -2,16 +2,24 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 from torch import nn
 
 from voxfit.cost_models._features import decompose
 from voxfit.cost_models._model import CostModel, load_for
-from voxfit.hw_profiles import HardwareProfile
+from voxfit.errors import ConfigError
+from voxfit.hw_profiles import HardwareProfile, HostInfo
 from voxfit.latency import PredictedEstimator, PredictedLatency
+
+log = logging.getLogger(__name__)
+
+HostMismatch = Literal["flag", "ignore"]
+# one warning per (fitting host, this host) pair and process, not one per prediction
+_warned: set[str] = set()
 
 
 class CostModelPredictor:
@@ -19,13 +27,54 @@ class CostModelPredictor:
 
     Its milliseconds are at the reference speed when the model was fitted on drift-free
     labels (its card knows the reference model's typical time), else raw medians.
+
+    ``host_mismatch`` says what a card fitted on another kind of host means here
+    (:meth:`CostModel.host_check`): ``"flag"`` (default) marks every prediction
+    ``low_confidence`` with the reason, so the latency stack measures it instead of
+    trusting it; ``"ignore"`` uses the predictions as they are. Flagging is the default
+    because the ranking transfers but the milliseconds do not: the shipped x86 model put 96%
+    of held-out candidates within +-10% on its own host and 69% on a Zen 2 host (Spearman
+    0.98 there), so a budget decided on predicted ms would be wrong by up to 26%. Choose
+    ``"ignore"`` when ranking is enough or the host is known to be equivalent. A card that
+    does not record its host is never flagged for it (its host is unknown, not different).
+    Either way a mismatch is logged once per process, naming both hosts. ``current_host``
+    stands for this machine (default :func:`~voxfit.hw_profiles.describe_host`).
+
+    Raises:
+        ConfigError: ``host_mismatch`` is neither ``"flag"`` nor ``"ignore"``.
     """
 
-    def __init__(self, model: CostModel) -> None:
+    def __init__(
+        self,
+        model: CostModel,
+        host_mismatch: HostMismatch = "flag",
+        current_host: HostInfo | None = None,
+    ) -> None:
+        if host_mismatch not in get_args(HostMismatch):
+            raise ConfigError(
+                f"host_mismatch: expected one of {', '.join(get_args(HostMismatch))}, "
+                f"got {host_mismatch!r}"
+            )
         self.model = model
         self.basis: Literal["raw", "reference"] = (
             "reference" if model.card.get("reference_ms") else "raw"
         )
+        self.host_mismatch = host_mismatch
+        self.host_same, self.host_why = model.host_check(current_host)
+        self._host_reasons: tuple[str, ...] = ()
+        if not self.host_same:
+            if host_mismatch == "flag":
+                self._host_reasons = (f"cost model from another host: {self.host_why}",)
+            if self.host_why not in _warned:
+                _warned.add(self.host_why)
+                log.warning(
+                    "cost model %s %s; %s",
+                    model.directory or "(not saved)",
+                    self.host_why,
+                    "its predictions are low-confidence and get measured"
+                    if host_mismatch == "flag"
+                    else "host_mismatch='ignore': its predictions are used as they are",
+                )
 
     @property
     def card(self) -> Mapping[str, Any]:
@@ -40,8 +89,8 @@ class CostModelPredictor:
         return PredictedLatency(
             ms=p.ms,
             activation_bytes=act_bytes,
-            low_confidence=p.low_confidence,
-            reasons=p.reasons,
+            low_confidence=p.low_confidence or bool(self._host_reasons),
+            reasons=p.reasons + self._host_reasons,
         )
 
     def reference_ms(self, input_name: str, reference: nn.Module) -> float | None:
@@ -56,27 +105,33 @@ def load_predictor(
     profile: HardwareProfile,
     cost_models_dir: str | Path = "cost_models",
     directory: str | Path | None = None,
+    host_mismatch: HostMismatch = "flag",
 ) -> CostModelPredictor:
     """The profile's cost model as a predictor: the one saved in ``directory`` (``voxfit
     cost-model fit`` output) if given, else the shipped one under ``cost_models_dir``.
+    ``host_mismatch``: see :class:`CostModelPredictor`.
 
     Raises:
         ConfigError: no cost model there, or it was trained for another profile.
     """
-    return CostModelPredictor(load_for(profile, cost_models_dir, directory))
+    return CostModelPredictor(load_for(profile, cost_models_dir, directory), host_mismatch)
 
 
 def predicted_estimator(
     profile: HardwareProfile,
     cost_models_dir: str | Path = "cost_models",
     model: CostModel | None = None,
+    host_mismatch: HostMismatch = "flag",
 ) -> PredictedEstimator:
     """A predicting estimator for ``profile`` (``model``, or the profile's fitted one).
+    ``host_mismatch``: see :class:`CostModelPredictor`.
 
     Raises:
         ConfigError: no cost model, or one trained for another profile.
     """
     if model is not None:
         model.check_profile(profile)
-        return PredictedEstimator(profile, CostModelPredictor(model))
-    return PredictedEstimator(profile, load_predictor(profile, cost_models_dir))
+        return PredictedEstimator(profile, CostModelPredictor(model, host_mismatch))
+    return PredictedEstimator(
+        profile, load_predictor(profile, cost_models_dir, host_mismatch=host_mismatch)
+    )

@@ -8,7 +8,10 @@ typical ms (``card.reference_ms``), so the host's drift does not enter the label
 task's label is its share of the instrumented kernel time scaled to that. Files, no
 pickle: ``model.json`` (xgboost's JSON) and ``card.yaml`` (features, the training ranges,
 the task kinds seen, the overhead, metrics, provenance). A card is bound to one profile: a
-model trained on one refuses to predict for another.
+model trained on one refuses to predict for another. It also records the host it was fitted
+on (``host``, :class:`~voxfit.hw_profiles.HostInfo` as a dict; cards from before have none):
+the same profile on another kind of CPU is another device for latency
+(:meth:`CostModel.host_check`).
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ from torch import nn
 
 from voxfit.cost_models._features import FEATURES, Task, decompose, feature_rows
 from voxfit.errors import ConfigError
-from voxfit.hw_profiles import HardwareProfile
+from voxfit.hw_profiles import HardwareProfile, HostInfo, check_recorded_host, describe_host
 
 CARD_SCHEMA_VERSION = 1
 MODEL_FILE = "model.json"
@@ -165,6 +168,21 @@ class CostModel:
 
     def __post_init__(self) -> None:
         self._ranges = {k: (float(v[0]), float(v[1])) for k, v in self.card["ranges"].items()}
+
+    @property
+    def host(self) -> HostInfo | None:
+        """The host the model was fitted on; None for a card that predates recording it."""
+        h = self.card.get("host")
+        return HostInfo.from_dict(h) if isinstance(h, dict) else None
+
+    def host_check(self, current: HostInfo | None = None) -> tuple[bool, str]:
+        """Whether this machine (or ``current``) is the kind of host the model was fitted on,
+        and a sentence naming both (:func:`~voxfit.hw_profiles.check_recorded_host`).
+
+        (False, why) only when the card records a host and it differs in kind; a card
+        without a host is (True, "host unknown: ...").
+        """
+        return check_recorded_host(self.card.get("host"), current)
 
     # -- prediction ----------------------------------------------------------------------
     def check_profile(self, profile: HardwareProfile) -> None:
@@ -337,8 +355,13 @@ def fit(
     profile: HardwareProfile,
     *,
     seed: int = 0,
+    host: HostInfo | None = None,
 ) -> CostModel:
     """Fit on every candidate in ``models`` that has per-task times.
+
+    ``host`` is recorded on the card as the host the labels hold on; default this machine.
+    Measurement rows do not record their host, so a dataset collected elsewhere should be
+    fitted with that host named (or on it).
 
     Raises:
         ConfigError: no usable rows, or rows from another profile.
@@ -399,6 +422,8 @@ def fit(
         "n_task_rows": len(labelled),
         "inputs": sorted(set(used["input"])),
         "tvm_version": sorted(set(used["tvm_version"])),
+        # where the labels' speed holds: another kind of CPU is another device for latency
+        "host": (describe_host() if host is None else host).as_dict(),
         "features": list(FEATURES),
         "ranges": ranges,
         "seen_kinds": [list(k) for k in seen],
