@@ -33,7 +33,7 @@ from optuna.trial import FrozenTrial, TrialState
 from torch import nn
 
 from voxfit.errors import ConfigError, VoxfitError
-from voxfit.hw_profiles import HardwareProfile
+from voxfit.hw_profiles import HardwareProfile, check_recorded_host
 from voxfit.latency import LatencyResult, PromotingEstimator, always, front_rule
 from voxfit.plan import AdapterPlan, Candidate, GroupPlan, LayerPlan
 from voxfit.search._access import complete, front, open_storage
@@ -407,7 +407,11 @@ def run_search(s: SearchSettings, ctx: SearchContext) -> optuna.Study:
         card = latency.predictor.predictor.card
         study.set_user_attr(
             f"cost_model_{card.get('model_sha256', '')[:12]}",
-            {k: card.get(k) for k in ("trained", "n_candidates", "hardware_key", "metrics")},
+            {k: card.get(k) for k in ("trained", "n_candidates", "hardware_key", "metrics")}
+            | {
+                "host": card.get("host"),
+                "host_check": list(check_recorded_host(card.get("host"))),
+            },
         )
     objective = make_objective(ctx, s, latency)
 
