@@ -7,7 +7,7 @@ for sensitivity analysis and tests, ``ActivationQuantizer`` and
 
 from voxfit.compress._apply import apply
 from voxfit.compress._distill import Recovery, distill
-from voxfit.compress._export import OnnxExport, export_onnx
+from voxfit.compress._export import OnnxExport, export_onnx, export_onnx_static_int8
 from voxfit.compress._prune import kept_channels, magnitude_scores, prune_to_plan, taylor_scores
 from voxfit.compress._quant import (
     ActivationQuantizer,
@@ -23,6 +23,7 @@ __all__ = [
     "ActivationQuantizer",
     "OnnxExport",
     "export_onnx",
+    "export_onnx_static_int8",
     "Recovery",
     "distill",
     "SensitivityConfig",
