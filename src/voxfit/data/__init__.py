@@ -10,7 +10,13 @@ from voxfit.data._corpus import (
     settings_hash,
     speaker_specs,
 )
-from voxfit.data._features import FeatureConfig, FeatureStore, log_mel
+from voxfit.data._features import (
+    FeatureConfig,
+    FeatureStore,
+    frontend_reference_source,
+    frontend_spec,
+    log_mel,
+)
 from voxfit.data._manifest import (
     SPLITS,
     Manifest,
@@ -34,6 +40,8 @@ __all__ = [
     "PhoneInventory",
     "SpeakerSpec",
     "Utterance",
+    "frontend_reference_source",
+    "frontend_spec",
     "load_manifest",
     "log_mel",
     "make_corpus",

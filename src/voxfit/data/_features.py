@@ -13,6 +13,7 @@ import logging
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -22,6 +23,14 @@ from voxfit.data._manifest import Manifest, Utterance, read_wav
 from voxfit.errors import DataError
 
 log = logging.getLogger(__name__)
+
+# The fixed parts of the front end (not settings: changing one changes every feature).
+# ``log_mel`` and ``frontend_spec`` both read them, so the bundle's spec cannot drift.
+MEL_SCALE = 2595.0  # HTK: mel = MEL_SCALE * log10(1 + hz / MEL_BREAK_HZ)
+MEL_BREAK_HZ = 700.0
+LOG_OFFSET = 1e-6  # log(mel power + LOG_OFFSET): finite on digital silence
+STD_FLOOR = 1e-3  # per-utterance std is clamped to at least this before dividing
+FRONTEND_SCHEMA_VERSION = 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,24 +48,29 @@ class FeatureConfig:
 
 
 def _hz_to_mel(f: torch.Tensor) -> torch.Tensor:
-    return 2595.0 * torch.log10(1.0 + f / 700.0)
+    return MEL_SCALE * torch.log10(1.0 + f / MEL_BREAK_HZ)
 
 
 def _mel_to_hz(m: torch.Tensor) -> torch.Tensor:
-    return 700.0 * (10.0 ** (m / 2595.0) - 1.0)
+    return MEL_BREAK_HZ * (10.0 ** (m / MEL_SCALE) - 1.0)
 
 
-def mel_filterbank(cfg: FeatureConfig) -> torch.Tensor:
-    """Triangular HTK mel filters, shape (n_mels, n_fft // 2 + 1)."""
-    n_freqs = cfg.n_fft // 2 + 1
-    freqs = torch.linspace(0, cfg.sample_rate_hz / 2, n_freqs, dtype=torch.float64)
+def _mel_edges_hz(cfg: FeatureConfig) -> torch.Tensor:
+    """The n_mels + 2 filter edges (Hz, float64): equally spaced in mel from fmin to fmax."""
     mels = torch.linspace(
         _hz_to_mel(torch.tensor(cfg.fmin_hz)).item(),
         _hz_to_mel(torch.tensor(cfg.fmax_hz)).item(),
         cfg.n_mels + 2,
         dtype=torch.float64,
     )
-    edges = _mel_to_hz(mels)
+    return _mel_to_hz(mels)
+
+
+def mel_filterbank(cfg: FeatureConfig) -> torch.Tensor:
+    """Triangular HTK mel filters, shape (n_mels, n_fft // 2 + 1)."""
+    n_freqs = cfg.n_fft // 2 + 1
+    freqs = torch.linspace(0, cfg.sample_rate_hz / 2, n_freqs, dtype=torch.float64)
+    edges = _mel_edges_hz(cfg)
     lo, mid, hi = edges[:-2, None], edges[1:-1, None], edges[2:, None]
     up = (freqs[None] - lo) / (mid - lo)
     down = (hi - freqs[None]) / (hi - mid)
@@ -86,10 +100,87 @@ def log_mel(samples: torch.Tensor, cfg: FeatureConfig | None = None) -> torch.Te
     )
     power = spec.abs().pow(2)  # (freq, frames)
     mel = mel_filterbank(cfg) @ power
-    feats = torch.log(mel + 1e-6).T
+    feats = torch.log(mel + LOG_OFFSET).T
     mean = feats.mean(dim=0, keepdim=True)
-    std = feats.std(dim=0, keepdim=True).clamp_min(1e-3)
+    std = feats.std(dim=0, keepdim=True).clamp_min(STD_FLOOR)
     return (feats - mean) / std
+
+
+def frontend_spec(cfg: FeatureConfig | None = None) -> dict[str, Any]:
+    """Every setting :func:`log_mel` uses, as plain JSON data (a bundle's ``frontend.json``).
+
+    Enough to reproduce the features from 16-bit PCM without voxfit: ``voxfit.data``'s
+    numpy reference (:func:`frontend_reference_source`) computes them from this dict alone.
+    Built from ``cfg`` and this module's constants, so it cannot disagree with ``log_mel``.
+    """
+    cfg = cfg or FeatureConfig()
+    hop_ms = 1000.0 * cfg.hop_samples / cfg.sample_rate_hz
+    return {
+        "schema_version": FRONTEND_SCHEMA_VERSION,
+        "feature_config": asdict(cfg),
+        "audio": {
+            "sample_rate_hz": cfg.sample_rate_hz,
+            "channels": 1,
+            "sample_format": "int16 PCM (little-endian wav)",
+            "to_float": "samples / 32768.0 (float32, in [-1, 1))",
+            "other_rates": "resample first; a wav at another rate is an error",
+        },
+        "stft": {
+            "n_fft": cfg.n_fft,
+            "win_samples": cfg.win_samples,
+            "hop_samples": cfg.hop_samples,
+            "window": "hann, periodic: 0.5 - 0.5 * cos(2 * pi * n / win_samples), "
+            "n = 0..win_samples-1, zero-padded equally on both sides to n_fft "
+            "(left pad (n_fft - win_samples) // 2)",
+            "center": True,
+            "pad_mode": "reflect (no edge repeat), n_fft // 2 samples at each end",
+            "onesided_bins": cfg.n_fft // 2 + 1,
+            "magnitude": "power: re^2 + im^2",
+            "n_frames": "1 + n_samples // hop_samples",
+        },
+        "mel": {
+            "n_mels": cfg.n_mels,
+            "fmin_hz": cfg.fmin_hz,
+            "fmax_hz": cfg.fmax_hz,
+            "scale": "htk",
+            "mel_scale": MEL_SCALE,
+            "mel_break_hz": MEL_BREAK_HZ,
+            "hz_to_mel": "mel_scale * log10(1 + hz / mel_break_hz)",
+            "mel_to_hz": "mel_break_hz * (10 ** (mel / mel_scale) - 1)",
+            "edges": "n_mels + 2 points equally spaced in mel from hz_to_mel(fmin_hz) to "
+            "hz_to_mel(fmax_hz), mapped back to Hz (float64)",
+            "edges_hz": [float(e) for e in _mel_edges_hz(cfg)],
+            "bin_hz": "linspace(0, sample_rate_hz / 2, onesided_bins) (float64)",
+            "filter": "filter m (edges lo, mid, hi = edges_hz[m], [m+1], [m+2]) at bin "
+            "frequency f: max(0, min((f - lo) / (mid - lo), (hi - f) / (hi - mid))); "
+            "no area normalization; computed in float64, applied in float32",
+            "apply": "mel[m, t] = sum_k filter[m, k] * power[k, t]",
+        },
+        "log": {"function": "natural log", "offset": LOG_OFFSET, "formula": "log(mel + offset)"},
+        "normalization": {
+            "kind": "per utterance, per mel bin, over all frames of the utterance",
+            "mean": "mean over frames",
+            "std": "sample std over frames (ddof=1), clamped to at least std_floor",
+            "std_floor": STD_FLOOR,
+            "formula": "(x - mean) / max(std, std_floor)",
+        },
+        "output": {
+            "shape": ["frames", cfg.n_mels],
+            "dtype": "float32",
+            "frame_shift_ms": hop_ms,
+            "frame_rate_hz": 1000.0 / hop_ms,
+            "window_ms": 1000.0 * cfg.win_samples / cfg.sample_rate_hz,
+            "note": "voxfit caches training features as float16; the model was trained and "
+            "measured on those, a device computes float32 (the difference is far below "
+            "the model's sensitivity)",
+        },
+    }
+
+
+def frontend_reference_source() -> str:
+    """Source of a numpy-only implementation of :func:`log_mel` driven by
+    :func:`frontend_spec`'s dict (a bundle's ``frontend.py``; it imports nothing of voxfit)."""
+    return (Path(__file__).with_name("_frontend_reference.py")).read_text()
 
 
 def load_samples(utt: Utterance, cfg: FeatureConfig) -> torch.Tensor:

@@ -12,6 +12,7 @@ from voxfit.hw_profiles._host import (
     host_runs,
     pick_local_profile,
     same_host_kind,
+    target_runs_here,
 )
 from voxfit.hw_profiles._profile import (
     METHODS,
@@ -42,6 +43,7 @@ __all__ = [
     "find_profile",
     "host_cpu_flags",
     "host_runs",
+    "target_runs_here",
     "load_profile",
     "pick_local_profile",
     "profile_from_dict",

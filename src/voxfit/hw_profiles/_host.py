@@ -58,7 +58,12 @@ def host_cpu_flags() -> frozenset[str]:
 
 def host_runs(profile: HardwareProfile) -> tuple[bool, str]:
     """Whether code for ``profile.target`` runs here, and why not when it does not."""
-    t = profile.target
+    return target_runs_here(profile.target)
+
+
+def target_runs_here(t: Mapping[str, Any]) -> tuple[bool, str]:
+    """:func:`host_runs` for a bare target dict (``kind``, ``mtriple``, ``mcpu``), e.g. the
+    one a bundle's report.json records."""
     if t["kind"] == "cuda":
         if Path("/dev/nvidiactl").exists():
             return True, "a CUDA device is present"

@@ -10,6 +10,8 @@ from voxfit.models._adapters import (
     insert_adapters,
 )
 from voxfit.models._family import (
+    OUTPUT_LENGTHS,
+    OUTPUT_STRIDE,
     ConformerLiteCtc,
     ModelConfig,
     ModelKind,
@@ -31,6 +33,8 @@ from voxfit.models._structure import (
 )
 
 __all__ = [
+    "OUTPUT_LENGTHS",
+    "OUTPUT_STRIDE",
     "ActivationQuantizer",
     "Adapter",
     "AdapterKind",

@@ -41,9 +41,15 @@ class ModelConfig:
     schema_version: int = 1
 
 
+# Output frames per input frame: the stem's stride (both models). A bundle's frontend.json
+# states the output frame shift from it (input hop x OUTPUT_STRIDE, 20 ms).
+OUTPUT_STRIDE = 2
+OUTPUT_LENGTHS = "floor((lengths - 1) / 2) + 1"  # what _out_lengths computes, for bundles
+
+
 def _out_lengths(lengths: torch.Tensor) -> torch.Tensor:
-    # Stem: kernel 5, stride 2, padding 2 (both models).
-    return torch.div(lengths + 4 - 5, 2, rounding_mode="floor") + 1
+    # Stem: kernel 5, stride OUTPUT_STRIDE, padding 2 (both models).
+    return torch.div(lengths + 4 - 5, OUTPUT_STRIDE, rounding_mode="floor") + 1
 
 
 class _TdnnBlock(nn.Module):
@@ -71,7 +77,7 @@ class TdnnCtc(nn.Module):
         super().__init__()
         self.cfg = cfg
         c, h, k = cfg.channels, cfg.hidden, cfg.kernel_size
-        self.stem = nn.Conv1d(cfg.n_mels, c, 5, stride=2, padding=2)
+        self.stem = nn.Conv1d(cfg.n_mels, c, 5, stride=OUTPUT_STRIDE, padding=2)
         self.stem_bn = nn.BatchNorm1d(c)
         self.blocks = nn.ModuleList(
             _TdnnBlock(c, h, k, dilation=(1, 2, 3)[i % 3]) for i in range(cfg.n_blocks)
@@ -220,7 +226,7 @@ class ConformerLiteCtc(nn.Module):
         super().__init__()
         self.cfg = cfg
         d = cfg.channels
-        self.stem = nn.Conv1d(cfg.n_mels, d, 5, stride=2, padding=2)
+        self.stem = nn.Conv1d(cfg.n_mels, d, 5, stride=OUTPUT_STRIDE, padding=2)
         self.stem_norm = nn.LayerNorm(d)
         self.blocks = nn.ModuleList(_ConformerBlock(cfg) for _ in range(cfg.n_blocks))
         self.drop = nn.Dropout(cfg.dropout)
