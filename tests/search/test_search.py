@@ -11,13 +11,14 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import optuna
 import pytest
 import yaml
 
 from voxfit.data import Manifest
 from voxfit.models import count_parameters
-from voxfit.search import OBJECTIVES, front, record_of, records, verify_bundle
+from voxfit.search import OBJECTIVES, front, record_of, records, verify_bundle, write_manifest
 
 pytestmark = [pytest.mark.slow, pytest.mark.tvm]
 ROOT = Path(__file__).resolve().parents[2]
@@ -119,7 +120,11 @@ def test_search_export_verify_report(setup: dict[str, Path]) -> None:
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
     b = bundles / "e2e" / f"trial-{trials[1].number}"
     for f in ("plan.yaml", "model.onnx", "adapters.npz", "report.json", "manifest.json",
-              "tvm/utterance_1s.so", "tvm/load_example.py"):  # fmt: skip
+              "tvm/utterance_1s.so", "tvm/load_example.py", "frontend.json", "frontend.py",
+              "phones.json", "decode.py", "adapters.md", "conformance/audio.wav",
+              "conformance/input.npy", "conformance/input_lengths.npy",
+              "conformance/expected_log_probs.npy", "conformance/expected_lengths.npy",
+              "conformance/expected.json"):  # fmt: skip
         assert (b / f).is_file(), f
     rep = json.loads((b / "report.json").read_text())
     assert rep["onnx"]["int8_layers"]  # the int8 baseline is QDQ in ONNX
@@ -129,7 +134,30 @@ def test_search_export_verify_report(setup: dict[str, Path]) -> None:
     assert rep["latency"]["source"] == "measured"
     assert rep["latency"]["tvm_version"]
     assert abs(rep["dev_per_rebuilt"] - rep["metrics"]["dev_per"]) < 5.0
-    assert _run(["verify", str(b)]).returncode == 0
+    described = rep["self_description"]
+    manifest = json.loads((b / "manifest.json").read_text())["files"]
+    assert set(described["files"]) <= set(manifest)  # listed in the report, hashed
+    assert rep["adapters"]["adapter_bytes"] > 0
+    assert rep["adapters"]["training_state_bytes"] == 4 * rep["adapters"]["adapter_bytes"]
+    phones = json.loads((b / "phones.json").read_text())
+    assert len(phones["symbols"]) == np.load(b / "conformance/expected_log_probs.npy").shape[-1]
+    ok = _run(["verify", str(b)])
+    assert ok.returncode == 0, ok.stderr[-2000:]
+    # the front end, onnxruntime and (ci-cpu runs here) the TVM library each reran the pair
+    for runtime in ("frontend", "onnxruntime: frame agreement", "tvm: frame agreement"):
+        assert f"conformance {runtime}" in ok.stdout, ok.stdout
+    # a conformance output the models no longer reproduce is a problem, even when re-hashed
+    lp_file = b / "conformance" / "expected_log_probs.npy"
+    saved = lp_file.read_bytes()
+    lp = np.load(lp_file)
+    np.save(lp_file, lp[:, :, ::-1].copy())
+    write_manifest(b)
+    bad = _run(["verify", str(b)])
+    assert bad.returncode == 2
+    assert "onnxruntime: conformance output differs" in bad.stderr
+    assert "tvm: conformance output differs" in bad.stderr
+    lp_file.write_bytes(saved)
+    write_manifest(b)
     (b / "plan.yaml").write_text((b / "plan.yaml").read_text() + "# edited\n")
     bad = _run(["verify", str(b)])
     assert bad.returncode == 2

@@ -401,12 +401,15 @@ def export_cmd(
 
 @app.command()
 def verify(bundle: Annotated[Path, typer.Argument(help="A bundle folder.")]) -> None:
-    """Check a bundle's files against its manifest (sha256)."""
-    from voxfit.search import verify_bundle
+    """Check a bundle's files against its manifest (sha256) and rerun its conformance pair
+    (front end, onnxruntime, and the TVM library when its target runs here)."""
+    from voxfit.search import check_bundle
 
-    problems = verify_bundle(bundle)
-    if problems:
-        raise ConfigError(f"{bundle}: " + "; ".join(problems))
+    checked = check_bundle(bundle)
+    for c in checked.conformance:
+        console.print(f"conformance {c.line()}", highlight=False)
+    if checked.problems:
+        raise ConfigError(f"{bundle}: " + "; ".join(checked.problems))
     console.print(f"{bundle}: every file matches manifest.json")
 
 

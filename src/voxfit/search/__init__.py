@@ -15,7 +15,14 @@ from voxfit.search._access import (
     records,
     study_frame,
 )
-from voxfit.search._bundle import export_bundle, verify_bundle, write_manifest
+from voxfit.search._bundle import (
+    BundleCheck,
+    check_bundle,
+    export_bundle,
+    verify_bundle,
+    write_manifest,
+)
+from voxfit.search._bundle_describe import ConformanceCheck
 from voxfit.search._context import SearchContext
 from voxfit.search._figures import (
     LABELS,
@@ -53,11 +60,14 @@ __all__ = [
     "OBJECTIVES",
     "SAMPLERS",
     "AccuracyRecord",
+    "BundleCheck",
+    "ConformanceCheck",
     "LatencyRecord",
     "SearchContext",
     "SearchSettings",
     "TrialRecord",
     "baselines",
+    "check_bundle",
     "complete",
     "export_bundle",
     "front",

@@ -8,10 +8,16 @@ A bundle is a folder a deployment team can take as is:
 - ``tvm/<input>.so``: the TVM library for the profile's target (cross-linked for Arm), and
   ``tvm/load_example.py``, a minimal loader;
 - ``adapters.npz``: the adapter weights per slot (no pickle), the starting point of each
-  user's on-device adaptation;
+  user's on-device adaptation, and ``adapters.md``: how a device trains them (arrays,
+  loss, steps, learning rate) and the trainable state per user in bytes;
+- ``frontend.json`` + ``frontend.py`` (numpy only): the log-mel front end and the model's
+  input/output layouts; ``phones.json``: index -> phone, the blank; ``decode.py`` (numpy
+  only): greedy CTC to phones; ``conformance/``: a wav, its features, the plan's torch
+  output and phones, with tolerances (see ``_bundle_describe``);
 - ``report.json``: every metric, per-speaker PER before/after adaptation, latency with its
   provenance (measured or predicted, TVM version, target, repeats), the checks above;
-- ``manifest.json``: sha256 and size of every other file. ``voxfit verify`` checks it.
+- ``manifest.json``: sha256 and size of every other file. ``voxfit verify`` checks it and
+  reruns the conformance pair (front end, onnxruntime, the TVM library where it runs here).
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ import hashlib
 import json
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -32,11 +39,16 @@ from torch import nn
 from voxfit._config import read_user_text
 from voxfit.errors import ConfigError, VoxfitError
 from voxfit.hw_profiles import HardwareProfile
+from voxfit.search._bundle_describe import (
+    ConformanceCheck,
+    check_conformance,
+    write_self_description,
+)
 from voxfit.search._context import SearchContext
 from voxfit.search._record import record_of
 
 MANIFEST = "manifest.json"
-BUNDLE_SCHEMA_VERSION = 1
+BUNDLE_SCHEMA_VERSION = 2  # 2: self-describing (front end, phones, conformance)
 
 _LOADER = '''"""Load and run the voxfit TVM library of this bundle (TVM {tvm} runtime).
 
@@ -80,9 +92,37 @@ def write_manifest(bundle: Path) -> Path:
     return out
 
 
-def verify_bundle(bundle: str | Path) -> list[str]:
-    """Problems found (empty when the bundle is intact): missing, changed or unlisted files."""
+@dataclass(frozen=True, slots=True)
+class BundleCheck:
+    """What :func:`check_bundle` found: one line per problem (empty: the bundle is intact
+    and conforms), and each runtime's result on the conformance pair."""
+
+    problems: list[str]
+    conformance: list[ConformanceCheck]
+
+
+def verify_bundle(bundle: str | Path, *, run_models: bool = True) -> list[str]:
+    """Problems found (empty when the bundle is intact): missing, changed or unlisted files,
+    and (``run_models``) a runtime that does not reproduce the conformance pair."""
+    return check_bundle(bundle, run_models=run_models).problems
+
+
+def check_bundle(bundle: str | Path, *, run_models: bool = True) -> BundleCheck:
+    """:func:`verify_bundle` with each runtime's conformance figures.
+
+    Files: every file listed in manifest.json exists with its sha256, none is unlisted.
+    Models (bundles with ``conformance/``): ``frontend.py`` recomputes ``input.npy`` from
+    ``audio.wav``; onnxruntime and, where the profile's target runs on this machine, the
+    TVM library reproduce ``expected_log_probs.npy`` within ``expected.json``'s tolerances.
+    """
     b = Path(bundle)
+    problems = _file_problems(b)
+    checks = check_conformance(b) if run_models and b.is_dir() else []
+    problems += [c.line() for c in checks if c.error]
+    return BundleCheck(problems, checks)
+
+
+def _file_problems(b: Path) -> list[str]:
     m = b / MANIFEST
     if not m.exists():
         return [f"{m}: missing"]
@@ -233,6 +273,17 @@ def export_bundle(
     )
     arrays = _adapter_arrays(model)
     np.savez(tmp / "adapters.npz", **arrays)  # type: ignore[arg-type]
+    described = write_self_description(
+        tmp,
+        model,
+        cand=cand,
+        inventory=ctx.inventory,
+        feature_cfg=ctx.store.cfg,
+        dev_utts=list(ctx.manifest.split("dev")),
+        frames=spec.frames,
+        adapters=arrays,
+        adapt=ctx.adapt,
+    )
 
     from voxfit.metrics import phone_error_rate
 
@@ -288,6 +339,12 @@ def export_bundle(
             "file": "adapters.npz",
             "arrays": {k: list(v.shape) for k, v in arrays.items()},
             "kinds": {a.slot: a.kind for a in cand.adapters},
+            "notes": "adapters.md",
+            **described["adapter_state"],
+        },
+        "self_description": {
+            "files": described["files"],
+            "conformance": described["conformance"],
         },
         "seed": rec.seed,
         "record_version": rec.version,
