@@ -17,11 +17,11 @@ import tvm
 from tvm import relax
 from tvm.s_tir import meta_schedule as ms
 
-from voxfit.compile._database import locked
+from voxfit.compile._database import check, locked
 from voxfit.compile._executables import keep_executable
 from voxfit.compile._import import int8_support, is_gpu, load_program, make_target
 from voxfit.compile._layered import open_layered
-from voxfit.compile._tune import tune
+from voxfit.compile._tune import DeviceLost, tune
 
 
 def fuse(mod: tvm.IRModule, target: tvm.target.Target) -> tvm.IRModule:
@@ -176,6 +176,12 @@ def build(req: dict[str, Any]) -> dict[str, Any]:
                     log_dir=db_dir / "logs",
                     seed=req.get("seed", 0),
                 )
+            except DeviceLost as e:
+                kept = check(db_dir).records
+                raise DeviceLost(
+                    f"{e}; the {kept} records measured so far are kept in {db_dir}: run "
+                    "again once the device is back to tune only what is missing"
+                ) from None
             finally:
                 dbs.committed()
         out["tuned_trials"] = tuned

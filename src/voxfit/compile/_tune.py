@@ -11,6 +11,8 @@ no cross-linked library here.
 from __future__ import annotations
 
 import os
+import socket
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -110,12 +112,125 @@ def _light_tensor_intrin(target: tvm.target.Target) -> None:
         import tvm.s_tir.tensor_intrin.x86  # noqa: F401
 
 
+def _probe_tracker(host: str, port: int, timeout_s: float) -> None:
+    """One connection attempt to the tracker, bounded: a dead tracker fails at once.
+
+    TVM's own tracker client retries a refused connection for 60 s before it gives up.
+    """
+    try:
+        with socket.create_connection((host, port), timeout=timeout_s):
+            pass
+    except OSError as e:
+        raise ConnectionError(
+            f"RPC tracker {host}:{port} unreachable ({e.strerror or type(e).__name__})"
+        ) from None
+
+
+def create_session(config: Any) -> Any:
+    """``RPCRunner``'s ``f_create_session``: lease a device, every wait bounded.
+
+    Runs in the runner's worker process. MetaSchedule's default retries a refused tracker
+    for 60 s per trial and waits for a free device forever (a tracker whose device is gone
+    keeps the request queued); here a dead tracker fails at once and the lease gives up
+    after ``session_timeout_sec``.
+    """
+    from tvm import rpc
+
+    host, port, key = config.tracker_host, int(config.tracker_port), config.tracker_key
+    timeout_s = float(config.session_timeout_sec)
+    _probe_tracker(host, port, timeout_s)
+    box: dict[str, Any] = {}
+
+    def lease() -> None:
+        try:
+            tracker = rpc.connect_tracker(host, port)
+            box["session"] = tracker.request(
+                key, priority=config.session_priority, session_timeout=timeout_s
+            )
+        except Exception as e:  # noqa: BLE001 - re-raised in the caller's thread
+            box["error"] = e
+
+    th = threading.Thread(target=lease, daemon=True)
+    th.start()
+    th.join(timeout_s)
+    if th.is_alive():
+        raise TimeoutError(
+            f"RPC tracker {host}:{port}: no free device with key {key!r} within {timeout_s:g} s"
+        )
+    if "error" in box:
+        raise box["error"]
+    return box["session"]
+
+
+def device_gone(host: str, port: int, key: str, timeout_s: float) -> str | None:
+    """Why the tracker cannot lease ``key`` any more (unreachable, or no such device
+    registered), or None while it can."""
+    from tvm import rpc
+
+    try:
+        _probe_tracker(host, port, timeout_s)
+    except ConnectionError as e:
+        return str(e)
+    box: dict[str, Any] = {}
+
+    def ask() -> None:
+        try:
+            box["summary"] = rpc.connect_tracker(host, port).summary()
+        except Exception as e:  # noqa: BLE001 - reported as the reason below
+            box["error"] = e
+
+    th = threading.Thread(target=ask, daemon=True)
+    th.start()
+    th.join(timeout_s)
+    if th.is_alive() or "error" in box:
+        why = box.get("error", f"no answer within {timeout_s:g} s")
+        return f"RPC tracker {host}:{port} does not answer ({why})"
+    servers = box["summary"].get("server_info", [])
+    if not any(str(x.get("key", "")).split(":")[-1] == key for x in servers):
+        return f"RPC tracker {host}:{port} has no device with key {key!r} any more"
+    return None
+
+
+class DeviceLost(ConnectionError):
+    """The RPC device (or its tracker) went away while tuning: the run stops; the records
+    measured so far stay in the database and the next run tunes what is missing."""
+
+
+def _device_watch(host: str, port: int, key: str, timeout_s: float, lost: list[str]) -> Any:
+    """A measure callback (after the one that commits the batch) that stops tuning when a
+    whole batch failed and the device is gone, instead of spending the rest of the budget
+    building candidates that cannot be measured. The reason goes to ``lost`` too: the
+    exception reaches :func:`tune` through TVM's C++ task scheduler, as a RuntimeError."""
+    from tvm.ir.utils import derived_object
+    from tvm.s_tir.meta_schedule.measure_callback import PyMeasureCallback
+
+    @derived_object
+    class DeviceWatch(PyMeasureCallback):
+        def apply(
+            self,
+            task_scheduler: Any,
+            task_id: int,
+            measure_candidates: list[Any],
+            builder_results: list[Any],
+            runner_results: list[Any],
+        ) -> None:
+            if not runner_results or any(r.error_msg is None for r in runner_results):
+                return
+            why = device_gone(host, port, key, timeout_s)
+            if why is not None:
+                lost.append(why)
+                raise DeviceLost(f"{why} during tuning")
+
+    return DeviceWatch()
+
+
 def make_runner(spec: dict[str, Any]) -> ms.runner.Runner:
     """The MetaSchedule runner a :class:`~voxfit.compile.RunnerSpec` (as a dict) describes.
 
     ``"local"``: :class:`LocalRunner` on this machine; ``"rpc"``: :class:`RPCRunner` with
     the tracker and device key (``tracker_key``), each measurement bounded by ``timeout_s``
-    (MetaSchedule's ``session_timeout_sec``). Constructing either connects to nothing.
+    (MetaSchedule's ``session_timeout_sec``; the lease too, see :func:`create_session`).
+    Constructing either connects to nothing.
     """
     kind: RunnerKind = spec["kind"]
     timeout_s = float(spec["timeout_s"])
@@ -129,7 +244,24 @@ def make_runner(spec: dict[str, Any]) -> ms.runner.Runner:
                 tracker_key=spec["device_key"],
                 session_timeout_sec=timeout_s,
             )
-            return ms.runner.RPCRunner(rpc_config=config)
+            return ms.runner.RPCRunner(rpc_config=config, f_create_session=create_session)
+
+
+def _measure_callbacks(spec: dict[str, Any], lost: list[str]) -> list[Any]:
+    """MetaSchedule's default callbacks (commit, clean up, update the cost model), plus the
+    device watch for an RPC runner (which says in ``lost`` why it stopped the run)."""
+    callbacks = list(ms.measure_callback.MeasureCallback.create("default"))
+    if spec["kind"] == "rpc":
+        callbacks.append(
+            _device_watch(
+                spec["tracker_host"],
+                int(spec["tracker_port"]),
+                spec["device_key"],
+                float(spec["timeout_s"]),
+                lost,
+            )
+        )
+    return callbacks
 
 
 def tune(
@@ -150,6 +282,10 @@ def tune(
     Starts from the database's best records of each task (MetaSchedule's evolutionary
     search seeds its population with them). Returns the trials spent (0 for a GPU target,
     whose kernels come from DLight's default schedules, or for nothing to tune).
+
+    Raises:
+        DeviceLost: an RPC runner's tracker or device went away; every batch measured
+            before stays committed to ``database``.
     """
     if not tasks or trials_per_task <= 0 or is_gpu(target):
         return 0
@@ -166,6 +302,7 @@ def tune(
         num_threads=cores,
         seed=seed,
     )
+    lost: list[str] = []
     try:
         ms.tune.tune_tasks(
             tasks=ctxs,
@@ -177,7 +314,12 @@ def tune(
             builder=builder,
             runner=make_runner(runner),
             database=database,
+            measure_callbacks=_measure_callbacks(runner, lost),
         )
+    except Exception:
+        if lost:
+            raise DeviceLost(f"{lost[0]} during tuning") from None
+        raise
     finally:
         builder.shutdown()
     return trials_per_task * len(ctxs)

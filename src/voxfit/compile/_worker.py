@@ -29,6 +29,7 @@ OPS = (
     "measure_rpc",
     "tracker_summary",
     "run_local",
+    "run_rpc",
 )
 
 
@@ -73,6 +74,7 @@ def serve(conn: Connection, env: dict[str, str], parent: int | None = None) -> N
         "measure_rpc": _tvm_timing.measure_rpc,
         "tracker_summary": _tvm_timing.tracker_summary,
         "run_local": _tvm_timing.run_local,
+        "run_rpc": _tvm_timing.run_rpc,
     }
     while True:
         try:

@@ -30,9 +30,20 @@ class FarmError(VoxfitError):
 
 @dataclass(frozen=True, slots=True)
 class Farm:
+    """Where the loopback farm listens; ``pids`` are its processes (tracker first), each
+    the leader of its own process group."""
+
     host: str
     tracker_port: int
     key: str
+    pids: tuple[int, ...] = ()
+
+    def kill(self) -> None:
+        """SIGKILL every process group of the farm at once: a device farm that goes away
+        mid-job (for tests of what survives it). Leaving ``local_farm`` still reaps them."""
+        for pid in self.pids:
+            with suppress(ProcessLookupError):
+                os.killpg(pid, signal.SIGKILL)
 
 
 def free_port() -> int:
@@ -134,7 +145,7 @@ def local_farm(
                         f"see {logs}/rpc_*.log"
                     )
                 time.sleep(1.0)
-        yield Farm("127.0.0.1", port, key)
+        yield Farm("127.0.0.1", port, key, tuple(p.pid for p in procs))
     finally:
         for p in reversed(procs):
             _kill(p)

@@ -2,10 +2,11 @@
 
 The worker ops ``measure_local`` (``time_evaluator`` on this machine, optionally in rounds
 alternating with a reference model, and per-kernel times), ``run_local`` (one inference, for
-checking outputs), ``tracker_summary`` and ``measure_rpc`` (a device leased from a TVM RPC
-tracker) live here; ``voxfit.compile``'s worker serves them next to its ``build`` op, in the
-same process, so a local measurement can run the executable a build just kept there. Every
-function takes and returns plain dicts (they cross a process boundary).
+checking outputs), ``tracker_summary``, ``measure_rpc`` and ``run_rpc`` (the same two on a
+device leased from a TVM RPC tracker) live here; ``voxfit.compile``'s worker serves them
+next to its ``build`` op, in the same process, so a local measurement can run the executable
+a build just kept there. Every function takes and returns plain dicts (they cross a process
+boundary).
 """
 
 from __future__ import annotations
@@ -181,11 +182,11 @@ def tracker_summary(req: dict[str, Any]) -> dict[str, Any]:
     return {"keys": {k: int(v.get("free", 0)) for k, v in queue.items()}}
 
 
-def measure_rpc(req: dict[str, Any]) -> dict[str, Any]:
-    """Upload ``lib`` to a device leased from the tracker and time it there."""
+def _lease(r: dict[str, Any]) -> Any:
+    """A session on a device leased from the tracker (request's ``rpc`` dict): the tracker
+    and the key checked first, the wait for a free device bounded by connect_timeout_s."""
     from tvm import rpc
 
-    r = req["rpc"]
     host, port, key = r["tracker_host"], int(r["tracker_port"]), r["device_key"]
     timeout_s = float(r["connect_timeout_s"])
     _check_tracker(host, port, key, timeout_s)
@@ -216,13 +217,39 @@ def measure_rpc(req: dict[str, Any]) -> dict[str, Any]:
         )
     if "error" in box:
         raise box["error"]
-    remote = box["remote"]
+    return box["remote"]
+
+
+def _remote_vm(remote: Any, req: dict[str, Any]) -> tuple[Any, Any, relax.VirtualMachine]:
+    """``lib`` uploaded to the leased device and loaded there: (module, device, VM)."""
     lib = Path(req["lib"])
     remote.upload(str(lib))
     rlib = remote.load_module(lib.name)
     dev = remote.cuda(0) if req.get("device") == "cuda" else remote.cpu(0)
-    vm = relax.VirtualMachine(rlib, dev)
+    return rlib, dev, relax.VirtualMachine(rlib, dev)
+
+
+def measure_rpc(req: dict[str, Any]) -> dict[str, Any]:
+    """Upload ``lib`` to a device leased from the tracker and time it there."""
+    remote = _lease(req["rpc"])
+    rlib, dev, vm = _remote_vm(remote, req)
     out = _time_vm(vm, dev, int(req["frames"]), req["measurement"])
-    out["device_key"] = key
+    out["device_key"] = req["rpc"]["device_key"]
     del vm, rlib, remote  # frees the one-slot server for the next lease
     return out
+
+
+def run_rpc(req: dict[str, Any]) -> dict[str, Any]:
+    """Run ``lib`` once on ``input`` (a numpy array) on a leased device; returns the output
+    array (the device's own result, for checking a device build against torch)."""
+    remote = _lease(req["rpc"])
+    rlib, dev, vm = _remote_vm(remote, req)
+    # A remote call returns a handle to the remote tuple; the stateful interface fetches
+    # its fields as tensors (TVM's way of running a VM over RPC).
+    vm.set_input("main", tvm.runtime.tensor(np.asarray(req["input"], dtype="float32"), dev))
+    vm.invoke_stateful("main")
+    out = vm.get_outputs("main")
+    first = out[0] if isinstance(out, list | tuple) else out
+    result = {"output": first.numpy(), "device_key": req["rpc"]["device_key"]}
+    del first, out, vm, rlib, remote  # frees the one-slot server for the next lease
+    return result
