@@ -166,3 +166,31 @@ def test_a_tracker_that_dies_mid_tuning_leaves_a_database_the_next_run_resumes(
     assert again.new_tasks == again.n_tasks - len(measured)
     assert again.new_tasks < again.n_tasks
     assert _measured(db) == set(range(again.n_tasks))
+
+
+def test_the_device_watch_tells_a_gone_device_from_a_busy_one(tmp_path: Path) -> None:
+    """What the watch asks after a failed batch: None while the device is registered, the
+    key once its server is gone, and the tracker once that is gone too; each in bounded
+    time. (Runs in this process: TVM's tracker client only, no TVM threads.)"""
+    from voxfit.compile._tune import device_gone
+
+    with local_farm("voxfit-watch", log_dir=tmp_path / "farm") as farm:
+        host, port = farm.host, farm.tracker_port
+        assert device_gone(host, port, farm.key, 5.0) is None
+        assert "'other'" in (device_gone(host, port, "other", 5.0) or "")
+        server = replace(farm, pids=farm.pids[1:])
+        server.kill()
+        deadline = time.monotonic() + 30
+        why = None
+        while why is None and time.monotonic() < deadline:
+            why = device_gone(host, port, farm.key, 5.0)
+            time.sleep(0.5)
+        assert why == f"RPC tracker {host}:{port} has no device with key 'voxfit-watch' any more"
+        farm.kill()
+        t0 = time.monotonic()
+        why = device_gone(host, port, farm.key, 5.0)
+        assert why is not None
+        # refused, or reset while the killed tracker's socket is still closing
+        assert why.startswith(f"RPC tracker {host}:{port} ")
+        assert "unreachable" in why or "does not answer" in why
+        assert time.monotonic() - t0 < 5
