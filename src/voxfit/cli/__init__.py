@@ -10,7 +10,10 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from voxfit.cli import _devices  # noqa: F401 - registers `voxfit profile` / `cost-model`
+from voxfit.cli import (
+    _devices,  # noqa: F401 - registers `voxfit profile` / `cost-model`
+    _trust,  # noqa: F401 - registers `voxfit keygen` / `audit`
+)
 from voxfit.cli._common import (
     CostDir,
     Preset,
@@ -365,12 +368,25 @@ def export_cmd(
     storage: Storage = DEFAULT_STORAGE,
     work: Annotated[Path, typer.Option(help="Corpus, models and builds.")] = Path("work"),
     cost_models: CostDir = Path("cost_models"),
+    sign_key: Annotated[
+        Path | None,
+        typer.Option("--sign-key", help="Sign each bundle with this key (`voxfit keygen`)."),
+    ] = None,
     verbose: Verbose = False,
 ) -> None:
-    """Write deployable bundles (plan, ONNX, TVM library, adapters, report, manifest)."""
-    from voxfit.search import SearchContext, export_bundle, front_table, profile_of
+    """Write deployable bundles (plan, ONNX, TVM library, adapters, report, manifest, and
+    manifest.sig with --sign-key); each export is an entry of the study's audit log."""
+    from voxfit.search import (
+        AuditLog,
+        SearchContext,
+        export_bundle,
+        front_table,
+        load_private_key,
+        profile_of,
+    )
 
     _setup_logging(verbose)
+    key = load_private_key(sign_key) if sign_key is not None else None  # before any work
     st = _load_study(storage, study)
     if not trial and not pareto:
         raise ConfigError("say which trials: --trial N (repeatable) or --pareto")
@@ -395,22 +411,36 @@ def export_cmd(
                 cost_models_dir=cost_models,
                 tuning_dir=default_tuning_dir(work, prof),
                 worker=w,
+                audit=AuditLog.of_study(work, st.study_name),
+                sign_key=key,
             )
-            console.print(f"bundle {b}")
+            console.print(f"bundle {b}" + (" (signed)" if key is not None else ""))
 
 
 @app.command()
-def verify(bundle: Annotated[Path, typer.Argument(help="A bundle folder.")]) -> None:
-    """Check a bundle's files against its manifest (sha256) and rerun its conformance pair
-    (front end, onnxruntime, and the TVM library when its target runs here)."""
-    from voxfit.search import check_bundle
+def verify(
+    bundle: Annotated[Path, typer.Argument(help="A bundle folder.")],
+    key: Annotated[
+        Path | None,
+        typer.Option("--key", help="Public key (signing.pub) the bundle must be signed by."),
+    ] = None,
+) -> None:
+    """Check a bundle's files against its manifest (sha256), its signature with --key, and
+    rerun its conformance pair (front end, onnxruntime, and the TVM library when its target
+    runs here)."""
+    from voxfit.search import check_bundle, describe_signature, fingerprint, load_public_key
 
-    checked = check_bundle(bundle)
+    checked = check_bundle(bundle, key=key)
     for c in checked.conformance:
         console.print(f"conformance {c.line()}", highlight=False)
     if checked.problems:
         raise ConfigError(f"{bundle}: " + "; ".join(checked.problems))
-    console.print(f"{bundle}: every file matches manifest.json")
+    if key is not None:
+        fp = fingerprint(load_public_key(key))
+        signed = f"signed by {key} ({fp})"
+    else:
+        signed = describe_signature(bundle)
+    console.print(f"{bundle}: every file matches manifest.json; {signed}", highlight=False)
 
 
 @app.command()

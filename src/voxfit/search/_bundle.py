@@ -17,7 +17,9 @@ A bundle is a folder a deployment team can take as is:
 - ``report.json``: every metric, per-speaker PER before/after adaptation, latency with its
   provenance (measured or predicted, TVM version, target, repeats), the checks above;
 - ``manifest.json``: sha256 and size of every other file. ``voxfit verify`` checks it and
-  reruns the conformance pair (front end, onnxruntime, the TVM library where it runs here).
+  reruns the conformance pair (front end, onnxruntime, the TVM library where it runs here);
+- ``manifest.sig`` (``voxfit export --sign-key``): an ed25519 signature of manifest.json,
+  checked by ``voxfit verify --key`` (see ``_signing``).
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ from torch import nn
 from voxfit._config import read_user_text
 from voxfit.errors import ConfigError, VoxfitError
 from voxfit.hw_profiles import HardwareProfile
+from voxfit.search._audit import AuditLog
 from voxfit.search._bundle_describe import (
     ConformanceCheck,
     check_conformance,
@@ -46,6 +49,7 @@ from voxfit.search._bundle_describe import (
 )
 from voxfit.search._context import SearchContext
 from voxfit.search._record import record_of
+from voxfit.search._signing import SIGNATURE, fingerprint, sign_bundle, signature_problems
 
 MANIFEST = "manifest.json"
 BUNDLE_SCHEMA_VERSION = 2  # 2: self-describing (front end, phones, conformance)
@@ -80,7 +84,11 @@ def sha256_of(path: Path) -> str:
 
 
 def write_manifest(bundle: Path) -> Path:
-    files = sorted(p for p in bundle.rglob("*") if p.is_file() and p.name != MANIFEST)
+    files = sorted(
+        p
+        for p in bundle.rglob("*")
+        if p.is_file() and p.name != MANIFEST and p != bundle / SIGNATURE
+    )
     entries = {
         str(p.relative_to(bundle)): {"sha256": sha256_of(p), "bytes": p.stat().st_size}
         for p in files
@@ -101,14 +109,22 @@ class BundleCheck:
     conformance: list[ConformanceCheck]
 
 
-def verify_bundle(bundle: str | Path, *, run_models: bool = True) -> list[str]:
+def verify_bundle(
+    bundle: str | Path, *, run_models: bool = True, key: str | Path | None = None
+) -> list[str]:
     """Problems found (empty when the bundle is intact): missing, changed or unlisted files,
-    and (``run_models``) a runtime that does not reproduce the conformance pair."""
-    return check_bundle(bundle, run_models=run_models).problems
+    (``run_models``) a runtime that does not reproduce the conformance pair, and (``key``)
+    a missing or invalid signature by that public key."""
+    return check_bundle(bundle, run_models=run_models, key=key).problems
 
 
-def check_bundle(bundle: str | Path, *, run_models: bool = True) -> BundleCheck:
+def check_bundle(
+    bundle: str | Path, *, run_models: bool = True, key: str | Path | None = None
+) -> BundleCheck:
     """:func:`verify_bundle` with each runtime's conformance figures.
+
+    ``key``: a public key (``signing.pub``); the bundle must then carry ``manifest.sig``, a
+    valid signature of its manifest by that key (checked first).
 
     Files: every file listed in manifest.json exists with its sha256, none is unlisted.
     Models (bundles with ``conformance/``): ``frontend.py`` recomputes ``input.npy`` from
@@ -116,7 +132,8 @@ def check_bundle(bundle: str | Path, *, run_models: bool = True) -> BundleCheck:
     TVM library reproduce ``expected_log_probs.npy`` within ``expected.json``'s tolerances.
     """
     b = Path(bundle)
-    problems = _file_problems(b)
+    problems = signature_problems(b, key) if key is not None else []
+    problems += _file_problems(b)
     checks = check_conformance(b) if run_models and b.is_dir() else []
     problems += [c.line() for c in checks if c.error]
     return BundleCheck(problems, checks)
@@ -148,7 +165,7 @@ def _file_problems(b: Path) -> list[str]:
     listed = set(files)
     for p in b.rglob("*"):
         rel = str(p.relative_to(b))
-        if p.is_file() and p.name != MANIFEST and rel not in listed:
+        if p.is_file() and p.name != MANIFEST and rel != SIGNATURE and rel not in listed:
             problems.append(f"{rel}: not listed in {MANIFEST}")
     return problems
 
@@ -195,12 +212,18 @@ def export_bundle(
     cost_models_dir: str | Path = "cost_models",
     tuning_dir: str | Path | None = None,
     worker: Any = None,
+    audit: AuditLog | None = None,
+    sign_key: Any = None,
 ) -> Path:
     """Write the bundle of one completed trial under ``out_dir/trial-<n>/``.
 
     ``tuning_dir``: the user's tuning database (``voxfit.compile.default_tuning_dir`` of
     the work folder, shared with the search); default: beside ``out_dir``, never inside a
     bundle.
+
+    ``audit``: the study's audit log, which gets a ``bundle_exported`` event (with the
+    manifest's sha256); ``sign_key``: an ed25519 private key (``load_private_key``) that
+    signs the manifest and that event's chain head into ``manifest.sig``.
 
     The model is rebuilt from the trial's plan and seed (same data, same recovery steps),
     its dev PER re-measured and compared with the trial's record.
@@ -354,6 +377,15 @@ def export_bundle(
     }
     (tmp / "report.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
     write_manifest(tmp)
+    head = None
+    if audit is not None:
+        signer = fingerprint(sign_key) if sign_key is not None else None
+        digest = sha256_of(tmp / MANIFEST)
+        plan_hash = cand.stable_hash()
+        entry = audit.bundle_exported(trial.number, plan_hash, bundle.name, digest, signer)
+        head = {"study": audit.study, "seq": entry["seq"], "hash": entry["hash"]}
+    if sign_key is not None:
+        sign_bundle(tmp, sign_key, audit_head=head)
     shutil.rmtree(bundle, ignore_errors=True)
     tmp.rename(bundle)
     return bundle

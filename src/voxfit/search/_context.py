@@ -174,6 +174,25 @@ class SearchContext:
         key = hashlib.sha256(json.dumps([*parts, recipe]).encode()).hexdigest()[:16]
         return self.builds / f"{key}.pt"
 
+    def adaptation_data(self) -> dict[str, Any]:
+        """Which held-out speakers' data the accuracy proxy uses: per speaker the file names
+        of the adaptation utterances it adapts to and the evaluation utterances it scores,
+        and a sha256 of the whole (the audit log's record of users' data, no audio)."""
+        from voxfit.train import proxy_speakers
+
+        speakers = proxy_speakers(self.manifest, self.proxy.n_speakers)
+        adapt, evals = self.manifest.by_speaker("adapt"), self.manifest.by_speaker("eval")
+        n_eval = self.proxy.max_eval_utts or None
+        sets = {
+            s: {
+                "adapt": [Path(u.path).name for u in adapt.get(s, [])],
+                "eval": [Path(u.path).name for u in evals.get(s, [])[:n_eval]],
+            }
+            for s in speakers
+        }
+        digest = hashlib.sha256(json.dumps(sets, sort_keys=True).encode()).hexdigest()
+        return {"speakers": speakers, "sets": sets, "sha256": digest}
+
     def accuracy(self, model: nn.Module, *, full: bool = False) -> dict[str, Any]:
         """Dev PER, and PER before/after adapting to held-out speakers (the proxy unless
         ``full``: every held-out speaker with the product's adaptation settings)."""

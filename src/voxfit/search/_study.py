@@ -37,6 +37,7 @@ from voxfit.hw_profiles import HardwareProfile, check_recorded_host
 from voxfit.latency import LatencyResult, PromotingEstimator, always, front_rule
 from voxfit.plan import AdapterPlan, Candidate, GroupPlan, LayerPlan
 from voxfit.search._access import complete, front, open_storage
+from voxfit.search._audit import AuditLog
 from voxfit.search._context import SearchContext
 from voxfit.search._record import (
     OBJECTIVES,
@@ -397,11 +398,16 @@ def _record_base(study: optuna.Study) -> None:
 
 
 def run_search(s: SearchSettings, ctx: SearchContext) -> optuna.Study:
-    """Run (or resume) the study until it has ``n_trials`` finished trials or times out."""
+    """Run (or resume) the study until it has ``n_trials`` finished trials or times out.
+
+    The start and every finished trial are entries of the study's audit log
+    (``<work>/audit/<study>.jsonl``, :class:`~voxfit.search._audit.AuditLog`)."""
     from voxfit._progress import progress_bar
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = prepare_study(s, ctx)
+    audit = AuditLog.of_study(s.work, s.study_name)
+    audit.search_started(study, ctx, s.storage)  # what of users' data this search uses
     latency = make_latency(s, ctx.base)
     if latency.predictor is not None:
         card = latency.predictor.predictor.card
@@ -429,6 +435,7 @@ def run_search(s: SearchSettings, ctx: SearchContext) -> optuna.Study:
 
             def on_trial(st: optuna.Study, t: FrozenTrial) -> None:
                 _record_base(st)
+                audit.trial_finished(t, ctx)
                 msg = (
                     f"#{t.number} failed: {record_of(t).failure or ''}"
                     if t.state == TrialState.FAIL
