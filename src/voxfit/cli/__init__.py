@@ -440,7 +440,9 @@ def verify(
         signed = f"signed by {key} ({fp})"
     else:
         signed = describe_signature(bundle)
-    console.print(f"{bundle}: every file matches manifest.json; {signed}", highlight=False)
+    console.print(
+        f"{bundle}: every file matches manifest.json; {signed}", highlight=False, soft_wrap=True
+    )
 
 
 @app.command()

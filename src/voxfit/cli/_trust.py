@@ -33,7 +33,9 @@ def keygen_cmd(
 
     key, pub = keygen(out)
     console.print(f"private key {key} (mode 0600; keep it secret, never put it in a bundle)")
-    console.print(f"public key {pub} ({fingerprint(load_public_key(pub))})", highlight=False)
+    console.print(
+        f"public key {pub} ({fingerprint(load_public_key(pub))})", highlight=False, soft_wrap=True
+    )
 
 
 @audit_app.command("verify")
@@ -68,10 +70,13 @@ def audit_verify(
         why = check_head(path, head["seq"], head["hash"])
         if why:
             raise ConfigError(f"{b}: {why}")
-        console.print(f"{b}: signed head seq {head['seq']} is in the log", highlight=False)
+        console.print(
+            f"{b}: signed head seq {head['seq']} is in the log", highlight=False, soft_wrap=True
+        )
     console.print(
         f"{path}: {check.entries} entries, chain intact, head {(check.head or '')[:16]}",
         highlight=False,
+        soft_wrap=True,
     )
 
 
