@@ -18,7 +18,19 @@ import yaml
 
 from voxfit.data import Manifest
 from voxfit.models import count_parameters
-from voxfit.search import OBJECTIVES, front, record_of, records, verify_bundle, write_manifest
+from voxfit.search import (
+    OBJECTIVES,
+    AuditLog,
+    check_head,
+    front,
+    keygen,
+    read_signature,
+    record_of,
+    records,
+    verify_bundle,
+    verify_log,
+    write_manifest,
+)
 
 pytestmark = [pytest.mark.slow, pytest.mark.tvm]
 ROOT = Path(__file__).resolve().parents[2]
@@ -114,10 +126,13 @@ def test_search_export_verify_report(setup: dict[str, Path]) -> None:
 
     bundles = setup["root"] / "bundles"
     root = setup["root"]
+    key, pub = keygen(root / "keys")  # `voxfit keygen` itself: tests/search/test_signing.py
     r = _run(["export", "--study", "e2e", "--trial", str(trials[1].number),
               "--storage", f"sqlite:///{root}/studies.db", "--out", str(bundles),
-              "--work", str(root / "work"), "--cost-models", str(root / "cm")])  # fmt: skip
+              "--work", str(root / "work"), "--cost-models", str(root / "cm"),
+              "--sign-key", str(key)])  # fmt: skip
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    assert "(signed)" in r.stdout
     b = bundles / "e2e" / f"trial-{trials[1].number}"
     for f in ("plan.yaml", "model.onnx", "adapters.npz", "report.json", "manifest.json",
               "tvm/utterance_1s.so", "tvm/load_example.py", "frontend.json", "frontend.py",
@@ -146,6 +161,8 @@ def test_search_export_verify_report(setup: dict[str, Path]) -> None:
     # the front end, onnxruntime and (ci-cpu runs here) the TVM library each reran the pair
     for runtime in ("frontend", "onnxruntime: frame agreement", "tvm: frame agreement"):
         assert f"conformance {runtime}" in ok.stdout, ok.stdout
+    assert "signature not checked" in " ".join(ok.stdout.split())
+    _check_signed_and_audited(root, b, pub, trials)
     # a conformance output the models no longer reproduce is a problem, even when re-hashed
     lp_file = b / "conformance" / "expected_log_probs.npy"
     saved = lp_file.read_bytes()
@@ -184,6 +201,44 @@ def test_search_export_verify_report(setup: dict[str, Path]) -> None:
     assert bundle.name == f"trial-{best.number}"
     assert verify_bundle(bundle) == []
     assert count_parameters(scope["model"]) > 0  # type: ignore[arg-type]
+
+
+def _check_signed_and_audited(
+    root: Path, b: Path, pub: Path, trials: list[optuna.trial.FrozenTrial]
+) -> None:
+    """The signed e2e bundle verifies with its key (a copy: the caller edits b), a changed
+    byte does not; the study's audit log holds the search and the export, chain intact,
+    with the head the bundle signed."""
+    import shutil
+
+    copy = root / "signed-copy"
+    shutil.copytree(b, copy)
+    assert verify_bundle(copy, key=pub, run_models=False) == []
+    log = AuditLog.of_study(root / "work", "e2e")
+    assert verify_log(log.path).ok
+    entries = list(log.entries())
+    assert entries[0]["event"] == "study_created"
+    assert entries[0]["data"]["adaptation_data"]["speakers"]
+    done = [e for e in entries if e["event"] == "trial_completed"]
+    assert sorted(e["data"]["trial"] for e in done) == [t.number for t in trials]
+    assert all(e["data"]["speakers"] for e in done)
+    (exported,) = [e for e in entries if e["event"] == "bundle_exported"]
+    sig = read_signature(copy)
+    assert sig is not None
+    assert exported["data"]["manifest_sha256"] == sig["manifest_sha256"]
+    assert exported["data"]["signed_by"] == sig["key_fingerprint"]
+    assert check_head(log.path, sig["audit_head"]["seq"], sig["audit_head"]["hash"]) is None
+    r = _run(["audit", "verify", "--study", "e2e", "--work", str(root / "work"),
+              "--bundle", str(copy), "--key", str(pub)])  # fmt: skip
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert f"{len(entries)} entries, chain intact" in " ".join(r.stdout.split())
+    onnx = copy / "model.onnx"
+    data = bytearray(onnx.read_bytes())
+    data[len(data) // 2] ^= 1
+    onnx.write_bytes(bytes(data))
+    assert "model.onnx: sha256 differs from manifest.json" in verify_bundle(
+        copy, key=pub, run_models=False
+    )
 
 
 def _complete(db: Path, study: str) -> dict[int, list[float]]:
