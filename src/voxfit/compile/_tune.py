@@ -20,6 +20,7 @@ import tvm
 from tvm.s_tir import meta_schedule as ms
 
 from voxfit.compile._import import is_gpu
+from voxfit.compile._lease import lease_bounded
 from voxfit.compile._runner import RunnerKind
 
 BUILD_FUNC = "voxfit.compile.build_without_intrinsics"
@@ -139,27 +140,15 @@ def create_session(config: Any) -> Any:
     host, port, key = config.tracker_host, int(config.tracker_port), config.tracker_key
     timeout_s = float(config.session_timeout_sec)
     _probe_tracker(host, port, timeout_s)
-    box: dict[str, Any] = {}
-
-    def lease() -> None:
-        try:
-            tracker = rpc.connect_tracker(host, port)
-            box["session"] = tracker.request(
-                key, priority=config.session_priority, session_timeout=timeout_s
-            )
-        except Exception as e:  # noqa: BLE001 - re-raised in the caller's thread
-            box["error"] = e
-
-    th = threading.Thread(target=lease, daemon=True)
-    th.start()
-    th.join(timeout_s)
-    if th.is_alive():
-        raise TimeoutError(
-            f"RPC tracker {host}:{port}: no free device with key {key!r} within {timeout_s:g} s"
-        )
-    if "error" in box:
-        raise box["error"]
-    return box["session"]
+    return lease_bounded(
+        lambda: rpc.connect_tracker(host, port),
+        host,
+        port,
+        key,
+        priority=config.session_priority,
+        session_timeout_s=timeout_s,
+        wait_s=timeout_s,
+    )
 
 
 def device_gone(host: str, port: int, key: str, timeout_s: float) -> str | None:

@@ -14,7 +14,6 @@ from __future__ import annotations
 import os
 import socket
 import statistics
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -23,7 +22,7 @@ import numpy as np
 import tvm
 from tvm import relax
 
-from voxfit.compile import kept_executable
+from voxfit.compile import kept_executable, lease_bounded
 
 
 def _stats(secs: list[float]) -> dict[str, Any]:
@@ -198,26 +197,15 @@ def _lease(r: dict[str, Any]) -> Any:
             f"RPC tracker {host}:{port} has no device with key {key!r} "
             f"(registered: {', '.join(sorted(keys)) or 'none'})"
         )
-    box: dict[str, Any] = {}
-
-    def lease() -> None:
-        try:
-            box["remote"] = tracker.request(
-                key, priority=1, session_timeout=float(r["session_timeout_s"])
-            )
-        except Exception as e:  # noqa: BLE001 - re-raised below in this thread
-            box["error"] = e
-
-    th = threading.Thread(target=lease, daemon=True)
-    th.start()
-    th.join(timeout_s)
-    if th.is_alive():
-        raise TimeoutError(
-            f"RPC tracker {host}:{port}: no free device with key {key!r} within {timeout_s:g} s"
-        )
-    if "error" in box:
-        raise box["error"]
-    return box["remote"]
+    return lease_bounded(
+        tracker,
+        host,
+        port,
+        key,
+        priority=1,
+        session_timeout_s=float(r["session_timeout_s"]),
+        wait_s=timeout_s,
+    )
 
 
 def _remote_vm(remote: Any, req: dict[str, Any]) -> tuple[Any, Any, relax.VirtualMachine]:
