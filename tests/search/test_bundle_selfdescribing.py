@@ -89,7 +89,6 @@ def bundle(tmp_path_factory: pytest.TempPathFactory, utt: Utterance) -> Path:
         cand=plan,
         inventory=PhoneInventory(PHONES),
         feature_cfg=FeatureConfig(),
-        dev_utts=[utt],
         frames=FRAMES,
         adapters=arrays,
         adapt=AdaptConfig(),
@@ -235,3 +234,18 @@ def test_adapters_md_names_every_array_and_the_bytes_per_user(bundle: Path) -> N
     assert "CTC" in text
     assert f"learning rate {AdaptConfig().lr}" in text
     assert set(info["files"]) >= {"frontend.json", "phones.json", "conformance/input.npy"}
+
+
+def test_a_bundle_carries_no_recording_and_no_utterance_text(bundle: Path, utt: Utterance) -> None:
+    wavs = [w.relative_to(bundle).as_posix() for w in bundle.rglob("*.wav")]
+    assert wavs == ["conformance/audio.wav"]  # the synthetic test signal, nothing else
+    expected = json.loads((bundle / "conformance" / "expected.json").read_text())
+    assert expected["source"].startswith("synthetic test signal")
+    corpus_pcm = Path(utt.path).read_bytes()[44:]
+    signal = (bundle / "conformance" / "audio.wav").read_bytes()[44:]
+    assert signal[:400] not in corpus_pcm  # not a cut of the corpus audio
+    for f in bundle.rglob("*"):
+        if f.is_file() and f.suffix in (".json", ".md", ".py", ".yaml"):
+            text = f.read_text()
+            assert Path(utt.path).name not in text, f
+            assert utt.speaker not in text, f

@@ -134,6 +134,15 @@ def test_search_export_verify_report(setup: dict[str, Path]) -> None:
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
     assert "(signed)" in r.stdout
     b = bundles / "e2e" / f"trial-{trials[1].number}"
+    # no recording and no utterance text of the corpus in a bundle (users' data stays home)
+    from voxfit.data import load_manifest
+
+    texts = {u.text for u in load_manifest(setup["manifest"]).utterances if len(u.text) >= 12}
+    assert [w.name for w in b.rglob("*.wav")] == ["audio.wav"]  # the synthetic test signal
+    for f in b.rglob("*"):
+        if f.is_file() and f.suffix in (".json", ".md", ".py", ".yaml"):
+            body = f.read_text()
+            assert not [t for t in texts if t in body], f
     for f in ("plan.yaml", "model.onnx", "adapters.npz", "report.json", "manifest.json",
               "tvm/utterance_1s.so", "tvm/load_example.py", "frontend.json", "frontend.py",
               "phones.json", "decode.py", "adapters.md", "conformance/audio.wav",

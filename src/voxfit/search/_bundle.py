@@ -302,7 +302,6 @@ def export_bundle(
         cand=cand,
         inventory=ctx.inventory,
         feature_cfg=ctx.store.cfg,
-        dev_utts=list(ctx.manifest.split("dev")),
         frames=spec.frames,
         adapters=arrays,
         adapt=ctx.adapt,

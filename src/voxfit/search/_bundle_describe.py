@@ -5,10 +5,11 @@ Written beside the model files by :func:`export_bundle`:
 - ``frontend.json``: every log-mel setting (``voxfit.data.frontend_spec``) plus the model's
   input and output layouts; ``frontend.py``: a numpy-only implementation reading it;
 - ``phones.json``: index -> phone symbol of every output, the blank's index;
-- ``conformance/``: a 16 kHz wav cut from a dev utterance, its features (``input.npy``,
-  ``input_lengths.npy``), the plan's torch model's output on them (fake quantization on:
-  what the search measured) and its greedy decoding (``expected.json``, with the
-  tolerances); ``decode.py``: a numpy-only greedy CTC decoder;
+- ``conformance/``: a 16 kHz synthetic test signal (harmonics on a gliding pitch, a few
+  seconds of no speech: bundles carry no recording and no per-utterance text), its
+  features (``input.npy``, ``input_lengths.npy``), the plan's torch model's output on them
+  (fake quantization on: what the search measured) and its greedy decoding
+  (``expected.json``, with the tolerances); ``decode.py``: a numpy-only greedy CTC decoder;
 - ``adapters.md``: how a device trains the adapters, and the trainable state per user.
 
 :func:`check_conformance` reruns the pair through the bundle's own files: the front end
@@ -32,7 +33,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from voxfit.data import FeatureConfig, PhoneInventory, Utterance
+from voxfit.data import FeatureConfig, PhoneInventory
 from voxfit.plan import Candidate
 
 CONFORMANCE_SCHEMA_VERSION = 1
@@ -58,15 +59,20 @@ def _write_wav(path: Path, pcm: np.ndarray, rate_hz: int) -> None:
         w.writeframes(pcm.astype("<i2").tobytes())
 
 
-def _conformance_audio(utts: list[Utterance], cfg: FeatureConfig, frames: int) -> np.ndarray:
-    """int16 PCM of exactly ``frames`` feature frames, cut from the first dev utterance
-    (zero-padded when it is shorter)."""
-    from voxfit.data import read_wav
-
-    pcm, _ = read_wav(utts[0].path)
-    x = np.frombuffer(pcm, dtype="<i2")
+def _conformance_audio(cfg: FeatureConfig, frames: int) -> np.ndarray:
+    """int16 PCM of exactly ``frames`` feature frames: a deterministic synthetic signal,
+    not speech (bundles never carry a recording): harmonics up to 7 kHz on a pitch gliding
+    100-250 Hz, amplitude-modulated at 4 Hz, with seeded noise, so every mel band holds
+    energy (a near-silent band's log would magnify float rounding) and the per-utterance
+    normalization sees a varied input."""
     n = (frames - 1) * cfg.hop_samples  # n_frames = 1 + n // hop
-    return np.pad(x[:n], (0, max(0, n - len(x)))).astype(np.int16)
+    t = np.arange(n) / cfg.sample_rate_hz
+    f0 = 100.0 + 150.0 * (0.5 - 0.5 * np.cos(2 * np.pi * t / max(t[-1], 1e-3)))
+    phase = 2 * np.pi * np.cumsum(f0) / cfg.sample_rate_hz
+    x = sum(np.sin(k * phase) / np.sqrt(k) for k in range(1, 71) if k * 250.0 < 7000.0)
+    x = x * (0.6 + 0.4 * np.sin(2 * np.pi * 4.0 * t))
+    x = x + 0.1 * np.random.default_rng(0).standard_normal(n)
+    return np.round(x / np.abs(x).max() * 0.5 * 32767).astype(np.int16)
 
 
 def _adapters_md(
@@ -147,7 +153,6 @@ def write_self_description(
     cand: Candidate,
     inventory: PhoneInventory,
     feature_cfg: FeatureConfig,
-    dev_utts: list[Utterance],
     frames: int,
     adapters: dict[str, np.ndarray],
     adapt: Any,
@@ -201,7 +206,7 @@ def write_self_description(
 
     conf = out / "conformance"
     conf.mkdir()
-    pcm = _conformance_audio(dev_utts, feature_cfg, frames)
+    pcm = _conformance_audio(feature_cfg, frames)
     _write_wav(conf / "audio.wav", pcm, feature_cfg.sample_rate_hz)
     feats = log_mel(torch.from_numpy(pcm.astype(np.float32) / 32768.0), feature_cfg)[None]
     lengths = torch.tensor([feats.shape[1]], dtype=torch.int64)
@@ -218,8 +223,7 @@ def write_self_description(
     act_quant = any(x.act_bits < 32 for x in cand.layers)
     expected = {
         "schema_version": CONFORMANCE_SCHEMA_VERSION,
-        "source": f"dev utterance {dev_utts[0].speaker}/{Path(dev_utts[0].path).name}, first "
-        f"{len(pcm)} samples (zero-padded if shorter)",
+        "source": f"synthetic test signal, {len(pcm)} samples (no speech, no recording)",
         "reference": "the plan's torch model, fake quantization on (what the search measured)",
         "phones": inventory.decode(ids),
         "tolerance": {
