@@ -5,14 +5,13 @@ from __future__ import annotations
 
 import json
 import multiprocessing
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 
 import optuna
 import pytest
 
-from voxfit.cli import main
+from tests._cli import run_voxfit as _voxfit
 from voxfit.errors import ConfigError, VoxfitError
 from voxfit.plan import Candidate
 from voxfit.search import (
@@ -26,16 +25,6 @@ from voxfit.search import (
 from voxfit.search._audit import GENESIS, entry_hash
 
 STUDY = "cpu-tiny"
-
-
-def _voxfit(
-    args: list[str], capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
-) -> tuple[int, str, str]:
-    monkeypatch.setattr(sys, "argv", ["voxfit", *args])
-    with pytest.raises(SystemExit) as e:
-        main()
-    got = capsys.readouterr()
-    return int(e.value.code or 0), got.out, got.err
 
 
 def _fill(work: Path, n: int) -> AuditLog:

@@ -5,14 +5,13 @@ from __future__ import annotations
 
 import json
 import stat
-import sys
 from pathlib import Path
 
 import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from voxfit.cli import main
+from tests._cli import run_voxfit as _voxfit
 from voxfit.errors import ConfigError
 from voxfit.search import (
     fingerprint,
@@ -24,17 +23,6 @@ from voxfit.search import (
     verify_bundle,
     write_manifest,
 )
-
-
-def _voxfit(
-    args: list[str], capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
-) -> tuple[int, str, str]:
-    """``voxfit ARGS`` through the real entry point: (exit code, stdout, stderr)."""
-    monkeypatch.setattr(sys, "argv", ["voxfit", *args])
-    with pytest.raises(SystemExit) as e:
-        main()
-    got = capsys.readouterr()
-    return int(e.value.code or 0), got.out, got.err
 
 
 @pytest.fixture
