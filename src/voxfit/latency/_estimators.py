@@ -19,6 +19,7 @@ from torch import nn
 from voxfit.compile import CompileResult, TvmWorker, compile_model, default_tuning_dir
 from voxfit.errors import ConfigError, ModelError
 from voxfit.hw_profiles import HardwareProfile, InputSpec, host_runs
+from voxfit.metrics import packed_size_bytes
 
 Method = Literal["local", "rpc", "predicted"]
 
@@ -132,12 +133,6 @@ class LatencyEstimator(Protocol):
     def close(self) -> None: ...
 
 
-def _weight_bytes(model: nn.Module) -> int:
-    from voxfit.metrics import packed_size_bytes
-
-    return int(packed_size_bytes(model))
-
-
 class _TvmEstimator:
     """Compile with the profile's tuning database, then time (subclasses say where)."""
 
@@ -216,7 +211,7 @@ class _TvmEstimator:
             tune=self.tune,
             export=self.export_library,
         )
-        weights = _weight_bytes(model)
+        weights = packed_size_bytes(model)
         results = []
         for c in compiled:
             base: dict[str, Any] = dict(

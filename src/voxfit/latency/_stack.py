@@ -29,6 +29,7 @@ from voxfit.latency._estimators import (
     TvmLocalEstimator,
     TvmRpcEstimator,
 )
+from voxfit.metrics import packed_size_bytes
 
 log = logging.getLogger(__name__)
 
@@ -121,12 +122,6 @@ def always(_p: LatencyResult) -> bool:
     return True
 
 
-def _weight_bytes(model: nn.Module) -> int:
-    from voxfit.metrics import packed_size_bytes
-
-    return int(packed_size_bytes(model))
-
-
 class PredictedEstimator:
     """Predicts instead of measuring. A model the predictor cannot featurize gets a
     result with ``error`` set (``cannot predict: ...``), never an exception."""
@@ -149,7 +144,7 @@ class PredictedEstimator:
     def estimate(
         self, model: nn.Module, inputs: tuple[InputSpec, ...] | None = None
     ) -> list[LatencyResult]:
-        weights = _weight_bytes(model)
+        weights = packed_size_bytes(model)
         out = []
         for spec in inputs or self.profile.inputs:
             t0 = time.monotonic()
