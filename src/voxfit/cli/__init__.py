@@ -12,7 +12,9 @@ from rich.table import Table
 
 from voxfit.cli import (
     _devices,  # noqa: F401 - registers `voxfit profile` / `cost-model`
+    _serve,  # noqa: F401 - registers `voxfit serve` (the job API)
     _trust,  # noqa: F401 - registers `voxfit keygen` / `audit`
+    _workers,  # noqa: F401 - registers `voxfit worker` / `farm`
 )
 from voxfit.cli._common import (
     CostDir,

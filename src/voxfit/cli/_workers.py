@@ -1,0 +1,3 @@
+"""``voxfit worker`` and ``voxfit farm ...``: search workers sharing one study, the device farm."""
+
+from __future__ import annotations
