@@ -112,6 +112,30 @@ def _static_memory_bytes(mod: tvm.IRModule, target: tvm.target.Target) -> int | 
     return total
 
 
+def constant_bytes(mod: tvm.IRModule) -> dict[str, int]:
+    """Bytes of the constants the library carries (the model's weights as compiled), by
+    dtype: what a device stores, the figure the size objective promises."""
+    out: dict[str, int] = {}
+    seen: list[Any] = []
+
+    def visit(e: object) -> None:
+        arr: Any = getattr(e, "value", None)  # a tensor constant (not a TIR scalar's int)
+        if isinstance(e, tvm.ir.expr.Constant) and hasattr(arr, "shape"):
+            if any(e.same_as(c) for c in seen):
+                return
+            seen.append(e)
+            n = 1
+            for d in arr.shape:
+                n *= int(d)
+            dtype = str(arr.dtype)
+            out[dtype] = out.get(dtype, 0) + n * tvm.runtime.DataType(dtype).bits // 8
+
+    for func in mod.functions.values():
+        if isinstance(func, relax.Function):
+            relax.analysis.post_order_visit(func, visit)
+    return out
+
+
 def build(req: dict[str, Any]) -> dict[str, Any]:
     """Compile one exported program for the profile; tune tasks neither database has.
 
@@ -192,6 +216,7 @@ def build(req: dict[str, Any]) -> dict[str, Any]:
     out["compile_relax_s"] = time.monotonic() - t2
     t3 = time.monotonic()
     out["memory_bytes"] = _static_memory_bytes(fused, target)
+    out["constant_bytes"] = constant_bytes(fused)
     out["memory_plan_s"] = time.monotonic() - t3
     lib = Path(req["lib_out"])
     lib.parent.mkdir(parents=True, exist_ok=True)

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from voxfit.compile._qops import lower_int8_convs
+from voxfit.compile._qops import lower_int8_convs, lower_weight_convs
 from voxfit.compile._runner import runner_spec
 from voxfit.compile._worker import TvmWorker
 from voxfit.hw_profiles import HardwareProfile, InputSpec
@@ -47,6 +47,8 @@ class CompileResult:
     build_s: float = 0.0
     total_s: float = 0.0
     memory_bytes: int | None = None
+    # bytes of the constants (the weights) the library carries, as compiled
+    weight_bytes: int | None = None
     task_names: tuple[str, ...] = ()
     lowering: str = "fp32"
     exported: bool = True
@@ -96,13 +98,16 @@ class _Deploy(nn.Module):
     normalization kernel.
     """
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, pack: bool = True) -> None:
         super().__init__()
         self.model = copy.deepcopy(model).eval()
         _fold_batchnorm(self.model)
         # 8-bit-activation convs become one int8 op each (voxfit::qconv1d), which the TVM
         # importer lowers to int8 compute where the target can run it
         self.int8_layers = lower_int8_convs(self.model, int8_convs(model))
+        # 4/8/16-bit weights with float activations: one op each, whose weights the TVM
+        # importer keeps packed in the library and unpacks inside the kernel
+        self.packed_layers = lower_weight_convs(self.model, packed_convs(model) if pack else {})
 
     def forward(self, feats: torch.Tensor) -> torch.Tensor:
         lengths = torch.full((feats.shape[0],), feats.shape[1], dtype=torch.long)
@@ -124,12 +129,15 @@ def _deploy_mode(model: nn.Module) -> Iterator[None]:
         model.train(was)
 
 
-def export_program(model: nn.Module, frames: int, path: str | Path, n_mels: int = 80) -> Path:
-    """Save the deploy graph of ``model`` for (1, frames, n_mels) input as a torch.export file."""
+def export_program(
+    model: nn.Module, frames: int, path: str | Path, n_mels: int = 80, *, pack: bool = True
+) -> Path:
+    """Save the deploy graph of ``model`` for (1, frames, n_mels) input as a torch.export file
+    (``pack=False``: weight-only quantized convs keep float32 weights; :func:`packed_convs`)."""
     dst = Path(path)
     dst.parent.mkdir(parents=True, exist_ok=True)
     with _deploy_mode(model), torch.no_grad():
-        ep = torch.export.export(_Deploy(model), (torch.zeros(1, frames, n_mels),))
+        ep = torch.export.export(_Deploy(model, pack), (torch.zeros(1, frames, n_mels),))
     tmp = dst.with_suffix(".tmp.pt2")
     torch.export.save(ep, tmp)
     tmp.replace(dst)
@@ -161,26 +169,62 @@ def int8_convs(model: nn.Module) -> dict[str, int]:
     }
 
 
-def lowering_of(model: nn.Module, int8_built: dict[str, Any] | None = None) -> str:
+def packed_convs(model: nn.Module) -> dict[str, int]:
+    """The plan's layers whose weights stay packed in the TVM library (name -> weight bits):
+    ungrouped, zero-padded Conv1d layers with 4-, 8- or 16-bit weights that do not lower to
+    int8 ops (:func:`int8_convs`) and carry no LoRA adapter (its branch reads the float
+    weight's input through a hook). Other low-bit layers keep their quantized values in
+    float32."""
+    from voxfit.plan import plan_of
+
+    int8 = int8_convs(model)
+
+    def packs(layer: nn.Module) -> bool:
+        return (
+            isinstance(layer, nn.Conv1d)
+            and layer.groups == 1
+            and layer.padding_mode == "zeros"
+            and isinstance(layer.padding, tuple)
+            and not hasattr(layer, "lora")
+        )
+
+    return {
+        x.name: x.weight_bits
+        for x in plan_of(model).layers
+        if x.weight_bits in (4, 8, 16)
+        and x.name not in int8
+        and packs(model.get_submodule(x.name))
+    }
+
+
+def lowering_of(
+    model: nn.Module, int8_built: dict[str, Any] | None = None, *, pack: bool = True
+) -> str:
     """How the plan's low bit-widths are compiled (said in every result, per the design).
 
     Layers with 8-bit activations and <= 8-bit weights (convolutions) are exported as int8
     ops (see :func:`int8_convs`); the TVM build says whether they ran as int8 compute on the
-    target (``int8_built``: the build's ``int8`` report, which then describes them). Every
-    other low-bit layer keeps its quantized weight *values* and computes in float32: it buys
-    size, not latency.
+    target (``int8_built``: the build's ``int8`` report, which then describes them). Layers
+    with 4/8/16-bit weights and float activations keep their weights packed in the library
+    and unpack them inside the kernel (:func:`packed_convs`). Every other low-bit layer keeps
+    its quantized weight *values* and computes in float32: it buys neither size nor latency.
     """
     from voxfit.plan import plan_of
 
     layers = plan_of(model).layers
     int8 = int8_convs(model)
+    packed = packed_convs(model) if pack else {}
+    done = set(int8) | set(packed)
     low = sorted(
-        {f"w{x.weight_bits}" for x in layers if x.weight_bits < 32 and x.name not in int8}
+        {f"w{x.weight_bits}" for x in layers if x.weight_bits < 32 and x.name not in done}
         | {f"a{x.act_bits}" for x in layers if x.act_bits < 32 and x.name not in int8}
     )
     parts = [f"{len(int8)} layers as int8 ops"] if int8 else []
     if int8_built:
         parts = [_int8_said(int8_built)]
+    if packed:
+        kinds = "/".join(f"w{b}" for b in sorted(set(packed.values())))
+        parts.append(f"{len(packed)} {kinds} layers packed, unpacked in the kernel")
     if low:
         parts.append(f"{'/'.join(low)} layers run dequantized in float32")
     return "; ".join(parts) or "fp32"
@@ -215,6 +259,7 @@ def compile_model(
     export: bool = True,
     timeout_s: float | None = None,
     retune_trials: int = 0,
+    pack: bool = True,
 ) -> list[CompileResult]:
     """Compile ``model`` for each of the profile's ``inputs`` (default: all of them).
 
@@ -233,11 +278,12 @@ def compile_model(
     (``lib`` names it; ~2 s saved per candidate). Never raises for a build failure: the
     result carries ``error``. ``retune_trials`` > 0 tunes every task that many more trials,
     tuned before or not, starting from the best records of either database (the shipped
-    ones are copied into the user's first).
+    ones are copied into the user's first). ``pack=False`` compiles weight-only quantized
+    convs with float32 weights (their quantized values), to compare with the packed library.
     """
     out = Path(out_dir)
     results = []
-    lowering = lowering_of(model)
+    lowering = lowering_of(model, pack=pack)
     shipped = profile.database_dir(cost_models_dir)
     user = Path(tuning_dir) if tuning_dir is not None else default_tuning_dir(out.parent, profile)
     runner = runner_spec(profile).to_dict()
@@ -247,7 +293,7 @@ def compile_model(
             profile=profile.name, input=spec.name, frames=spec.frames, lowering=lowering
         )
         try:
-            program = export_program(model, spec.frames, out / f"{spec.name}.pt2")
+            program = export_program(model, spec.frames, out / f"{spec.name}.pt2", pack=pack)
         except Exception as e:  # noqa: BLE001 - an unexportable model is a failed candidate
             results.append(CompileResult(**base, error=f"torch.export failed: {e}"[:500]))
             continue
@@ -272,7 +318,7 @@ def compile_model(
             )
             continue
         if "int8" in r:  # what the build made of the int8 ops on this target
-            base["lowering"] = lowering_of(model, r["int8"])
+            base["lowering"] = lowering_of(model, r["int8"], pack=pack)
         results.append(
             CompileResult(
                 **base,
@@ -285,6 +331,7 @@ def compile_model(
                 build_s=r["build_s"],
                 total_s=total,
                 memory_bytes=r["memory_bytes"],
+                weight_bytes=sum(r["constant_bytes"].values()) if "constant_bytes" in r else None,
                 task_names=tuple(r["task_names"]),
                 exported=r["exported"],
                 details={
@@ -301,6 +348,7 @@ def compile_model(
                         "compile_relax_s",
                         "memory_plan_s",
                         "export_library_s",
+                        "constant_bytes",
                     )
                     if k in r
                 },

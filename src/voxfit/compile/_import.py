@@ -16,7 +16,7 @@ import tvm
 from tvm import relax
 
 from voxfit._warnings import quiet_export
-from voxfit.compile._qops import OP_NAME  # importing it registers voxfit::qconv1d
+from voxfit.compile._qops import OP_NAME, W_OP_NAME  # importing registers the ops
 from voxfit.errors import ModelError
 
 log = logging.getLogger(__name__)
@@ -71,7 +71,7 @@ def load_program(
 
     ep = torch.export.load(path)
     qconv = _QConv1dConverter(ep, int8)
-    fixes = {"div.Tensor_mode": _div_mode, OP_NAME: qconv}
+    fixes = {"div.Tensor_mode": _div_mode, OP_NAME: qconv, W_OP_NAME: _WConv1dConverter(ep)}
     why = None
     if how == "auto":
         why = _needs_decomposition(ep)
@@ -200,14 +200,10 @@ class _QConv1dConverter:
         x_scale, x_zero, stride, padding, dilation = node.args[4:9]
         self.count += 1
         b = relax.const(bias.astype("float32").reshape(1, -1, 1))
-        if not self.int8:
-            wf = w.astype("float32") * w_scale.astype("float32")[:, None, None]
-            y = bb.emit(
-                relax.op.nn.conv1d(
-                    x, relax.const(wf), strides=stride, padding=padding, dilation=dilation
-                )
-            )
-            return bb.emit(relax.op.add(y, b))  # type: ignore[no-any-return]
+        if not self.int8:  # the int8 weights stay packed, unpacked inside a float32 kernel
+            # the scale is max|w| / qmax, so the largest grid value is qmax: 7 or 127
+            bits = 4 if np.abs(w).max() <= 7 else 8
+            return packed_conv1d(bb, x, w, w_scale, bias, bits, stride, padding, dilation)
         if int(np.prod(w.shape[1:])) * 255 * 128 >= 2**31:
             raise ModelError(f"qconv1d: {w.shape[1]}x{w.shape[2]} taps could overflow int32")
         q = bb.emit_te(_quantize_u8, x, float(x_scale), int(x_zero), primfunc_name_hint="quantize")
@@ -233,6 +229,100 @@ class _QConv1dConverter:
             )
         )
         return bb.emit(relax.op.add(y, b))  # type: ignore[no-any-return]
+
+
+def pack_weight(w: np.ndarray, bits: int) -> np.ndarray:
+    """The library's form of a conv weight (O, C, K): int8 at 8 bits, float16 at 16, and at 4
+    bits two values per byte along the flattened C*K axis, offset by 8 (uint8 (O, ceil(C*K/2)):
+    low nibble = even index)."""
+    if bits == 16:
+        return w.astype("float16")
+    if bits == 8:
+        return w.astype("int8")
+    flat = (w.reshape(w.shape[0], -1).astype(np.int16) + 8).astype(np.uint8)
+    if flat.shape[1] % 2:
+        flat = np.concatenate([flat, np.full((flat.shape[0], 1), 8, np.uint8)], axis=1)
+    return (flat[:, 0::2] | (flat[:, 1::2] << 4)).astype(np.uint8)  # type: ignore[no-any-return]
+
+
+def _packed_conv_te(
+    x: Any, p: Any, bits: int, k: int, stride: int, padding: int, dilation: int
+) -> Any:
+    """conv1d NCW of float ``x`` and a packed weight ``p`` (:func:`pack_weight`), the weight
+    unpacked where the reduction reads it (the scale is applied after the sum)."""
+    from tvm import te, tirx, topi
+
+    n, c_in, t_in = x.shape
+    o = p.shape[0]
+    if padding:
+        x = topi.nn.pad(x, (0, 0, padding), (0, 0, padding), name="pad_temp")
+    t_out = (t_in + 2 * padding - dilation * (k - 1) - 1) // stride + 1
+    rc = te.reduce_axis((0, c_in), name="rc")
+    rk = te.reduce_axis((0, k), name="rk")
+
+    def weight(oc: Any, c: Any, kk: Any) -> Any:
+        if bits != 4:
+            return p[oc, c, kk].astype("float32")
+        i = c * k + kk
+        byte = p[oc, tirx.floordiv(i, 2)]
+        shift = (tirx.floormod(i, 2) * 4).astype("uint8")
+        nib = tirx.bitwise_and(tirx.shift_right(byte, shift), tirx.const(15, "uint8"))
+        return nib.astype("float32") - tirx.const(8.0, "float32")
+
+    return te.compute(
+        (n, o, t_out),
+        lambda b, oc, t: te.sum(
+            x[b, rc, t * stride + rk * dilation] * weight(oc, rc, rk), axis=[rc, rk]
+        ),
+        name="conv1d_ncw",
+    )
+
+
+def packed_conv1d(
+    bb: Any,
+    x: relax.Expr,
+    w: np.ndarray,
+    w_scale: np.ndarray,
+    bias: np.ndarray,
+    bits: int,
+    stride: int,
+    padding: int,
+    dilation: int,
+) -> relax.Var:
+    """Emit ``conv1d(x, w * w_scale) + bias`` with ``w`` kept packed at ``bits`` (4, 8 or 16)
+    in the module's constants; the per-channel scale and the bias are elementwise ops after
+    it, which fuse into the kernel's epilogue."""
+    packed = pack_weight(w, bits)
+    y = bb.emit_te(
+        _packed_conv_te,
+        x,
+        relax.const(packed),
+        bits,
+        int(w.shape[2]),
+        int(stride),
+        int(padding),
+        int(dilation),
+        primfunc_name_hint=f"conv1d_w{bits}",
+    )
+    if bits != 16:
+        y = bb.emit(relax.op.multiply(y, relax.const(w_scale.astype("float32").reshape(1, -1, 1))))
+    return bb.emit(relax.op.add(y, relax.const(bias.astype("float32").reshape(1, -1, 1))))  # type: ignore[no-any-return]
+
+
+class _WConv1dConverter:
+    """``voxfit::wconv1d`` -> a float32 conv whose 4/8/16-bit weights stay packed in the
+    library (:func:`packed_conv1d`)."""
+
+    def __init__(self, ep: Any) -> None:
+        self.ep = ep
+
+    def __call__(self, node: Any, importer: Any) -> relax.Var:
+        x = importer.env[node.args[0]]
+        w, w_scale, bias = (_tensor_of(self.ep, n) for n in node.args[1:4])
+        bits, stride, padding, dilation = node.args[4:8]
+        return packed_conv1d(
+            importer.block_builder, x, w, w_scale, bias, int(bits), stride, padding, dilation
+        )
 
 
 def is_gpu(target: tvm.target.Target) -> bool:

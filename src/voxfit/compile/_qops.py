@@ -1,11 +1,19 @@
-"""Int8 convolution as one opaque op of the deploy graph: ``voxfit::qconv1d``.
+"""Quantized convolutions as opaque ops of the deploy graph, so their weights stay packed.
 
-A Conv1d whose plan says 8-bit activations and 4- or 8-bit weights is exported as this op
-instead of ``aten.conv1d``: its input is rounded to the calibrated uint8 grid, its weight is
-the int8 grid (per-output-channel scale). In torch it computes exactly what the fake-quantized
-layer computes (so the exported program runs and evaluates like the model); TVM's importer
-turns it into uint8 x int8 -> int32 compute (``voxfit.compile._import``), or, on a target that
-cannot run int8 compute, into a float32 conv of the dequantized weights.
+``voxfit::qconv1d``: a Conv1d whose plan says 8-bit activations and 4- or 8-bit weights is
+exported as this op instead of ``aten.conv1d``: its input is rounded to the calibrated uint8
+grid, its weight is the int8 grid (per-output-channel scale). TVM's importer turns it into
+uint8 x int8 -> int32 compute (``voxfit.compile._import``), or, on a target that cannot run
+int8 compute, into a float32 conv that unpacks the int8 weights inside the kernel.
+
+``voxfit::wconv1d``: a Conv1d with 4-, 8- or 16-bit weights and float activations: its
+weights travel as the int8 grid (4 and 8 bits, with a float32 scale per output channel) or as
+float16. TVM's importer keeps them packed in the library (two 4-bit values per byte) and
+unpacks them inside the convolution kernel, so the library is as small as the plan says and
+the measured latency includes the unpacking.
+
+In torch both compute exactly what the fake-quantized layer computes, so the exported program
+runs and evaluates like the model.
 """
 
 from __future__ import annotations
@@ -17,6 +25,7 @@ from torch import nn
 from voxfit.errors import ModelError
 
 OP_NAME = "qconv1d.default"  # how TVM's importer keys a custom op (node.target.__name__)
+W_OP_NAME = "wconv1d.default"
 
 
 @torch.library.custom_op("voxfit::qconv1d", mutates_args=())
@@ -120,5 +129,107 @@ def lower_int8_convs(model: nn.Module, layers: dict[str, int]) -> list[str]:
         parent_name, _, attr = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, attr, QConv1d(conv, bits, float(quant.lo), float(quant.hi), name))
+        done.append(name)
+    return done
+
+
+@torch.library.custom_op("voxfit::wconv1d", mutates_args=())
+def wconv1d(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    w_scale: torch.Tensor,
+    bias: torch.Tensor,
+    bits: int,
+    stride: int,
+    padding: int,
+    dilation: int,
+) -> torch.Tensor:
+    """conv1d(x, weight * w_scale) + bias; ``weight`` is int8 (O, C, K) on a ``bits`` grid, or
+    float16 (``bits`` 16, ``w_scale`` ones)."""
+    w = weight.to(torch.float32) * w_scale[:, None, None]
+    return F.conv1d(x, w, bias, stride, padding, dilation)
+
+
+@wconv1d.register_fake
+def _wconv1d_shape(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    w_scale: torch.Tensor,
+    bias: torch.Tensor,
+    bits: int,
+    stride: int,
+    padding: int,
+    dilation: int,
+) -> torch.Tensor:
+    t = (x.shape[2] + 2 * padding - dilation * (weight.shape[2] - 1) - 1) // stride + 1
+    return x.new_empty((x.shape[0], weight.shape[0], t))
+
+
+class WConv1d(nn.Module):
+    """The deploy form of a Conv1d with 4-, 8- or 16-bit weights and float activations."""
+
+    def __init__(self, conv: nn.Conv1d, bits: int, name: str) -> None:
+        super().__init__()
+        if conv.groups != 1 or not isinstance(conv.padding, tuple):
+            raise ModelError(f"{name}: only ungrouped, explicitly padded Conv1d pack weights")
+        w = conv.weight.detach().float()
+        if bits == 16:
+            q = w.to(torch.float16)
+            off = (q.float() - w).abs().max().item()
+            if off > 0:
+                raise ModelError(f"{name}: weights are not float16 values (off by {off:.3g})")
+            scale = torch.ones(w.shape[0])
+        elif bits in (4, 8):
+            flat = w.reshape(w.shape[0], -1)
+            scale = flat.abs().amax(dim=1).clamp_min(1e-12) / (2 ** (bits - 1) - 1)
+            grid = torch.round(flat / scale[:, None])
+            off = ((grid * scale[:, None] - flat).abs() / scale[:, None]).max().item()
+            if off > 1e-3:
+                raise ModelError(
+                    f"{name}: weights are not on the {bits}-bit grid (off by {off:.3g})"
+                )
+            q = grid.reshape(w.shape).to(torch.int8)
+        else:
+            raise ModelError(f"{name}: {bits}-bit weights have no packed form (4, 8 or 16)")
+        self.bits = bits
+        self.stride = int(conv.stride[0])
+        self.padding = int(conv.padding[0])
+        self.dilation = int(conv.dilation[0])
+        self.weight: torch.Tensor
+        self.w_scale: torch.Tensor
+        self.bias: torch.Tensor
+        self.register_buffer("weight", q)
+        self.register_buffer("w_scale", scale.clone())
+        b = conv.bias.detach().float() if conv.bias is not None else torch.zeros(w.shape[0])
+        self.register_buffer("bias", b.clone())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.voxfit.wconv1d(  # type: ignore[no-any-return]
+            x,
+            self.weight,
+            self.w_scale,
+            self.bias,
+            self.bits,
+            self.stride,
+            self.padding,
+            self.dilation,
+        )
+
+
+def lower_weight_convs(model: nn.Module, layers: dict[str, int]) -> list[str]:
+    """Replace each named Conv1d of ``model`` (in place) by a :class:`WConv1d` with
+    ``layers[name]`` weight bits (``compile.packed_convs`` picks them); returns the names.
+
+    Raises:
+        ModelError: a named layer is not a Conv1d, or its weights are off the grid.
+    """
+    done = []
+    for name, bits in layers.items():
+        conv = model.get_submodule(name)
+        if not isinstance(conv, nn.Conv1d):
+            raise ModelError(f"{name}: not a Conv1d")
+        parent_name, _, attr = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, attr, WConv1d(conv, bits, name))
         done.append(name)
     return done

@@ -277,7 +277,15 @@ def export_bundle(
         lib = tmp / "tvm" / f"{spec.name}.so"
         shutil.move(str(c.lib), lib)
         shutil.rmtree(tmp / "tvm" / "build", ignore_errors=True)
-        tvm_info.update(lib=str(lib.relative_to(tmp)), new_tasks=c.new_tasks, lowering=c.lowering)
+        tvm_info.update(
+            lib=str(lib.relative_to(tmp)),
+            new_tasks=c.new_tasks,
+            lowering=c.lowering,
+            # the weights as the library stores them (packed where the plan quantized them)
+            weight_bytes=c.weight_bytes,
+            constant_bytes=c.details.get("constant_bytes"),
+            file_bytes=lib.stat().st_size,
+        )
         from voxfit.hw_profiles import host_runs
 
         if host_runs(profile)[0] and not profile.cross_compiler:
