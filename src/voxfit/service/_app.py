@@ -55,10 +55,6 @@ class JobRequest(BaseModel):
     seed: int = Field(0, description="Sampler seed.")
 
 
-class _TooLarge(Exception):
-    pass
-
-
 class GuardMiddleware:
     """Bearer token on every request (401 before the body is read), then the body bound
     (413: by Content-Length at once, or counted as a chunked body arrives)."""
@@ -84,27 +80,28 @@ class GuardMiddleware:
             await _send(send, 413, f"request body over {self.max_body} bytes")
             return
         seen = 0
-        started = False
+        refused = False
 
         async def counted() -> Any:
-            nonlocal seen
+            # over the bound: answer 413 now and tell the app the client left, so it stops
+            # reading (an exception here would become FastAPI's 400 "error parsing the body")
+            nonlocal seen, refused
+            if refused:
+                return {"type": "http.disconnect"}
             message = await receive()
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
                 if seen > self.max_body:
-                    raise _TooLarge
+                    refused = True
+                    await _send(send, 413, f"request body over {self.max_body} bytes")
+                    return {"type": "http.disconnect"}
             return message
 
-        async def tracked(message: Any) -> None:
-            nonlocal started
-            started = started or message["type"] == "http.response.start"
-            await send(message)
+        async def quiet_after_413(message: Any) -> None:
+            if not refused:
+                await send(message)
 
-        try:
-            await self.app(scope, counted, tracked)
-        except _TooLarge:
-            if not started:
-                await _send(send, 413, f"request body over {self.max_body} bytes")
+        await self.app(scope, counted, quiet_after_413)
 
 
 _TOKEN_HINT = "the token is in <work>/service/token"

@@ -1,0 +1,136 @@
+"""Runners and their supervisor without a search: a job failing with a user error shows
+that one line; a runner that dies is noticed at once, its job requeued, then failed with the
+reason; claims are atomic across processes; stale heartbeats release a job."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.service._server import running, wait_job
+from voxfit.errors import DataError
+from voxfit.service import (
+    MAX_ATTEMPTS,
+    JobStore,
+    RunnerSettings,
+    ServicePaths,
+    ensure_key,
+    make_spec,
+    run_job,
+)
+
+SPEC = make_spec(profile="x86-avx2-2core", trials=1, preset="tiny")
+
+
+@pytest.mark.parametrize(
+    ("raised", "shown"),
+    [
+        (DataError("corpus: espeak-ng\nis missing"), "corpus: espeak-ng is missing"),
+        (RuntimeError("boom\ntraceback-ish"), "RuntimeError: boom traceback-ish"),
+    ],
+)
+def test_a_failing_job_shows_one_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, raised: Exception, shown: str
+) -> None:
+    import voxfit.search
+
+    def fail(**_: object) -> None:
+        raise raised
+
+    monkeypatch.setattr(voxfit.search.SearchContext, "prepare", fail)
+    paths = ServicePaths(tmp_path)
+    ensure_key(paths)
+    store = JobStore(paths.jobs_db)
+    job = store.submit(SPEC, "x86-avx2-2core", "tdnn-default")
+    claimed = store.claim("here:1")
+    assert claimed is not None
+    assert claimed.id == job.id
+    assert run_job(claimed, RunnerSettings(paths, "sqlite:///" + str(tmp_path / "s.db")),
+                   store, "here:1") == shown  # fmt: skip
+    done = store.get(job.id)
+    assert done is not None
+    assert (done.state, done.error, done.phase) == ("failed", shown, "failed")
+
+
+def test_claims_are_atomic_across_processes(tmp_path: Path) -> None:
+    store = JobStore(tmp_path / "jobs.db")
+    ids = {store.submit(SPEC, "p", "s").id for _ in range(30)}
+    claimer = textwrap.dedent(f"""
+        import sys
+        from voxfit.service import JobStore
+        store = JobStore({str(tmp_path / "jobs.db")!r})
+        while (job := store.claim(sys.argv[1])) is not None:
+            print(job.id, flush=True)
+    """)
+    procs = [subprocess.Popen([sys.executable, "-c", claimer, f"h:{i}"], text=True,
+                              stdout=subprocess.PIPE) for i in range(3)]  # fmt: skip
+    got = [line for p in procs for line in p.communicate(timeout=120)[0].split()]
+    assert sorted(got) == sorted(ids)  # every job once, none twice
+    assert {j.state for j in store.jobs()} == {"running"}
+
+
+def test_stale_heartbeat_requeues_then_fails(tmp_path: Path) -> None:
+    store = JobStore(tmp_path / "jobs.db")
+    job = store.submit(SPEC, "p", "s")
+    for attempt in range(1, MAX_ATTEMPTS + 1):
+        claimed = store.claim(f"far:{attempt}")
+        assert claimed is not None
+        assert claimed.attempts == attempt
+        assert store.beat(job.id, f"far:{attempt}", phase="searching", trials_finished=0)
+        time.sleep(0.05)
+        assert store.requeue_stale(stale_s=0.01) == [job.id]
+        assert not store.beat(job.id, f"far:{attempt}")  # no longer that runner's
+    last = store.get(job.id)
+    assert last is not None
+    assert last.state == "failed"
+    assert f"runner far:{MAX_ATTEMPTS} sent no heartbeat" in (last.error or "")
+    # a clean stop does not use up an attempt
+    other = store.submit(SPEC, "p", "s")
+    for _ in range(MAX_ATTEMPTS + 1):
+        assert store.claim("near:1") is not None
+        assert store.release("near:1", "stopped", count_attempt=False) == [other.id]
+    again = store.get(other.id)
+    assert again is not None
+    assert (again.state, again.attempts) == ("queued", 0)
+
+
+FAKE_RUNNER = """
+import os, signal, sys, time
+from voxfit.service import JobStore
+from voxfit.service._store import runner_id
+store = JobStore(sys.argv[1])
+while store.claim(runner_id()) is None:
+    time.sleep(0.1)
+os.kill(os.getpid(), signal.SIGKILL)  # dies mid-job, as an OOM kill would
+"""
+
+SERVE = """
+import sys
+from pathlib import Path
+from voxfit.service import ServicePaths, serve
+serve(ServicePaths(Path(sys.argv[1])), port=0, runners=1,
+      runner_command=[sys.executable, sys.argv[2], sys.argv[1] + "/service/jobs.db"])
+"""
+
+
+def test_a_dead_runner_is_noticed_requeued_then_failed(tmp_path: Path) -> None:
+    fake = tmp_path / "fake_runner.py"
+    fake.write_text(FAKE_RUNNER)
+    work = tmp_path / "work"
+    cmd = [sys.executable, "-c", SERVE, str(work), str(fake)]
+    with running(work, command=cmd) as s, s.client() as c:
+        job = c.post("/jobs", json={"profile": "x86-avx2-2core", "trials": 1}).json()
+        t0 = time.monotonic()
+        done = wait_job(c, job["id"], ("failed", "succeeded"), 60)
+        took = time.monotonic() - t0
+    assert done["state"] == "failed", done
+    assert done["attempts"] == MAX_ATTEMPTS
+    assert "exited (killed by SIGKILL)" in done["error"]
+    assert f"attempt {MAX_ATTEMPTS} of {MAX_ATTEMPTS}" in done["error"]
+    assert done["note"].startswith("requeued: runner ")  # after the first death
+    assert took < 30  # noticed by the supervisor, not after a heartbeat timeout
