@@ -6,15 +6,19 @@ BIN := $(VENV)/bin
 WORK ?= work
 PRESET ?= default
 MODEL ?= tdnn
-# TTS and audio for the corpus; the aarch64 cross compiler links Arm profiles' TVM libraries.
-APT_PACKAGES := espeak-ng flite sox gcc-aarch64-linux-gnu g++-aarch64-linux-gnu
+# TTS and audio for the corpus; the aarch64 cross compiler links Arm profiles' TVM libraries;
+# PostgreSQL for studies shared by many workers (`make postgres`, the tests' local server).
+APT_PACKAGES := espeak-ng flite sox gcc-aarch64-linux-gnu g++-aarch64-linux-gnu postgresql
 APT_COMMANDS := espeak-ng flite sox aarch64-linux-gnu-g++
+# Debian keeps the server's programs off PATH, in /usr/lib/postgresql/<version>/bin.
+APT_FILES := /usr/lib/postgresql/*/bin/initdb
 TORCH_PIN := torch==2.13.0
 
-.PHONY: run test lint sysdeps venv clean
+.PHONY: run test lint sysdeps venv clean postgres postgres-stop
 
 sysdeps:
 	@missing=""; for c in $(APT_COMMANDS); do command -v $$c >/dev/null || missing="$$missing $$c"; done; \
+	for f in $(APT_FILES); do [ -e "$$f" ] || missing="$$missing $$f"; done; \
 	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" = 0 ]; then \
 	    echo "installing system packages:$$missing"; \
@@ -54,6 +58,16 @@ run: sysdeps venv
 	$(BIN)/voxfit export --study $(STUDY) --storage $(STORAGE) --pareto --work $(WORK) \
 	  --out $(WORK)/bundles
 	$(BIN)/voxfit report --study $(STUDY) --storage $(STORAGE) --out $(WORK)/reports/$(STUDY).html
+
+# A local PostgreSQL server under $(WORK)/postgres (started once, reused; 127.0.0.1 only,
+# password in $(WORK)/postgres/password): prints the STORAGE=... URL that `voxfit search` and
+# `voxfit worker` take, e.g. `make run STORAGE=postgresql+psycopg://...`.
+PG_PORT ?= 55432
+postgres: sysdeps venv
+	@$(BIN)/python -m voxfit.search._postgres start $(WORK)/postgres $(PG_PORT)
+
+postgres-stop: venv
+	@$(BIN)/python -m voxfit.search._postgres stop $(WORK)/postgres
 
 lint: venv
 	$(BIN)/ruff check src tests benchmarks

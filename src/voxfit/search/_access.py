@@ -34,23 +34,37 @@ __all__ = [
 ]
 
 
-def open_storage(url: str, grace_s: int = 90) -> optuna.storages.BaseStorage:
-    """An RDB storage with heartbeats, so trials of a killed process get failed and retried."""
+def open_storage(
+    url: str, grace_s: int = 90, heartbeat_s: int = 30
+) -> optuna.storages.BaseStorage:
+    """An RDB storage with heartbeats, so trials of a killed process get failed and retried.
+
+    A trial whose heartbeat (every ``heartbeat_s``) is older than ``grace_s`` is failed by
+    the next process that starts a trial and retried once (a copy queued as WAITING).
+    ``postgresql://`` URLs are read with Psycopg 3 (:func:`sqlalchemy_url`).
+
+    Raises:
+        ConfigError: the storage cannot be opened (the URL, its password hidden, and why).
+    """
+    from voxfit.search._audit import redact_url
+    from voxfit.search._postgres import sqlalchemy_url
+
     if url.startswith("sqlite:///"):
         Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             return optuna.storages.RDBStorage(
-                url,
-                heartbeat_interval=30,
+                sqlalchemy_url(url),
+                heartbeat_interval=heartbeat_s,
                 grace_period=grace_s,
                 heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(
                     max_retry=1
                 ),
             )
     except Exception as e:  # noqa: BLE001 - sqlalchemy raises many kinds
-        raise ConfigError(f"--storage {url}: cannot open ({type(e).__name__}: {e})") from e
+        why = " ".join(f"{type(e).__name__}: {e}".split())[:300]
+        raise ConfigError(f"--storage {redact_url(url)}: cannot open ({redact_url(why)})") from e
 
 
 def load_study(storage: str, study_name: str | None = None) -> optuna.Study:

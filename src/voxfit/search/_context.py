@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import pickle
 import time
 from dataclasses import dataclass, field, replace
@@ -159,7 +160,8 @@ class SearchContext:
                 log.warning("build cache %s not used (%s); rebuilding", path, e)
         model = make(cand)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".partial")
+        # a name of this process's own: workers sharing ``work`` may build the same plan
+        tmp = path.with_suffix(f".{os.getpid()}.partial")
         torch.save(model.state_dict(), tmp)
         tmp.replace(path)
         return model

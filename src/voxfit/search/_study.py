@@ -406,6 +406,9 @@ def run_search(s: SearchSettings, ctx: SearchContext) -> optuna.Study:
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = prepare_study(s, ctx)
+    # the budget and margin workers that join this study read (voxfit worker)
+    study.set_user_attr("n_trials", s.n_trials)
+    study.set_user_attr("margin", s.margin)
     audit = AuditLog.of_study(s.work, s.study_name)
     audit.search_started(study, ctx, s.storage)  # what of users' data this search uses
     latency = make_latency(s, ctx.base)
