@@ -29,6 +29,14 @@ class Server:
         headers = {"Authorization": f"Bearer {tok}"} if tok is not None else {}
         return httpx.Client(base_url=self.url, headers=headers, timeout=60)
 
+    def stop(self, timeout_s: float = 45) -> int:
+        """SIGTERM and wait (runners requeue their jobs); the exit code."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            with suppress(subprocess.TimeoutExpired):
+                self.proc.wait(timeout=timeout_s)
+        return self.proc.wait(timeout=5)
+
     def output(self) -> str:
         return self.log.read_text() if self.log.exists() else ""
 
