@@ -76,6 +76,7 @@ class _Heartbeat(threading.Thread):
         self._phase: str | None = None
         self._done = threading.Event()
         self._seen = -1
+        self._study: Any = None
 
     def phase(self, name: str) -> None:
         self._phase = name
@@ -104,10 +105,12 @@ class _Heartbeat(threading.Thread):
         """Finished trials of the job's study; the front so far into ``front.json``."""
         from voxfit.search import load_study, records
 
-        try:
-            st = load_study(self.s.storage, self.job.id)
-        except VoxfitError:
-            return None  # the study is being created
+        if self._study is None:  # opened once: each open makes a storage engine
+            try:
+                self._study = load_study(self.s.storage, self.job.id)
+            except VoxfitError:
+                return None  # the study is being created
+        st = self._study
         n = sum(r.state in ("COMPLETE", "FAIL") for r in records(st))
         if n != self._seen:
             self._seen = n
