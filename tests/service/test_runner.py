@@ -134,3 +134,17 @@ def test_a_dead_runner_is_noticed_requeued_then_failed(tmp_path: Path) -> None:
     assert f"attempt {MAX_ATTEMPTS} of {MAX_ATTEMPTS}" in done["error"]
     assert done["note"].startswith("requeued: runner ")  # after the first death
     assert took < 30  # noticed by the supervisor, not after a heartbeat timeout
+
+
+def test_standalone_runner_until_empty(tmp_path: Path) -> None:
+    """``voxfit serve --run-jobs --until-empty`` (a runner without the API) on an empty
+    queue: makes the service's key, runs nothing, exits 0."""
+    r = subprocess.run(
+        [sys.executable, "-m", "voxfit.cli", "serve", "--run-jobs", "--until-empty",
+         "--work", str(tmp_path)],
+        capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "runner done: 0 job(s)" in r.stderr
+    assert (tmp_path / "service" / "signing.pub").is_file()
+    assert not (tmp_path / "service" / "token").exists()  # the API's, made by the API
