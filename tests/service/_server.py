@@ -12,8 +12,20 @@ from contextlib import contextmanager, suppress
 from pathlib import Path
 
 import httpx
+import yaml
 
 ROOT = Path(__file__).resolve().parents[2]
+
+
+def device_yaml() -> str:
+    """x86-avx2-2core without tuning and a generous budget: the cheapest real job."""
+    prof = yaml.safe_load((ROOT / "hw_profiles" / "x86-avx2-2core.yaml").read_text())
+    prof["name"] = "ci-device"
+    prof["inputs"] = prof["inputs"][:1]
+    prof["latency_budget_ms"] = 1000.0  # untuned code: every candidate fits
+    prof["measurement"].update(repeats=3, min_repeat_ms=5, warmup=1)
+    prof["tuning"].update(trials_per_task=0)
+    return yaml.safe_dump(prof)
 
 
 class Server:

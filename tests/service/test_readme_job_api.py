@@ -11,32 +11,19 @@ import signal
 import tarfile
 import time
 import zipfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import redirect_stdout
 from pathlib import Path
 
 import pytest
-import yaml
 
-from tests.service._server import Server, running, wait_job
-from voxfit.data import Manifest
+from tests.service._server import Server, device_yaml, running, wait_job
 from voxfit.search import fingerprint, load_public_key, read_signature, verify_log
 from voxfit.service import JobStore
 
 pytestmark = [pytest.mark.slow, pytest.mark.tvm]
 ROOT = Path(__file__).resolve().parents[2]
 README = ROOT / "README.md"
-
-
-def device_yaml() -> str:
-    """x86-avx2-2core without tuning and a generous budget: the CI's cheapest real job."""
-    prof = yaml.safe_load((ROOT / "hw_profiles" / "x86-avx2-2core.yaml").read_text())
-    prof["name"] = "ci-device"
-    prof["inputs"] = prof["inputs"][:1]
-    prof["latency_budget_ms"] = 1000.0  # untuned code: every candidate fits
-    prof["measurement"].update(repeats=3, min_repeat_ms=5, warmup=1)
-    prof["tuning"].update(trials_per_task=0)
-    return yaml.safe_dump(prof)
 
 
 def _block() -> str:
@@ -47,13 +34,10 @@ def _block() -> str:
 
 
 @pytest.fixture(scope="module")
-def service(tiny_manifest: Manifest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    root = tmp_path_factory.mktemp("served")
-    corpus = tiny_manifest.source.parent  # the session's tiny corpus, not made again
-    (root / "work" / "corpus").mkdir(parents=True)
-    (root / "work" / "corpus" / corpus.name).symlink_to(corpus)
-    (root / "my-device.yaml").write_text(device_yaml())
-    with running(root / "work", "--runners", "1", "--cost-models", str(root / "cm")) as s:
+def service(served_work: Callable[[str], Path]) -> Iterator[Server]:
+    work = served_work("served")
+    (work.parent / "my-device.yaml").write_text(device_yaml())
+    with running(work, "--runners", "1", "--cost-models", str(work.parent / "cm")) as s:
         yield s
 
 
