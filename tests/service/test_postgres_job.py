@@ -36,6 +36,10 @@ def test_a_job_on_postgresql(served_work: Callable[[str], Path], postgres: Postg
         assert done["bundles"] >= 1
         assert c.get(f"/jobs/{job['id']}/bundles.tar.gz").status_code == 200
     assert not (work / "service" / "studies.db").exists()  # the study is in PostgreSQL
+    password = postgres.url.split("://", 1)[1].split("@", 1)[0].split(":", 1)[1]
+    runner_log = (work / "service" / "runners" / "runner-0.log").read_text()
+    assert "voxfit:***@127.0.0.1" in runner_log  # the URL without its password
+    assert password not in runner_log + s.output()
     study = load_study(postgres.url, job["id"])
     # one trial run; the other baselines stay enqueued (WAITING) for a bigger budget
     assert [r.state for r in records(study) if r.state != "WAITING"] == ["COMPLETE"]

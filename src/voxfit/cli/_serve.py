@@ -36,7 +36,11 @@ def serve_cmd(
     ] = False,
     storage: Annotated[
         str | None,
-        typer.Option(help="Optuna storage of the jobs' studies; default WORK/service/studies.db."),
+        typer.Option(
+            envvar="VOXFIT_SERVICE_STORAGE",
+            help="Optuna storage of the jobs' studies; default WORK/service/studies.db "
+            "(a URL with a password: better in $VOXFIT_SERVICE_STORAGE than on a command line).",
+        ),
     ] = None,
     cost_models: CostDir = Path("cost_models"),
     verbose: Verbose = False,
@@ -61,7 +65,8 @@ def serve_cmd(
         )
     command = [
         sys.executable, "-m", "voxfit.cli", "serve", "--run-jobs",
-        "--work", str(paths.work), "--storage", url,
-        "--cost-models", str(cost_models.resolve()),
+        "--work", str(paths.work), "--cost-models", str(cost_models.resolve()),
     ] + (["--verbose"] if verbose else [])  # fmt: skip
-    serve(paths, host=host, port=port, runners=runners, runner_command=command)
+    # the storage URL (maybe with a password) goes by environment, not in `ps` output
+    env = {"VOXFIT_SERVICE_STORAGE": url}
+    serve(paths, host=host, port=port, runners=runners, runner_command=command, runner_env=env)

@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shutil
 import signal
 import threading
@@ -49,6 +50,11 @@ class RunnerSettings:
     cost_models: Path = Path("cost_models")
     poll_s: float = 2.0
     heartbeat_s: float = HEARTBEAT_S
+
+
+def redact(url: str) -> str:
+    """A storage URL without its password (``postgresql://u:***@host/db``)."""
+    return re.sub(r"(://[^:/@]*):[^@/]*@", r"\1:***@", url)
 
 
 def write_json(path: Path, data: Any) -> None:
@@ -235,7 +241,7 @@ def run_jobs(s: RunnerSettings, *, until_empty: bool = False) -> int:
     me = runner_id()
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, _raise_stopped)
-    log.info("runner %s: jobs of %s, studies in %s", me, s.paths.jobs_db, s.storage)
+    log.info("runner %s: jobs of %s, studies in %s", me, s.paths.jobs_db, redact(s.storage))
     n = 0
     try:
         while True:

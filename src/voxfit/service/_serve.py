@@ -60,8 +60,11 @@ def _alive(pid: int) -> bool:
 class Supervisor:
     """Keeps ``n`` runner processes (``command``) alive; logs go to ``paths.runners``."""
 
-    def __init__(self, paths: ServicePaths, command: list[str], n: int) -> None:
+    def __init__(
+        self, paths: ServicePaths, command: list[str], n: int, env: dict[str, str] | None = None
+    ) -> None:
         self.paths, self.command, self.n = paths, command, n
+        self.env = {**os.environ, **(env or {})}
         self.store = JobStore(paths.jobs_db)
         self.procs: dict[int, subprocess.Popen[bytes]] = {}
         self.logs: dict[int, IO[bytes]] = {}
@@ -77,6 +80,7 @@ class Supervisor:
             stdout=self.logs[slot],
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
+            env=self.env,
         )
         log.info("runner %d started (pid %d)", slot, self.procs[slot].pid)
 
@@ -128,10 +132,12 @@ def serve(
     port: int = 8765,
     runners: int = 1,
     runner_command: list[str] | None = None,
+    runner_env: dict[str, str] | None = None,
     access_log: bool = False,
 ) -> None:
     """Run the API until SIGINT/SIGTERM, with ``runners`` runner processes started by
-    ``runner_command`` (the CLI's ``voxfit serve --run-jobs ...``).
+    ``runner_command`` (the CLI's ``voxfit serve --run-jobs ...``) with ``runner_env`` added
+    to their environment.
 
     Raises:
         ConfigError: the token file is readable by others, or half a key pair is there.
@@ -150,7 +156,7 @@ def serve(
             app, host=host, port=port, log_level="warning", access_log=access_log, lifespan="off"
         )
     )
-    sup = Supervisor(paths, runner_command or [], runners if runner_command else 0)
+    sup = Supervisor(paths, runner_command or [], runners if runner_command else 0, runner_env)
 
     def when_up() -> None:
         while not server.started:
