@@ -9,6 +9,7 @@ the weights at their stored bit-widths.
 from __future__ import annotations
 
 import math
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -199,7 +200,9 @@ class _TvmEstimator:
     ) -> list[LatencyResult]:
         """Compile (tuning new tasks) and measure each input; failures become results."""
         self._n += 1
-        out_dir = self.work_dir / f"build-{time.strftime('%Y%m%d-%H%M%S')}-{self._n}"
+        # the pid: estimators of several workers may share ``work_dir``
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        out_dir = self.work_dir / f"build-{stamp}-{os.getpid()}-{self._n}"
         compiled = compile_model(
             model,
             self.profile,
@@ -247,9 +250,18 @@ class _TvmEstimator:
                     reference_ms=r.get("reference_ms"),
                     relative=r.get("relative"),
                     relative_iqr=r.get("relative_iqr"),
+                    note=_retry_note(r),
                 )
             )
         return results
+
+
+def _retry_note(r: dict[str, Any]) -> str:
+    """What a measurement that needed another device went through (empty otherwise)."""
+    errors = r.get("device_errors") or []
+    if not errors:
+        return ""
+    return f"measured on attempt {r.get('attempts')} after: " + " | ".join(errors)
 
 
 class TvmLocalEstimator(_TvmEstimator):
@@ -295,7 +307,7 @@ class TvmLocalEstimator(_TvmEstimator):
                 self.reference,
                 self.profile,
                 self.worker,
-                self.work_dir / f"reference-{c.input}",
+                self.work_dir / f"reference-{c.input}-{os.getpid()}",
                 inputs=(spec,),
                 cost_models_dir=self.cost_models_dir,
                 tuning_dir=self.tuning_dir,
@@ -318,14 +330,25 @@ class TvmLocalEstimator(_TvmEstimator):
 
 
 class TvmRpcEstimator(_TvmEstimator):
-    """Measures on a device leased from the profile's TVM RPC tracker."""
+    """Measures on a device leased from the profile's TVM RPC tracker.
+
+    A farm registers several servers under the profile's device key; each measurement
+    leases whichever is free, and a device that fails mid-measurement (killed, unplugged)
+    costs a retry on another one, up to ``rpc_attempts`` leases in all, not a failed
+    measurement. The result's ``note`` says when a retry was needed.
+    """
 
     method: Method = "rpc"
 
-    def __init__(self, profile: HardwareProfile, work_dir: str | Path, **kw: Any) -> None:
+    def __init__(
+        self, profile: HardwareProfile, work_dir: str | Path, *, rpc_attempts: int = 3, **kw: Any
+    ) -> None:
         if profile.measurement.rpc is None:
             raise ConfigError(f"{profile.source or profile.name}: measurement.rpc is required")
+        if rpc_attempts < 1:
+            raise ConfigError(f"rpc_attempts must be >= 1, got {rpc_attempts}")
         super().__init__(profile, work_dir, **kw)
+        self.rpc_attempts = rpc_attempts
 
     def _measure(self, c: CompileResult) -> dict[str, Any]:
         rpc = self.profile.measurement.rpc
@@ -340,6 +363,7 @@ class TvmRpcEstimator(_TvmEstimator):
                 "device_key": rpc.device_key,
                 "connect_timeout_s": rpc.connect_timeout_s,
                 "session_timeout_s": rpc.session_timeout_s,
+                "attempts": self.rpc_attempts,
             },
         )
 

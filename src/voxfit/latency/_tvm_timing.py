@@ -172,13 +172,24 @@ def _check_tracker(host: str, port: int, key: str, timeout_s: float) -> None:
 
 
 def tracker_summary(req: dict[str, Any]) -> dict[str, Any]:
-    """Free servers per device key at a tracker (request keys: host, port)."""
+    """A tracker's state (request keys: host, port; ``key`` names the key asked about in
+    errors, ``*`` for any): ``keys`` (free servers per device key), ``queue`` (per key:
+    free servers and pending requests) and ``servers`` (each registered server's key and
+    address)."""
     from tvm import rpc
 
-    _check_tracker(req["host"], int(req["port"]), "*", 5.0)
+    _check_tracker(req["host"], int(req["port"]), req.get("key", "*"), 5.0)
     summary = rpc.connect_tracker(req["host"], int(req["port"])).summary()
-    queue = summary.get("queue_info", {})
-    return {"keys": {k: int(v.get("free", 0)) for k, v in queue.items()}}
+    queue = {
+        str(k): {"free": int(v.get("free", 0)), "pending": int(v.get("pending", 0))}
+        for k, v in summary.get("queue_info", {}).items()
+    }
+    servers = []
+    for info in summary.get("server_info", []):
+        addr = info.get("addr")
+        where = f"{addr[0]}:{addr[1]}" if isinstance(addr, list | tuple) and len(addr) == 2 else ""
+        servers.append({"key": str(info.get("key", "")).removeprefix("server:"), "addr": where})
+    return {"keys": {k: v["free"] for k, v in queue.items()}, "queue": queue, "servers": servers}
 
 
 def _lease(r: dict[str, Any]) -> Any:
@@ -217,27 +228,70 @@ def _remote_vm(remote: Any, req: dict[str, Any]) -> tuple[Any, Any, relax.Virtua
     return rlib, dev, relax.VirtualMachine(rlib, dev)
 
 
+def _on_a_device(req: dict[str, Any], run: Any) -> dict[str, Any]:
+    """``run(remote)`` on a device leased from the tracker; when the device fails under it
+    (a server killed or unplugged mid-measurement), lease again -- the tracker hands out
+    another free server of the key, the lost one having left it -- up to
+    ``rpc.attempts`` times in all (default 3). The result says how many attempts it took
+    and what the failed ones said (``device_errors``).
+
+    Raises:
+        ConnectionError: the tracker is unreachable or has no device with the key.
+        TimeoutError: no device was free within the connect timeout.
+        RuntimeError: every attempt failed (each attempt's error, in order).
+    """
+    r = req["rpc"]
+    attempts = max(1, int(r.get("attempts", 3)))
+    errors: list[str] = []
+    for attempt in range(1, attempts + 1):
+        remote = _lease(r)
+        try:
+            out = dict(run(remote))
+        except Exception as e:  # noqa: BLE001 - a device that went away raises many kinds
+            first = str(e).strip().splitlines()
+            errors.append(f"{type(e).__name__}: {first[-1] if first else ''}"[:300])
+            del remote
+            if attempt < attempts:
+                time.sleep(min(2.0 * attempt, 5.0))  # the tracker drops the lost server
+            continue
+        del remote  # frees the one-slot server for the next lease
+        out["device_key"] = r["device_key"]
+        out["attempts"] = attempt
+        out["device_errors"] = errors
+        return out
+    raise RuntimeError(
+        f"RPC device key {r['device_key']!r} at {r['tracker_host']}:{r['tracker_port']}: "
+        f"{attempts} attempts failed: " + " | ".join(errors)
+    )
+
+
 def measure_rpc(req: dict[str, Any]) -> dict[str, Any]:
-    """Upload ``lib`` to a device leased from the tracker and time it there."""
-    remote = _lease(req["rpc"])
-    rlib, dev, vm = _remote_vm(remote, req)
-    out = _time_vm(vm, dev, int(req["frames"]), req["measurement"])
-    out["device_key"] = req["rpc"]["device_key"]
-    del vm, rlib, remote  # frees the one-slot server for the next lease
-    return out
+    """Upload ``lib`` to a device leased from the tracker and time it there (another
+    device of the key when one fails mid-measurement, see :func:`_on_a_device`)."""
+
+    def run(remote: Any) -> dict[str, Any]:
+        rlib, dev, vm = _remote_vm(remote, req)
+        out = _time_vm(vm, dev, int(req["frames"]), req["measurement"])
+        del vm, rlib
+        return out
+
+    return _on_a_device(req, run)
 
 
 def run_rpc(req: dict[str, Any]) -> dict[str, Any]:
     """Run ``lib`` once on ``input`` (a numpy array) on a leased device; returns the output
     array (the device's own result, for checking a device build against torch)."""
-    remote = _lease(req["rpc"])
-    rlib, dev, vm = _remote_vm(remote, req)
-    # A remote call returns a handle to the remote tuple; the stateful interface fetches
-    # its fields as tensors (TVM's way of running a VM over RPC).
-    vm.set_input("main", tvm.runtime.tensor(np.asarray(req["input"], dtype="float32"), dev))
-    vm.invoke_stateful("main")
-    out = vm.get_outputs("main")
-    first = out[0] if isinstance(out, list | tuple) else out
-    result = {"output": first.numpy(), "device_key": req["rpc"]["device_key"]}
-    del first, out, vm, rlib, remote  # frees the one-slot server for the next lease
-    return result
+
+    def run(remote: Any) -> dict[str, Any]:
+        rlib, dev, vm = _remote_vm(remote, req)
+        # A remote call returns a handle to the remote tuple; the stateful interface fetches
+        # its fields as tensors (TVM's way of running a VM over RPC).
+        vm.set_input("main", tvm.runtime.tensor(np.asarray(req["input"], dtype="float32"), dev))
+        vm.invoke_stateful("main")
+        out = vm.get_outputs("main")
+        first = out[0] if isinstance(out, list | tuple) else out
+        result = {"output": first.numpy()}
+        del first, out, vm, rlib
+        return result
+
+    return _on_a_device(req, run)
