@@ -148,3 +148,21 @@ def test_standalone_runner_until_empty(tmp_path: Path) -> None:
     assert "runner done: 0 job(s)" in r.stderr
     assert (tmp_path / "service" / "signing.pub").is_file()
     assert not (tmp_path / "service" / "token").exists()  # the API's, made by the API
+
+
+def test_an_unsupervised_dead_runner_is_released_by_its_pid(tmp_path: Path) -> None:
+    """A runner started on its own (``--run-jobs``) and killed: the next look at the jobs
+    (a list, a claim) finds its pid gone on this host and requeues the job at once."""
+    fake = tmp_path / "fake_runner.py"
+    fake.write_text(FAKE_RUNNER)
+    work = tmp_path / "work"
+    with running(work, "--runners", "0") as s, s.client() as c:
+        job = c.post("/jobs", json={"profile": "x86-avx2-2core", "trials": 1}).json()
+        dead = subprocess.run([sys.executable, str(fake), str(work / "service" / "jobs.db")],
+                              timeout=60, check=False)  # fmt: skip
+        assert dead.returncode == -9
+        listed = {j["id"]: j for j in c.get("/jobs").raise_for_status().json()}
+    got = listed[job["id"]]
+    assert (got["state"], got["attempts"], got["runner"]) == ("queued", 1, None)
+    assert got["note"].startswith("requeued: runner ")
+    assert got["note"].endswith(" is gone")

@@ -10,7 +10,7 @@ report, signed bundles). State lives under ``<work>/service/`` (:class:`ServiceP
 from voxfit.service._app import MAX_BODY_BYTES, JobRequest, create_app
 from voxfit.service._paths import ServicePaths, ensure_key, ensure_token
 from voxfit.service._runner import RunnerSettings, RunnerStopped, run_job, run_jobs
-from voxfit.service._serve import Supervisor, exit_reason, release_orphans, serve
+from voxfit.service._serve import Supervisor, exit_reason, serve
 from voxfit.service._spec import JobSpec, make_spec, parse_profile, parse_space, shipped_names
 from voxfit.service._store import MAX_ATTEMPTS, STALE_S, STATES, Job, JobState, JobStore
 
@@ -35,7 +35,6 @@ __all__ = [
     "make_spec",
     "parse_profile",
     "parse_space",
-    "release_orphans",
     "run_job",
     "run_jobs",
     "serve",

@@ -176,6 +176,7 @@ def create_app(paths: ServicePaths, token: str, max_body: int = MAX_BODY_BYTES) 
 
     @app.get("/jobs", summary="Jobs with state and progress, oldest first")
     def jobs(state: str | None = None) -> list[dict[str, Any]]:
+        store.release_orphans()
         store.requeue_stale()
         return [j.view() for j in store.jobs(state)]
 

@@ -35,28 +35,6 @@ def exit_reason(code: int) -> str:
     return f"exit code {code}"
 
 
-def release_orphans(store: JobStore) -> list[str]:
-    """Release running jobs whose runner was a process of this host that no longer exists
-    (the service was stopped hard): they need not wait for their heartbeat to go stale."""
-    host = runner_id(0).rsplit(":", 1)[0]
-    out: list[str] = []
-    for job in store.jobs("running"):
-        h, _, pid = (job.runner or "").rpartition(":")
-        if h == host and pid.isdigit() and not _alive(int(pid)):
-            out += store.release(job.runner or "", f"runner {job.runner} is gone")
-    return out
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 class Supervisor:
     """Keeps ``n`` runner processes (``command``) alive; logs go to ``paths.runners``."""
 
@@ -147,7 +125,7 @@ def serve(
     token = ensure_token(paths)
     ensure_key(paths)
     store = JobStore(paths.jobs_db)
-    back = release_orphans(store)
+    back = store.release_orphans()
     if back:
         log.info("requeued after a restart: %s", ", ".join(back))
     app = create_app(paths, token)

@@ -15,6 +15,7 @@ The file is the whole state: a restarted service finds every job where it was.
 
 from __future__ import annotations
 
+import os
 import secrets
 import socket
 import sqlite3
@@ -30,7 +31,10 @@ from voxfit.service._spec import JobSpec
 JobState = Literal["queued", "running", "succeeded", "failed"]
 STATES: tuple[JobState, ...] = ("queued", "running", "succeeded", "failed")
 MAX_ATTEMPTS = 2  # a job whose runner died twice is failed, not retried forever
-STALE_S = 120.0  # no heartbeat for this long: the runner is gone
+# no heartbeat for this long: the runner is gone. Only for runners of other hosts: a dead
+# runner of this host is found by its pid at once (release_orphans). Generous, because a
+# heartbeat thread waits for the GIL, which a long native call may hold.
+STALE_S = 300.0
 _SCHEMA = 1
 
 _TABLE = """
@@ -114,10 +118,18 @@ class Job:
         }
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process: alive
+        return True
+    return True
+
+
 def runner_id(pid: int | None = None) -> str:
     """``host:pid`` of a runner process (this one by default)."""
-    import os
-
     return f"{socket.gethostname()}:{pid if pid is not None else os.getpid()}"
 
 
@@ -198,7 +210,9 @@ class JobStore:
         return [self._job(r) for r in rows]
 
     def claim(self, runner: str, stale_s: float = STALE_S) -> Job | None:
-        """Take the oldest queued job for ``runner`` (after requeueing stale ones), or None."""
+        """Take the oldest queued job for ``runner`` (after releasing the jobs of dead or
+        silent runners), or None."""
+        self.release_orphans()
         self.requeue_stale(stale_s)
         now = time.time()
         with self._tx(immediate=True) as c:
@@ -271,6 +285,18 @@ class JobStore:
             for r in rows:
                 self._release(c, r["id"], r["attempts"], reason, count_attempt)
         return [r["id"] for r in rows]
+
+    def release_orphans(self) -> list[str]:
+        """Release running jobs whose runner was a process of this host that no longer
+        exists (killed with nobody supervising it, or the service stopped hard): they need
+        not wait for their heartbeat to go stale."""
+        host = runner_id(0).rsplit(":", 1)[0]
+        out: list[str] = []
+        for job in self.jobs("running"):
+            h, _, pid = (job.runner or "").rpartition(":")
+            if h == host and pid.isdigit() and not _alive(int(pid)):
+                out += self.release(job.runner or "", f"runner {job.runner} is gone")
+        return out
 
     def requeue_stale(self, stale_s: float = STALE_S) -> list[str]:
         """Release every running job whose heartbeat is older than ``stale_s``."""
