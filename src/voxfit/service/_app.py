@@ -160,12 +160,16 @@ def create_app(paths: ServicePaths, token: str, max_body: int = MAX_BODY_BYTES) 
             raise HTTPException(404, f"no job {job_id!r}")
         return job
 
+    def not_ready(job: Job, what: str) -> HTTPException:
+        if job.state == "failed":
+            return HTTPException(409, f"job {job.id} failed: {job.error}")
+        return HTTPException(409, f"job {job.id} is {job.state}: no {what} yet")
+
     def job_file(job: Job, name: str, what: str) -> Path:
+        """A file the runner wrote (a failed job may still have its front and report)."""
         p = paths.job_dir(job.id) / name
         if not p.is_file():
-            if job.state == "failed":
-                raise HTTPException(409, f"job {job.id} failed: {job.error}")
-            raise HTTPException(409, f"job {job.id} is {job.state}: no {what} yet")
+            raise not_ready(job, what)
         return p
 
     @app.post("/jobs", status_code=201, summary="Submit a job")
@@ -210,7 +214,7 @@ def create_app(paths: ServicePaths, token: str, max_body: int = MAX_BODY_BYTES) 
             raise HTTPException(404, f"no archive format {fmt!r} (tar.gz or zip)")
         job = job_or_404(job_id)
         if job.state != "succeeded":
-            job_file(job, "-", "bundles")  # raises the 409 with the job's state or error
+            raise not_ready(job, "bundles")
         out = _archive(paths.job_dir(job.id), job.id, fmt)
         return FileResponse(out, media_type=ARCHIVES[fmt], filename=out.name)
 
