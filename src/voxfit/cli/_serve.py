@@ -32,7 +32,7 @@ def serve_cmd(
         ),
     ] = False,
     until_empty: Annotated[
-        bool, typer.Option(help="With --run-jobs: stop when the queue is empty.")
+        bool, typer.Option("--until-empty", help="With --run-jobs: stop when the queue is empty.")
     ] = False,
     storage: Annotated[
         str | None,
