@@ -127,3 +127,32 @@ def test_packed_library_computes_the_fake_quantized_model_and_is_smaller(tmp_pat
     # the file holds those constants plus kernel code, which differs: the tiny model's file
     # shrank by 80% of the saved bytes (measured 2026-12-03; its code dominates the file)
     assert r.lib.stat().st_size < f.lib.stat().st_size - saved / 2
+
+
+@pytest.mark.tvm
+@pytest.mark.slow
+def test_4bit_weights_with_int8_compute_stay_packed_and_exact(tmp_path: Path) -> None:
+    p = load_profile(ROOT / "hw_profiles" / "x86-avx2-2core.yaml")
+    p = replace(
+        p, cores=1, inputs=p.inputs[:1], tuning=replace(p.tuning, database_dir=str(tmp_path))
+    )
+    m = tiny_tdnn()
+    s = m.structure()
+    layers = [LayerPlan(q, 4, 8) for q in s.quantizable[:-1]] + [LayerPlan(s.quantizable[-1])]
+    g = torch.Generator().manual_seed(0)
+    cal = [(torch.randn(2, 64, 80, generator=g), torch.tensor([64, 64])) for _ in range(3)]
+    q = apply(m, Candidate(layers=tuple(layers)), calibration=cal)
+    with TvmWorker(1) as w:
+        (r,) = compile_model(q, p, w, tmp_path / "q", tune=False)
+        assert r.ok, r.error
+        out = w.call("run_local", timeout_s=120, lib=str(r.lib), input=_x(r.frames).numpy())
+    assert r.lowering.startswith(f"{len(layers) - 1} layers int8 compute")
+    assert sum(1 for t in r.task_names if "conv1d_w4a8" in t) >= 1
+    with torch.no_grad():
+        ref = q(_x(r.frames), torch.tensor([r.frames]))[0].numpy()
+    np.testing.assert_allclose(out["output"], ref, rtol=1e-4, atol=1e-4)
+    # every 4-bit weight is half a byte in the library (no int8 weight constants left)
+    shapes = [q.get_submodule(x.name).weight.shape for x in layers[:-1]]
+    n4 = sum(o * math.ceil(c * k / 2) for o, c, k in shapes)
+    assert r.details["constant_bytes"]["uint8"] == n4
+    assert "int8" not in r.details["constant_bytes"]

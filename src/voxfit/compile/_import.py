@@ -211,16 +211,30 @@ class _QConv1dConverter:
             pads = [0, 0, 0, 0, padding, padding]
             q = bb.emit(relax.op.nn.pad(q, pads, pad_value=float(x_zero)))
             padding = 0
-        acc = bb.emit(
-            relax.op.nn.conv1d(
+        if int(np.abs(w).max()) <= 7:  # 4-bit weights: two per byte, unpacked in the kernel
+            acc = bb.emit_te(
+                _packed_conv_te,
                 q,
-                relax.const(w.astype("int8")),
-                strides=stride,
-                padding=padding,
-                dilation=dilation,
-                out_dtype="int32",
+                relax.const(pack_weight(w, 4)),
+                4,
+                int(w.shape[2]),
+                int(stride),
+                int(padding),
+                int(dilation),
+                "int32",
+                primfunc_name_hint="conv1d_w4a8",
             )
-        )
+        else:
+            acc = bb.emit(
+                relax.op.nn.conv1d(
+                    q,
+                    relax.const(w.astype("int8")),
+                    strides=stride,
+                    padding=padding,
+                    dilation=dilation,
+                    out_dtype="int32",
+                )
+            )
         corr = (int(x_zero) * w.astype("int64").sum(axis=(1, 2))).astype("int32")
         scale = (np.float32(x_scale) * w_scale.astype("float32")).astype("float32")
         y = bb.emit(
@@ -246,10 +260,18 @@ def pack_weight(w: np.ndarray, bits: int) -> np.ndarray:
 
 
 def _packed_conv_te(
-    x: Any, p: Any, bits: int, k: int, stride: int, padding: int, dilation: int
+    x: Any,
+    p: Any,
+    bits: int,
+    k: int,
+    stride: int,
+    padding: int,
+    dilation: int,
+    acc: str = "float32",
 ) -> Any:
-    """conv1d NCW of float ``x`` and a packed weight ``p`` (:func:`pack_weight`), the weight
-    unpacked where the reduction reads it (the scale is applied after the sum)."""
+    """conv1d NCW of ``x`` and a packed weight ``p`` (:func:`pack_weight`), the weight
+    unpacked where the reduction reads it (the scale is applied after the sum). ``acc``:
+    float32 for float ``x``; int32 for a uint8 ``x`` (exact integer accumulation)."""
     from tvm import te, tirx, topi
 
     n, c_in, t_in = x.shape
@@ -262,17 +284,17 @@ def _packed_conv_te(
 
     def weight(oc: Any, c: Any, kk: Any) -> Any:
         if bits != 4:
-            return p[oc, c, kk].astype("float32")
+            return p[oc, c, kk].astype(acc)
         i = c * k + kk
         byte = p[oc, tirx.floordiv(i, 2)]
         shift = (tirx.floormod(i, 2) * 4).astype("uint8")
         nib = tirx.bitwise_and(tirx.shift_right(byte, shift), tirx.const(15, "uint8"))
-        return nib.astype("float32") - tirx.const(8.0, "float32")
+        return nib.astype(acc) - tirx.const(8, acc)
 
     return te.compute(
         (n, o, t_out),
         lambda b, oc, t: te.sum(
-            x[b, rc, t * stride + rk * dilation] * weight(oc, rc, rk), axis=[rc, rk]
+            x[b, rc, t * stride + rk * dilation].astype(acc) * weight(oc, rc, rk), axis=[rc, rk]
         ),
         name="conv1d_ncw",
     )
