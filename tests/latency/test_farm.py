@@ -13,7 +13,6 @@ from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
-import psutil
 import pytest
 
 from tests._cli import run_voxfit
@@ -48,21 +47,6 @@ def _profile(farm: Farm, tmp: Path, *, repeats: int, min_repeat_ms: int) -> Hard
         ),
         tuning=replace(p.tuning, trials_per_task=0, database_dir=str(tmp / "none")),
     )  # fmt: skip
-
-
-def _busy_server(farm: Farm) -> int | None:
-    """The farm server (process group leader) serving a session: one of its processes
-    holds an established connection on the port it listens on."""
-    for pid in farm.pids[1:]:
-        try:
-            procs = [psutil.Process(pid), *psutil.Process(pid).children(recursive=True)]
-            conns = [c for p in procs for c in p.net_connections(kind="tcp")]
-        except psutil.NoSuchProcess:
-            continue
-        ports = {c.laddr.port for c in conns if c.status == psutil.CONN_LISTEN}
-        if any(c.status == psutil.CONN_ESTABLISHED and c.laddr.port in ports for c in conns):
-            return pid
-    return None
 
 
 def test_farm_status_shows_keys_queue_and_servers(
@@ -129,13 +113,13 @@ def test_a_server_killed_mid_measurement_costs_a_retry_on_another(
         threads = [threading.Thread(target=run_a), threading.Thread(target=run_b)]
         for t in threads:
             t.start()
-        deadline, victim = time.monotonic() + 180, None
-        while victim is None and time.monotonic() < deadline:
-            victim = _busy_server(farm)
+        deadline, serving = time.monotonic() + 180, ()
+        while not serving and time.monotonic() < deadline:
+            serving = farm.serving()
             time.sleep(0.2)
-        assert victim is not None, "no server ever served a session"
+        assert serving, "no server ever served a session"
         time.sleep(1.0)  # inside time_evaluator by now
-        replace(farm, pids=(victim,)).kill()
+        replace(farm, pids=serving[:1]).kill()
         for t in threads:
             t.join(300)
     a, b = results["a"], results["b"]

@@ -45,6 +45,24 @@ class Farm:
             with suppress(ProcessLookupError):
                 os.killpg(pid, signal.SIGKILL)
 
+    def serving(self) -> tuple[int, ...]:
+        """The servers (their process-group pids) serving a session now: a process of the
+        server holds an established connection on the port the server listens on."""
+        import psutil
+
+        out = []
+        for pid in self.pids[1:]:
+            try:
+                top = psutil.Process(pid)
+                procs = [top, *top.children(recursive=True)]
+                conns = [c for p in procs for c in p.net_connections(kind="tcp")]
+            except psutil.NoSuchProcess:
+                continue
+            ports = {c.laddr.port for c in conns if c.status == psutil.CONN_LISTEN}
+            if any(c.status == psutil.CONN_ESTABLISHED and c.laddr.port in ports for c in conns):
+                out.append(pid)
+        return tuple(out)
+
 
 def free_port() -> int:
     """An unused TCP port on 127.0.0.1."""

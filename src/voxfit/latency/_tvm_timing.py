@@ -11,9 +11,11 @@ boundary).
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 import statistics
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -23,6 +25,8 @@ import tvm
 from tvm import relax
 
 from voxfit.compile import kept_executable, lease_bounded
+
+log = logging.getLogger(__name__)
 
 
 def _stats(secs: list[float]) -> dict[str, Any]:
@@ -228,28 +232,77 @@ def _remote_vm(remote: Any, req: dict[str, Any]) -> tuple[Any, Any, relax.Virtua
     return rlib, dev, relax.VirtualMachine(rlib, dev)
 
 
+def _within(run: Any, remote: Any, timeout_s: float) -> dict[str, Any]:
+    """``run(remote)``, given up after ``timeout_s``: a device that dies can leave the
+    session blocked on a socket instead of failing it (seen when a server is killed while a
+    client connects or uploads). The abandoned call's thread stays blocked; it holds no
+    live device."""
+    box: dict[str, Any] = {}
+
+    def target() -> None:
+        try:
+            box["out"] = dict(run(remote))
+        except Exception as e:  # noqa: BLE001 - re-raised in the caller's thread
+            box["error"] = e
+
+    th = threading.Thread(target=target, daemon=True)
+    th.start()
+    th.join(timeout_s)
+    if th.is_alive():
+        raise TimeoutError(f"the device did not answer within {timeout_s:g} s")
+    if "error" in box:
+        raise box["error"]
+    out: dict[str, Any] = box["out"]
+    return out
+
+
+def _attempt_timeout_s(req: dict[str, Any]) -> float:
+    """How long one attempt may take: 60 s for upload and load, plus three times the
+    timing's own minimum (each repeat lasts at least min_repeat_ms), within the session's
+    timeout; ``rpc.attempt_timeout_s`` overrides."""
+    r = req["rpc"]
+    if r.get("attempt_timeout_s"):
+        return float(r["attempt_timeout_s"])
+    m = req.get("measurement") or {}
+    timing_s = (int(m.get("warmup", 0)) + int(m.get("repeats", 1))) * max(
+        float(m.get("min_repeat_ms", 0)), 100.0
+    )
+    return min(60.0 + 3.0 * timing_s / 1e3, float(r.get("session_timeout_s", 300.0)))
+
+
 def _on_a_device(req: dict[str, Any], run: Any) -> dict[str, Any]:
     """``run(remote)`` on a device leased from the tracker; when the device fails under it
-    (a server killed or unplugged mid-measurement), lease again -- the tracker hands out
-    another free server of the key, the lost one having left it -- up to
-    ``rpc.attempts`` times in all (default 3). The result says how many attempts it took
-    and what the failed ones said (``device_errors``).
+    (a server killed or unplugged mid-measurement: an error, or no answer within
+    :func:`_attempt_timeout_s`), lease again -- the tracker hands out another free server
+    of the key, the lost one having left it -- up to ``rpc.attempts`` times in all
+    (default 3). The result says how many attempts it took and what the failed ones said
+    (``device_errors``).
+
+    A lease that finds no free device within the connect timeout counts as a failed
+    attempt too.
 
     Raises:
         ConnectionError: the tracker is unreachable or has no device with the key.
-        TimeoutError: no device was free within the connect timeout.
         RuntimeError: every attempt failed (each attempt's error, in order).
     """
     r = req["rpc"]
     attempts = max(1, int(r.get("attempts", 3)))
+    timeout_s = _attempt_timeout_s(req)
     errors: list[str] = []
     for attempt in range(1, attempts + 1):
-        remote = _lease(r)
+        t0 = time.monotonic()
+        remote = None
         try:
-            out = dict(run(remote))
+            # a lease can hang too: the tracker may hand out a server that just died
+            remote = _lease(r)
+            out = _within(run, remote, timeout_s)
+        except ConnectionError:
+            raise  # no tracker, or no device with the key: another lease will not help
         except Exception as e:  # noqa: BLE001 - a device that went away raises many kinds
             first = str(e).strip().splitlines()
             errors.append(f"{type(e).__name__}: {first[-1] if first else ''}"[:300])
+            log.debug("device attempt %d failed after %.1f s: %s", attempt,
+                      time.monotonic() - t0, errors[-1])  # fmt: skip
             del remote
             if attempt < attempts:
                 time.sleep(min(2.0 * attempt, 5.0))  # the tracker drops the lost server
