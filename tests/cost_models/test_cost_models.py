@@ -201,6 +201,23 @@ def test_unseen_task_kinds_are_flagged_low_confidence(profile: HardwareProfile) 
     assert not cm.predict(_base(), profile, 100).low_confidence
 
 
+def test_a_model_fitted_on_float32_weight_libraries_flags_packed_plans(
+    profile: HardwareProfile,
+) -> None:
+    models, tasks = _synthetic(profile, 10, 2)
+    cm = fit(models, tasks, profile)
+    # synthetic rows record no lowering: collected before packing, as the shipped dataset
+    assert cm.card["library_weights"] == "float32"
+    s = _base().structure()
+    w8 = apply(_base(), Candidate(layers=tuple(LayerPlan(n, 8, 32) for n in s.quantizable)))
+    p = cm.predict(w8, profile, 100)
+    assert p.low_confidence
+    assert any("8-bit weights run packed" in r for r in p.reasons)
+    assert not cm.predict(_base(), profile, 100).low_confidence
+    cm.card["library_weights"] = "packed"  # a dataset of packed libraries: trusted
+    assert not cm.predict(w8, profile, 100).low_confidence
+
+
 def test_roofline_and_metrics(profile: HardwareProfile) -> None:
     ts = _tasks()
     r = roofline_ms(ts, profile)
@@ -269,10 +286,13 @@ def test_tiny_collect_fit_predict(profile: HardwareProfile, tmp_path: Path) -> N
     # the kernels' sum is what the whole-model time is made of (VM overhead aside)
     ratio = models["kernels_ms"] / models["measured_ms"]
     assert ratio.between(0.25, 4.0).all(), ratio.tolist()  # same ballpark (shared machine)
-    # the base was timed alongside each candidate: compressed ones are no slower than it
+    # the base was timed alongside each candidate; a compressed one is at most a few times
+    # slower (untuned packed low-bit kernels here: benchmarks/results/artifacts.json has w8
+    # at 1.4x the float32 time even tuned)
     assert (models["reference_ms"] > 0).all()
     assert (models["collect_s"] > 0).all()
-    assert models["relative"].between(0.05, 1.5).all(), models["relative"].tolist()
+    assert models["relative"].between(0.05, 4.0).all(), models["relative"].tolist()
+    assert models["lowering"].notna().all()
     assert (
         (models["relative"] * models["reference_ms"] / models["measured_ms"])
         .between(0.5, 2.0)
@@ -283,6 +303,7 @@ def test_tiny_collect_fit_predict(profile: HardwareProfile, tmp_path: Path) -> N
     )
     assert again["skipped"] == 3
     cm = fit(models, tasks, p)
+    assert cm.card["library_weights"] == "packed"
     cm.save(tmp_path / "model")
     est = predicted_estimator(p, model=CostModel.load(tmp_path / "model"))
     (r,) = est.estimate(base, p.inputs)

@@ -84,6 +84,8 @@ def rows_of(
         "new_tasks": c.new_tasks if c else None,
         "tune_s": c.tune_s if c else None,
         "compile_s": c.total_s if c else None,
+        # how the library held the plan's low-bit weights (packed since stage 2)
+        "lowering": c.lowering if c else None,
         "peak_memory_mb": result.peak_memory_mb,
         "method": result.method,
         "repeats": result.repeats,

@@ -203,10 +203,19 @@ class CostModel:
         overhead = float(np.dot(coef, _overhead_x(tasks)))
         reasons = []
         seen = {tuple(k) for k in self.card["seen_kinds"]}
+        packed = self.card.get("library_weights") == "packed"
         for t in tasks:
             kind = (int(t.features["kind"]), int(t.features["adapter_kind"]))
             if kind not in seen:
                 reasons.append(f"{t.name}: task kind {kind} never seen in training")
+            w, a = int(t.features["w_bits_min"]), int(t.features["a_bits_min"])
+            if not packed and w < 32 and (w, a) != (8, 8):
+                # libraries now keep these weights packed and unpack them in the kernel
+                # (1.4x the float32 time for w8 on AVX2: benchmarks/results/artifacts.json)
+                reasons.append(
+                    f"{t.name}: {w}-bit weights run packed, but this model learned from "
+                    "float32-weight libraries (refit: voxfit cost-model collect/fit)"
+                )
             for f in ("c_in", "hidden", "c_out", "t_in", "adapter_dim", "mflops"):
                 lo, hi = self._ranges[f]
                 v = t.features[f]
@@ -430,6 +439,13 @@ def fit(
         "overhead": {"terms": ["1", "n_adapters"], "coef": [float(c) for c in coef]},
         # labels are latencies at the speed where the reference model takes these ms
         "reference_ms": reference,
+        # the libraries it learned from: low-bit weights packed and unpacked in the kernel
+        # (rows that record their lowering, i.e. collected since packing), or float32 weights
+        "library_weights": (
+            "packed"
+            if "lowering" in used and bool(used["lowering"].notna().all())
+            else "float32"
+        ),
         "xgboost": {**_XGB_PARAMS, "target": "log(ms) per task", "seed": seed},
         "metrics": {},
     }
