@@ -442,9 +442,7 @@ def fit(
         # the libraries it learned from: low-bit weights packed and unpacked in the kernel
         # (rows that record their lowering, i.e. collected since packing), or float32 weights
         "library_weights": (
-            "packed"
-            if "lowering" in used and bool(used["lowering"].notna().all())
-            else "float32"
+            "packed" if "lowering" in used and bool(used["lowering"].notna().all()) else "float32"
         ),
         "xgboost": {**_XGB_PARAMS, "target": "log(ms) per task", "seed": seed},
         "metrics": {},
