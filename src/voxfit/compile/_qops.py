@@ -62,38 +62,64 @@ def _qconv1d_shape(
     return x.new_empty((x.shape[0], weight.shape[0], t))
 
 
-class QConv1d(nn.Module):
-    """The deploy form of a fake-quantized Conv1d (weights on a ``bits`` grid, uint8 input)."""
+def _weight_grid(conv: nn.Conv1d, bits: int, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The conv's weight as stored in the deploy graph, and its per-output-channel scale:
+    the int8 grid at 4 and 8 bits (scale = max|w| / qmax), float16 (scale 1) at 16.
 
-    def __init__(self, conv: nn.Conv1d, bits: int, lo: float, hi: float, name: str) -> None:
+    Raises:
+        ModelError: the weights are not already on that grid (``compress.apply`` quantizes
+            them last), or ``bits`` has no stored form.
+    """
+    w = conv.weight.detach().float()
+    if bits == 16:
+        half = w.to(torch.float16)
+        off = (half.float() - w).abs().max().item()
+        if off > 0:
+            raise ModelError(f"{name}: weights are not float16 values (off by {off:.3g})")
+        return half, torch.ones(w.shape[0])
+    if bits not in (4, 8):
+        raise ModelError(f"{name}: {bits}-bit weights have no packed form (4, 8 or 16)")
+    flat = w.reshape(w.shape[0], -1)
+    scale = flat.abs().amax(dim=1).clamp_min(1e-12) / (2 ** (bits - 1) - 1)
+    grid = torch.round(flat / scale[:, None])
+    off = ((grid * scale[:, None] - flat).abs() / scale[:, None]).max().item()
+    if off > 1e-3:
+        raise ModelError(f"{name}: weights are not on the {bits}-bit grid (off by {off:.3g})")
+    return grid.reshape(w.shape).to(torch.int8), scale
+
+
+class _StoredConv(nn.Module):
+    """A Conv1d's geometry and its weight, scale and bias as buffers of a deploy op."""
+
+    def __init__(self, conv: nn.Conv1d, bits: int, name: str, what: str) -> None:
         super().__init__()
         if conv.groups != 1 or not isinstance(conv.padding, tuple):
-            raise ModelError(f"{name}: only ungrouped, explicitly padded Conv1d lower to int8")
-        w = conv.weight.detach().float()
-        qmax = 2 ** (bits - 1) - 1
-        flat = w.reshape(w.shape[0], -1)
-        scale = flat.abs().amax(dim=1).clamp_min(1e-12) / qmax
-        q = torch.round(flat / scale[:, None])
-        # the weights must already be on the grid (compress.apply quantizes them last)
-        off = ((q * scale[:, None] - flat).abs() / scale[:, None]).max().item()
-        if off > 1e-3:
-            raise ModelError(f"{name}: weights are not on the {bits}-bit grid (off by {off:.3g})")
-        # the same grid as the ActivationQuantizer's (float32 arithmetic)
-        lo_t = torch.clamp(torch.tensor(lo, dtype=torch.float32), max=0.0)
-        hi_t = torch.clamp(torch.tensor(hi, dtype=torch.float32), min=0.0)
-        x_scale = (hi_t - lo_t).clamp_min(1e-8) / 255.0
-        self.x_scale = float(x_scale)
-        self.x_zero = int(torch.round(-lo_t / x_scale))
+            raise ModelError(f"{name}: only ungrouped, explicitly padded Conv1d {what}")
+        q, scale = _weight_grid(conv, bits, name)
         self.stride = int(conv.stride[0])
         self.padding = int(conv.padding[0])
         self.dilation = int(conv.dilation[0])
         self.weight: torch.Tensor
         self.w_scale: torch.Tensor
         self.bias: torch.Tensor
-        self.register_buffer("weight", q.reshape(w.shape).to(torch.int8))
+        self.register_buffer("weight", q)
         self.register_buffer("w_scale", scale.clone())
-        b = conv.bias.detach().float() if conv.bias is not None else torch.zeros(w.shape[0])
+        out = q.shape[0]
+        b = conv.bias.detach().float() if conv.bias is not None else torch.zeros(out)
         self.register_buffer("bias", b.clone())
+
+
+class QConv1d(_StoredConv):
+    """The deploy form of a fake-quantized Conv1d (weights on a ``bits`` grid, uint8 input)."""
+
+    def __init__(self, conv: nn.Conv1d, bits: int, lo: float, hi: float, name: str) -> None:
+        super().__init__(conv, bits, name, "lower to int8")
+        # the same grid as the ActivationQuantizer's (float32 arithmetic)
+        lo_t = torch.clamp(torch.tensor(lo, dtype=torch.float32), max=0.0)
+        hi_t = torch.clamp(torch.tensor(hi, dtype=torch.float32), min=0.0)
+        x_scale = (hi_t - lo_t).clamp_min(1e-8) / 255.0
+        self.x_scale = float(x_scale)
+        self.x_zero = int(torch.round(-lo_t / x_scale))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.ops.voxfit.qconv1d(  # type: ignore[no-any-return]
@@ -165,43 +191,12 @@ def _wconv1d_shape(
     return x.new_empty((x.shape[0], weight.shape[0], t))
 
 
-class WConv1d(nn.Module):
+class WConv1d(_StoredConv):
     """The deploy form of a Conv1d with 4-, 8- or 16-bit weights and float activations."""
 
     def __init__(self, conv: nn.Conv1d, bits: int, name: str) -> None:
-        super().__init__()
-        if conv.groups != 1 or not isinstance(conv.padding, tuple):
-            raise ModelError(f"{name}: only ungrouped, explicitly padded Conv1d pack weights")
-        w = conv.weight.detach().float()
-        if bits == 16:
-            q = w.to(torch.float16)
-            off = (q.float() - w).abs().max().item()
-            if off > 0:
-                raise ModelError(f"{name}: weights are not float16 values (off by {off:.3g})")
-            scale = torch.ones(w.shape[0])
-        elif bits in (4, 8):
-            flat = w.reshape(w.shape[0], -1)
-            scale = flat.abs().amax(dim=1).clamp_min(1e-12) / (2 ** (bits - 1) - 1)
-            grid = torch.round(flat / scale[:, None])
-            off = ((grid * scale[:, None] - flat).abs() / scale[:, None]).max().item()
-            if off > 1e-3:
-                raise ModelError(
-                    f"{name}: weights are not on the {bits}-bit grid (off by {off:.3g})"
-                )
-            q = grid.reshape(w.shape).to(torch.int8)
-        else:
-            raise ModelError(f"{name}: {bits}-bit weights have no packed form (4, 8 or 16)")
+        super().__init__(conv, bits, name, "pack weights")
         self.bits = bits
-        self.stride = int(conv.stride[0])
-        self.padding = int(conv.padding[0])
-        self.dilation = int(conv.dilation[0])
-        self.weight: torch.Tensor
-        self.w_scale: torch.Tensor
-        self.bias: torch.Tensor
-        self.register_buffer("weight", q)
-        self.register_buffer("w_scale", scale.clone())
-        b = conv.bias.detach().float() if conv.bias is not None else torch.zeros(w.shape[0])
-        self.register_buffer("bias", b.clone())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.ops.voxfit.wconv1d(  # type: ignore[no-any-return]
