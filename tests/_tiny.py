@@ -23,3 +23,18 @@ def tiny_tdnn(outputs: int = 12, *, seed: int = 0, varied_bn: bool = True) -> nn
                 mod.running_mean.uniform_(-0.5, 0.5)
                 mod.running_var.uniform_(0.5, 2.0)
     return m
+
+
+# The smallest real search space over the tiny model (stream pruning, 8/32-bit weights,
+# adapters), written as a user would.
+CI_TINY_SPACE = """
+schema_version: 1
+name: ci-tiny
+model: tdnn
+pruning:
+  groups: {stream: [0.5, 1.0]}
+quantization:
+  weight_bits: {"*": [8, 32]}
+adapters:
+  slots: {"blocks.*": [0, 8]}
+"""

@@ -4,6 +4,7 @@ the tiny model and the structure of the default-sized one."""
 from __future__ import annotations
 
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -11,12 +12,26 @@ from torch import nn
 
 from tests._tiny import tiny_tdnn
 from voxfit.data import FeatureStore, Manifest, PhoneInventory, load_manifest, make_corpus, preset
+from voxfit.search._postgres import PostgresMissing, PostgresServer, find_postgres, local_postgres
 from voxfit.structure import ModelStructure
 
 NEEDS_TTS = pytest.mark.skipif(
     not all(shutil.which(c) for c in ("espeak-ng", "flite", "sox")),
     reason="needs espeak-ng, flite and sox (make test installs them)",
 )
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[PostgresServer]:
+    """A real PostgreSQL server, started once per session in a fresh folder under /tmp on a
+    free port, stopped and removed afterwards; skipped (with the reason) only where the
+    server programs are not installed."""
+    try:
+        find_postgres()
+    except PostgresMissing as e:
+        pytest.skip(str(e))
+    with local_postgres() as server:
+        yield server
 
 
 @pytest.fixture(scope="session")

@@ -16,6 +16,7 @@ import optuna
 import pytest
 import yaml
 
+from tests._tiny import CI_TINY_SPACE
 from voxfit.data import Manifest
 from voxfit.models import count_parameters
 from voxfit.search import (
@@ -35,17 +36,7 @@ from voxfit.search import (
 pytestmark = [pytest.mark.slow, pytest.mark.tvm]
 ROOT = Path(__file__).resolve().parents[2]
 README = ROOT / "README.md"
-SPACE = """
-schema_version: 1
-name: ci-tiny
-model: tdnn
-pruning:
-  groups: {stream: [0.5, 1.0]}
-quantization:
-  weight_bits: {"*": [8, 32]}
-adapters:
-  slots: {"blocks.*": [0, 8]}
-"""
+SPACE = CI_TINY_SPACE
 
 
 @pytest.fixture(scope="module")

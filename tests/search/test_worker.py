@@ -23,6 +23,7 @@ import yaml
 from optuna.trial import TrialState
 
 from tests._cli import run_voxfit
+from tests._tiny import CI_TINY_SPACE
 from voxfit.data import Manifest
 from voxfit.search import (
     SearchContext,
@@ -178,17 +179,7 @@ def test_worker_errors_are_one_line(
     assert "records no trial budget" in err
 
 
-SPACE = """
-schema_version: 1
-name: ci-tiny
-model: tdnn
-pruning:
-  groups: {stream: [0.5, 1.0]}
-quantization:
-  weight_bits: {"*": [8, 32]}
-adapters:
-  slots: {"blocks.*": [0, 8]}
-"""
+SPACE = CI_TINY_SPACE
 
 
 @pytest.mark.slow

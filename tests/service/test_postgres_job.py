@@ -3,26 +3,16 @@ real local server (skipped, with the reason, only where its programs are not ins
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 from tests.service._server import device_yaml, running, wait_job
 from voxfit.search import load_study, records
-from voxfit.search._postgres import PostgresMissing, PostgresServer, find_postgres, local_postgres
+from voxfit.search._postgres import PostgresServer
 
 pytestmark = [pytest.mark.slow, pytest.mark.tvm]
-
-
-@pytest.fixture(scope="module")
-def postgres() -> Iterator[PostgresServer]:
-    try:
-        find_postgres()
-    except PostgresMissing as e:
-        pytest.skip(str(e))
-    with local_postgres() as server:
-        yield server
 
 
 def test_a_job_on_postgresql(served_work: Callable[[str], Path], postgres: PostgresServer) -> None:
