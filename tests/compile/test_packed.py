@@ -17,7 +17,7 @@ from voxfit.compile._compile import _Deploy, int8_convs, lowering_of, packed_con
 from voxfit.compile._qops import WConv1d
 from voxfit.compress import apply
 from voxfit.errors import ModelError
-from voxfit.hw_profiles import load_profile
+from voxfit.hw_profiles import HardwareProfile, load_profile
 from voxfit.plan import AdapterPlan, Candidate, LayerPlan
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -31,6 +31,12 @@ def _weight_only(bits: int, head: int = 32, lora: bool = False) -> nn.Module:
     slot = s.adapter_slots[-1]
     adapters = (AdapterPlan(slot.name, 4, "lora"),) if lora else ()
     return apply(m, Candidate(layers=tuple(layers), adapters=adapters))
+
+
+def _avx2(db: Path) -> HardwareProfile:
+    """The AVX2 profile, 1 core, its first input, a tuning database in ``db``."""
+    p = load_profile(ROOT / "hw_profiles" / "x86-avx2-2core.yaml")
+    return replace(p, cores=1, inputs=p.inputs[:1], tuning=replace(p.tuning, database_dir=str(db)))
 
 
 def _x(frames: int) -> torch.Tensor:
@@ -94,10 +100,7 @@ def test_4bit_packing_is_two_values_per_byte_and_round_trips() -> None:
 @pytest.mark.tvm
 @pytest.mark.slow
 def test_packed_library_computes_the_fake_quantized_model_and_is_smaller(tmp_path: Path) -> None:
-    p = load_profile(ROOT / "hw_profiles" / "x86-avx2-2core.yaml")
-    p = replace(
-        p, cores=1, inputs=p.inputs[:1], tuning=replace(p.tuning, database_dir=str(tmp_path))
-    )
+    p = _avx2(tmp_path)
     fp32, w4 = _weight_only(32), _weight_only(4, head=8)
     with TvmWorker(1) as w:
         (f,) = compile_model(fp32, p, w, tmp_path / "f", tune=False)
@@ -132,10 +135,7 @@ def test_packed_library_computes_the_fake_quantized_model_and_is_smaller(tmp_pat
 @pytest.mark.tvm
 @pytest.mark.slow
 def test_4bit_weights_with_int8_compute_stay_packed_and_exact(tmp_path: Path) -> None:
-    p = load_profile(ROOT / "hw_profiles" / "x86-avx2-2core.yaml")
-    p = replace(
-        p, cores=1, inputs=p.inputs[:1], tuning=replace(p.tuning, database_dir=str(tmp_path))
-    )
+    p = _avx2(tmp_path)
     m = tiny_tdnn()
     s = m.structure()
     layers = [LayerPlan(q, 4, 8) for q in s.quantizable[:-1]] + [LayerPlan(s.quantizable[-1])]

@@ -15,7 +15,7 @@ from voxfit.compile._compile import (
 )
 from voxfit.compile._database import RepairReport, check, locked, repair
 from voxfit.compile._executables import kept_executable
-from voxfit.compile._lease import lease_bounded
+from voxfit.compile._lease import call_bounded, lease_bounded
 from voxfit.compile._runner import RunnerKind, RunnerSpec, runner_spec
 from voxfit.compile._worker import TvmWorker
 
@@ -30,6 +30,7 @@ __all__ = [
     "default_tuning_dir",
     "export_program",
     "kept_executable",
+    "call_bounded",
     "lease_bounded",
     "locked",
     "repair",

@@ -28,6 +28,14 @@ OP_NAME = "qconv1d.default"  # how TVM's importer keys a custom op (node.target.
 W_OP_NAME = "wconv1d.default"
 
 
+def _conv1d_out(
+    x: torch.Tensor, weight: torch.Tensor, stride: int, padding: int, dilation: int
+) -> torch.Tensor:
+    """The (empty) output of a Conv1d of ``x`` by ``weight`` (O, C, K): the ops' shape."""
+    t = (x.shape[2] + 2 * padding - dilation * (weight.shape[2] - 1) - 1) // stride + 1
+    return x.new_empty((x.shape[0], weight.shape[0], t))
+
+
 @torch.library.custom_op("voxfit::qconv1d", mutates_args=())
 def qconv1d(
     x: torch.Tensor,
@@ -58,8 +66,7 @@ def _qconv1d_shape(
     padding: int,
     dilation: int,
 ) -> torch.Tensor:
-    t = (x.shape[2] + 2 * padding - dilation * (weight.shape[2] - 1) - 1) // stride + 1
-    return x.new_empty((x.shape[0], weight.shape[0], t))
+    return _conv1d_out(x, weight, stride, padding, dilation)
 
 
 def _weight_grid(conv: nn.Conv1d, bits: int, name: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -187,8 +194,7 @@ def _wconv1d_shape(
     padding: int,
     dilation: int,
 ) -> torch.Tensor:
-    t = (x.shape[2] + 2 * padding - dilation * (weight.shape[2] - 1) - 1) // stride + 1
-    return x.new_empty((x.shape[0], weight.shape[0], t))
+    return _conv1d_out(x, weight, stride, padding, dilation)
 
 
 class WConv1d(_StoredConv):

@@ -15,7 +15,6 @@ import logging
 import os
 import socket
 import statistics
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -24,7 +23,7 @@ import numpy as np
 import tvm
 from tvm import relax
 
-from voxfit.compile import kept_executable, lease_bounded
+from voxfit.compile import call_bounded, kept_executable, lease_bounded
 
 log = logging.getLogger(__name__)
 
@@ -237,22 +236,9 @@ def _within(run: Any, remote: Any, timeout_s: float) -> dict[str, Any]:
     session blocked on a socket instead of failing it (seen when a server is killed while a
     client connects or uploads). The abandoned call's thread stays blocked; it holds no
     live device."""
-    box: dict[str, Any] = {}
-
-    def target() -> None:
-        try:
-            box["out"] = dict(run(remote))
-        except Exception as e:  # noqa: BLE001 - re-raised in the caller's thread
-            box["error"] = e
-
-    th = threading.Thread(target=target, daemon=True)
-    th.start()
-    th.join(timeout_s)
-    if th.is_alive():
-        raise TimeoutError(f"the device did not answer within {timeout_s:g} s")
-    if "error" in box:
-        raise box["error"]
-    out: dict[str, Any] = box["out"]
+    out: dict[str, Any] = call_bounded(
+        lambda: dict(run(remote)), timeout_s, f"the device did not answer within {timeout_s:g} s"
+    )
     return out
 
 
