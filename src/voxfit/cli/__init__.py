@@ -12,6 +12,8 @@ from rich.table import Table
 
 from voxfit.cli import (
     _devices,  # noqa: F401 - registers `voxfit profile` / `cost-model`
+    _onboard,  # noqa: F401 - registers `voxfit device onboard`
+    _qemu,  # noqa: F401 - registers `voxfit device qemu-server`
     _serve,  # noqa: F401 - registers `voxfit serve` (the job API)
     _trust,  # noqa: F401 - registers `voxfit keygen` / `audit`
     _workers,  # noqa: F401 - registers `voxfit worker` / `farm`

@@ -22,6 +22,10 @@ profile_app = typer.Typer(no_args_is_help=True, help="Inspect hardware profiles.
 app.add_typer(profile_app, name="profile")
 cost_app = typer.Typer(no_args_is_help=True, help="Collect latency data and fit cost models.")
 app.add_typer(cost_app, name="cost-model")
+device_app = typer.Typer(
+    no_args_is_help=True, help="Bring up a new target device: onboard it, host emulated ones."
+)
+app.add_typer(device_app, name="device")
 console = Console()
 err = Console(stderr=True)
 

@@ -207,10 +207,10 @@ def work_until_budget(
     t0 = time.monotonic()
 
     def guarded(trial: optuna.Trial) -> Any:
+        trial.set_user_attr("worker", me)  # every trial says who ran it, over-budget ones too
         if _over_budget(trial, budget):
             trial.set_user_attr(OVER_BUDGET_KEY, True)
             raise optuna.TrialPruned(f"over the study's budget of {budget} trials")
-        trial.set_user_attr("worker", me)
         return objective(trial)
 
     def after(st: optuna.Study, t: FrozenTrial) -> None:

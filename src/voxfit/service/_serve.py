@@ -72,6 +72,10 @@ class Supervisor:
                 code = p.poll()
                 if code is None:
                     continue
+                if self.stopping.is_set():
+                    # stop() signalled it (stopping is set before any SIGTERM goes out):
+                    # stop() requeues its job without using up an attempt
+                    return
                 rid = runner_id(p.pid)
                 why = f"runner {rid} exited ({exit_reason(code)})"
                 back = self.store.release(rid, why)
