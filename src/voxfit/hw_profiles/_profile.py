@@ -84,6 +84,9 @@ class TuningSpec:
     builder_timeout_s: float = 300.0
     runner_timeout_s: float = 60.0
     database_dir: str | None = None  # default: cost_models/<name>/tuning
+    # another profile of the same ISA family whose tuned schedules serve this one's tasks
+    # until they are tuned on this device (a fallback layer, never preferred over its own)
+    seed_from: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -119,6 +122,8 @@ class HardwareProfile:
         d = self.to_dict()
         for k in ("description", "latency_budget_ms", "memory_budget_mb"):
             d.pop(k)
+        if d["tuning"].get("seed_from") is None:  # hashes from before the field stay valid
+            d["tuning"].pop("seed_from", None)
         blob = json.dumps(d, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
@@ -236,8 +241,11 @@ def profile_from_dict(raw: dict[str, Any], source: str = "profile") -> HardwareP
         builder_timeout_s=t.float_in("builder_timeout_s", TIMEOUT_S, 300.0),
         runner_timeout_s=t.float_in("runner_timeout_s", TIMEOUT_S, 60.0),
         database_dir=_path_text(t, "database_dir"),
+        seed_from=_path_text(t, "seed_from"),
     )
     t.done()
+    if tuning.seed_from == name:
+        raise t.error("seed_from", "names this profile itself; name another profile")
 
     profile = HardwareProfile(
         name=name,
