@@ -12,6 +12,7 @@ from voxfit.compile._compile import (
     compile_model,
     default_tuning_dir,
     export_program,
+    seed_database_dir,
 )
 from voxfit.compile._database import RepairReport, check, locked, repair
 from voxfit.compile._executables import kept_executable
@@ -28,6 +29,7 @@ __all__ = [
     "check",
     "compile_model",
     "default_tuning_dir",
+    "seed_database_dir",
     "export_program",
     "kept_executable",
     "call_bounded",

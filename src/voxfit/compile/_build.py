@@ -175,9 +175,14 @@ def build(req: dict[str, Any]) -> dict[str, Any]:
     runner = req.get("runner") or {"kind": "local", "timeout_s": tuning["runner_timeout_s"]}
     with locked(db_dir):
         t_db = time.monotonic()
-        dbs, out["db_repair"] = open_layered(db_dir, Path(shipped) if shipped else None)
+        seed_dir = req.get("seed_db_dir")
+        dbs, out["db_repair"] = open_layered(
+            db_dir, Path(shipped) if shipped else None, Path(seed_dir) if seed_dir else None
+        )
         out["db_load_s"] = time.monotonic() - t_db
-        missing = dbs.missing(tasks, target)
+        seeded = dbs.seeded(tasks, target)
+        # tune_seeded: tune on this device what only the seed profile's schedules cover
+        missing = dbs.missing(tasks, target) + (seeded if req.get("tune_seeded") else [])
         out["new_tasks"] = len(missing)
         out["new_task_names"] = [t.task_name for t in missing]
         retune = int(req.get("retune_trials") or 0)
@@ -209,6 +214,10 @@ def build(req: dict[str, Any]) -> dict[str, Any]:
             finally:
                 dbs.committed()
         out["tuned_trials"] = tuned
+        # which schedules the library runs: tuned on this device, or the seed profile's
+        out["seeded_tasks"] = (
+            [t.task_name for t in dbs.seeded(tasks, target)] if dbs.seed is not None else []
+        )
         out["tuner"] = runner["kind"]
         out["tune_s"] = time.monotonic() - t1
         t2 = time.monotonic()

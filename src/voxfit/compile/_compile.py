@@ -24,6 +24,7 @@ from torch import nn
 from voxfit.compile._qops import lower_int8_convs, lower_weight_convs
 from voxfit.compile._runner import runner_spec
 from voxfit.compile._worker import TvmWorker
+from voxfit.errors import ConfigError
 from voxfit.hw_profiles import HardwareProfile, InputSpec
 
 
@@ -246,6 +247,25 @@ def default_tuning_dir(work: str | Path, profile: HardwareProfile) -> Path:
     return Path(work) / "tuning" / profile.name
 
 
+def seed_database_dir(
+    profile: HardwareProfile, cost_models_dir: str | Path = "cost_models"
+) -> Path | None:
+    """The shipped database of the profile named by ``tuning.seed_from`` (None without one).
+
+    Raises:
+        ConfigError: no profile of that name.
+    """
+    if not profile.tuning.seed_from:
+        return None
+    from voxfit.hw_profiles import find_profile, load_profile
+
+    try:
+        seed = load_profile(find_profile(profile.tuning.seed_from))
+    except ConfigError as e:
+        raise ConfigError(f"{profile.source or profile.name}: tuning.seed_from: {e}") from None
+    return seed.database_dir(cost_models_dir)
+
+
 def compile_model(
     model: nn.Module,
     profile: HardwareProfile,
@@ -260,6 +280,7 @@ def compile_model(
     timeout_s: float | None = None,
     retune_trials: int = 0,
     pack: bool = True,
+    tune_seeded: bool = False,
 ) -> list[CompileResult]:
     """Compile ``model`` for each of the profile's ``inputs`` (default: all of them).
 
@@ -280,6 +301,12 @@ def compile_model(
     tuned before or not, starting from the best records of either database (the shipped
     ones are copied into the user's first). ``pack=False`` compiles weight-only quantized
     convs with float32 weights (their quantized values), to compare with the packed library.
+
+    A profile with ``tuning.seed_from`` also reads that profile's shipped database, as a
+    fallback: its schedules (tuned on another device of the ISA family) serve the tasks this
+    device has no record of, so they are not tuned; ``tune_seeded`` tunes those on this
+    device too (onboarding does). ``details["seeded_tasks"]`` names the tasks the library
+    runs with the seed's schedules.
     """
     out = Path(out_dir)
     results = []
@@ -287,6 +314,7 @@ def compile_model(
     shipped = profile.database_dir(cost_models_dir)
     user = Path(tuning_dir) if tuning_dir is not None else default_tuning_dir(out.parent, profile)
     runner = runner_spec(profile).to_dict()
+    seed = seed_database_dir(profile, cost_models_dir)
     for spec in inputs or profile.inputs:
         t0 = time.monotonic()
         base: dict[str, Any] = dict(
@@ -305,6 +333,8 @@ def compile_model(
             profile=profile.to_dict(),
             db_dir=str(user.resolve()),
             shipped_db_dir=str(shipped.resolve()),
+            seed_db_dir=str(seed.resolve()) if seed is not None else None,
+            tune_seeded=tune_seeded,
             runner=runner,
             tune=tune,
             export=export,
@@ -343,6 +373,7 @@ def compile_model(
                         "db_repair",
                         "new_task_names",
                         "seeded_records",
+                        "seeded_tasks",
                         "tuner",
                         "db_load_s",
                         "compile_relax_s",

@@ -83,31 +83,47 @@ def _open_shipped(db_dir: Path) -> Any | None:
 
 @dataclass(frozen=True, slots=True)
 class LayeredDatabase:
-    """The user's database over the shipped one (None: nothing shipped for the profile)."""
+    """The user's database over the shipped one (None: nothing shipped for the profile),
+    and a seed: another profile's shipped database (``tuning.seed_from``, same ISA family)
+    whose schedules serve the tasks this device has no record of yet.
+
+    The seed is a fallback, never compared with this device's records: its run times were
+    measured on another device, so a task tuned here always uses its own record."""
 
     user: Any
     shipped: Any | None
     user_dir: Path
+    seed: Any | None = None
 
     @property
     def layers(self) -> tuple[Any, ...]:
+        """This device's own databases (the seed is not one of them)."""
         return (self.user,) if self.shipped is None else (self.user, self.shipped)
 
     def union(self) -> Any:
-        """The database compilation applies: the better record of the two for each task."""
-        if self.shipped is None:
-            return self.user
-        return ms.database.UnionDatabase(self.user, self.shipped)
+        """The database compilation applies: the better record of the device's two for each
+        task, else the seed's best."""
+        own = self.user if self.shipped is None else ms.database.UnionDatabase(*self.layers)
+        return own if self.seed is None else ms.database.OrderedUnionDatabase(own, self.seed)
+
+    def _has(self, dbs: tuple[Any, ...], t: Any, target: tvm.target.Target) -> bool:
+        return any(
+            db.query_tuning_record(t.dispatched[0], target, t.task_name) is not None for db in dbs
+        )
 
     def missing(self, tasks: list[Any], target: tvm.target.Target) -> list[Any]:
-        """The tasks neither database has a record of."""
+        """The tasks no database has a record of (the seed counts)."""
+        layers = self.layers if self.seed is None else (*self.layers, self.seed)
+        return [t for t in tasks if not self._has(layers, t, target)]
+
+    def seeded(self, tasks: list[Any], target: tvm.target.Target) -> list[Any]:
+        """The tasks only the seed has: compiled with another device's schedules."""
+        if self.seed is None:
+            return []
         return [
             t
             for t in tasks
-            if all(
-                db.query_tuning_record(t.dispatched[0], target, t.task_name) is None
-                for db in self.layers
-            )
+            if not self._has(self.layers, t, target) and self._has((self.seed,), t, target)
         ]
 
     def seed_from_shipped(self, tasks: list[Any], top_k: int = SEED_TOP_K) -> int:
@@ -140,8 +156,11 @@ class LayeredDatabase:
         _CACHE[str(self.user_dir.resolve())] = (_signature(self.user_dir), self.user)
 
 
-def open_layered(user_dir: Path, shipped_dir: Path | None) -> tuple[LayeredDatabase, str]:
-    """The user's database (the caller holds its lock) over the shipped one.
+def open_layered(
+    user_dir: Path, shipped_dir: Path | None, seed_dir: Path | None = None
+) -> tuple[LayeredDatabase, str]:
+    """The user's database (the caller holds its lock) over the shipped one, and the seed
+    profile's shipped database (read-only like the shipped one; absent files: no seed).
 
     ``shipped_dir`` the same folder as ``user_dir`` makes one writable database (for a
     maintainer growing the shipped records on purpose). Returns the databases and what the
@@ -154,4 +173,5 @@ def open_layered(user_dir: Path, shipped_dir: Path | None) -> tuple[LayeredDatab
     shipped = None
     if shipped_dir is not None and shipped_dir.resolve() != user_dir.resolve():
         shipped = _open_shipped(shipped_dir)
-    return LayeredDatabase(user, shipped, user_dir), report
+    seed = _open_shipped(seed_dir) if seed_dir is not None else None
+    return LayeredDatabase(user, shipped, user_dir, seed), report

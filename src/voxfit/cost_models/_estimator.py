@@ -11,6 +11,7 @@ from torch import nn
 
 from voxfit.cost_models._features import decompose
 from voxfit.cost_models._model import CostModel, load_for
+from voxfit.cost_models._transfer import TransferModel
 from voxfit.errors import ConfigError
 from voxfit.hw_profiles import HardwareProfile, HostInfo
 from voxfit.latency import PredictedEstimator, PredictedLatency
@@ -46,7 +47,7 @@ class CostModelPredictor:
 
     def __init__(
         self,
-        model: CostModel,
+        model: CostModel | TransferModel,
         host_mismatch: HostMismatch = "flag",
         current_host: HostInfo | None = None,
     ) -> None:
@@ -120,7 +121,7 @@ def load_predictor(
 def predicted_estimator(
     profile: HardwareProfile,
     cost_models_dir: str | Path = "cost_models",
-    model: CostModel | None = None,
+    model: CostModel | TransferModel | None = None,
     host_mismatch: HostMismatch = "flag",
 ) -> PredictedEstimator:
     """A predicting estimator for ``profile`` (``model``, or the profile's fitted one).

@@ -25,7 +25,7 @@ import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
@@ -34,6 +34,9 @@ from torch import nn
 from voxfit.cost_models._features import FEATURES, Task, decompose, feature_rows
 from voxfit.errors import ConfigError
 from voxfit.hw_profiles import HardwareProfile, HostInfo, check_recorded_host, describe_host
+
+if TYPE_CHECKING:
+    from voxfit.cost_models._transfer import TransferModel
 
 CARD_SCHEMA_VERSION = 1
 MODEL_FILE = "model.json"
@@ -291,7 +294,7 @@ def load_for(
     profile: HardwareProfile,
     cost_models_dir: str | Path = "cost_models",
     directory: str | Path | None = None,
-) -> CostModel:
+) -> CostModel | TransferModel:
     """The profile's cost model, checked to be this profile's: the one saved in
     ``directory`` (e.g. :func:`fitted_model_dir`, or ``voxfit cost-model fit --out``) if
     given, else the shipped one under ``cost_models_dir`` (:func:`model_dir`).
@@ -300,9 +303,34 @@ def load_for(
         ConfigError: no model there, its files do not match, or it was trained for another
             profile.
     """
-    cm = CostModel.load(model_dir(profile, cost_models_dir) if directory is None else directory)
+    d = Path(model_dir(profile, cost_models_dir) if directory is None else directory)
+    cm = load_model(d)
     cm.check_profile(profile)
     return cm
+
+
+def load_model(directory: str | Path) -> CostModel | TransferModel:
+    """The latency model saved in ``directory``: a fitted :class:`CostModel`, or a device's
+    transfer model (``kind: transfer`` on its card, :mod:`voxfit.cost_models._transfer`),
+    which stands in for one wherever a cost model is used.
+
+    Raises:
+        ConfigError: no model there, or its files do not match.
+    """
+    import yaml
+
+    d = Path(directory)
+    card = None
+    if (d / CARD_FILE).exists() and not (d / MODEL_FILE).exists():
+        try:
+            card = yaml.safe_load((d / CARD_FILE).read_text())
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{d / CARD_FILE}: not YAML: {str(e).splitlines()[0]}") from None
+    if isinstance(card, dict) and card.get("kind") == "transfer":
+        from voxfit.cost_models._transfer import TransferModel
+
+        return TransferModel.load(d, card)
+    return CostModel.load(d)
 
 
 def _ref_keys(models: pd.DataFrame) -> pd.Series:

@@ -13,6 +13,7 @@ from voxfit.latency._estimators import (
     TvmRpcEstimator,
     summarize,
 )
+from voxfit.latency._farm import Farm, FarmError, local_farm
 from voxfit.latency._stack import (
     LatencyPredictor,
     PredictedEstimator,
@@ -28,6 +29,8 @@ from voxfit.latency._stack import (
 )
 
 __all__ = [
+    "Farm",
+    "FarmError",
     "LatencyEstimator",
     "LatencyPredictor",
     "LatencyResult",
@@ -40,6 +43,7 @@ __all__ = [
     "always",
     "dominates",
     "front_rule",
+    "local_farm",
     "low_confidence_rule",
     "make_estimator",
     "should_measure",

@@ -1,0 +1,338 @@
+"""A new device from nothing: how good is its latency model after ~20 measurements?
+
+For each new device this machine can host (none of them the source profile
+``x86-avx2-2core``, whose shipped model is transferred):
+
+- ``x86-64-sse-rpc`` (the headline): a CPU without AVX (x86-64 baseline ISA), reached through
+  a TVM RPC tracker and server on 127.0.0.1;
+- ``x86-avx2-1core``: the AVX2 CPU with one core, measured locally;
+
+it onboards the device cold (an empty tuning database: ``voxfit device onboard``: tune on
+the device within a budget, measure ``--n`` levelled candidates in rounds alternating with
+the base, fit the transfer model), then measures ``--heldout`` further candidates the same
+way and reports, on them: the transfer model's share within +-10% and Spearman, a model
+from scratch on the same samples (``scratch_spearman``: the best of a linear FLOPs model
+and shallow xgboost), and a ceiling (``full_spearman``: the from-scratch xgboost in 5-fold
+cross-validation over every candidate measured on the device, fewer than the source's 300:
+said in ``full_n``). It also measures what seeding buys: the base model's time on the device
+with no schedules, with the seed profile's schedules, and after tuning on the device.
+
+The sibling-host check: the source profile on this host (which is not where its shipped
+model was fitted, or fresh candidates where it is): ``--n`` measured candidates calibrate
+the shipped model (the same transfer), ``--sibling-fresh`` more test it
+(``sibling_host_within_10pct``), against the shipped model as it is.
+
+Measurements go to ``<work>/measurements/<profile>/`` and tuning records to
+``<work>/tuning/<profile>/`` (``--work``, default ``work/onboard-bench``), so a killed run
+resumes; ``--fresh`` empties that work folder first (a cold start). Writes
+``benchmarks/results/onboard.json`` (after each device) and ``onboard.html``.
+
+    python benchmarks/onboard.py --fresh
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+import time
+from contextlib import ExitStack
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from _common import RESULTS, provenance
+from voxfit.cost_models import load_dataset, metrics
+from voxfit.cost_models._onboard import (
+    labelled,
+    measure_candidates,
+    onboard,
+    split_candidates,
+)
+from voxfit.cost_models._transfer import fit_scratch, fit_transfer
+from voxfit.hw_profiles import describe_host, find_profile, load_profile
+
+SOURCE = "x86-avx2-2core"
+DEVICES = ("x86-64-sse-rpc", "x86-avx2-1core")
+
+
+def _base(checkpoint: Path | None) -> Any:
+    from voxfit.models import build_model, default_config
+    from voxfit.train import load_checkpoint
+
+    if checkpoint is not None and checkpoint.exists():
+        return load_checkpoint(checkpoint).model.eval()
+    return build_model(default_config("tdnn", 55, "default")).eval()
+
+
+def _hosted(profile: Any, work: Path, stack: ExitStack) -> Any:
+    """An RPC profile pointed at a loopback tracker + server started here."""
+    if profile.measurement.method != "rpc":
+        return profile
+    from voxfit.latency import local_farm
+
+    rpc = profile.measurement.rpc
+    farm = stack.enter_context(
+        local_farm(rpc.device_key, threads=profile.cores, log_dir=work / "devices" / profile.name)
+    )
+    rpc = dataclasses.replace(rpc, tracker_host=farm.host, tracker_port=farm.tracker_port)
+    return dataclasses.replace(
+        profile, measurement=dataclasses.replace(profile.measurement, rpc=rpc)
+    )
+
+
+def _cv_full(rows: list[tuple[list[Any], float]], folds: int = 5) -> dict[str, Any]:
+    """The from-scratch xgboost and linear models in k-fold CV over every measured row."""
+    idx = np.arange(len(rows))
+    rng = np.random.default_rng(0)
+    rng.shuffle(idx)
+    preds: dict[str, list[float]] = {}
+    ys: list[float] = []
+    for k in range(folds):
+        test = set(idx[k::folds].tolist())
+        train = [rows[i] for i in idx if i not in test]
+        models = fit_scratch(train)
+        for i in sorted(test):
+            for name, f in models.items():
+                preds.setdefault(name, []).append(f(rows[i][0]))
+        ys += [rows[i][1] for i in sorted(test)]
+    return {name: metrics(p, ys) for name, p in preds.items()}
+
+
+def _seed_buys(base: Any, profile: Any, work: Path, cost_models: Path) -> dict[str, Any]:
+    """The base's time on the device: untuned, seed schedules only, the device's own."""
+    from voxfit.latency import TvmLocalEstimator, TvmRpcEstimator
+
+    cls = TvmRpcEstimator if profile.measurement.method == "rpc" else TvmLocalEstimator
+    out: dict[str, Any] = {}
+    spec = (profile.primary_input,)
+    variants = {
+        "untuned": (dataclasses.replace(profile.tuning, seed_from=None), work / "empty-tuning"),
+        "seeded": (profile.tuning, work / "empty-tuning"),
+        "device_tuned": (profile.tuning, work / "tuning" / profile.name),
+    }
+    for name, (tuning, tdir) in variants.items():
+        p = dataclasses.replace(profile, tuning=tuning)
+        with cls(p, work / "seed-buys" / name, cost_models_dir=cost_models, tuning_dir=tdir,
+                 tune=False) as est:  # fmt: skip
+            (r,) = est.estimate(base, spec)
+        out[f"{name}_ms"] = r.median_ms if r.ok else None
+        if not r.ok:
+            out[f"{name}_error"] = r.error
+    return out
+
+
+def device_row(name: str, base: Any, space: Any, args: Any, stack: ExitStack) -> dict[str, Any]:
+    profile = _hosted(load_profile(find_profile(name)), args.work, stack)
+    source = load_profile(find_profile(SOURCE))
+    t0 = time.monotonic()
+    rep = onboard(
+        base, space, profile, work=args.work, cost_models_dir=args.cost_models, source=source,
+        n_shot=args.n, validate=0, tune_budget_s=args.tune_minutes * 60,
+        tune_models=args.tune_models, seed=args.seed,
+    )  # fmt: skip
+    onboard_s = time.monotonic() - t0
+    _, held = split_candidates(space, args.n, args.heldout, args.seed)
+    t1 = time.monotonic()
+    measure_candidates(
+        base, held, profile, _store(args.work, profile), work=args.work,
+        cost_models_dir=args.cost_models, seed=args.seed, label="held out",
+    )  # fmt: skip
+    heldout_s = time.monotonic() - t1
+    from voxfit.cost_models._transfer import TransferModel
+
+    model = TransferModel.load(rep.model_dir)
+    shots, _ = split_candidates(space, args.n, 0, args.seed)
+    shot_rows, _ = labelled(_store(args.work, profile), shots, profile.primary_input.name)
+    held_rows, _ = labelled(_store(args.work, profile), held, profile.primary_input.name)
+    ys = [y for _, y in held_rows]
+    transfer = metrics([model.predict_tasks(t).ms for t, _ in held_rows], ys)
+    scratch = {
+        k: metrics([f(t) for t, _ in held_rows], ys) for k, f in fit_scratch(shot_rows).items()
+    }
+    full = _cv_full(shot_rows + held_rows)
+    models, _ = load_dataset(_store(args.work, profile))
+    return {
+        "device": name,
+        "method": profile.measurement.method,
+        "target": profile.target,
+        "n_shot": len(shot_rows),
+        "n_heldout": len(held_rows),
+        "heldout_within_10pct": transfer["within_10pct"],
+        "heldout_spearman": transfer["spearman"],
+        "heldout_mape": transfer["mape"],
+        "scratch_spearman": max(m["spearman"] for m in scratch.values()),
+        "scratch_within_10pct": max(m["within_10pct"] for m in scratch.values()),
+        "scratch": scratch,
+        "full_spearman": max(m["spearman"] for m in full.values()),
+        "full_within_10pct": max(m["within_10pct"] for m in full.values()),
+        "full_n": len(shot_rows) + len(held_rows),
+        "full": full,
+        "onboard_minutes": onboard_s / 60,
+        "onboard_seconds": rep.seconds,
+        "heldout_measure_minutes": heldout_s / 60,
+        "tuned_models": rep.tuned_candidates,
+        "tuned_tasks": rep.tuned_tasks,
+        "rpc_tuned": profile.measurement.method == "rpc" and rep.tuned_tasks > 0,
+        "median_relative_iqr": float(models["relative_iqr"].median()) if len(models) else None,
+        "coef": model.card["coef"],
+        "seed_buys": _seed_buys(base, profile, args.work, args.cost_models),
+        "points": [
+            {"measured_ms": y, "predicted_ms": model.predict_tasks(t).ms} for t, y in held_rows
+        ],
+    }
+
+
+def _store(work: Path, profile: Any) -> Path:
+    from voxfit.cost_models import measurements_dir
+
+    return Path(measurements_dir(profile, work))
+
+
+def sibling_row(base: Any, space: Any, args: Any) -> dict[str, Any]:
+    """The source profile on this host: the shipped model as it is, and calibrated with
+    ``--n`` measurements, on ``--sibling-fresh`` fresh candidates."""
+    from voxfit.cost_models import load_for, reference_key
+
+    profile = load_profile(find_profile(SOURCE))
+    src = load_for(profile, args.cost_models)
+    shots, fresh = split_candidates(space, args.n, args.sibling_fresh, args.seed + 77)
+    store = _store(args.work, profile)
+    # the tuning records this host's searches made (the check is about the latency model:
+    # a cold database would only make it slower)
+    measure_candidates(
+        base, shots + fresh, profile, _mstore(store), work=args.work,
+        cost_models_dir=args.cost_models, seed=args.seed, label="sibling",
+        tuning_dir=args.sibling_tuning,
+    )  # fmt: skip
+    shot_rows, ref = labelled(store, shots, profile.primary_input.name)
+    fresh_rows, _ = labelled(store, fresh, profile.primary_input.name)
+    cal = fit_transfer(src, shot_rows, profile, reference_ms=ref)
+    ys = [y for _, y in fresh_rows]
+    calibrated = metrics([cal.predict_tasks(t).ms for t, _ in fresh_rows], ys)
+    # the shipped model as it is: its ms are at its own reference speed; compare relative
+    # latencies (candidate / base), the only scale the two hosts share
+    from voxfit.cost_models import decompose
+
+    base_pred = src.predict_tasks(decompose(base, profile.primary_input.frames)).ms
+    typical = next(iter(ref.values()))
+    as_is = metrics([src.predict_tasks(t).ms / base_pred * typical for t, _ in fresh_rows], ys)
+    host = describe_host()
+    return {
+        "host": host.as_dict(),
+        "fitted_host": src.card.get("host") or "not recorded (fitted 2026-11-26 on another host)",
+        "reference": reference_key(base),
+        "n_shot": len(shot_rows),
+        "n_fresh": len(fresh_rows),
+        "calibrated": calibrated,
+        "as_is": as_is,
+        "coef": cal.card["coef"],
+    }
+
+
+def _mstore(d: Path) -> Any:
+    from voxfit.cost_models import MeasurementStore
+
+    return MeasurementStore(d)
+
+
+def plot(result: dict[str, Any], path: Path) -> None:
+    import plotly.graph_objects as go
+
+    fig = go.Figure()
+    for row in result["devices"]:
+        pts = row.get("points") or []
+        fig.add_trace(
+            go.Scatter(
+                x=[p["measured_ms"] for p in pts],
+                y=[p["predicted_ms"] for p in pts],
+                mode="markers",
+                name=f"{row['device']} (n_shot {row['n_shot']}, "
+                f"{row['heldout_within_10pct']:.0%} within 10%)",
+            )
+        )
+    lo = min((p["measured_ms"] for r in result["devices"] for p in r.get("points", [])), default=0)
+    hi = max((p["measured_ms"] for r in result["devices"] for p in r.get("points", [])), default=1)
+    fig.add_trace(go.Scatter(x=[lo, hi], y=[lo, hi], mode="lines", name="exact"))
+    fig.update_layout(
+        title="New devices: transferred latency model on held-out candidates",
+        xaxis_title="measured ms (at the device's reference speed)",
+        yaxis_title="predicted ms",
+    )
+    fig.write_html(path)
+
+
+def main() -> None:
+    import argparse
+
+    ap = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    ap.add_argument("--devices", default=",".join(DEVICES))
+    ap.add_argument("--n", type=int, default=20)
+    ap.add_argument("--heldout", type=int, default=50)
+    ap.add_argument("--sibling-fresh", type=int, default=30)
+    ap.add_argument("--no-sibling", action="store_true")
+    ap.add_argument("--tune-minutes", type=float, default=12.0)
+    ap.add_argument("--tune-models", type=int, default=4)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument(
+        "--checkpoint", type=Path, default=Path("work/models/tdnn-d9381586fb1b/checkpoint.pt")
+    )
+    ap.add_argument("--space", default="tdnn-default")
+    ap.add_argument("--work", type=Path, default=Path("work/onboard-bench"))
+    ap.add_argument("--cost-models", type=Path, default=Path("cost_models"))
+    ap.add_argument("--sibling-tuning", type=Path, default=Path("work/tuning/x86-avx2-2core"))
+    ap.add_argument("--fresh", action="store_true", help="empty --work first (a cold start)")
+    ap.add_argument("--out", type=Path, default=RESULTS / "onboard.json")
+    args = ap.parse_args()
+    if args.fresh and args.work.exists():
+        shutil.rmtree(args.work)
+    args.work.mkdir(parents=True, exist_ok=True)
+    from voxfit.spaces import find_space
+
+    base = _base(args.checkpoint)
+    space = find_space(args.space).bind(base.structure())
+    result: dict[str, Any] = (
+        json.loads(args.out.read_text()) if args.out.exists() and not args.fresh else {}
+    )
+    result.setdefault("devices", [])
+    done = {r["device"] for r in result["devices"]}
+    for name in [d for d in args.devices.split(",") if d]:
+        if name in done:
+            continue
+        with ExitStack() as stack:
+            row = device_row(name, base, space, args, stack)
+        result["devices"].append(row)
+        _headline(result)
+        _write(result, args)
+    if not args.no_sibling and "sibling" not in result:
+        result["sibling"] = sibling_row(base, space, args)
+        result["sibling_host_within_10pct"] = result["sibling"]["calibrated"]["within_10pct"]
+        result["sibling_host"] = result["sibling"]["host"].get("model_name")
+        _write(result, args)
+
+
+def _headline(result: dict[str, Any]) -> None:
+    rows = {r["device"]: r for r in result["devices"]}
+    head = rows.get("x86-64-sse-rpc") or next(iter(rows.values()))
+    result["headline_device"] = head["device"]
+    for k in ("n_shot", "heldout_within_10pct", "heldout_spearman", "scratch_spearman",
+              "full_spearman", "full_n", "onboard_minutes", "rpc_tuned"):  # fmt: skip
+        result[k] = head[k]
+
+
+def _write(result: dict[str, Any], args: Any) -> None:
+    result["provenance"] = provenance(
+        checkpoint=str(args.checkpoint), host=describe_host().as_dict(), source=SOURCE,
+        settings={k: str(v) for k, v in vars(args).items()},
+    )  # fmt: skip
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2, default=str))
+    plot(result, args.out.with_suffix(".html"))
+    print(
+        json.dumps({k: v for k, v in result.items() if k not in ("devices", "sibling")}, indent=1)
+    )
+
+
+if __name__ == "__main__":
+    main()
