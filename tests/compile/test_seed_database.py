@@ -1,0 +1,86 @@
+"""A profile seeded by another (``tuning.seed_from``): the seed's schedules serve the tasks
+the device has no record of, the device's own records always win, and onboarding tunes the
+seeded tasks on the device."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from tests._tiny import tiny_tdnn
+from voxfit.compile import TvmWorker, compile_model, seed_database_dir
+from voxfit.compile._database import RECORDS
+from voxfit.errors import ConfigError
+from voxfit.hw_profiles import find_profile, load_profile
+
+pytestmark = [pytest.mark.tvm, pytest.mark.slow]
+
+
+def _small(name: str, cost: Path) -> object:
+    p = load_profile(find_profile(name))
+    return replace(
+        p,
+        inputs=p.inputs[:1],
+        tuning=replace(p.tuning, trials_per_task=2, trials_per_iter=2),
+        measurement=replace(p.measurement, repeats=3, min_repeat_ms=5, warmup=1),
+    )
+
+
+def _records(db: Path) -> int:
+    f = db / RECORDS
+    return len([x for x in f.read_text().splitlines() if x.strip()]) if f.exists() else 0
+
+
+def test_a_seeded_device_compiles_from_the_seed_then_from_its_own_records(tmp_path: Path) -> None:
+    model = tiny_tdnn()
+    cost = tmp_path / "cost_models"
+    source = _small("x86-avx2-2core", cost)
+    shipped = source.database_dir(cost)  # type: ignore[attr-defined]
+    # the new device: no AVX, nothing of its own, seeded by the AVX2 profile
+    device = replace(
+        _small("x86-64-sse-rpc", cost),
+        measurement=source.measurement,  # type: ignore[attr-defined]
+    )
+    assert seed_database_dir(device, cost) == shipped  # type: ignore[arg-type]
+    user = tmp_path / "tuning-device"
+    with TvmWorker(1) as w:
+        # the source's "shipped" records: the tiny model tuned into that folder
+        (r0,) = compile_model(model, source, w, tmp_path / "a", cost_models_dir=cost,
+                              tuning_dir=shipped, export=False)  # type: ignore[arg-type]  # fmt: skip
+        assert r0.ok, r0.error
+        assert r0.new_tasks == r0.n_tasks > 0
+        (r1,) = compile_model(model, device, w, tmp_path / "b", cost_models_dir=cost,
+                              tuning_dir=user)  # type: ignore[arg-type]  # fmt: skip
+        assert r1.ok, r1.error
+        assert r1.new_tasks == 0  # nothing tuned: the seed serves every task
+        assert len(r1.details["seeded_tasks"]) == r1.n_tasks
+        assert _records(user) == 0
+        # the seeded library computes the model (compiled for x86-64, no AVX)
+        x = torch.randn(1, 100, 80)
+        got = w.call("run_local", lib=str(r1.lib), input=x.numpy())
+        with torch.no_grad():
+            want = model(x, torch.tensor([100]))[0].numpy()
+        np.testing.assert_allclose(np.asarray(got["output"]), want, atol=1e-4)
+        # onboarding tunes the seeded tasks on the device; its own records then win
+        (r2,) = compile_model(model, device, w, tmp_path / "c", cost_models_dir=cost,
+                              tuning_dir=user, tune_seeded=True, export=False)  # type: ignore[arg-type]  # fmt: skip
+        assert r2.ok, r2.error
+        assert r2.new_tasks == r1.n_tasks
+        assert _records(user) >= r1.n_tasks
+        (r3,) = compile_model(model, device, w, tmp_path / "d", cost_models_dir=cost,
+                              tuning_dir=user, export=False)  # type: ignore[arg-type]  # fmt: skip
+        assert (r3.new_tasks, r3.details["seeded_tasks"]) == (0, [])
+    targets = {json.loads(x)[1][2]["mcpu"] for x in (user / RECORDS).read_text().splitlines()}
+    assert targets == {"x86-64"}  # measured for the device's own target
+
+
+def test_an_unknown_seed_profile_is_one_line(tmp_path: Path) -> None:
+    p = load_profile(find_profile("x86-64-sse-rpc"))
+    bad = replace(p, tuning=replace(p.tuning, seed_from="no-such-profile"))
+    with pytest.raises(ConfigError, match=r"tuning\.seed_from: unknown profile 'no-such-profile'"):
+        seed_database_dir(bad, tmp_path)
