@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 
 from voxfit.errors import ConfigError
 from voxfit.hw_profiles import (
+    explain,
     find_profile,
     host_runs,
     load_profile,
@@ -24,6 +25,12 @@ SHIPPED = sorted((ROOT / "hw_profiles").glob("*.yaml"))
 
 def _raw(name: str = "x86-avx2-2core") -> dict:
     return yaml.safe_load((ROOT / "hw_profiles" / f"{name}.yaml").read_text())
+
+
+def _rpc(d: dict, **fields: object) -> None:
+    """Give the profile an rpc section with ``fields``."""
+    d["measurement"]["rpc"] = {"tracker_host": "h", "tracker_port": 9190, "device_key": "k"}
+    d["measurement"]["rpc"].update(fields)
 
 
 def test_ships_the_required_profiles() -> None:
@@ -94,6 +101,28 @@ def test_shipped_profile_is_valid(path: Path) -> None:
         ),
         (lambda d: d["target"].update({"num-cores": 10**9}), "target.num-cores: must be <="),
         (lambda d: d.update(cross_compiler="g++\0"), "cross_compiler: 'g++\\x00' must be"),
+        # measurement trust (issue 16): CV bound and repeats
+        (lambda d: d["measurement"].update(max_cv=float("nan")), "measurement.max_cv: must be a"),
+        (lambda d: d["measurement"].update(max_cv=0), "measurement.max_cv: must be > 0, got 0"),
+        (lambda d: d["measurement"].update(max_cv=1.5), "measurement.max_cv: must be <= 1"),
+        (lambda d: d["measurement"].update(max_cv="10%"), "measurement.max_cv: expected float"),
+        (lambda d: d["measurement"].update(max_repeats=-1), "measurement.max_repeats: must be >="),
+        (lambda d: d["measurement"].update(max_repeats=11), "measurement.max_repeats: must be <="),
+        (lambda d: d["measurement"].update(max_repeats="two"), "max_repeats: expected int"),
+        # RPC timeouts and attempts
+        (lambda d: _rpc(d, queue_timeout_s=-1), "measurement.rpc.queue_timeout_s: must be > 0"),
+        (lambda d: _rpc(d, queue_timeout_s=float("nan")), "rpc.queue_timeout_s: must be a finite"),
+        (lambda d: _rpc(d, queue_timeout_s="soon"), "rpc.queue_timeout_s: expected float"),
+        (lambda d: _rpc(d, run_timeout_s=0), "measurement.rpc.run_timeout_s: must be > 0"),
+        (lambda d: _rpc(d, run_timeout_s=float("inf")), "rpc.run_timeout_s: must be a finite"),
+        (
+            lambda d: _rpc(d, run_timeout_s=400),
+            "measurement.rpc.run_timeout_s: 400 s is longer than session_timeout_s (300 s)",
+        ),
+        (lambda d: _rpc(d, attempts=0), "measurement.rpc.attempts: must be >= 1, got 0"),
+        (lambda d: _rpc(d, attempts=11), "measurement.rpc.attempts: must be <= 10"),
+        (lambda d: _rpc(d, attempts=2.5), "measurement.rpc.attempts: expected int, got 2.5"),
+        (lambda d: _rpc(d, attempt=2), "measurement.rpc.attempt: unknown key"),
     ],
 )
 def test_bad_profile_names_file_and_field(tmp_path: Path, mutate, names: str) -> None:
@@ -152,3 +181,56 @@ def test_profile_round_trip_property(
     assert profile_from_dict(p.to_dict(), "gen") == p
     assert p.primary_input.frames == frames[0]
     assert p.stable_hash() == profile_from_dict(p.to_dict(), "other").stable_hash()
+
+
+# stable_hash() of the shipped profiles, computed before the measurement-trust fields
+# (max_cv, max_repeats, rpc queue/run timeouts and attempts) existed: they must not change.
+SHIPPED_HASHES = {
+    "arm-cortex-a55-phone": "ac48a844f659",
+    "arm-cortex-a72-rpi4": "f7ec81ae2c83",
+    "nvidia-gpu-sm90": "babebac0e4d4",
+    "x86-avx2-2core": "171290f8542e",
+    "x86-avx512-2core": "217b6e490a6d",
+}
+
+
+@pytest.mark.parametrize("name", sorted(SHIPPED_HASHES))
+def test_shipped_profile_hashes_are_unchanged(name: str) -> None:
+    assert (
+        load_profile(ROOT / "hw_profiles" / f"{name}.yaml").stable_hash() == (SHIPPED_HASHES[name])
+    )
+
+
+def test_measurement_trust_fields_parse_default_and_hash() -> None:
+    d = _raw("arm-cortex-a55-phone")
+    p = profile_from_dict(d, "a55")
+    m, rpc = p.measurement, p.measurement.rpc
+    assert rpc is not None
+    # old profiles: the queue wait is the connect timeout, the run timeout is computed
+    assert (m.max_cv, m.max_repeats) == (0.10, 2)
+    assert (rpc.queue_timeout_s, rpc.run_timeout_s, rpc.attempts) == (None, None, 3)
+    assert rpc.queue_wait_s == rpc.connect_timeout_s == 30
+    # written out at their defaults: the same profile, the same hash
+    d["measurement"].update(max_cv=0.1, max_repeats=2)
+    d["measurement"]["rpc"].update(attempts=3)
+    assert profile_from_dict(d, "a55").stable_hash() == p.stable_hash()
+    d["measurement"].update(max_cv=0.05, max_repeats=4)
+    d["measurement"]["rpc"].update(queue_timeout_s=600, run_timeout_s=120, attempts=5)
+    q = profile_from_dict(d, "a55")
+    assert (q.measurement.max_cv, q.measurement.max_repeats) == (0.05, 4)
+    assert q.measurement.rpc is not None
+    assert q.measurement.rpc.queue_wait_s == 600
+    assert (q.measurement.rpc.run_timeout_s, q.measurement.rpc.attempts) == (120, 5)
+    assert q.measurement.rpc.connect_timeout_s == 30  # still: reaching the tracker
+    assert profile_from_dict(q.to_dict(), "again") == q
+    hashes = {p.stable_hash(), q.stable_hash()}
+    for field in ("queue_timeout_s", "run_timeout_s", "attempts"):
+        one = _raw("arm-cortex-a55-phone")
+        one["measurement"]["rpc"][field] = d["measurement"]["rpc"][field]
+        hashes.add(profile_from_dict(one, "a55").stable_hash())
+    assert len(hashes) == 5  # each setting, away from its default, is in the hash
+    rows = dict(explain(q))
+    assert "waiting in its queue <= 600 s" in rows["measurement"]
+    assert "reaching the tracker <= 30 s" in rows["measurement"]
+    assert "<= 120 s; 5 attempts" in rows["measurement"]
+    assert "above 0.05 is timed again, up to 4 more times" in rows["measurement trust"]

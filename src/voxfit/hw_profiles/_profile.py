@@ -43,6 +43,11 @@ Method = Literal["local", "rpc", "predicted"]
 METHODS: tuple[Method, ...] = ("local", "rpc", "predicted")
 # Target kinds this project compiles for; TVM knows more, but these are the ones tested.
 TARGET_KINDS = ("llvm", "cuda", "c")
+# Bounds of the measurement-trust settings. They belong with the others in voxfit._config;
+# they are here until that module's owner moves them (kept in one place all the same).
+MAX_CV = Bound(0, 1, lo_open=True)  # a coefficient of variation, stdev / mean
+MAX_REPEATS = Bound(0, 10)  # extra timing tries of a noisy measurement
+ATTEMPTS = Bound(1, 10)  # device leases per measurement
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,24 +60,47 @@ class InputSpec:
 
 @dataclass(frozen=True, slots=True)
 class RpcSpec:
-    """Where the device farm's TVM RPC tracker listens and which device key to request."""
+    """Where the device farm's TVM RPC tracker listens, which device key to request, and
+    how long each step of a measurement there may take.
+
+    ``connect_timeout_s`` bounds reaching the tracker; ``queue_timeout_s`` the wait in its
+    queue for a free device of the key (None: ``connect_timeout_s``, what older profiles
+    meant); ``run_timeout_s`` one attempt's upload, load and timing (None: 60 s plus three
+    times the timing's own minimum, within ``session_timeout_s``). A device that fails or
+    does not answer costs another lease, up to ``attempts`` leases in all.
+    """
 
     tracker_host: str
     tracker_port: int
     device_key: str
     connect_timeout_s: float = 20.0
     session_timeout_s: float = 300.0
+    queue_timeout_s: float | None = None
+    run_timeout_s: float | None = None
+    attempts: int = 3
+
+    @property
+    def queue_wait_s(self) -> float:
+        """How long a lease waits in the tracker's queue for a free device."""
+        return self.connect_timeout_s if self.queue_timeout_s is None else self.queue_timeout_s
 
 
 @dataclass(frozen=True, slots=True)
 class MeasurementSpec:
-    """How latency is measured (``time_evaluator`` settings; ms in the names are ms)."""
+    """How latency is measured (``time_evaluator`` settings; ms in the names are ms).
+
+    A timing whose coefficient of variation (stdev / mean of its samples; of the per-round
+    ratios when paired with a reference) exceeds ``max_cv`` is timed again, up to
+    ``max_repeats`` more times; the steadiest try is kept, flagged noisy when still above.
+    """
 
     method: Method = "local"
     warmup: int = 3
     repeats: int = 10
     min_repeat_ms: float = 100.0
     rpc: RpcSpec | None = None
+    max_cv: float = 0.10
+    max_repeats: int = 2
 
 
 @dataclass(frozen=True, slots=True)
@@ -124,6 +152,10 @@ class HardwareProfile:
             d.pop(k)
         if d["tuning"].get("seed_from") is None:  # hashes from before the field stay valid
             d["tuning"].pop("seed_from", None)
+        # the same for the measurement-trust settings: left out while at their defaults
+        _drop_defaults(d["measurement"], _MEASUREMENT_DEFAULTS)
+        if d["measurement"].get("rpc") is not None:
+            _drop_defaults(d["measurement"]["rpc"], _RPC_DEFAULTS)
         blob = json.dumps(d, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
@@ -138,6 +170,17 @@ class HardwareProfile:
             p = Path(self.tuning.database_dir)
             return p if p.is_absolute() else Path(self.source).parent / p
         return Path(cost_models_dir) / self.name / "tuning"
+
+
+# Fields added after profiles were hashed, at their defaults: left out of stable_hash.
+_MEASUREMENT_DEFAULTS: dict[str, Any] = {"max_cv": 0.10, "max_repeats": 2}
+_RPC_DEFAULTS: dict[str, Any] = {"queue_timeout_s": None, "run_timeout_s": None, "attempts": 3}
+
+
+def _drop_defaults(d: dict[str, Any], defaults: dict[str, Any]) -> None:
+    for k, v in defaults.items():
+        if k in d and d[k] == v:
+            del d[k]
 
 
 def _target(f: Fields, key: str, *, required: bool) -> dict[str, Any] | None:
@@ -223,7 +266,16 @@ def profile_from_dict(raw: dict[str, Any], source: str = "profile") -> HardwareP
             device_key=r.get("device_key", str),
             connect_timeout_s=r.float_in("connect_timeout_s", TIMEOUT_S, 20.0),
             session_timeout_s=r.float_in("session_timeout_s", TIMEOUT_S, 300.0),
+            queue_timeout_s=r.float_in("queue_timeout_s", TIMEOUT_S, None),
+            run_timeout_s=r.float_in("run_timeout_s", TIMEOUT_S, None),
+            attempts=r.int_in("attempts", ATTEMPTS, 3),
         )
+        if rpc.run_timeout_s is not None and rpc.run_timeout_s > rpc.session_timeout_s:
+            raise r.error(
+                "run_timeout_s",
+                f"{rpc.run_timeout_s:g} s is longer than session_timeout_s "
+                f"({rpc.session_timeout_s:g} s), which ends the device session first",
+            )
         r.done()
     measurement = MeasurementSpec(
         method=method,  # type: ignore[arg-type]
@@ -231,6 +283,8 @@ def profile_from_dict(raw: dict[str, Any], source: str = "profile") -> HardwareP
         repeats=m.int_in("repeats", REPEATS, 10),
         min_repeat_ms=m.float_in("min_repeat_ms", REPEAT_MS, 100.0),
         rpc=rpc,
+        max_cv=m.float_in("max_cv", MAX_CV, 0.10),
+        max_repeats=m.int_in("max_repeats", MAX_REPEATS, 2),
     )
     m.done()
 
@@ -312,10 +366,18 @@ def explain(profile: HardwareProfile) -> list[tuple[str, str]]:
     if m.method == "local":
         how = f"on this machine with TVM time_evaluator, {m.warmup} warm-up runs"
     elif m.rpc is not None:
+        r = m.rpc
+        run = (
+            f"{r.run_timeout_s:g} s"
+            if r.run_timeout_s is not None
+            else "60 s + 3x the timing's minimum"
+        )
         how = (
-            f"on a device with key {m.rpc.device_key!r} leased from the TVM RPC tracker at "
-            f"{m.rpc.tracker_host}:{m.rpc.tracker_port} (connect timeout "
-            f"{m.rpc.connect_timeout_s:g} s)"
+            f"on a device with key {r.device_key!r} leased from the TVM RPC tracker at "
+            f"{r.tracker_host}:{r.tracker_port} (reaching the tracker <= "
+            f"{r.connect_timeout_s:g} s, waiting in its queue <= {r.queue_wait_s:g} s, "
+            f"each attempt's upload and timing <= {run}; {r.attempts} attempts, another "
+            "device of the key after a failure)"
         )
     else:
         how = "predicted by the profile's learned cost model (cost_models/<name>/)"
@@ -338,6 +400,12 @@ def explain(profile: HardwareProfile) -> list[tuple[str, str]]:
         (
             "measurement",
             f"{m.method}: {how}; median of {m.repeats} repeats, each >= {m.min_repeat_ms:g} ms",
+        ),
+        (
+            "measurement trust",
+            f"a timing whose CV (stdev/mean; of the ratios when paired with a reference) "
+            f"is above {m.max_cv:g} is timed again, up to {m.max_repeats} more times; the "
+            "steadiest try is kept and flagged noisy when still above",
         ),
         (
             "tuning",

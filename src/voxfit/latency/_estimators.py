@@ -11,7 +11,9 @@ from __future__ import annotations
 import math
 import os
 import time
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
@@ -53,6 +55,14 @@ class LatencyResult:
     reference_ms: float | None = None
     relative: float | None = None
     relative_iqr: float | None = None
+    # coefficients of variation (stdev / mean) of the samples and of the per-round ratios;
+    # None when unknown (a prediction, a single sample)
+    cv: float | None = None
+    relative_cv: float | None = None
+    # timing tries it took (a noisy one is timed again, see repeat_while_noisy); 0: none
+    tries: int = 0
+    # still above the profile's measurement.max_cv after every try (kept, but flagged)
+    noisy: bool = False
     # a prediction the predictor does not trust (a task kind or size it never saw)
     low_confidence: bool = False
     # the machine speed ``value_ms`` is at: ``raw`` (this moment's) or ``reference`` (the
@@ -99,6 +109,10 @@ class LatencyResult:
             "reference_ms": self.reference_ms,
             "relative": self.relative,
             "relative_iqr": self.relative_iqr,
+            "cv": self.cv,
+            "relative_cv": self.relative_cv,
+            "tries": self.tries,
+            "noisy": self.noisy,
             "low_confidence": self.low_confidence,
             "basis": self.basis,
             "at_reference_ms": self.at_reference_ms,
@@ -150,11 +164,15 @@ class _TvmEstimator:
         tune: bool = True,
         worker: TvmWorker | None = None,
         measure_timeout_s: float = 600.0,
+        reference: nn.Module | None = None,
     ) -> None:
         """``cost_models_dir``: where the shipped (read-only) tuning records are;
         ``tuning_dir``: the user's tuning database that takes new records (default:
         ``<work_dir>/tuning/<profile>``; pass ``voxfit.compile.default_tuning_dir(work,
-        profile)`` to share one per work folder)."""
+        profile)`` to share one per work folder); ``measure_timeout_s``: one timing try's
+        bound; ``reference``: a model timed in rounds alternating with each candidate, on
+        the same device (results carry ``reference_ms``, ``relative``, ``relative_iqr``
+        and ``relative_cv``), compiled once per input, at its first estimate."""
         self.profile = profile
         self.work_dir = Path(work_dir)
         self.cost_models_dir = Path(cost_models_dir)
@@ -165,6 +183,8 @@ class _TvmEstimator:
         self.measure_timeout_s = measure_timeout_s
         self._own_worker = worker is None
         self.worker = worker or TvmWorker(profile.cores)
+        self.reference = reference
+        self._reference_libs: dict[str, str] = {}
         self._n = 0
 
     def __enter__(self) -> _TvmEstimator:
@@ -177,15 +197,47 @@ class _TvmEstimator:
         if self._own_worker:
             self.worker.close()
 
-    def _measure(self, c: CompileResult) -> dict[str, Any]:
+    def _measure(self, c: CompileResult, reference: str | None) -> dict[str, Any]:
+        """One timing try of ``c`` (paired with the ``reference`` library when given): the
+        worker op's result dict, or ``{"error": ...}``."""
         raise NotImplementedError
 
-    def _measure_request(self, c: CompileResult) -> dict[str, Any]:
+    def _reference_lib(self, c: CompileResult) -> str | None:
+        """The reference model's library for ``c``'s input (None without a reference),
+        compiled at the first call for that input.
+
+        Raises:
+            ModelError: the reference model failed to compile.
+        """
+        if self.reference is None:
+            return None
+        if c.input not in self._reference_libs:
+            spec = InputSpec(name=c.input, frames=c.frames)
+            (r,) = compile_model(
+                self.reference,
+                self.profile,
+                self.worker,
+                self.work_dir / f"reference-{c.input}-{os.getpid()}",
+                inputs=(spec,),
+                cost_models_dir=self.cost_models_dir,
+                tuning_dir=self.tuning_dir,
+                tune=self.tune,
+                # a file: the local worker keeps it loaded whatever it builds next, and the
+                # RPC path uploads it
+                export=True,
+            )
+            if not r.ok or r.lib is None:
+                raise ModelError(f"reference model ({c.input}) failed to compile: {r.error}")
+            self._reference_libs[c.input] = str(r.lib)
+        return self._reference_libs[c.input]
+
+    def _measure_request(self, c: CompileResult, reference: str | None) -> dict[str, Any]:
         """The worker-call arguments both measurement paths share."""
         m = self.profile.measurement
         return {
             "timeout_s": self.measure_timeout_s,
             "lib": str(c.lib),
+            "reference": reference,
             "frames": c.frames,
             "measurement": {
                 "warmup": m.warmup,
@@ -230,7 +282,14 @@ class _TvmEstimator:
                 results.append(LatencyResult(**base, error=f"compile: {c.error}"))
                 continue
             t0 = time.monotonic()
-            r = self._measure(c)
+            try:
+                ref = self._reference_lib(c)
+            except ModelError as e:
+                took = time.monotonic() - t0
+                results.append(LatencyResult(**base, measure_s=took, error=str(e)))
+                continue
+            m = self.profile.measurement
+            r = repeat_while_noisy(partial(self._measure, c, ref), m.max_cv, m.max_repeats)
             took = time.monotonic() - t0
             if "error" in r:
                 results.append(LatencyResult(**base, measure_s=took, error=r["error"]))
@@ -250,10 +309,70 @@ class _TvmEstimator:
                     reference_ms=r.get("reference_ms"),
                     relative=r.get("relative"),
                     relative_iqr=r.get("relative_iqr"),
-                    note=_retry_note(r),
+                    cv=r.get("cv"),
+                    relative_cv=r.get("relative_cv"),
+                    tries=int(r["tries"]),
+                    noisy=bool(r["noisy"]),
+                    note="; ".join(x for x in (_noise_note(r, m.max_cv), _retry_note(r)) if x),
                 )
             )
         return results
+
+
+def _spread(r: dict[str, Any]) -> float | None:
+    """What decides whether a timing is steady: the CV of the per-round ratios when it was
+    paired with a reference (drift both share cancels), else the CV of its samples."""
+    cv = r.get("relative_cv") if r.get("relative") is not None else r.get("cv")
+    return None if cv is None else float(cv)
+
+
+def repeat_while_noisy(
+    measure: Callable[[], dict[str, Any]], max_cv: float, max_repeats: int
+) -> dict[str, Any]:
+    """Call ``measure`` (one timing try: a result dict with ``cv``, or ``relative_cv`` when
+    paired, or ``{"error": ...}``) again while its :func:`_spread` is above ``max_cv``, up
+    to ``max_repeats`` more times, and return the steadiest try.
+
+    The result gains ``tries`` (how many were made), ``try_cvs`` (each try's spread, in
+    order) and ``noisy`` (the kept try is still above ``max_cv``): a noisy measurement is
+    kept and says so, never passed off as steady. A try whose spread is unknown (a single
+    sample) is accepted. An error on the first try is the result; an error on a later try
+    ends the repeats, the steadiest earlier try is kept and ``repeat_error`` says why.
+    """
+    first = measure()
+    if "error" in first:
+        return first
+    best, cvs, error = first, [_spread(first)], None
+    while len(cvs) <= max_repeats and cvs[-1] is not None and cvs[-1] > max_cv:
+        r = measure()
+        if "error" in r:
+            error = str(r["error"])
+            break
+        cv, best_cv = _spread(r), _spread(best)
+        cvs.append(cv)
+        if cv is not None and best_cv is not None and cv < best_cv:
+            best = r
+    final = _spread(best)
+    out = {**best, "tries": len(cvs), "try_cvs": cvs}
+    out["noisy"] = final is not None and final > max_cv
+    if error is not None:
+        out["repeat_error"] = error
+    return out
+
+
+def _noise_note(r: dict[str, Any], max_cv: float) -> str:
+    """What the repeats of a noisy measurement found (empty when the first try was steady)."""
+    if int(r.get("tries", 1)) <= 1 and not r.get("noisy"):
+        return ""
+    cvs = ", ".join("?" if x is None else f"{x:.3f}" for x in r.get("try_cvs", ()))
+    what = "relative CV" if r.get("relative") is not None else "CV"
+    if r.get("noisy"):
+        text = f"noisy: {what} above {max_cv:g} in all {r['tries']} tries ({cvs}); kept the lowest"
+    else:
+        text = f"{what} above {max_cv:g} at first, steady on try {r['tries']} ({cvs})"
+    if r.get("repeat_error"):
+        text += f"; a repeat failed: {r['repeat_error']}"
+    return text
 
 
 def _retry_note(r: dict[str, Any]) -> str:
@@ -275,17 +394,10 @@ class TvmLocalEstimator(_TvmEstimator):
     export_library = False
 
     def __init__(
-        self,
-        profile: HardwareProfile,
-        work_dir: str | Path,
-        *,
-        profile_calls: int = 0,
-        reference: nn.Module | None = None,
-        **kw: Any,
+        self, profile: HardwareProfile, work_dir: str | Path, *, profile_calls: int = 0, **kw: Any
     ) -> None:
-        """``profile_calls`` > 0: also time every kernel over that many runs (``calls``).
-        ``reference``: a model timed in rounds alternating with each candidate (results
-        carry ``reference_ms`` and ``relative``); compiled once, at the first estimate.
+        """``profile_calls`` > 0: also time every kernel over that many runs (``calls``);
+        the rest as for every TVM estimator (``reference``, ``worker``, ...).
 
         Raises:
             ConfigError: this CPU cannot run the profile's target code.
@@ -295,37 +407,10 @@ class TvmLocalEstimator(_TvmEstimator):
             raise ConfigError(f"{profile.source or profile.name}: cannot measure locally: {why}")
         super().__init__(profile, work_dir, **kw)
         self.profile_calls = profile_calls
-        self.reference = reference
-        self._reference_libs: dict[str, str] = {}
 
-    def _reference_lib(self, c: CompileResult) -> str | None:
-        if self.reference is None:
-            return None
-        if c.input not in self._reference_libs:
-            spec = InputSpec(name=c.input, frames=c.frames)
-            (r,) = compile_model(
-                self.reference,
-                self.profile,
-                self.worker,
-                self.work_dir / f"reference-{c.input}-{os.getpid()}",
-                inputs=(spec,),
-                cost_models_dir=self.cost_models_dir,
-                tuning_dir=self.tuning_dir,
-                tune=self.tune,
-                export=True,  # a file: the worker keeps it loaded, whatever it builds next
-            )
-            if not r.ok or r.lib is None:
-                raise ModelError(f"reference model ({c.input}) failed to compile: {r.error}")
-            self._reference_libs[c.input] = str(r.lib)
-        return self._reference_libs[c.input]
-
-    def _measure(self, c: CompileResult) -> dict[str, Any]:
-        try:
-            ref = self._reference_lib(c)
-        except ModelError as e:
-            return {"error": str(e)}
+    def _measure(self, c: CompileResult, reference: str | None) -> dict[str, Any]:
         return self.worker.call(
-            "measure_local", calls=self.profile_calls, reference=ref, **self._measure_request(c)
+            "measure_local", calls=self.profile_calls, **self._measure_request(c, reference)
         )
 
 
@@ -334,38 +419,32 @@ class TvmRpcEstimator(_TvmEstimator):
 
     A farm registers several servers under the profile's device key; each measurement
     leases whichever is free, and a device that fails mid-measurement (killed, unplugged)
-    costs a retry on another one, up to ``rpc_attempts`` leases in all, not a failed
-    measurement. The result's ``note`` says when a retry was needed.
+    costs a retry on another one, up to ``measurement.rpc.attempts`` leases in all, not a
+    failed measurement. The result's ``note`` says when a retry was needed. With
+    ``reference``, both libraries go to the leased device and are timed there in
+    alternating rounds, so a device shared with other jobs shifts both alike.
+
+    Raises:
+        ConfigError: at construction, when the profile has no ``measurement.rpc``.
     """
 
     method: Method = "rpc"
 
-    def __init__(
-        self, profile: HardwareProfile, work_dir: str | Path, *, rpc_attempts: int = 3, **kw: Any
-    ) -> None:
+    def __init__(self, profile: HardwareProfile, work_dir: str | Path, **kw: Any) -> None:
         if profile.measurement.rpc is None:
             raise ConfigError(f"{profile.source or profile.name}: measurement.rpc is required")
-        if rpc_attempts < 1:
-            raise ConfigError(f"rpc_attempts must be >= 1, got {rpc_attempts}")
         super().__init__(profile, work_dir, **kw)
-        self.rpc_attempts = rpc_attempts
+        self.rpc = profile.measurement.rpc
 
-    def _measure(self, c: CompileResult) -> dict[str, Any]:
-        rpc = self.profile.measurement.rpc
-        if rpc is None:  # checked in __init__; kept for the type checker
-            return {"error": "no measurement.rpc in the profile"}
-        return self.worker.call(
-            "measure_rpc",
-            **self._measure_request(c),
-            rpc={
-                "tracker_host": rpc.tracker_host,
-                "tracker_port": rpc.tracker_port,
-                "device_key": rpc.device_key,
-                "connect_timeout_s": rpc.connect_timeout_s,
-                "session_timeout_s": rpc.session_timeout_s,
-                "attempts": self.rpc_attempts,
-            },
-        )
+    def _measure(self, c: CompileResult, reference: str | None) -> dict[str, Any]:
+        req = self._measure_request(c, reference)
+        # the worker's bound must cover every attempt's tracker, queue and run timeouts: a
+        # long queue wait on a shared device is what they are for, not a hung worker
+        r = self.rpc
+        run_s = r.run_timeout_s if r.run_timeout_s is not None else r.session_timeout_s
+        per_attempt_s = r.connect_timeout_s + r.queue_wait_s + run_s + 5.0
+        req["timeout_s"] = max(float(req["timeout_s"]), r.attempts * per_attempt_s)
+        return self.worker.call("measure_rpc", **req, rpc=asdict(r))
 
 
 def summarize(results: list[LatencyResult]) -> str:

@@ -28,6 +28,14 @@ from voxfit.compile import call_bounded, kept_executable, lease_bounded
 log = logging.getLogger(__name__)
 
 
+def _cv(xs: list[float]) -> float | None:
+    """Coefficient of variation, sample stdev / mean; None for fewer than two samples."""
+    if len(xs) < 2:
+        return None
+    mean = statistics.fmean(xs)
+    return statistics.stdev(xs) / mean if mean > 0 else None
+
+
 def _stats(secs: list[float]) -> dict[str, Any]:
     ms_ = sorted(s * 1e3 for s in secs)
     q = statistics.quantiles(ms_, n=4) if len(ms_) >= 2 else [ms_[0]] * 3
@@ -37,6 +45,7 @@ def _stats(secs: list[float]) -> dict[str, Any]:
         "min_ms": ms_[0],
         "max_ms": ms_[-1],
         "iqr_ms": q[2] - q[0],
+        "cv": _cv(ms_),
         "samples_ms": ms_,
     }
 
@@ -113,6 +122,7 @@ def _time_paired(
 
     The machine's speed drifts (shared host: 1.5-2x over hours, bursts of load within
     seconds); the median of the per-round ratios cancels what both runs of a round share.
+    ``relative_cv`` is the ratios' coefficient of variation (what drift leaves over).
     """
     x = _input(frames, dev)
     for _ in range(int(m["warmup"])):
@@ -130,6 +140,7 @@ def _time_paired(
     q = statistics.quantiles(ratios, n=4) if len(ratios) >= 2 else [ratios[0]] * 3
     out["relative"] = statistics.median(ratios)
     out["relative_iqr"] = q[2] - q[0]
+    out["relative_cv"] = _cv(ratios)
     return out
 
 
@@ -197,12 +208,12 @@ def tracker_summary(req: dict[str, Any]) -> dict[str, Any]:
 
 def _lease(r: dict[str, Any]) -> Any:
     """A session on a device leased from the tracker (request's ``rpc`` dict): the tracker
-    and the key checked first, the wait for a free device bounded by connect_timeout_s."""
+    and the key checked first (reaching the tracker bounded by connect_timeout_s), the wait
+    in its queue for a free device bounded by queue_timeout_s (default: connect_timeout_s)."""
     from tvm import rpc
 
     host, port, key = r["tracker_host"], int(r["tracker_port"]), r["device_key"]
-    timeout_s = float(r["connect_timeout_s"])
-    _check_tracker(host, port, key, timeout_s)
+    _check_tracker(host, port, key, float(r["connect_timeout_s"]))
     tracker = rpc.connect_tracker(host, port)
     summary = tracker.summary()
     keys = set(summary.get("queue_info", {}))
@@ -218,15 +229,21 @@ def _lease(r: dict[str, Any]) -> Any:
         key,
         priority=1,
         session_timeout_s=float(r["session_timeout_s"]),
-        wait_s=timeout_s,
+        wait_s=float(r.get("queue_timeout_s") or r["connect_timeout_s"]),
     )
 
 
-def _remote_vm(remote: Any, req: dict[str, Any]) -> tuple[Any, Any, relax.VirtualMachine]:
-    """``lib`` uploaded to the leased device and loaded there: (module, device, VM)."""
-    lib = Path(req["lib"])
-    remote.upload(str(lib))
-    rlib = remote.load_module(lib.name)
+def _remote_vm(
+    remote: Any, req: dict[str, Any], key: str = "lib"
+) -> tuple[Any, Any, relax.VirtualMachine]:
+    """``req[key]`` uploaded to the leased device and loaded there: (module, device, VM).
+
+    The remote file is named after ``key`` too: a candidate and its reference are both
+    ``<input>.so``, and a second upload under the same name would replace the first.
+    """
+    lib = Path(req[key])
+    remote.upload(str(lib), target=f"{key}-{lib.name}")
+    rlib = remote.load_module(f"{key}-{lib.name}")
     dev = remote.cuda(0) if req.get("device") == "cuda" else remote.cpu(0)
     return rlib, dev, relax.VirtualMachine(rlib, dev)
 
@@ -237,34 +254,39 @@ def _within(run: Any, remote: Any, timeout_s: float) -> dict[str, Any]:
     client connects or uploads). The abandoned call's thread stays blocked; it holds no
     live device."""
     out: dict[str, Any] = call_bounded(
-        lambda: dict(run(remote)), timeout_s, f"the device did not answer within {timeout_s:g} s"
+        lambda: dict(run(remote)),
+        timeout_s,
+        f"the device did not answer within {timeout_s:g} s (measurement.rpc.run_timeout_s)",
     )
     return out
 
 
-def _attempt_timeout_s(req: dict[str, Any]) -> float:
-    """How long one attempt may take: 60 s for upload and load, plus three times the
-    timing's own minimum (each repeat lasts at least min_repeat_ms), within the session's
-    timeout; ``rpc.attempt_timeout_s`` overrides."""
+def _run_timeout_s(req: dict[str, Any]) -> float:
+    """How long one attempt (upload, load, timing) may take: ``rpc.run_timeout_s`` when
+    set, else 60 s for upload and load plus three times the timing's own minimum (each
+    repeat lasts at least min_repeat_ms; twice that with a reference in the rounds), within
+    the session's timeout."""
     r = req["rpc"]
-    if r.get("attempt_timeout_s"):
-        return float(r["attempt_timeout_s"])
+    if r.get("run_timeout_s"):
+        return float(r["run_timeout_s"])
     m = req.get("measurement") or {}
     timing_s = (int(m.get("warmup", 0)) + int(m.get("repeats", 1))) * max(
         float(m.get("min_repeat_ms", 0)), 100.0
     )
+    if req.get("reference"):
+        timing_s *= 2
     return min(60.0 + 3.0 * timing_s / 1e3, float(r.get("session_timeout_s", 300.0)))
 
 
 def _on_a_device(req: dict[str, Any], run: Any) -> dict[str, Any]:
     """``run(remote)`` on a device leased from the tracker; when the device fails under it
     (a server killed or unplugged mid-measurement: an error, or no answer within
-    :func:`_attempt_timeout_s`), lease again -- the tracker hands out another free server
+    :func:`_run_timeout_s`), lease again -- the tracker hands out another free server
     of the key, the lost one having left it -- up to ``rpc.attempts`` times in all
     (default 3). The result says how many attempts it took and what the failed ones said
     (``device_errors``).
 
-    A lease that finds no free device within the connect timeout counts as a failed
+    A lease that finds no free device within the queue timeout counts as a failed
     attempt too.
 
     Raises:
@@ -273,7 +295,7 @@ def _on_a_device(req: dict[str, Any], run: Any) -> dict[str, Any]:
     """
     r = req["rpc"]
     attempts = max(1, int(r.get("attempts", 3)))
-    timeout_s = _attempt_timeout_s(req)
+    timeout_s = _run_timeout_s(req)
     errors: list[str] = []
     for attempt in range(1, attempts + 1):
         t0 = time.monotonic()
@@ -306,11 +328,18 @@ def _on_a_device(req: dict[str, Any], run: Any) -> dict[str, Any]:
 
 def measure_rpc(req: dict[str, Any]) -> dict[str, Any]:
     """Upload ``lib`` to a device leased from the tracker and time it there (another
-    device of the key when one fails mid-measurement, see :func:`_on_a_device`)."""
+    device of the key when one fails mid-measurement, see :func:`_on_a_device`); with
+    ``reference`` (a library), upload it too and time the two in alternating rounds on the
+    same device (``reference_ms``, ``relative``, ``relative_iqr``, ``relative_cv``)."""
 
     def run(remote: Any) -> dict[str, Any]:
         rlib, dev, vm = _remote_vm(remote, req)
-        out = _time_vm(vm, dev, int(req["frames"]), req["measurement"])
+        if req.get("reference"):
+            rref, _, ref = _remote_vm(remote, req, "reference")
+            out = _time_paired(vm, ref, dev, int(req["frames"]), req["measurement"])
+            del ref, rref
+        else:
+            out = _time_vm(vm, dev, int(req["frames"]), req["measurement"])
         del vm, rlib
         return out
 
