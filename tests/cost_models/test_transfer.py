@@ -9,9 +9,17 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from torch import nn
 
 from voxfit.compress import apply
-from voxfit.cost_models import CostModel, decompose, load_for, metrics, sample_candidates
+from voxfit.cost_models import (
+    CostModel,
+    CostModelPredictor,
+    decompose,
+    load_for,
+    metrics,
+    sample_candidates,
+)
 from voxfit.cost_models._transfer import (
     TransferModel,
     fit_scratch,
@@ -20,7 +28,7 @@ from voxfit.cost_models._transfer import (
     task_group,
 )
 from voxfit.errors import ConfigError
-from voxfit.hw_profiles import find_profile, load_profile
+from voxfit.hw_profiles import describe_host, find_profile, load_profile
 from voxfit.models import build_model, default_config
 from voxfit.spaces import find_space
 
@@ -31,16 +39,20 @@ SCALES = {"stem": 1.5, "blocks/f32": 1.9, "blocks/wq": 2.7, "blocks/f16": 2.2, "
 
 
 @pytest.fixture(scope="module")
-def candidates_tasks() -> list[list]:  # type: ignore[type-arg]
+def candidates() -> list[nn.Module]:
     torch.manual_seed(0)
     base = build_model(default_config("tdnn", 55, "default")).eval()
     space = find_space("tdnn-default").bind(base.structure())
     calib = [(torch.randn(2, 100, 80), torch.full((2,), 100))]
-    out = []
-    for c in sample_candidates(space, 24, seed=5, levelled=16):
-        m = apply(base, c, channel_multiple=8, calibration=calib)
-        out.append(decompose(m, 100))
-    return out
+    return [
+        apply(base, c, channel_multiple=8, calibration=calib)
+        for c in sample_candidates(space, 24, seed=5, levelled=16)
+    ]
+
+
+@pytest.fixture(scope="module")
+def candidates_tasks(candidates: list[nn.Module]) -> list[list]:  # type: ignore[type-arg]
+    return [decompose(m, 100) for m in candidates]
 
 
 def _device_ms(src: CostModel, tasks: list, rng: random.Random) -> float:  # type: ignore[type-arg]
@@ -136,3 +148,45 @@ def test_an_unseen_kind_of_task_is_low_confidence(candidates_tasks: list) -> Non
     assert any(f"{g}: no task of this kind" in r for r in p.reasons), p.reasons
     assert p.ms > 0
     assert not any("no task of this kind" in r for r in model.predict_tasks(without[0]).reasons)
+
+
+def _host(name: str, family: int, model: int) -> object:
+    text = (
+        "processor\t: 0\nvendor_id\t: AuthenticAMD\n"
+        f"cpu family\t: {family}\nmodel\t\t: {model}\nmodel name\t: {name}\n"
+        "flags\t\t: avx avx2 fma\n"
+    )
+    return describe_host(text, cores=2)
+
+
+def test_a_model_from_another_host_calibrates_to_this_one_from_the_measurements(
+    candidates: list[nn.Module],
+    candidates_tasks: list,  # type: ignore[type-arg]
+) -> None:
+    src = CostModel.load(SHIPPED)
+    src.card["host"] = _host("AMD EPYC 7B12", 23, 49).as_dict()  # type: ignore[attr-defined]
+    here = _host("AMD EPYC 9B14", 25, 17)
+    profile = load_profile(find_profile("x86-avx2-2core"))
+    pred = CostModelPredictor(src, current_host=here, profile=profile, min_samples=8)  # type: ignore[arg-type]
+    assert pred.calibrating
+    first = pred.predict(candidates[0], 100)
+    assert first.low_confidence
+    assert any("another host" in r for r in first.reasons)
+    rng = random.Random(4)
+    truth = [_device_ms(src, t, rng) for t in candidates_tasks]
+    for m, y in zip(candidates[:7], truth[:7], strict=True):
+        pred.observe(m, 100, y)
+    assert pred.calibration is not None
+    assert not pred.calibration["active"]  # 7 of 8
+    pred.observe(candidates[7], 100, truth[7])
+    cal = pred.calibration
+    assert cal is not None
+    assert (cal["active"], cal["samples"], cal["host"]["cpu_model"]) == (True, 8, "AMD EPYC 9B14")
+    later = [pred.predict(m, 100) for m in candidates[8:]]
+    assert not any(any("another host" in r for r in p.reasons) for p in later)
+    rel = [abs(p.ms - y) / y for p, y in zip(later, truth[8:], strict=True)]
+    assert sum(r <= 0.10 for r in rel) / len(rel) >= 0.9, rel
+    # the same model on its own host is not calibrated
+    same = CostModelPredictor(src, current_host=_host("AMD EPYC 7B12", 23, 49), profile=profile)  # type: ignore[arg-type]
+    assert not same.calibrating
+    assert same.calibration is None

@@ -172,3 +172,27 @@ def test_make_estimator_builds_the_stack_the_profile_names(
     )
     with pytest.raises(ConfigError, match="measurement.rpc is required"):
         make_estimator(rpc, tmp_path)
+
+
+class _Learning(_Predictor):
+    """A predictor that learns from measurements (a host calibration's hook)."""
+
+    def __init__(self, ms: float) -> None:
+        super().__init__(ms, low_confidence=True)
+        self.seen: list[tuple[int, float]] = []
+
+    def observe(self, model: nn.Module, frames: int, ms_at_reference: float) -> None:
+        self.seen.append((frames, ms_at_reference))
+
+
+def test_measurements_at_the_reference_speed_reach_a_learning_predictor(
+    profile: HardwareProfile,
+) -> None:
+    pred = _Learning(3.0)
+    stack = _stack(profile, pred, reference=nn.Identity())
+    out = stack.estimate(nn.Identity(), profile.inputs[:1])
+    assert out[0].at_reference_ms == pytest.approx(1.0)  # relative 0.25 x reference 4 ms
+    assert pred.seen == [(profile.inputs[0].frames, pytest.approx(1.0))]
+    # without a reference there is no drift-free time to learn from
+    _stack(profile, pred).estimate(nn.Identity(), profile.inputs[:1])
+    assert len(pred.seen) == 1

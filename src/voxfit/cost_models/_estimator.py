@@ -9,16 +9,18 @@ from typing import Any, Literal, get_args
 
 from torch import nn
 
-from voxfit.cost_models._features import decompose
+from voxfit.cost_models._features import Task, decompose
 from voxfit.cost_models._model import CostModel, load_for
 from voxfit.cost_models._transfer import TransferModel
-from voxfit.errors import ConfigError
-from voxfit.hw_profiles import HardwareProfile, HostInfo
+from voxfit.errors import ConfigError, VoxfitError
+from voxfit.hw_profiles import HardwareProfile, HostInfo, describe_host
 from voxfit.latency import PredictedEstimator, PredictedLatency
 
 log = logging.getLogger(__name__)
 
-HostMismatch = Literal["flag", "ignore"]
+HostMismatch = Literal["calibrate", "flag", "ignore"]
+#: measurements a host calibration needs before its predictions are used
+CALIBRATION_SAMPLES = 8
 # one warning per (fitting host, this host) pair and process, not one per prediction
 _warned: set[str] = set()
 
@@ -38,6 +40,16 @@ class CostModelPredictor:
     0.98 there), so a budget decided on predicted ms would be wrong by up to 26%. Choose
     ``"ignore"`` when ranking is enough or the host is known to be equivalent. A card that
     does not record its host is never flagged for it (its host is unknown, not different).
+
+    ``"calibrate"`` (the default) flags like ``"flag"`` at first and learns this host from
+    the measurements the search makes anyway (baselines, promoted candidates: the latency
+    stack hands each to :meth:`observe`, at the model's reference speed): once
+    ``min_samples`` are in, predictions come from a transfer model fitted on them
+    (:mod:`voxfit.cost_models._transfer`: per-kernel-kind scales of this model's
+    predictions), refitted at each new sample, and are no longer flagged. A card that
+    does not record its host is calibrated too (nothing vouches for this host), but its
+    predictions are not flagged meanwhile. :attr:`calibration` says which host, how many
+    samples and since when.
     Either way a mismatch is logged once per process, naming both hosts. ``current_host``
     stands for this machine (default :func:`~voxfit.hw_profiles.describe_host`).
 
@@ -48,8 +60,10 @@ class CostModelPredictor:
     def __init__(
         self,
         model: CostModel | TransferModel,
-        host_mismatch: HostMismatch = "flag",
+        host_mismatch: HostMismatch = "calibrate",
         current_host: HostInfo | None = None,
+        min_samples: int = CALIBRATION_SAMPLES,
+        profile: HardwareProfile | None = None,
     ) -> None:
         if host_mismatch not in get_args(HostMismatch):
             raise ConfigError(
@@ -63,8 +77,20 @@ class CostModelPredictor:
         self.host_mismatch = host_mismatch
         self.host_same, self.host_why = model.host_check(current_host)
         self._host_reasons: tuple[str, ...] = ()
+        self.min_samples = max(3, int(min_samples))
+        self._current_host = current_host
+        self._samples: list[tuple[list[Task], float]] = []
+        self._calibrated: TransferModel | None = None
+        unknown = self.model.card.get("host") is None
+        self.profile = profile
+        self.calibrating = (
+            host_mismatch == "calibrate"
+            and (not self.host_same or unknown)
+            and isinstance(model, CostModel)
+            and profile is not None
+        )
         if not self.host_same:
-            if host_mismatch == "flag":
+            if host_mismatch in ("flag", "calibrate"):
                 self._host_reasons = (f"cost model from another host: {self.host_why}",)
             if self.host_why not in _warned:
                 _warned.add(self.host_why)
@@ -72,9 +98,10 @@ class CostModelPredictor:
                     "cost model %s %s; %s",
                     model.directory or "(not saved)",
                     self.host_why,
-                    "its predictions are low-confidence and get measured"
-                    if host_mismatch == "flag"
-                    else "host_mismatch='ignore': its predictions are used as they are",
+                    "host_mismatch='ignore': its predictions are used as they are"
+                    if host_mismatch == "ignore"
+                    else "its predictions are low-confidence and get measured"
+                    + (" until calibrated to this host" if self.calibrating else ""),
                 )
 
     @property
@@ -84,15 +111,62 @@ class CostModelPredictor:
     def predict(self, model: nn.Module, frames: int) -> PredictedLatency:
         """Raises ModelError for a model it cannot decompose into its tasks."""
         tasks = decompose(model, frames)
-        p = self.model.predict_tasks(tasks)
+        cal = self._calibrated
+        p = (cal or self.model).predict_tasks(tasks)
+        host = () if cal is not None else self._host_reasons
         # the largest task's activations: what a static memory plan must hold at once
         act_bytes = int(max((t.features["act_kb"] for t in tasks), default=0.0) * 1e3)
         return PredictedLatency(
             ms=p.ms,
             activation_bytes=act_bytes,
-            low_confidence=p.low_confidence or bool(self._host_reasons),
-            reasons=p.reasons + self._host_reasons,
+            low_confidence=p.low_confidence or bool(host),
+            reasons=p.reasons + host,
         )
+
+    def observe(self, model: nn.Module, frames: int, ms_at_reference: float) -> None:
+        """A measurement of ``model`` on this host, at the model's reference speed (the
+        latency stack's ``at_reference_ms``): a calibration sample. Ignored unless
+        calibrating, or for a model it cannot decompose."""
+        if not self.calibrating or not (ms_at_reference > 0):
+            return
+        try:
+            tasks = decompose(model, frames)
+        except VoxfitError:
+            return
+        self._samples.append((tasks, float(ms_at_reference)))
+        if len(self._samples) < self.min_samples:
+            return
+        from voxfit.cost_models._transfer import fit_transfer
+
+        assert isinstance(self.model, CostModel)
+        assert self.profile is not None
+        cal = fit_transfer(
+            self.model, self._samples, self.profile, host=self._current_host,
+            reference_ms=self.model.card.get("reference_ms"),
+        )  # fmt: skip
+        if self._calibrated is None:
+            log.info(
+                "latency model calibrated to this host from %d measurements", len(self._samples)
+            )
+        self._calibrated = cal
+
+    @property
+    def calibration(self) -> dict[str, Any] | None:
+        """Which host the predictions are calibrated to, from how many measurements (None
+        when not calibrating)."""
+        if not self.calibrating:
+            return None
+        host = self._current_host or describe_host()
+        cal = self._calibrated
+        return {
+            "host": host.as_dict(),
+            "fitted_host": self.model.card.get("host"),
+            "samples": len(self._samples),
+            "needed": self.min_samples,
+            "active": cal is not None,
+            "coef": cal.card["coef"] if cal is not None else None,
+            "fit_mape": cal.card["fit_metrics"]["mape"] if cal is not None else None,
+        }
 
     def reference_ms(self, input_name: str, reference: nn.Module) -> float | None:
         from voxfit.cost_models._dataset import reference_key
@@ -106,7 +180,7 @@ def load_predictor(
     profile: HardwareProfile,
     cost_models_dir: str | Path = "cost_models",
     directory: str | Path | None = None,
-    host_mismatch: HostMismatch = "flag",
+    host_mismatch: HostMismatch = "calibrate",
 ) -> CostModelPredictor:
     """The profile's cost model as a predictor: the one saved in ``directory`` (``voxfit
     cost-model fit`` output) if given, else the shipped one under ``cost_models_dir``.
@@ -115,14 +189,16 @@ def load_predictor(
     Raises:
         ConfigError: no cost model there, or it was trained for another profile.
     """
-    return CostModelPredictor(load_for(profile, cost_models_dir, directory), host_mismatch)
+    return CostModelPredictor(
+        load_for(profile, cost_models_dir, directory), host_mismatch, profile=profile
+    )
 
 
 def predicted_estimator(
     profile: HardwareProfile,
     cost_models_dir: str | Path = "cost_models",
     model: CostModel | TransferModel | None = None,
-    host_mismatch: HostMismatch = "flag",
+    host_mismatch: HostMismatch = "calibrate",
 ) -> PredictedEstimator:
     """A predicting estimator for ``profile`` (``model``, or the profile's fitted one).
     ``host_mismatch``: see :class:`CostModelPredictor`.
@@ -132,7 +208,9 @@ def predicted_estimator(
     """
     if model is not None:
         model.check_profile(profile)
-        return PredictedEstimator(profile, CostModelPredictor(model, host_mismatch))
+        return PredictedEstimator(
+            profile, CostModelPredictor(model, host_mismatch, profile=profile)
+        )
     return PredictedEstimator(
         profile, load_predictor(profile, cost_models_dir, host_mismatch=host_mismatch)
     )

@@ -260,8 +260,16 @@ class PromotingEstimator:
         measured = self.measurer.estimate(model, tuple(specs[i] for i in todo))
         full = list(preds)
         for i, m in zip(todo, measured, strict=True):
-            full[i] = self._on_reference(replace(m, predicted=preds[i]))
+            full[i] = r = self._on_reference(replace(m, predicted=preds[i]))
+            self._observe(model, r)
         return [r for r in full if r is not None]
+
+    def _observe(self, model: nn.Module, r: LatencyResult) -> None:
+        """Hand a measurement at the predictor's reference speed to a predictor that learns
+        from them (``observe(model, frames, ms_at_reference)``: a host calibration)."""
+        hook = getattr(self.predictor.predictor, "observe", None) if self.predictor else None
+        if hook is not None and r.ok and r.at_reference_ms is not None:
+            hook(model, r.frames, r.at_reference_ms)
 
 
 def make_estimator(
@@ -278,8 +286,9 @@ def make_estimator(
     promote by ``rule`` to the measurer that ``method`` names (default: the profile's
     ``measurement.method``; ``predicted`` has none).
 
-    ``reference``: a model the local measurer times in rounds alternating with each
-    candidate (drift-free relative latencies, put on the predictor's reference speed).
+    ``reference``: a model the measurer times in rounds alternating with each candidate,
+    on the same device (drift-free relative latencies, put on the predictor's reference
+    speed; a predictor with ``observe`` learns from them, e.g. a host calibration).
     ``measurer_kw`` go to the measurer (``cost_models_dir``, ``tuning_dir``,
     ``profile_calls``, ``tune``, ``worker``, ...).
 
@@ -294,7 +303,7 @@ def make_estimator(
         case "local":
             measurer = TvmLocalEstimator(profile, work_dir, reference=reference, **measurer_kw)
         case "rpc":
-            measurer = TvmRpcEstimator(profile, work_dir, **measurer_kw)
+            measurer = TvmRpcEstimator(profile, work_dir, reference=reference, **measurer_kw)
         case "predicted":
             if predicted is None:
                 raise ConfigError(

@@ -52,6 +52,30 @@ def _kv_table(items: Mapping[str, Any]) -> str:
     return f"<table>{rows}</table>"
 
 
+def _latency_model(attrs: Mapping[str, Any]) -> str:
+    """Where the latency model holds: the host it was fitted on, and the calibration to
+    this host (how many measurements) when the search made one."""
+    cards = {k: v for k, v in attrs.items() if k.startswith("cost_model_")}
+    if not cards:
+        return "<p class='note'>Latency: every candidate measured (no latency model).</p>"
+    card = next(iter(cards.values()))
+    host = card.get("host") or {}
+    info = {
+        "latency model": card.get("hardware_key", "?"),
+        "fitted on": host.get("cpu_model", "host not recorded"),
+        "this host": " ".join(str(x) for x in card.get("host_check", [])),
+    }
+    cal = attrs.get("latency_calibration")
+    if cal:
+        here = (cal.get("host") or {}).get("cpu_model", "?")
+        info["calibrated to this host"] = (
+            f"yes, from {cal['samples']} measurements ({here}; fit MAPE {cal['fit_mape']:.1%})"
+            if cal.get("active")
+            else f"not yet: {cal['samples']} of {cal['needed']} measurements"
+        )
+    return "<h3>Latency model</h3>" + _kv_table(info)
+
+
 def _summary(study: optuna.Study) -> str:
     attrs = study.user_attrs
     profile = attrs.get("profile") or {}
@@ -72,6 +96,7 @@ def _summary(study: optuna.Study) -> str:
         "versions": attrs.get("versions", {}),
     }
     parts = ["<h2>Summary</h2>", _kv_table(overview)]
+    parts.append(_latency_model(attrs))
     base = attrs.get("base")
     parts.append("<h3>Base model</h3>")
     parts.append(_kv_table(base) if base else "<p class='note'>No base metrics recorded.</p>")

@@ -397,6 +397,13 @@ def _record_base(study: optuna.Study) -> None:
             return
 
 
+def _record_calibration(study: optuna.Study, latency: PromotingEstimator) -> None:
+    """The latency model's calibration to this host so far (the report shows it)."""
+    cal = getattr(latency.predictor.predictor, "calibration", None) if latency.predictor else None
+    if cal is not None and study.user_attrs.get("latency_calibration") != cal:
+        study.set_user_attr("latency_calibration", cal)
+
+
 def run_search(s: SearchSettings, ctx: SearchContext) -> optuna.Study:
     """Run (or resume) the study until it has ``n_trials`` finished trials or times out.
 
@@ -438,6 +445,7 @@ def run_search(s: SearchSettings, ctx: SearchContext) -> optuna.Study:
 
             def on_trial(st: optuna.Study, t: FrozenTrial) -> None:
                 _record_base(st)
+                _record_calibration(st, latency)
                 audit.trial_finished(t, ctx)
                 msg = (
                     f"#{t.number} failed: {record_of(t).failure or ''}"
