@@ -256,6 +256,9 @@ def export_bundle(
 
     spec = profile.primary_input
     tvm_info: dict[str, Any] = {"target": profile.target, "input": spec.name}
+    from voxfit.compile import runner_spec
+
+    runner_kind = runner_spec(profile).kind
     own = worker is None
     if own:
         from voxfit.compile import TvmWorker
@@ -285,6 +288,15 @@ def export_bundle(
             weight_bytes=c.weight_bytes,
             constant_bytes=c.details.get("constant_bytes"),
             file_bytes=lib.stat().st_size,
+            # whose schedules the library runs: tuned for this profile (measured on its
+            # device, locally or over RPC), or a seed profile's (tuning.seed_from)
+            tuning={
+                "tasks": c.n_tasks,
+                "tuned_for_this_device": c.n_tasks - len(c.details.get("seeded_tasks", [])),
+                "seeded_from": profile.tuning.seed_from,
+                "seeded_tasks": list(c.details.get("seeded_tasks", [])),
+                "measured_by": c.details.get("tuner") or runner_kind,
+            },
         )
         from voxfit.hw_profiles import host_runs
 
