@@ -131,3 +131,41 @@ def _local_device(prof, work: Path):  # type: ignore[no-untyped-def]
             yield dataclasses.replace(prof, measurement=m)
 
     return run()
+
+
+@device_app.command("host")
+def device_host(
+    profile: Annotated[str, typer.Argument(help="An RPC profile (name or YAML).")],
+    servers: Annotated[int, typer.Option(min=1, help="RPC servers under the key.")] = 1,
+    work: Annotated[Path, typer.Option(help="Work folder (logs under devices/).")] = Path("work"),
+) -> None:
+    """Host an RPC profile's device on this machine: a TVM tracker on the profile's port
+    and RPC servers under its key, on 127.0.0.1, until Ctrl-C (for a search or onboarding
+    in another terminal)."""
+    import time
+
+    from voxfit.hw_profiles import find_profile, load_profile
+    from voxfit.latency import local_farm
+
+    prof = load_profile(find_profile(profile))
+    rpc = prof.measurement.rpc
+    if prof.measurement.method != "rpc" or rpc is None:
+        raise ConfigError(f"{prof.source}: measurement.method: device host is for RPC profiles")
+    if rpc.tracker_host not in ("127.0.0.1", "localhost"):
+        raise ConfigError(
+            f"{prof.source}: measurement.rpc.tracker_host: {rpc.tracker_host} is not this "
+            "machine (127.0.0.1)"
+        )
+    logs = work / "devices" / prof.name
+    with local_farm(
+        rpc.device_key, servers=servers, threads=prof.cores, log_dir=logs, port=rpc.tracker_port
+    ):
+        console.print(
+            f"hosting {rpc.device_key!r} ({servers} server(s)): tracker 127.0.0.1:"
+            f"{rpc.tracker_port}, logs in {logs}; Ctrl-C stops"
+        )
+        try:
+            while True:
+                time.sleep(3600)
+        except KeyboardInterrupt:
+            console.print("stopped")

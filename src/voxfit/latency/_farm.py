@@ -96,8 +96,10 @@ def local_farm(
     threads: int = 1,
     log_dir: str | Path | None = None,
     ready_timeout_s: float = 120.0,
+    port: int | None = None,
 ) -> Iterator[Farm]:
-    """Run a tracker and ``servers`` RPC servers registered under ``key`` until exit.
+    """Run a tracker (on ``port``, default a free one) and ``servers`` RPC servers
+    registered under ``key`` until exit.
 
     Raises:
         FarmError: the servers did not register within ``ready_timeout_s``.
@@ -105,7 +107,7 @@ def local_farm(
     logs = Path(log_dir or ".")
     logs.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "TVM_NUM_THREADS": str(threads), "TVM_BIND_THREADS": "0"}
-    port = free_port()
+    port = port or free_port()
     procs = [
         _spawn(
             [

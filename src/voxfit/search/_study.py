@@ -165,15 +165,23 @@ def _latency_record(r: LatencyResult, profile: HardwareProfile) -> LatencyRecord
 
 
 def make_latency(s: SearchSettings, reference: nn.Module | None) -> PromotingEstimator:
-    """The search's latency stack: the profile's cost model (when it has a usable one)
-    promoting to the profile's measurer; ``reference`` (the base) is timed alongside each
-    local measurement."""
-    from voxfit.cost_models import load_predictor
+    """The search's latency stack: the profile's cost model (when it has a usable one: the
+    one named, else the shipped one, else the one ``voxfit device onboard`` or ``cost-model
+    fit`` saved in the work folder) promoting to the profile's measurer; ``reference`` (the
+    base) is timed alongside each measurement."""
+    from voxfit.cost_models import fitted_model_dir, load_predictor, model_dir
     from voxfit.latency import make_estimator
 
     predictor = None
+    directory = s.cost_model
+    if directory is None and not (model_dir(s.profile, s.cost_models_dir) / "card.yaml").exists():
+        # nothing shipped for this profile: the model onboarded or fitted in the work folder
+        mine = fitted_model_dir(s.profile, s.work)
+        if (mine / "card.yaml").exists():
+            directory = mine
+            log.info("latency model: %s (fitted in the work folder)", mine)
     try:
-        predictor = load_predictor(s.profile, s.cost_models_dir, s.cost_model)
+        predictor = load_predictor(s.profile, s.cost_models_dir, directory)
     except ConfigError as e:
         if s.profile.measurement.method == "predicted":
             raise
