@@ -78,5 +78,16 @@ lint: venv
 test: sysdeps venv lint
 	$(BIN)/pytest -q
 
+# An emulated aarch64 device, not part of `make test`: Debian's qemu-user, an arm64 python3.11
+# unpacked into a private sysroot and the aarch64 TVM wheels, all under $VOXFIT_QEMU_AARCH64
+# (default ~/.cache/voxfit/qemu-aarch64); resumable. Serve it: voxfit device qemu-server.
+.PHONY: qemu-aarch64
+qemu-aarch64: sysdeps venv
+	@command -v qemu-aarch64 >/dev/null || { \
+	  if [ "$$(id -u)" = 0 ]; then echo "installing system packages: qemu-user"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq qemu-user >/dev/null; \
+	  else echo "missing qemu-aarch64 (run: sudo apt-get install qemu-user)"; exit 1; fi; }
+	$(BIN)/python -m voxfit.latency._qemu
+
 clean:
 	rm -rf $(WORK) .pytest_cache .ruff_cache .mypy_cache

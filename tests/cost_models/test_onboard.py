@@ -1,0 +1,99 @@
+"""Onboarding a tiny device end to end through the command line: tuned on the device, a few
+candidates measured alternating with the base, a transfer model fitted, validated, saved;
+a second run resumes (measures nothing again)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests._cli import run_voxfit
+from tests._tiny import CI_TINY_SPACE
+from voxfit.cost_models import MeasurementStore, load_for
+from voxfit.cost_models._transfer import TransferModel
+from voxfit.hw_profiles import load_profile
+
+pytestmark = [pytest.mark.tvm, pytest.mark.slow]
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _tiny_device(tmp_path: Path) -> Path:
+    raw = yaml.safe_load((ROOT / "src/voxfit/hw_profiles/shipped/x86-avx2-1core.yaml").read_text())
+    raw["name"] = "tiny-1core"
+    raw["tuning"].update(trials_per_task=2, trials_per_iter=2)
+    # a tiny model's timings are noisy on a busy CI host: no repeats for the CV here
+    raw["measurement"].update(repeats=5, min_repeat_ms=5, warmup=1, max_cv=1.0)
+    f = tmp_path / "tiny-1core.yaml"
+    f.write_text(yaml.safe_dump(raw))
+    return f
+
+
+def test_onboarding_a_tiny_device_through_the_cli_fits_validates_and_resumes(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    device = _tiny_device(tmp_path)
+    space = tmp_path / "space.yaml"
+    space.write_text(CI_TINY_SPACE)
+    work = tmp_path / "work"
+    args = ["device", "onboard", str(device), "--preset", "tiny", "--space", str(space),
+            "--n", "3", "--validate", "3", "--tune-minutes", "30", "--tune-models", "1",
+            "--work", str(work), "--cost-models", str(ROOT / "cost_models")]  # fmt: skip
+    code, out, err = run_voxfit(args, capsys, monkeypatch)
+    assert code == 0, err[-3000:]
+    assert "onboarded tiny-1core from x86-avx2-2core's model" in out
+    model_dir = work / "cost_models" / "tiny-1core" / "model"
+    card = yaml.safe_load((model_dir / "card.yaml").read_text())
+    assert card["kind"] == "transfer"
+    assert card["n_shot"] == 3
+    assert card["metrics"]["heldout"]["n"] == 3
+    assert card["onboard"]["tuned_models"] == 2  # the base and one candidate
+    assert card["onboard"]["tuned_tasks"] > 0
+    assert card["host"]["cores"] >= 1
+    store = MeasurementStore(work / "measurements" / "tiny-1core")
+    assert len(store.files()) == 6
+    # the tuning records are the device's own (its database under the work folder)
+    assert (work / "tuning" / "tiny-1core" / "database_tuning_record.json").stat().st_size > 0
+    model = load_for(load_profile(device), directory=model_dir)
+    assert isinstance(model, TransferModel)
+    # resumed: nothing measured or tuned again
+    code, out2, err2 = run_voxfit(args, capsys, monkeypatch)
+    assert code == 0, err2[-3000:]
+    assert len(store.files()) == 6
+    assert "tuned 0 tasks" in out2
+
+
+def test_onboarding_needs_a_source(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    raw = yaml.safe_load(_tiny_device(tmp_path).read_text())
+    raw["tuning"].pop("seed_from")
+    f = tmp_path / "no-source.yaml"
+    f.write_text(yaml.safe_dump(raw))
+    code, _, err = run_voxfit(["device", "onboard", str(f), "--preset", "tiny"], capsys,
+                              monkeypatch)  # fmt: skip
+    assert code == 2
+    assert "no --source and no tuning.seed_from" in err
+
+
+def test_onboarding_a_device_that_is_not_there_is_one_line_naming_tracker_and_key(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from voxfit.latency._farm import free_port
+
+    raw = yaml.safe_load((ROOT / "src/voxfit/hw_profiles/shipped/x86-64-sse-rpc.yaml").read_text())
+    port = free_port()  # nothing listens there
+    raw["measurement"]["rpc"].update(tracker_port=port, connect_timeout_s=3)
+    f = tmp_path / "gone.yaml"
+    f.write_text(yaml.safe_dump(raw))
+    code, _, err = run_voxfit(
+        ["device", "onboard", str(f), "--preset", "tiny", "--n", "3", "--validate", "0",
+         "--work", str(tmp_path / "work"), "--cost-models", str(ROOT / "cost_models")],
+        capsys, monkeypatch,
+    )  # fmt: skip
+    assert code == 2, err[-2000:]
+    line = err.strip().splitlines()[-1]
+    assert f"127.0.0.1:{port}" in err
+    assert "x86-64-sse" in err
+    assert "Traceback" not in err, line
