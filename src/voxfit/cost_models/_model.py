@@ -160,17 +160,10 @@ def hardware_key(profile: HardwareProfile) -> str:
     return f"{profile.name}@{hashlib.sha256(blob.encode()).hexdigest()[:12]}"
 
 
-@dataclass
-class CostModel:
-    """A fitted per-profile cost model (see the module doc)."""
+class CardHost:
+    """The host a fitted model's card records (shared by every kind of latency model)."""
 
-    booster: Any
     card: dict[str, Any]
-    directory: Path | None = None
-    _ranges: dict[str, tuple[float, float]] = field(default_factory=dict, repr=False)
-
-    def __post_init__(self) -> None:
-        self._ranges = {k: (float(v[0]), float(v[1])) for k, v in self.card["ranges"].items()}
 
     @property
     def host(self) -> HostInfo | None:
@@ -186,6 +179,19 @@ class CostModel:
         without a host is (True, "host unknown: ...").
         """
         return check_recorded_host(self.card.get("host"), current)
+
+
+@dataclass
+class CostModel(CardHost):
+    """A fitted per-profile cost model (see the module doc)."""
+
+    booster: Any
+    card: dict[str, Any]
+    directory: Path | None = None
+    _ranges: dict[str, tuple[float, float]] = field(default_factory=dict, repr=False)
+
+    def __post_init__(self) -> None:
+        self._ranges = {k: (float(v[0]), float(v[1])) for k, v in self.card["ranges"].items()}
 
     # -- prediction ----------------------------------------------------------------------
     def check_profile(self, profile: HardwareProfile) -> None:

@@ -41,13 +41,14 @@ import numpy as np
 from voxfit.cost_models._features import FEATURES, Task
 from voxfit.cost_models._model import (
     CARD_FILE,
+    CardHost,
     CostModel,
     Prediction,
     hardware_key,
     metrics,
 )
 from voxfit.errors import ConfigError
-from voxfit.hw_profiles import HardwareProfile, HostInfo, check_recorded_host, describe_host
+from voxfit.hw_profiles import HardwareProfile, HostInfo, describe_host
 
 TRANSFER_KIND = "transfer"
 OVERHEAD = "overhead"
@@ -111,7 +112,7 @@ def _loo_rel_error(x: np.ndarray, y: np.ndarray, lam: float) -> float:
 
 
 @dataclass
-class TransferModel:
+class TransferModel(CardHost):
     """A device's latency model: a source :class:`CostModel` and per-group scales.
 
     Duck-compatible with :class:`CostModel` where the latency stack uses one (``card``,
@@ -124,14 +125,6 @@ class TransferModel:
     @property
     def groups(self) -> list[str]:
         return list(self.card["groups"])
-
-    @property
-    def host(self) -> HostInfo | None:
-        h = self.card.get("host")
-        return HostInfo.from_dict(h) if isinstance(h, dict) else None
-
-    def host_check(self, current: HostInfo | None = None) -> tuple[bool, str]:
-        return check_recorded_host(self.card.get("host"), current)
 
     def check_profile(self, profile: HardwareProfile) -> None:
         key = hardware_key(profile)
