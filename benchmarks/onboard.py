@@ -136,7 +136,7 @@ def device_row(name: str, base: Any, space: Any, args: Any, stack: ExitStack) ->
     _, held = split_candidates(space, args.n, args.heldout, args.seed)
     t1 = time.monotonic()
     measure_candidates(
-        base, held, profile, _store(args.work, profile), work=args.work,
+        base, held, profile, _mstore(_store(args.work, profile)), work=args.work,
         cost_models_dir=args.cost_models, seed=args.seed, label="held out",
     )  # fmt: skip
     heldout_s = time.monotonic() - t1
@@ -308,7 +308,7 @@ def main() -> None:
     if not args.no_sibling and "sibling" not in result:
         result["sibling"] = sibling_row(base, space, args)
         result["sibling_host_within_10pct"] = result["sibling"]["calibrated"]["within_10pct"]
-        result["sibling_host"] = result["sibling"]["host"].get("model_name")
+        result["sibling_host"] = result["sibling"]["host"].get("cpu_model")
         _write(result, args)
 
 
