@@ -43,7 +43,12 @@ from voxfit.cost_models._store import (
     measurements_dir,
     noisy_keys,
 )
-from voxfit.cost_models._transfer import TransferModel, fit_scratch, fit_transfer
+from voxfit.cost_models._transfer import (
+    TransferModel,
+    fit_scratch,
+    fit_transfer,
+    scratch_loo_mape,
+)
 from voxfit.errors import ConfigError, VoxfitError
 from voxfit.hw_profiles import HardwareProfile, describe_host
 from voxfit.plan import Candidate
@@ -366,6 +371,17 @@ def onboard(
     spec = profile.primary_input
     shot_rows, ref_ms = labelled(store.directory, shots, spec.name)
     model = fit_transfer(src, shot_rows, profile, reference_ms=ref_ms, host=describe_host())
+    # by measurement, on the same samples: does the transfer beat a model from scratch?
+    mine = min(model.card["ridge"]["loo_mape"].values())
+    theirs = scratch_loo_mape(shot_rows)
+    model.card["loo_mape"] = {"transfer": mine, **{f"scratch_{k}": v for k, v in theirs.items()}}
+    if min(theirs.values()) < mine:
+        log.warning(
+            "%s: a model from scratch fits the %d samples better than the transfer "
+            "(leave-one-out MAPE %.1f%% vs %.1f%%): the source model misses what this device "
+            "does; measure more candidates or refit the source", profile.name,
+            len(shot_rows), 100 * min(theirs.values()), 100 * mine,
+        )  # fmt: skip
     report.seconds["fit"] = time.monotonic() - t2
     report.n_shot = len(shot_rows)
 
