@@ -400,6 +400,11 @@ def onboard(
     report.failed = f1 + f2
     model.card["metrics"] = {"heldout": report.heldout, "scratch_same_samples": report.scratch}
     model.card["onboard"] = {
+        # every run of this onboarding (a killed one resumes): what each spent, in order
+        "runs": [
+            *_previous_runs(report.model_dir),
+            {k: round(v, 1) for k, v in report.seconds.items()},
+        ],
         "n_validate": report.n_validate,
         "tuned_models": report.tuned_candidates,
         "tuned_tasks": report.tuned_tasks,
@@ -408,3 +413,15 @@ def onboard(
     }
     model.save(report.model_dir)
     return report
+
+
+def _previous_runs(model_dir: Path) -> list[dict[str, float]]:
+    """What earlier runs of an onboarding into ``model_dir`` spent (none: a first run)."""
+    import yaml
+
+    try:
+        card = yaml.safe_load((model_dir / "card.yaml").read_text())
+        runs = card["onboard"].get("runs") or [card["onboard"]["seconds"]]
+        return [dict(r) for r in runs]
+    except (OSError, yaml.YAMLError, KeyError, TypeError, AttributeError):
+        return []
