@@ -130,7 +130,7 @@ def device_row(name: str, base: Any, space: Any, args: Any, stack: ExitStack) ->
     rep = onboard(
         base, space, profile, work=args.work, cost_models_dir=args.cost_models, source=source,
         n_shot=args.n, validate=0, tune_budget_s=args.tune_minutes * 60,
-        tune_models=args.tune_models, seed=args.seed,
+        tune_models=args.tune_models, seed=args.seed, tune_seeded=args.tune_seeded,
     )  # fmt: skip
     onboard_s = time.monotonic() - t0
     # a resumed onboarding: what every run spent on it (the first one was the cold one)
@@ -180,7 +180,10 @@ def device_row(name: str, base: Any, space: Any, args: Any, stack: ExitStack) ->
         "heldout_measure_minutes": heldout_s / 60,
         "tuned_models": rep.tuned_candidates,
         "tuned_tasks": rep.tuned_tasks,
-        "rpc_tuned": profile.measurement.method == "rpc" and rep.tuned_tasks > 0,
+        # tuning records of the device's own, measured through its RPC runner
+        "device_records": _records(args.work / "tuning" / name),
+        "rpc_tuned": profile.measurement.method == "rpc"
+        and _records(args.work / "tuning" / name) > 0,
         "median_relative_iqr": float(models["relative_iqr"].median()) if len(models) else None,
         "coef": model.card["coef"],
         "seed_buys": _seed_buys(base, profile, args.work, args.cost_models),
@@ -188,6 +191,11 @@ def device_row(name: str, base: Any, space: Any, args: Any, stack: ExitStack) ->
             {"measured_ms": y, "predicted_ms": model.predict_tasks(t).ms} for t, y in held_rows
         ],
     }
+
+
+def _records(db: Path) -> int:
+    f = db / "database_tuning_record.json"
+    return sum(1 for x in f.read_text().splitlines() if x.strip()) if f.exists() else 0
 
 
 def _store(work: Path, profile: Any) -> Path:
@@ -358,6 +366,7 @@ def main() -> None:
     ap.add_argument("--work", type=Path, default=Path("work/onboard-bench"))
     ap.add_argument("--cost-models", type=Path, default=Path("cost_models"))
     ap.add_argument("--sibling-tuning", type=Path, default=Path("work/tuning/x86-avx2-2core"))
+    ap.add_argument("--tune-seeded", action="store_true", help="onboard --tune-seeded")
     ap.add_argument("--qemu", action="store_true", help="also the aarch64 device under qemu")
     ap.add_argument("--qemu-trials", type=int, default=2)
     ap.add_argument("--fresh", action="store_true", help="empty --work first (a cold start)")

@@ -48,6 +48,13 @@ def device_onboard(
             help="Host the RPC device here: a tracker and a server on 127.0.0.1.",
         ),
     ] = False,
+    tune_seeded: Annotated[
+        bool,
+        typer.Option(
+            "--tune-seeded",
+            help="Also tune on the device the tasks the seed profile's schedules serve.",
+        ),
+    ] = False,
     seed: Annotated[int, typer.Option(help="Sampling seed.")] = 0,
     work: Annotated[Path, typer.Option(help="Work folder.")] = Path("work"),
     out: Annotated[
@@ -79,6 +86,7 @@ def device_onboard(
             base, bound, prof, work=work, cost_models_dir=cost_models, source=src,
             source_model=source_model, n_shot=n, validate=validate,
             tune_budget_s=tune_minutes * 60, tune_models=tune_models, seed=seed, out=out,
+            tune_seeded=tune_seeded,
         )  # fmt: skip
     t = Table(title=f"onboarded {prof.name} from {src.name}'s model")
     for col in ("model", "within 10%", "MAPE", "Spearman", "n"):

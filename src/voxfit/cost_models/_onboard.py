@@ -3,9 +3,9 @@
 :func:`onboard` does, for a profile with nothing of its own (no tuning records, no model):
 
 1. **tune** on the device the tasks of the uncompressed base and of the first sampled
-   candidates (through the profile's runner: its RPC tracker for an RPC profile), until the
-   tuning budget is spent; the other tasks run the seed profile's schedules
-   (``tuning.seed_from``) until a search tunes them;
+   candidates that no database covers (through the profile's runner: its RPC tracker for an
+   RPC profile), until the tuning budget is spent; tasks the seed profile's schedules serve
+   (``tuning.seed_from``) keep them unless ``tune_seeded``;
 2. **measure** ``n_shot`` candidates (the levelled sampler spreads them over the space's
    light and heavy corners), each in rounds alternating with the base, so the labels are
    drift-free (relative to the base x the base's typical time);
@@ -155,10 +155,12 @@ def tune_on_device(
     cost_models_dir: Path,
     budget_s: float,
     on_done: Callable[[int, float, int], None] | None = None,
+    tune_seeded: bool = False,
 ) -> tuple[int, int]:
-    """Tune on the device every task of ``base`` and then of each of ``candidates`` the
-    device's database lacks (also those the seed profile's schedules cover), starting no
-    new model once ``budget_s`` is spent. Returns (models tuned, tasks tuned).
+    """Tune on the device every task of ``base`` and then of each of ``candidates`` that
+    no database has (with ``tune_seeded``, also those the seed profile's schedules serve),
+    starting no new model once ``budget_s`` is spent. Returns (models compiled, tasks
+    tuned).
 
     Raises:
         DeviceGone: the device or tracker went away (the records so far are kept).
@@ -179,7 +181,7 @@ def tune_on_device(
                 inputs=(profile.primary_input,),
                 cost_models_dir=cost_models_dir,
                 tuning_dir=default_tuning_dir(work, profile),
-                tune_seeded=True,
+                tune_seeded=tune_seeded,
                 export=False,
             )[0]
             if not r.ok:
@@ -323,12 +325,18 @@ def onboard(
     tune_models: int = 4,
     seed: int = 0,
     out: str | Path | None = None,
+    tune_seeded: bool = False,
 ) -> OnboardReport:
     """Onboard ``profile`` (see the module doc); the model goes to ``out`` (default
     :func:`~voxfit.cost_models.fitted_model_dir`), the measurements to the work folder's
     store. ``source``: the profile whose fitted model is transferred (``source_model``: its
     folder, default the shipped one); ``tune_models``: the base plus this many candidates are
-    tuned on the device at most (within ``tune_budget_s``).
+    tuned on the device at most (within ``tune_budget_s``): the tasks no database covers,
+    and with ``tune_seeded`` also those the seed profile's schedules serve. Off by default:
+    measured on the no-AVX device, the base ran 3.74 ms with its tasks tuned there (16
+    trials each, from scratch) against 3.01 ms on the AVX2 profile's schedules (and 54.6 ms
+    untuned; ``benchmarks/results/onboard_tune_seeded.json``), and a mix of both kinds of
+    schedules across candidates is a difference no latency model sees.
 
     Raises:
         ConfigError: bad settings, no source model.
@@ -356,8 +364,9 @@ def onboard(
         for c in shots[: max(0, tune_models)]
     ]
     report.tuned_candidates, report.tuned_tasks = tune_on_device(
-        base, to_tune, profile, work=work, cost_models_dir=cost_models_dir, budget_s=tune_budget_s
-    )
+        base, to_tune, profile, work=work, cost_models_dir=cost_models_dir,
+        budget_s=tune_budget_s, tune_seeded=tune_seeded,
+    )  # fmt: skip
     report.seconds["tune"] = time.monotonic() - t0
 
     t1 = time.monotonic()
