@@ -334,9 +334,10 @@ def onboard(
     tuned on the device at most (within ``tune_budget_s``): the tasks no database covers,
     and with ``tune_seeded`` also those the seed profile's schedules serve. Off by default:
     measured on the no-AVX device, the base ran 3.74 ms with its tasks tuned there (16
-    trials each, from scratch) against 3.01 ms on the AVX2 profile's schedules (and 54.6 ms
-    untuned; ``benchmarks/results/onboard_tune_seeded.json``), and a mix of both kinds of
-    schedules across candidates is a difference no latency model sees.
+    trials each, from scratch) against 3.01 ms on the AVX2 profile's schedules (54.6 ms
+    untuned; unpaired timings, ``benchmarks/results/onboard_tune_seeded.json``): no gain,
+    and a mix of both kinds of schedules across candidates is a difference no latency model
+    sees.
 
     Raises:
         ConfigError: bad settings, no source model.
