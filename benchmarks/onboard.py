@@ -133,11 +133,12 @@ def device_row(name: str, base: Any, space: Any, args: Any, stack: ExitStack) ->
         tune_models=args.tune_models, seed=args.seed, tune_seeded=args.tune_seeded,
     )  # fmt: skip
     onboard_s = time.monotonic() - t0
-    # a resumed onboarding: what every run spent on it (the first one was the cold one)
+    # the runs of this onboarding that completed (a killed run saves nothing): the first
+    # was the cold one; later ones re-measured (e.g. after --remeasure)
     from voxfit.cost_models._transfer import TransferModel
 
     runs = TransferModel.load(rep.model_dir).card["onboard"].get("runs") or []
-    spent_s = sum(r["tune"] + r["measure"] + r["fit"] for r in runs) or onboard_s
+    spent_s = sum(runs[0][k] for k in ("tune", "measure", "fit")) if runs else onboard_s
     _, held = split_candidates(space, args.n, args.heldout, args.seed)
     t1 = time.monotonic()
     measure_candidates(
