@@ -284,12 +284,25 @@ def test_collect_and_fit_leave_the_repository_as_it_was(
     want_m, want_t = load_dataset(SHIPPED, store.directory)
     pd.testing.assert_frame_equal(merged_m, want_m)
     pd.testing.assert_frame_equal(merged_t, want_t)
+    # --no-shipped: only the store's measurements (e.g. libraries the shipped rows predate)
+    res = runner.invoke(
+        app,
+        ["cost-model", "fit", "--profile", SHIPPED_PROFILE, "--test-frac", "0", "--no-shipped",
+         "--work", str(work), "--extra", str(store.directory), "--out", str(tmp_path / "own")],
+    )  # fmt: skip
+    assert res.exit_code == 0, res.output
+    assert "(2 candidates)" in res.output
+    assert load_for(profile, directory=tmp_path / "own").card["n_candidates"] == 2
     assert _tree_digest(ROOT / "cost_models") == before
 
 
 def test_fit_refuses_an_extra_folder_without_measurements(tmp_path: Path) -> None:
     from voxfit.cli import app
     from voxfit.errors import ConfigError
+
+    res = runner.invoke(app, ["cost-model", "fit", "--profile", SHIPPED_PROFILE, "--no-shipped"])
+    assert isinstance(res.exception, ConfigError)
+    assert "--no-shipped: name the measurements" in str(res.exception)
 
     (tmp_path / "empty").mkdir()
     for extra, why in ((tmp_path / "empty", "no measurements"), (tmp_path / "no", "no such")):

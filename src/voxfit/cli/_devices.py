@@ -160,6 +160,14 @@ def cost_fit(
         Path | None,
         typer.Option(help="Also write the merged dataset here as parquet (to refresh one)."),
     ] = None,
+    shipped: Annotated[
+        bool,
+        typer.Option(
+            "--shipped/--no-shipped",
+            help="Include the shipped dataset (--no-shipped: only --extra, e.g. measurements "
+            "of libraries the shipped rows predate).",
+        ),
+    ] = True,
 ) -> None:
     """Fit the profile's cost model (xgboost + roofline baseline) on the shipped dataset plus
     any --extra measurements, and save it (never into the shipped tree unless --out says so)."""
@@ -178,12 +186,14 @@ def cost_fit(
     from voxfit.hw_profiles import find_profile, load_profile
 
     prof = load_profile(find_profile(profile))
-    shipped = dataset_dir(prof, cost_models)
+    shipped_dir = dataset_dir(prof, cost_models)
     extras = _extra_folders(extra or [])
-    models, tasks = load_dataset(shipped, *extras)
+    if not shipped and not extras:
+        raise ConfigError("--no-shipped: name the measurements to fit on with --extra")
+    models, tasks = load_dataset(*([shipped_dir] if shipped else []), *extras)
     if models.empty:
         raise ConfigError(
-            f"{shipped}: no dataset, and no --extra measurements (run cost-model collect)"
+            f"{shipped_dir}: no dataset, and no --extra measurements (run cost-model collect)"
         )
     mine = measurements_dir(prof, work)
     if mine.resolve() not in {e.resolve() for e in extras} and MeasurementStore(mine).files():
