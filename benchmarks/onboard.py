@@ -66,22 +66,6 @@ def _base(checkpoint: Path | None) -> Any:
     return build_model(default_config("tdnn", 55, "default")).eval()
 
 
-def _hosted(profile: Any, work: Path, stack: ExitStack) -> Any:
-    """An RPC profile pointed at a loopback tracker + server started here."""
-    if profile.measurement.method != "rpc":
-        return profile
-    from voxfit.latency import local_farm
-
-    rpc = profile.measurement.rpc
-    farm = stack.enter_context(
-        local_farm(rpc.device_key, threads=profile.cores, log_dir=work / "devices" / profile.name)
-    )
-    rpc = dataclasses.replace(rpc, tracker_host=farm.host, tracker_port=farm.tracker_port)
-    return dataclasses.replace(
-        profile, measurement=dataclasses.replace(profile.measurement, rpc=rpc)
-    )
-
-
 def _cv_full(rows: list[tuple[list[Any], float]], folds: int = 5) -> dict[str, Any]:
     """The from-scratch xgboost and linear models in k-fold CV over every measured row."""
     idx = np.arange(len(rows))
@@ -124,7 +108,11 @@ def _seed_buys(base: Any, profile: Any, work: Path, cost_models: Path) -> dict[s
 
 
 def device_row(name: str, base: Any, space: Any, args: Any, stack: ExitStack) -> dict[str, Any]:
-    profile = _hosted(load_profile(find_profile(name)), args.work, stack)
+    profile = load_profile(find_profile(name))
+    if profile.measurement.method == "rpc":  # the device, hosted here
+        from voxfit.latency import hosted
+
+        profile = stack.enter_context(hosted(profile, args.work / "devices" / name))
     source = load_profile(find_profile(SOURCE))
     t0 = time.monotonic()
     rep = onboard(

@@ -3,7 +3,6 @@ measurements, a transferred latency model, validated)."""
 
 from __future__ import annotations
 
-import dataclasses
 from contextlib import ExitStack
 from pathlib import Path
 from typing import Annotated
@@ -81,7 +80,15 @@ def device_onboard(
     bound = sp.bind(base.structure())
     with ExitStack() as stack:
         if serve_locally:
-            prof = stack.enter_context(_local_device(prof, work))
+            from voxfit.latency import hosted
+
+            prof = stack.enter_context(hosted(prof, work / "devices" / prof.name))
+            assert prof.measurement.rpc is not None
+            rpc = prof.measurement.rpc
+            console.print(
+                f"hosting {rpc.device_key!r}: tracker {rpc.tracker_host}:{rpc.tracker_port}, "
+                f"logs in {work / 'devices' / prof.name}"
+            )
         report = onboard(
             base, bound, prof, work=work, cost_models_dir=cost_models, source=src,
             source_model=source_model, n_shot=n, validate=validate,
@@ -109,36 +116,6 @@ def device_onboard(
     console.print(
         f"search it: voxfit search --profile {profile} --cost-model {report.model_dir} ..."
     )
-
-
-def _local_device(prof, work: Path):  # type: ignore[no-untyped-def]
-    """A loopback tracker + server for an RPC profile; the profile pointed at it."""
-    from contextlib import contextmanager
-
-    from voxfit.latency import local_farm
-
-    rpc = prof.measurement.rpc
-    if prof.measurement.method != "rpc" or rpc is None:
-        raise ConfigError(f"{prof.source}: --serve-locally is for RPC profiles")
-
-    @contextmanager
-    def run():  # type: ignore[no-untyped-def]
-        with local_farm(
-            rpc.device_key, threads=prof.cores, log_dir=work / "devices" / prof.name
-        ) as farm:
-            console.print(
-                f"hosting {rpc.device_key!r}: tracker {farm.host}:{farm.tracker_port}, "
-                f"logs in {work / 'devices' / prof.name}"
-            )
-            m = dataclasses.replace(
-                prof.measurement,
-                rpc=dataclasses.replace(
-                    rpc, tracker_host=farm.host, tracker_port=farm.tracker_port
-                ),
-            )
-            yield dataclasses.replace(prof, measurement=m)
-
-    return run()
 
 
 @device_app.command("host")

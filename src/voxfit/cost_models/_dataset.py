@@ -108,6 +108,15 @@ def rows_of(
     return row, task_rows
 
 
+def random_calibration(frames: int, seed: int) -> list[Any]:
+    """Calibration batches for measuring latency: random frames (latency does not depend on
+    the calibration values; 8-bit activation layers need some)."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randn(2, frames, 80, generator=g), torch.full((2,), frames))]
+
+
 class _Seeded:
     def __init__(self, seed: int) -> None:
         self.r = random.Random(seed)
@@ -273,12 +282,7 @@ def _measure_into(
     from voxfit.latency import TvmLocalEstimator
 
     if calibration is None:
-        # latency does not depend on the calibration values: random frames serve 8-bit layers
-        import torch
-
-        g = torch.Generator().manual_seed(seed)
-        frames = inputs[0].frames
-        calibration = [(torch.randn(2, frames, 80, generator=g), torch.full((2,), frames))]
+        calibration = random_calibration(inputs[0].frames, seed)
     stored = failed = 0
     ref_key = reference_key(base) if reference else None
     with (

@@ -34,7 +34,12 @@ import pandas as pd
 from torch import nn
 
 from voxfit._progress import progress_bar
-from voxfit.cost_models._dataset import reference_key, rows_of, sample_candidates
+from voxfit.cost_models._dataset import (
+    random_calibration,
+    reference_key,
+    rows_of,
+    sample_candidates,
+)
 from voxfit.cost_models._features import FEATURES, Task
 from voxfit.cost_models._model import CostModel, fitted_model_dir, load_for, metrics
 from voxfit.cost_models._store import (
@@ -123,13 +128,6 @@ def _estimator(
         tuning_dir=tuning_dir or default_tuning_dir(work, profile),
         reference=base,
     )
-
-
-def _calibration(frames: int, seed: int) -> list[Any]:
-    import torch
-
-    g = torch.Generator().manual_seed(seed)
-    return [(torch.randn(2, frames, 80, generator=g), torch.full((2,), frames))]
 
 
 def split_candidates(
@@ -231,7 +229,7 @@ def measure_candidates(
     if not todo:
         return 0, 0
     ref = reference_key(base)
-    calib = _calibration(spec.frames, seed)
+    calib = random_calibration(spec.frames, seed)
     measured = failed = lost = 0
     with (
         _estimator(profile, base, work, cost_models_dir, tuning_dir) as est,
@@ -359,7 +357,7 @@ def onboard(
     from voxfit.compress import apply
 
     t0 = time.monotonic()
-    calib = _calibration(profile.primary_input.frames, seed)
+    calib = random_calibration(profile.primary_input.frames, seed)
     to_tune = [
         apply(base, c, channel_multiple=profile.channel_multiple, calibration=calib)
         for c in shots[: max(0, tune_models)]

@@ -13,7 +13,7 @@ from voxfit.latency._estimators import (
     TvmRpcEstimator,
     summarize,
 )
-from voxfit.latency._farm import Farm, FarmError, local_farm
+from voxfit.latency._farm import Farm, FarmError, hosted, local_farm
 from voxfit.latency._stack import (
     LatencyPredictor,
     PredictedEstimator,
@@ -43,6 +43,7 @@ __all__ = [
     "always",
     "dominates",
     "front_rule",
+    "hosted",
     "local_farm",
     "low_confidence_rule",
     "make_estimator",

@@ -17,11 +17,12 @@ import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from voxfit.compile import TvmWorker
-from voxfit.errors import VoxfitError
+from voxfit.errors import ConfigError, VoxfitError
+from voxfit.hw_profiles import HardwareProfile
 
 
 class FarmError(VoxfitError):
@@ -169,3 +170,22 @@ def local_farm(
     finally:
         for p in reversed(procs):
             _kill(p)
+
+
+@contextmanager
+def hosted(profile: HardwareProfile, log_dir: str | Path) -> Iterator[HardwareProfile]:
+    """An RPC profile's device hosted here for the block: a loopback farm under the
+    profile's device key (its cores as threads), and the profile pointed at its tracker.
+
+    Raises:
+        ConfigError: the profile does not measure over RPC.
+        FarmError: the farm did not come up.
+    """
+    rpc = profile.measurement.rpc
+    if profile.measurement.method != "rpc" or rpc is None:
+        raise ConfigError(
+            f"{profile.source or profile.name}: hosting a device is for RPC profiles"
+        )
+    with local_farm(rpc.device_key, threads=profile.cores, log_dir=log_dir) as farm:
+        rpc = replace(rpc, tracker_host=farm.host, tracker_port=farm.tracker_port)
+        yield replace(profile, measurement=replace(profile.measurement, rpc=rpc))
