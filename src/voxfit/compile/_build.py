@@ -20,6 +20,7 @@ from tvm.s_tir import meta_schedule as ms
 from voxfit.compile._database import check, locked
 from voxfit.compile._executables import keep_executable
 from voxfit.compile._import import int8_support, is_gpu, load_program, make_target
+from voxfit.compile._int8 import register as register_intrinsics
 from voxfit.compile._layered import open_layered
 from voxfit.compile._tune import DeviceLost, tune
 
@@ -155,8 +156,10 @@ def build(req: dict[str, Any]) -> dict[str, Any]:
     tuning = profile["tuning"]
     target = make_target(profile)
     t0 = time.monotonic()
-    int8_ok, int8_note = int8_support(target)
-    mod, how, why, n_int8 = load_program(req["program"], int8=int8_ok)
+    int8_ok, int8_note, lanes = int8_support(target)
+    if lanes:  # the tuner and the database's traces tensorize with it
+        register_intrinsics()
+    mod, how, why, n_int8 = load_program(req["program"], int8=int8_ok, lanes=lanes)
     fused = fuse(mod, target)
     tasks = ms.relax_integration.extract_tasks(fused, target)
     db_dir = Path(req["db_dir"])

@@ -39,7 +39,7 @@ Import = Literal["auto", "direct", "decomposed"]
 
 
 def load_program(
-    path: str, how: Import = "auto", int8: bool = True
+    path: str, how: Import = "auto", int8: bool = True, lanes: int = 0
 ) -> tuple[tvm.IRModule, str, str | None, int]:
     """The Relax module of a saved torch.export program.
 
@@ -58,6 +58,8 @@ def load_program(
         how: ``"auto"``, or force one import.
         int8: lower ``voxfit::qconv1d`` ops to int8 compute (else float32 convs of the
             dequantized weights; see :func:`int8_support`).
+        lanes: the target's dot-product lanes (``_int8.lanes_for``): 8-bit-weight convs
+            then take the packed layout the tensor intrinsic reads (0: plain int8 TIR).
 
     Returns:
         The module, the import used, why ``"auto"`` fell back (None if it did not), and how
@@ -70,7 +72,7 @@ def load_program(
     from tvm.relax.frontend.torch import from_exported_program
 
     ep = torch.export.load(path)
-    qconv = _QConv1dConverter(ep, int8)
+    qconv = _QConv1dConverter(ep, int8, lanes)
     fixes = {"div.Tensor_mode": _div_mode, OP_NAME: qconv, W_OP_NAME: _WConv1dConverter(ep)}
     why = None
     if how == "auto":
@@ -133,27 +135,36 @@ def _div_mode(node: Any, importer: Any) -> relax.Var:
     return bb.emit(relax.op.trunc(bb.emit(relax.op.divide(x, d))))  # type: ignore[no-any-return]
 
 
-def int8_support(target: tvm.target.Target) -> tuple[bool, str]:
-    """Whether int8 ops compile to int8 compute on ``target``, and what to say about it.
+def int8_support(target: tvm.target.Target) -> tuple[bool, str, int]:
+    """Whether int8 ops compile to int8 compute on ``target``, what to say about it, and
+    the dot-product lanes its 8-bit-weight convs are tensorized to (0: none).
 
-    Only x86 targets without AVX-512BW/VNNI get it: there MetaSchedule's default rules have
-    no int8 intrinsic, so the u8 x s8 -> s32 loops stay plain TIR that LLVM vectorizes
-    (``vpmaddwd``), exact for full 8-bit inputs. On AVX-512/VNNI targets the default rules
-    would tensorize to intrinsics that need pre-packed weights (TVM 0.27's VNNI one does not
-    even compile with its LLVM 22), and the Arm and CUDA int8 rules are not verified here:
-    those targets compute the dequantized weights in float32 and the result says so.
+    x86 targets with AVX2 (and without AVX-512) run 8-bit-weight convs tensorized
+    (``_int8``: ``vpmaddubsw`` + ``vpmaddwd``, 8 int32 lanes); 4-bit weights with 8-bit
+    inputs stay plain int8 TIR that LLVM vectorizes. On AVX-512/VNNI targets MetaSchedule's
+    default rules would tensorize the plain int8 convs to TVM's own intrinsics, which need
+    pre-packed weights (and 0.27's VNNI one does not compile with its LLVM 22), and the Arm
+    and CUDA int8 rules are not verified here: those targets compute the dequantized
+    weights in float32 and the result says so.
     """
     from tvm.target.codegen import target_has_features
 
+    from voxfit.compile._int8 import lanes_for
+
     if target.kind.name != "llvm" or not str(target.attrs.get("mtriple", "")).startswith("x86_64"):
-        return False, f"int8 compute is built for x86 CPU targets only, not {target.kind.name}"
+        return False, f"int8 compute is built for x86 CPU targets only, not {target.kind.name}", 0
     for feat in ("avx512bw", "avx512vnni", "avxvnni"):
         if target_has_features(feat, target):
-            return False, (
+            return (
+                False,
                 f"{feat} target: MetaSchedule would tensorize int8 to intrinsics that need "
-                "pre-packed weights (not built)"
+                "pre-packed weights (not built)",
+                0,
             )
-    return True, "not tensorized: MetaSchedule has no int8 dot-product intrinsic for this ISA"
+    lanes = lanes_for(target)
+    if lanes:
+        return True, f"8-bit weights tensorized: vpmaddubsw + vpmaddwd, {lanes} lanes", lanes
+    return True, "not tensorized: no AVX2 on this target (plain int8 TIR)", 0
 
 
 def _tensor_of(ep: Any, node: Any) -> np.ndarray:
@@ -169,16 +180,24 @@ def _tensor_of(ep: Any, node: Any) -> np.ndarray:
     raise ModelError(f"qconv1d: {node.name} is not a constant of the program")
 
 
-def _quantize_u8(x: Any, scale: float, zero: int) -> Any:
-    """uint8 quantization rounding ties to even like torch.round (relax.quantize rounds them
-    away from zero, a step off torch's fake quantization now and then)."""
+def _quantize_u8(x: Any, scale: Any, zero: Any, pad: int) -> Any:
+    """NCW float -> uint8 padded ``pad`` steps in time with the zero point; rounding ties to
+    even like torch.round (relax.quantize rounds them away from zero, a step off torch's
+    fake quantization now and then). ``scale`` and ``zero`` are (1,) tensors, so the
+    kernel does not depend on the calibration (one tuning workload for all of them)."""
     from tvm import te, tirx
 
-    def f(*i: Any) -> Any:
-        v = tirx.nearbyint(x(*i) / tirx.const(scale, "float32")) + tirx.const(zero, "float32")
-        return tirx.max(tirx.min(v, 255.0), 0.0).astype("uint8")
+    n, c, t_in = x.shape
 
-    return te.compute(x.shape, f, name="quantize_u8")
+    def f(b: Any, ch: Any, t: Any) -> Any:
+        v = tirx.nearbyint(x[b, ch, t - pad] / scale[0]) + zero[0]
+        q = tirx.max(tirx.min(v, 255.0), 0.0).astype("uint8")
+        if not pad:
+            return q
+        inside = tirx.all(t >= pad, t < t_in + pad)
+        return tirx.if_then_else(inside, q, zero[0].astype("uint8"))
+
+    return te.compute((n, c, t_in + 2 * pad), f, name="quantize_u8")
 
 
 class _QConv1dConverter:
@@ -188,9 +207,10 @@ class _QConv1dConverter:
     ``int8=False``: a float32 conv of the dequantized weights (the input is not rounded).
     Counts the layers it converted (``.count``)."""
 
-    def __init__(self, ep: Any, int8: bool) -> None:
+    def __init__(self, ep: Any, int8: bool, lanes: int = 0) -> None:
         self.ep = ep
         self.int8 = int8
+        self.lanes = lanes
         self.count = 0
 
     def __call__(self, node: Any, importer: Any) -> relax.Var:
@@ -206,11 +226,39 @@ class _QConv1dConverter:
             return packed_conv1d(bb, x, w, w_scale, bias, bits, stride, padding, dilation)
         if int(np.prod(w.shape[1:])) * 255 * 128 >= 2**31:
             raise ModelError(f"qconv1d: {w.shape[1]}x{w.shape[2]} taps could overflow int32")
-        q = bb.emit_te(_quantize_u8, x, float(x_scale), int(x_zero), primfunc_name_hint="quantize")
-        if x_zero and padding:
-            pads = [0, 0, 0, 0, padding, padding]
-            q = bb.emit(relax.op.nn.pad(q, pads, pad_value=float(x_zero)))
-            padding = 0
+        x_q = (
+            relax.const(np.array([x_scale], "float32")),
+            relax.const(np.array([x_zero], "float32")),
+        )
+        corr = (int(x_zero) * w.astype("int64").sum(axis=(1, 2))).astype("int32")
+        scale = (np.float32(x_scale) * w_scale.astype("float32")).astype("float32")
+        if self.lanes and int(np.abs(w).max()) > 7:  # 8-bit weights: the tensorized kernel
+            from voxfit.compile import _int8
+
+            q = bb.emit_te(
+                _int8.quantize_time_major,
+                x,
+                *x_q,
+                int(padding),
+                -(-int(w.shape[1]) // 4) * 4,
+                primfunc_name_hint="quantize",
+            )
+            return bb.emit_te(  # type: ignore[no-any-return]
+                _int8.conv1d_int8,
+                q,
+                relax.const(_int8.pack_int8(w.astype("int8"), self.lanes)),
+                relax.const(corr),
+                relax.const(scale),
+                relax.const(bias.astype("float32")),
+                int(w.shape[0]),
+                int(stride),
+                int(dilation),
+                primfunc_name_hint="conv1d_u8s8",
+                # opaque to FuseOps: the quantize must stay a buffer the intrinsic reads
+                primfunc_attrs={"op_pattern": 8},
+            )
+        q = bb.emit_te(_quantize_u8, x, *x_q, int(padding), primfunc_name_hint="quantize")
+        padding = 0
         if int(np.abs(w).max()) <= 7:  # 4-bit weights: two per byte, unpacked in the kernel
             acc = bb.emit_te(
                 _packed_conv_te,
@@ -235,8 +283,6 @@ class _QConv1dConverter:
                     out_dtype="int32",
                 )
             )
-        corr = (int(x_zero) * w.astype("int64").sum(axis=(1, 2))).astype("int32")
-        scale = (np.float32(x_scale) * w_scale.astype("float32")).astype("float32")
         y = bb.emit(
             relax.op.dequantize(
                 acc, relax.const(scale), relax.const(corr), axis=1, out_dtype="float32"

@@ -20,6 +20,7 @@ import tvm
 from tvm.s_tir import meta_schedule as ms
 
 from voxfit.compile._import import is_gpu
+from voxfit.compile._int8 import TASK, lanes_for, space_for
 from voxfit.compile._lease import lease_bounded
 from voxfit.compile._runner import RunnerKind
 
@@ -280,17 +281,29 @@ def tune(
         return 0
     _light_tensor_intrin(target)
     builder = _make_pool_builder(cores, builder_timeout_s)
-    ctxs, weights = ms.relax_integration.extracted_tasks_to_tune_contexts(
-        tasks,
-        str(log_dir),
-        # A smaller population than the default 512: budgets here are tens of trials per
-        # task, and evolving 512 candidates per round costs more than measuring them.
-        strategy=ms.search_strategy.EvolutionarySearch(
-            population_size=128, init_min_unmeasured=16, genetic_num_iters=2
-        ),
-        num_threads=cores,
-        seed=seed,
-    )
+    ctxs, weights = [], []
+    lanes = lanes_for(target)
+    int8 = [t for t in tasks if lanes and TASK in t.task_name]
+    for group, space in (
+        (int8, space_for(lanes) if int8 else None),
+        ([t for t in tasks if not any(t is i for i in int8)], "post-order-apply"),
+    ):
+        if not group:
+            continue
+        c, w = ms.relax_integration.extracted_tasks_to_tune_contexts(
+            group,
+            str(log_dir),
+            space=space,
+            # A smaller population than the default 512: budgets here are tens of trials
+            # per task, and evolving 512 candidates per round costs more than measuring.
+            strategy=ms.search_strategy.EvolutionarySearch(
+                population_size=128, init_min_unmeasured=16, genetic_num_iters=2
+            ),
+            num_threads=cores,
+            seed=seed,
+        )
+        ctxs += list(c)
+        weights += list(w)
     lost: list[str] = []
     try:
         ms.tune.tune_tasks(

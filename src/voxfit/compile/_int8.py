@@ -1,0 +1,205 @@
+# mypy: disable-error-code="valid-type"
+# (TVMScript buffer annotations are calls, which mypy cannot read as types)
+"""Integer conv kernels: u8 x s8 -> s32 dot-product intrinsics and the layout they need.
+
+An int8 conv1d (``voxfit::qconv1d`` with 8-bit activations) compiles to three steps that
+the x86 and Arm dot-product instructions can run:
+
+1. quantize the float NCW input to uint8 in time-major ``(T + 2 pad, C4)`` layout, padded
+   with the zero point in time and 0 in the channels added to reach a multiple of 4
+   (one injective kernel, fused with the elementwise ops before it);
+2. the reduction ``acc[t, o8, i] = sum_{k, c4, j} xq[t*s + k*d, 4*c4 + j] *
+   w[o8, k, c4, i, j]`` over weights packed at build time as ``(O/L, K, C/4, L, 4)`` int8
+   (:func:`pack_int8`), whose innermost ``(L, 4)`` block is one instruction's operand: the
+   lane count ``L`` is 8 for AVX2 (``vpmaddubsw`` + ``vpmaddwd``), 16 for AVX-512BW;
+3. the dequantize epilogue in the same kernel: ``(acc - zero * sum(w)) * scale + bias``,
+   written back in NCW.
+
+Every quantization constant is a tensor argument of the kernel, never a literal in its
+TIR, so two calibrations of one plan are the same MetaSchedule workload (one set of tuning
+records). :func:`space_for` gives MetaSchedule the schedule rules that tensorize step 2
+(``MultiLevelTilingWithIntrin``) for targets that have the instruction.
+
+Task names carry :data:`TASK` so the tuner knows which tasks take :func:`space_for`.
+
+``vpmaddubsw`` adds two u8 x s8 products into a saturating int16, as onnxruntime's MLAS
+U8S8 kernels do on these CPUs: exact unless a pair of adjacent products (input channels
+4c+2j, 4c+2j+1 of one tap) sums past +-32767, i.e. only when both inputs are large and
+both weights are large with one sign. The error then stays below one product.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import tvm
+from tvm.script import tirx as T
+
+AVX2_INTRIN = "voxfit_dot_8x4_u8i8i32_avx2"
+TASK = "conv1d_u8s8"
+
+
+@T.prim_func(s_tir=True)
+def _dot_8x4_desc(
+    A: T.Buffer((4,), "uint8", offset_factor=1),
+    B: T.Buffer((8, 4), "int8", offset_factor=1),
+    C: T.Buffer((8,), "int32", offset_factor=1),
+) -> None:
+    with T.sblock("root"):
+        T.reads(C[0:8], A[0:4], B[0:8, 0:4])
+        T.writes(C[0:8])
+        for i in T.serial(0, 8):
+            for k in T.serial(0, 4):
+                with T.sblock("update"):
+                    vi, vk = T.axis.remap("SR", [i, k])
+                    C[vi] = C[vi] + T.cast(A[vk], "int32") * T.cast(B[vi, vk], "int32")
+
+
+@T.prim_func(s_tir=True)
+def _dot_8x4_avx2(
+    A: T.Buffer((4,), "uint8", offset_factor=1),
+    B: T.Buffer((8, 4), "int8", offset_factor=1),
+    C: T.Buffer((8,), "int32", offset_factor=1),
+) -> None:
+    with T.sblock("root"):
+        T.reads(C[0:8], A[0:4], B[0:8, 0:4])
+        T.writes(C[0:8])
+        a_i32 = T.reinterpret(A.vload([0], "uint8x4"), dtype="int32")
+        a_u8x32 = T.reinterpret(T.broadcast(a_i32, 8), dtype="uint8x32")
+        b_i8x32 = B.vload([0, 0], dtype="int8x32")
+        pairs = T.call_llvm_pure_intrin(
+            T.llvm_lookup_intrinsic_id("llvm.x86.avx2.pmadd.ub.sw"),
+            a_u8x32,
+            b_i8x32,
+            dtype="int16x16",
+        )
+        C[T.ramp(T.int32(0), 1, 8)] += T.call_llvm_pure_intrin(
+            T.llvm_lookup_intrinsic_id("llvm.x86.avx2.pmadd.wd"),
+            pairs,
+            T.int16x16(1),
+            dtype="int32x8",
+        )
+
+
+def register() -> None:
+    """Register the AVX2 intrinsic with TVM (idempotent; the builder workers call it too)."""
+    from tvm.s_tir import TensorIntrin
+
+    if TensorIntrin.get(AVX2_INTRIN, allow_missing=True) is None:
+        TensorIntrin.register(AVX2_INTRIN, _dot_8x4_desc, _dot_8x4_avx2)
+
+
+def lanes_for(target: tvm.target.Target) -> int:
+    """int32 lanes of the target's u8 x s8 dot-product instruction (0: none built here)."""
+    from tvm.target.codegen import target_has_features
+
+    if target.kind.name != "llvm" or not str(target.attrs.get("mtriple", "")).startswith("x86_64"):
+        return 0
+    return 8 if target_has_features("avx2", target) else 0
+
+
+def intrin_for(lanes: int) -> str:
+    """The registered tensor intrinsic of a lane count (:func:`lanes_for`)."""
+    register()
+    return {8: AVX2_INTRIN}[lanes]
+
+
+def pack_int8(w: np.ndarray, lanes: int) -> np.ndarray:
+    """A conv weight (O, C, K) of int8 values as the kernel reads it: (O/L, K, C/4, L, 4),
+    output and input channels zero-padded to multiples of L and 4."""
+    o, c, k = w.shape
+    op, cp = -(-o // lanes) * lanes, -(-c // 4) * 4
+    full = np.zeros((op, cp, k), np.int8)
+    full[:o, :c] = w
+    # (O/L, L, C/4, 4, K) -> (O/L, K, C/4, L, 4)
+    blocks = full.reshape(op // lanes, lanes, cp // 4, 4, k)
+    return np.ascontiguousarray(blocks.transpose(0, 4, 2, 1, 3))
+
+
+def quantize_time_major(x: Any, scale: Any, zero: Any, pad: int, channels: int) -> Any:
+    """float NCW (1, C, T) -> uint8 (T + 2 pad, C4): ``round_half_even(x / scale) + zero``
+    clamped to [0, 255] (torch's fake quantization), the time padding at the zero point,
+    the channels from C to C4 at 0 (their weights are 0)."""
+    from tvm import te, tirx
+
+    _, c_in, t_in = x.shape
+
+    def f(t: Any, c: Any) -> Any:
+        v = tirx.nearbyint(x[0, c, t - pad] / scale[0]) + zero[0]
+        q = tirx.max(tirx.min(v, 255.0), 0.0).astype("uint8")
+        inside = tirx.all(t >= pad, t < t_in + pad)
+        z = zero[0].astype("uint8")
+        return tirx.if_then_else(c < c_in, tirx.if_then_else(inside, q, z), tirx.const(0, "uint8"))
+
+    return te.compute((t_in + 2 * pad, channels), f, name="quantize_u8")
+
+
+def conv1d_int8(
+    xq: Any,
+    wp: Any,
+    corr: Any,
+    scale: Any,
+    bias: Any,
+    out_channels: int,
+    stride: int,
+    dilation: int,
+) -> Any:
+    """The int8 conv (step 2 of the module docstring) and its dequantize epilogue: NCW
+    float32 ``(1, out_channels, T_out)``."""
+    from tvm import te
+
+    t_pad = xq.shape[0]
+    o8, k, c4, lanes, _ = wp.shape
+    t_out = (t_pad - dilation * (k - 1) - 1) // stride + 1
+    rk = te.reduce_axis((0, k), name="rk")
+    rc = te.reduce_axis((0, c4), name="rc")
+    rj = te.reduce_axis((0, 4), name="rj")
+    acc = te.compute(
+        (t_out, o8, lanes),
+        lambda t, oo, i: te.sum(
+            xq[t * stride + rk * dilation, rc * 4 + rj].astype("int32")
+            * wp[oo, rk, rc, i, rj].astype("int32"),
+            axis=[rk, rc, rj],
+        ),
+        name=TASK,
+    )
+    return te.compute(
+        (1, out_channels, t_out),
+        lambda _, o, t: (
+            (acc[t, o // lanes, o % lanes] - corr[o]).astype("float32") * scale[o] + bias[o]
+        ),
+        name="dequantize",
+    )
+
+
+def space_for(lanes: int) -> Any:
+    """MetaSchedule's design space for int8 conv tasks: TVM's default LLVM rules with
+    ``MultiLevelTilingWithIntrin`` for the target's dot-product intrinsic ahead of plain
+    tiling (as TVM's own VNNI rule set), and the postprocessor that replaces the tiled
+    inner block with the intrinsic. Blocks the intrinsic does not fit tile as before."""
+    from tvm.s_tir import meta_schedule as ms
+    from tvm.s_tir.meta_schedule import postproc as pp
+    from tvm.s_tir.meta_schedule import schedule_rule as sr
+
+    rules = list(sr.ScheduleRule.create("llvm"))
+    at = next(i for i, r in enumerate(rules) if type(r).__name__ == "MultiLevelTiling")
+    rules.insert(
+        at,
+        sr.MultiLevelTilingWithIntrin(
+            intrin_for(lanes),
+            structure="SSRSRS",
+            max_innermost_factor=64,
+            reuse_write=sr.ReuseType(req="may", levels=[1, 2], scope="global"),
+        ),
+    )
+    postprocs = [
+        pp.DisallowDynamicLoop(),
+        pp.RewriteParallelVectorizeUnroll(),
+        pp.RewriteReductionBlock(),
+        pp.RewriteTensorize(vectorize_init_loop=True),
+        pp.RewriteLayout(),
+    ]
+    return ms.space_generator.PostOrderApply(
+        sch_rules=rules, postprocs=postprocs, mutator_probs="llvm"
+    )
