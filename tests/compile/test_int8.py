@@ -130,10 +130,10 @@ def test_int8_compute_in_tvm_matches_the_fake_quantized_model(tmp_path: Path) ->
     n = len(int8_convs(q))
     if p.name.startswith("x86-avx2"):
         assert r.lowering.startswith(f"{n} layers int8 compute (u8 x s8 -> s32")
-        # the int8 kernels: the tensorizable conv with its dequantize epilogue, one task
-        # per conv shape, and the quantize (fused with the ops before it)
-        assert any(t.startswith("conv1d_u8s8") for t in r.task_names)
-        assert any("quantize" in t for t in r.task_names)
+        # one int8 kernel per conv shape (quantize, tensorized conv, dequantize epilogue),
+        # the elementwise ops after it fused in; no separate float32 conv left
+        assert any("conv1d_u8s8" in t for t in r.task_names), r.task_names
+        assert not any(t.startswith("quantize") for t in r.task_names), r.task_names
         assert r.details["import"] == "decomposed"
     assert f.ok, f.error
     assert f.lowering.startswith(f"{n} int8 layers run dequantized in float32, inputs not")

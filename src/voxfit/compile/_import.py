@@ -235,27 +235,21 @@ class _QConv1dConverter:
         if self.lanes and int(np.abs(w).max()) > 7:  # 8-bit weights: the tensorized kernel
             from voxfit.compile import _int8
 
-            q = bb.emit_te(
-                _int8.quantize_time_major,
+            return bb.emit_te(  # type: ignore[no-any-return]
+                _int8.qconv1d_int8,
                 x,
                 *x_q,
-                int(padding),
-                -(-int(w.shape[1]) // 4) * 4,
-                primfunc_name_hint="quantize",
-            )
-            return bb.emit_te(  # type: ignore[no-any-return]
-                _int8.conv1d_int8,
-                q,
                 relax.const(_int8.pack_int8(w.astype("int8"), self.lanes)),
                 relax.const(corr),
                 relax.const(scale),
                 relax.const(bias.astype("float32")),
                 int(w.shape[0]),
                 int(stride),
+                int(padding),
                 int(dilation),
-                primfunc_name_hint="conv1d_u8s8",
-                # opaque to FuseOps: the quantize must stay a buffer the intrinsic reads
-                primfunc_attrs={"op_pattern": 8},
+                primfunc_name_hint=_int8.TASK,
+                # a conv to FuseOps (kOutEWiseFusable): the elementwise ops after it fuse
+                primfunc_attrs={"op_pattern": 4},
             )
         q = bb.emit_te(_quantize_u8, x, *x_q, int(padding), primfunc_name_hint="quantize")
         padding = 0

@@ -1,0 +1,202 @@
+"""Int8 that pays: TVM's tensorized int8 base model against its fp32 and onnxruntime's int8.
+
+The base model at 8-bit weights and activations (every conv, ``w8a8``) and the fp32 base,
+compiled for the profile (the int8 convs tensorized with ``voxfit.compile._int8``), every
+task of both builds tuned ``--trials`` trials into this benchmark's own database so neither
+side has the other's tuning budget, timed in ``--rounds`` rounds that alternate TVM fp32, TVM int8,
+onnxruntime int8 (its static QDQ of the same layers) and onnxruntime fp32, so the host's
+drift cancels in each round's ratios; the keys are medians of the per-round ratios.
+Also: the per-kernel time of both TVM builds by layer kind (``rows``), a second calibration
+of the int8 plan compiled against the database (``int8_retunes_per_calibration``: tasks it
+had to tune), and the int8 output against the fake-quantized torch model.
+
+    python benchmarks/int8.py [--checkpoint work/models/.../checkpoint.pt] [--rounds 7]
+
+Resumable: the database keeps what was tuned; a rerun measures warm.
+"""
+
+from __future__ import annotations
+
+import statistics
+import sys
+import time
+from collections import defaultdict
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from rich.console import Console
+from torch import nn
+
+from _common import parser, provenance, resolve_profile, write_result
+from voxfit.compile import TvmWorker, compile_model
+from voxfit.compress import apply, export_onnx, export_onnx_static_int8
+from voxfit.hw_profiles import HardwareProfile
+from voxfit.latency import LatencyResult, TvmLocalEstimator
+from voxfit.models import build_model, default_config
+from voxfit.plan import Candidate, LayerPlan
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from latency import N_OUTPUTS, time_ort  # noqa: E402
+
+
+def _calibration(seed: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randn(2, 200, 80, generator=g), torch.tensor([200, 150])) for _ in range(2)]
+
+
+def _w8a8(base: nn.Module, multiple: int, seed: int) -> nn.Module:
+    s = base.structure()  # type: ignore[operator]
+    plan = Candidate(layers=tuple(LayerPlan(q, 8, 8) for q in s.quantizable))
+    return apply(base, plan, channel_multiple=multiple, calibration=_calibration(seed))
+
+
+def _kind(kernel: str) -> str:
+    """A kernel's layer kind for the per-kind rows."""
+    if "quantize" in kernel and "conv" not in kernel:
+        return "quantize"
+    if "conv1d" in kernel:
+        return "conv"
+    return "other (norm, activation, softmax, layout)"
+
+
+def _per_kind(r: LatencyResult) -> dict[str, float]:
+    out: dict[str, float] = defaultdict(float)
+    for name, ms in r.calls:
+        out[_kind(name)] += ms
+    return dict(out)
+
+
+def _per_conv(r: LatencyResult) -> list[float]:
+    return [ms for name, ms in r.calls if "conv1d" in name]
+
+
+def _profile(p: HardwareProfile, db: Path, trials: int) -> HardwareProfile:
+    t = replace(p.tuning, database_dir=str(db.resolve()), trials_per_task=trials)
+    return replace(p, tuning=t, inputs=p.inputs[:1])
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = parser("int8", __doc__, profile=True, cost_models=True)
+    ap.add_argument("--checkpoint", type=Path, default=None, help="a trained base (else random)")
+    ap.add_argument("--trials", type=int, default=64, help="trials per new int8 task")
+    ap.add_argument("--rounds", type=int, default=7)
+    ap.add_argument("--repeats", type=int, default=50, help="onnxruntime timing runs")
+    args = ap.parse_args(argv)
+    console = Console()
+    t_start = time.monotonic()
+    profile = resolve_profile(args.profile or "x86-avx2-2core")
+    frames, threads = profile.primary_input.frames, profile.cores
+    torch.set_num_threads(threads)
+    work = args.work / "int8" / profile.name
+    db = work / "tuning"
+    if args.checkpoint:
+        from voxfit.train import load_checkpoint
+
+        base = load_checkpoint(args.checkpoint).model
+    else:
+        torch.manual_seed(0)
+        base = build_model(default_config("tdnn", N_OUTPUTS, "default")).eval()
+    multiple = profile.channel_multiple
+    fp32 = apply(base, Candidate(), channel_multiple=multiple)
+    int8 = _w8a8(base, multiple, seed=0)
+    onnx_fp32, onnx_int8 = work / "onnx" / "fp32.onnx", work / "onnx" / "int8.onnx"
+    export_onnx(fp32, onnx_fp32)
+    export_onnx_static_int8(int8, onnx_int8, _calibration(0))
+
+    prof = _profile(profile, db, args.trials)
+    with TvmLocalEstimator(prof, work / "builds", profile_calls=5) as est:
+        console.print("compiling (int8 tasks tune on the first run)")
+        (first,) = est.estimate(int8)
+        if not first.ok or first.compile is None:
+            console.print(f"[red]int8 build failed: {first.error}")
+            return 1
+        c = first.compile
+        console.print(
+            f"int8: {c.new_tasks} new tasks tuned in {c.tune_s:.0f} s; {c.lowering}; "
+            f"{first.median_ms:.3f} ms"
+        )
+        # another calibration of the same plan: its tasks must all be in the database now
+        (other,) = est.estimate(_w8a8(base, multiple, seed=1))
+        retunes = other.compile.new_tasks if other.compile else None
+        rounds: list[dict[str, float]] = []
+        last: dict[str, LatencyResult] = {}
+        for i in range(args.rounds):
+            (t_fp,) = est.estimate(fp32)
+            (t_i8,) = est.estimate(int8)
+            o_i8 = time_ort(onnx_int8, frames, threads, args.repeats)["median_ms"]
+            o_fp = time_ort(onnx_fp32, frames, threads, args.repeats)["median_ms"]
+            last = {"fp32": t_fp, "int8": t_i8}
+            row = {
+                "tvm_fp32": t_fp.median_ms or float("nan"),
+                "tvm_int8": t_i8.median_ms or float("nan"),
+                "ort_int8": o_i8,
+                "ort_fp32": o_fp,
+            }
+            rounds.append(row)
+            console.print(
+                f"round {i + 1}/{args.rounds}: "
+                + ", ".join(f"{k} {v:.3f} ms" for k, v in row.items())
+            )
+
+    # the int8 library's output against the fake-quantized torch model
+    with TvmWorker(1) as w:
+        (lib,) = compile_model(int8, prof, w, work / "verify", tune=False)
+        x = torch.randn(1, lib.frames, 80, generator=torch.Generator().manual_seed(7))
+        out = w.call("run_local", timeout_s=300, lib=str(lib.lib), input=x.numpy())["output"]
+    with torch.no_grad():
+        ref = int8(x, torch.tensor([lib.frames]))[0].numpy()
+    diff = np.abs(out - ref)
+
+    def med(f: Any) -> float:
+        return statistics.median(f(r) for r in rounds)
+
+    kinds_fp = _per_kind(last["fp32"])
+    kinds_i8 = _per_kind(last["int8"])
+    convs_fp, convs_i8 = _per_conv(last["fp32"]), _per_conv(last["int8"])
+    layer_rows = [
+        {"kind": k, "tvm_fp32_ms": kinds_fp.get(k, 0.0), "tvm_int8_ms": kinds_i8.get(k, 0.0)}
+        for k in sorted(set(kinds_fp) | set(kinds_i8))
+    ]
+    names = [n for n, _ in last["fp32"].calls if "conv1d" in n]
+    conv_rows = [
+        {"conv": i, "kernel_fp32": n, "tvm_fp32_ms": f, "tvm_int8_ms": q, "speedup": f / q}
+        for i, (n, f, q) in enumerate(zip(names, convs_fp, convs_i8, strict=False))
+    ]
+    result = {
+        "profile": profile.name,
+        "profile_hash": profile.stable_hash(),
+        "frames": frames,
+        "threads": threads,
+        "checkpoint": str(args.checkpoint) if args.checkpoint else None,
+        "int8_trials_per_task": args.trials,
+        "tvm_int8_vs_fp32": med(lambda r: r["tvm_fp32"] / r["tvm_int8"]),
+        "tvm_int8_vs_ort_int8": med(lambda r: r["tvm_int8"] / r["ort_int8"]),
+        "ort_int8_vs_fp32": med(lambda r: r["ort_fp32"] / r["ort_int8"]),
+        "tvm_fp32_vs_ort_fp32": med(lambda r: r["tvm_fp32"] / r["ort_fp32"]),
+        "front_vs_ort_int8_base": None,
+        "front_vs_ort_int8_base_note": "not measured: needs the search benchmark re-run with "
+        "8-bit activations in the space",
+        "int8_retunes_per_calibration": retunes,
+        "int8_lowering": c.lowering,
+        "int8_new_tasks_first_build": c.new_tasks,
+        "int8_tune_s": c.tune_s,
+        "int8_vs_fake_quant_max_abs": float(diff.max()),
+        "int8_vs_fake_quant_mean_abs": float(diff.mean()),
+        "int8_argmax_agreement": float((out.argmax(-1) == ref.argmax(-1)).mean()),
+        "rounds_ms": rounds,
+        "rows": layer_rows,
+        "conv_rows": conv_rows,
+        "provenance": provenance({"torch": torch.__version__}, wall_s=time.monotonic() - t_start),
+    }
+    write_result(args.out, result)
+    for k in ("tvm_int8_vs_fp32", "tvm_int8_vs_ort_int8", "ort_int8_vs_fp32"):
+        console.print(f"{k}: {result[k]:.3f}")
+    console.print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
