@@ -218,6 +218,22 @@ def test_a_model_fitted_on_float32_weight_libraries_flags_packed_plans(
     assert not cm.predict(w8, profile, 100).low_confidence
 
 
+def test_a_model_that_never_saw_int8_compute_flags_int8_plans(profile: HardwareProfile) -> None:
+    models, tasks = _synthetic(profile, 10, 2)
+    cm = fit(models, tasks, profile)
+    assert cm.card["ranges"]["a_bits_min"] == [32.0, 32.0]
+    cm.card["library_weights"] = "packed"  # only the activations are new
+    s = _base().structure()
+    w8a8 = apply(
+        _base(),
+        Candidate(layers=tuple(LayerPlan(n, 8, 8) for n in s.quantizable)),
+        calibration=[(torch.randn(2, 100, 80), torch.tensor([100, 80]))],
+    )
+    p = cm.predict(w8a8, profile, 100)
+    assert p.low_confidence
+    assert any("a_bits_min=8 outside the training range [32, 32]" in r for r in p.reasons)
+
+
 def test_roofline_and_metrics(profile: HardwareProfile) -> None:
     ts = _tasks()
     r = roofline_ms(ts, profile)

@@ -225,7 +225,9 @@ class CostModel(CardHost):
                     f"{t.name}: {w}-bit weights run packed, but this model learned from "
                     "float32-weight libraries (refit: voxfit cost-model collect/fit)"
                 )
-            for f in ("c_in", "hidden", "c_out", "t_in", "adapter_dim", "mflops"):
+            # a_bits_min: 8-bit activations run tensorized int8 kernels, their own kind of
+            # task (2-3x faster per conv than float32 on AVX2: benchmarks/results/int8.json)
+            for f in ("c_in", "hidden", "c_out", "t_in", "adapter_dim", "mflops", "a_bits_min"):
                 lo, hi = self._ranges[f]
                 v = t.features[f]
                 if v < lo * 0.95 or v > hi * 1.05:
