@@ -1,11 +1,12 @@
 """Int8 that pays: TVM's tensorized int8 base model against its fp32 and onnxruntime's int8.
 
 The base model at 8-bit weights and activations (every conv, ``w8a8``) and the fp32 base,
-compiled for the profile (the int8 convs tensorized with ``voxfit.compile._int8``), every
-task of both builds tuned ``--trials`` trials into this benchmark's own database so neither
-side has the other's tuning budget, timed in ``--rounds`` rounds that alternate TVM fp32, TVM int8,
-onnxruntime int8 (its static QDQ of the same layers) and onnxruntime fp32, so the host's
-drift cancels in each round's ratios; the keys are medians of the per-round ratios.
+compiled for the profile: the fp32 base as a search compiles it (the shipped database, its
+tasks tuned 32 + 96 trials), the int8 convs tensorized with ``voxfit.compile._int8`` and
+their tasks tuned ``--trials`` trials (default the same 128) into this benchmark's own
+database (``tuning-t<trials>``), timed in ``--rounds`` rounds that alternate TVM fp32, TVM
+int8, onnxruntime int8 (its static QDQ of the same layers) and onnxruntime fp32, so the
+host's drift cancels in each round's ratios; the keys are medians of the per-round ratios.
 Also: the per-kernel time of both TVM builds by layer kind (``rows``), a second calibration
 of the int8 plan compiled against the database (``int8_retunes_per_calibration``: tasks it
 had to tune), and the int8 output against the fake-quantized torch model.
@@ -17,6 +18,7 @@ Resumable: the database keeps what was tuned; a rerun measures warm.
 
 from __future__ import annotations
 
+import json
 import statistics
 import sys
 import time
@@ -53,6 +55,41 @@ def _w8a8(base: nn.Module, multiple: int, seed: int) -> nn.Module:
     return apply(base, plan, channel_multiple=multiple, calibration=_calibration(seed))
 
 
+def _cold_tuning(db: Path, new_tasks: int, tune_s: float) -> dict[str, Any]:
+    """What tuning the database cost when it was cold: recorded beside it by the run that
+    tuned (``voxfit-bench-tuning.json``), read back by warm runs (None: not recorded)."""
+    path = db / "voxfit-bench-tuning.json"
+    if new_tasks:
+        path.write_text(json.dumps({"tasks": new_tasks, "tune_s": tune_s}))
+    if path.exists():
+        return dict(json.loads(path.read_text()))
+    return {"tasks": None, "tune_s": None}
+
+
+def _eval_inputs(work: Path, frames: int, n: int = 20) -> list[torch.Tensor]:
+    """``n`` windows of ``frames`` real feature frames from the base model's feature cache
+    (``<work>/models/features``: spread over its utterances), else random ones."""
+    cache = sorted((work / "models" / "features").glob("*.npz"))
+    if not cache:
+        g = torch.Generator().manual_seed(7)
+        return [torch.randn(1, frames, 80, generator=g) for _ in range(n)]
+    z = np.load(cache[0])
+    feats, offsets = z["frames"], z["offsets"]
+    starts = [int(a) for a, b in zip(offsets[:-1], offsets[1:], strict=True) if b - a >= frames]
+    picked = starts[:: max(1, len(starts) // n)][:n]
+    return [torch.from_numpy(feats[a : a + frames].astype(np.float32))[None] for a in picked]
+
+
+def _ort_outputs(path: Path, xs: list[torch.Tensor], threads: int) -> list[np.ndarray]:
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    lengths = np.array([xs[0].shape[1]], dtype=np.int64)
+    return [sess.run(None, {"feats": x.numpy(), "lengths": lengths})[0] for x in xs]
+
+
 def _kind(kernel: str) -> str:
     """A kernel's layer kind for the per-kind rows."""
     if "quantize" in kernel and "conv" not in kernel:
@@ -81,7 +118,7 @@ def _profile(p: HardwareProfile, db: Path, trials: int) -> HardwareProfile:
 def main(argv: list[str] | None = None) -> int:
     ap = parser("int8", __doc__, profile=True, cost_models=True)
     ap.add_argument("--checkpoint", type=Path, default=None, help="a trained base (else random)")
-    ap.add_argument("--trials", type=int, default=64, help="trials per new int8 task")
+    ap.add_argument("--trials", type=int, default=128, help="trials per new int8 task")
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--repeats", type=int, default=50, help="onnxruntime timing runs")
     args = ap.parse_args(argv)
@@ -91,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
     frames, threads = profile.primary_input.frames, profile.cores
     torch.set_num_threads(threads)
     work = args.work / "int8" / profile.name
-    db = work / "tuning"
+    db = work / f"tuning-t{args.trials}"
     if args.checkpoint:
         from voxfit.train import load_checkpoint
 
@@ -107,25 +144,36 @@ def main(argv: list[str] | None = None) -> int:
     export_onnx_static_int8(int8, onnx_int8, _calibration(0))
 
     prof = _profile(profile, db, args.trials)
-    with TvmLocalEstimator(prof, work / "builds", profile_calls=5) as est:
+    shipped = replace(profile, inputs=profile.inputs[:1])
+    with (
+        TvmLocalEstimator(prof, work / "builds", tuning_dir=db, profile_calls=5) as est_int8,
+        TvmLocalEstimator(shipped, work / "builds-fp32", tune=False, profile_calls=5) as est_fp32,
+    ):
         console.print("compiling (int8 tasks tune on the first run)")
-        (first,) = est.estimate(int8)
+        (first,) = est_int8.estimate(int8)
         if not first.ok or first.compile is None:
             console.print(f"[red]int8 build failed: {first.error}")
             return 1
         c = first.compile
+        cold = _cold_tuning(db, c.new_tasks, c.tune_s)
         console.print(
             f"int8: {c.new_tasks} new tasks tuned in {c.tune_s:.0f} s; {c.lowering}; "
             f"{first.median_ms:.3f} ms"
         )
         # another calibration of the same plan: its tasks must all be in the database now
-        (other,) = est.estimate(_w8a8(base, multiple, seed=1))
+        (other,) = est_int8.estimate(_w8a8(base, multiple, seed=1))
         retunes = other.compile.new_tasks if other.compile else None
+        (s_fp,) = est_fp32.estimate(fp32)
+        if not s_fp.ok or s_fp.compile is None:
+            console.print(f"[red]fp32 with the shipped database failed: {s_fp.error}")
+            return 1
+        # tasks the shipped database lacks (run untuned: tune=False); 0 for the base
+        shipped_missing = s_fp.compile.new_tasks
         rounds: list[dict[str, float]] = []
         last: dict[str, LatencyResult] = {}
         for i in range(args.rounds):
-            (t_fp,) = est.estimate(fp32)
-            (t_i8,) = est.estimate(int8)
+            (t_fp,) = est_fp32.estimate(fp32)
+            (t_i8,) = est_int8.estimate(int8)
             o_i8 = time_ort(onnx_int8, frames, threads, args.repeats)["median_ms"]
             o_fp = time_ort(onnx_fp32, frames, threads, args.repeats)["median_ms"]
             last = {"fp32": t_fp, "int8": t_i8}
@@ -141,14 +189,25 @@ def main(argv: list[str] | None = None) -> int:
                 + ", ".join(f"{k} {v:.3f} ms" for k, v in row.items())
             )
 
-    # the int8 library's output against the fake-quantized torch model
+    # accuracy on real features: the int8 library (its tuned, tensorized kernels) against
+    # the fake-quantized torch model it compiles and against the fp32 base, and the peer's
+    # int8 against the fp32 base, frame by frame
+    xs = _eval_inputs(args.work, frames)
     with TvmWorker(1) as w:
-        (lib,) = compile_model(int8, prof, w, work / "verify", tune=False)
-        x = torch.randn(1, lib.frames, 80, generator=torch.Generator().manual_seed(7))
-        out = w.call("run_local", timeout_s=300, lib=str(lib.lib), input=x.numpy())["output"]
+        (lib,) = compile_model(int8, prof, w, work / "verify", tune=False, tuning_dir=db)
+        tvm_out = [
+            w.call("run_local", timeout_s=300, lib=str(lib.lib), input=x.numpy())["output"]
+            for x in xs
+        ]
     with torch.no_grad():
-        ref = int8(x, torch.tensor([lib.frames]))[0].numpy()
-    diff = np.abs(out - ref)
+        lengths = torch.tensor([frames])
+        fq_out = [int8(x, lengths)[0].numpy() for x in xs]
+        fp_out = [fp32(x, lengths)[0].numpy() for x in xs]
+    ort_out = _ort_outputs(onnx_int8, xs, threads)
+    diff = np.abs(np.stack(tvm_out) - np.stack(fq_out))
+
+    def agree(a: list[np.ndarray], b: list[np.ndarray]) -> float:
+        return float((np.stack(a).argmax(-1) == np.stack(b).argmax(-1)).mean())
 
     def med(f: Any) -> float:
         return statistics.median(f(r) for r in rounds)
@@ -172,6 +231,7 @@ def main(argv: list[str] | None = None) -> int:
         "threads": threads,
         "checkpoint": str(args.checkpoint) if args.checkpoint else None,
         "int8_trials_per_task": args.trials,
+        "fp32_tuning": "the shipped database (the base's tasks: 32 + 96 trials)",
         "tvm_int8_vs_fp32": med(lambda r: r["tvm_fp32"] / r["tvm_int8"]),
         "tvm_int8_vs_ort_int8": med(lambda r: r["tvm_int8"] / r["ort_int8"]),
         "ort_int8_vs_fp32": med(lambda r: r["ort_fp32"] / r["ort_int8"]),
@@ -180,12 +240,22 @@ def main(argv: list[str] | None = None) -> int:
         "front_vs_ort_int8_base_note": "not measured: needs the search benchmark re-run with "
         "8-bit activations in the space",
         "int8_retunes_per_calibration": retunes,
+        "fp32_tasks_missing_from_shipped_db": shipped_missing,
         "int8_lowering": c.lowering,
-        "int8_new_tasks_first_build": c.new_tasks,
-        "int8_tune_s": c.tune_s,
+        # the cold run's tuning (this run's when it tuned, else the database's first run's)
+        "int8_cold_tuned_tasks": cold["tasks"],
+        "int8_cold_tune_s": cold["tune_s"],
+        "accuracy_inputs": f"{len(xs)} x {frames} frames",
+        "verify_tasks_untuned": lib.new_tasks,
         "int8_vs_fake_quant_max_abs": float(diff.max()),
         "int8_vs_fake_quant_mean_abs": float(diff.mean()),
-        "int8_argmax_agreement": float((out.argmax(-1) == ref.argmax(-1)).mean()),
+        # frames whose most likely label is the same
+        "argmax_agreement": {
+            "tvm_int8_vs_fake_quant": agree(tvm_out, fq_out),
+            "tvm_int8_vs_fp32": agree(tvm_out, fp_out),
+            "fake_quant_vs_fp32": agree(fq_out, fp_out),
+            "ort_int8_vs_fp32": agree(ort_out, fp_out),
+        },
         "rounds_ms": rounds,
         "rows": layer_rows,
         "conv_rows": conv_rows,
