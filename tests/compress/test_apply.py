@@ -123,6 +123,41 @@ def test_quantize_weight_grid_and_error_bound() -> None:
     assert torch.equal(quantize_weight(w, 32), w)
 
 
+def test_int8_compute_weights_cannot_saturate_a_u8_s8_pair_and_keep_their_grid() -> None:
+    # heavy-tailed rows: many pairs of large same-signed weights
+    w = torch.randn(32, 9, 3) * torch.rand(32, 9, 3) ** 4 * 3
+    w[:, 0:2, 0] = 100.0  # two equal row maxima side by side
+    plain, safe = quantize_weight(w, 8), quantize_weight(w, 8, pair_safe=True)
+    scale = w.reshape(32, -1).abs().amax(1) / 127
+    q = torch.round(safe / scale[:, None, None])
+    qp = torch.round(plain / scale[:, None, None])
+    assert torch.equal(q * scale[:, None, None], safe)  # still on the plain grid
+    assert torch.equal(q.reshape(32, -1).abs().amax(1), qp.reshape(32, -1).abs().amax(1))
+    a, b = q[:, 0:8:2], q[:, 1:9:2]  # channel 8 has no partner: unchanged
+    worst = (255 * (a.clamp(min=0) + b.clamp(min=0))).maximum(
+        255 * (a.clamp(max=0) + b.clamp(max=0)).abs()
+    )
+    assert int(worst.max()) <= 32767
+    assert int((255 * (qp[:, 0:8:2].abs() + qp[:, 1:9:2].abs())).max()) > 32767  # it was needed
+    changed = q != qp
+    assert 0 < int(changed.sum()) < q.numel() // 10
+    assert torch.equal(q[:, 8], qp[:, 8])
+    assert torch.equal(q[:, 0:2, 0], torch.tensor([[1.0, 127.0]]).expand(32, 2))  # tie: first
+    # apply(pair_safe_int8=True): only convs that compute in int8 (8-bit weights and
+    # activations) get it; by default none
+    m = _model("tdnn")
+    s = m.structure()
+    name = s.quantizable[1]
+    src = m.get_submodule(name).weight.detach()
+    for plan, pair_safe, expected in [
+        (LayerPlan(name, 8, 8), True, quantize_weight(src, 8, True)),
+        (LayerPlan(name, 8, 8), False, quantize_weight(src, 8)),
+        (LayerPlan(name, 8, 32), True, quantize_weight(src, 8)),
+    ]:
+        c = apply(m, Candidate(layers=(plan,)), calibration=[_x()], pair_safe_int8=pair_safe)
+        assert torch.equal(c.get_submodule(name).weight, expected)
+
+
 def test_four_bit_weights_pack_to_a_sixth_of_fp32() -> None:
     m = _model("tdnn", "default")
     s = m.structure()

@@ -28,7 +28,10 @@ Task names carry :data:`TASK` so the tuner knows which tasks take :func:`space_f
 ``vpmaddubsw`` adds two u8 x s8 products into a saturating int16, as onnxruntime's MLAS
 U8S8 kernels do on these CPUs: exact unless a pair of adjacent products (input channels
 4c+2j, 4c+2j+1 of one tap) sums past +-32767, i.e. only when both inputs are large and
-both weights are large with one sign. The error then stays below one product.
+both weights are large with one sign. The error then stays below one product. A model
+compressed with ``apply(..., pair_safe_int8=True)`` has no such pair (its int8 layers'
+weights satisfy ``|w_a| + |w_b| <= 128`` for same-signed pairs), so the kernel computes it
+exactly.
 """
 
 from __future__ import annotations

@@ -24,6 +24,7 @@ def apply(
     saliency: Mapping[str, torch.Tensor] | None = None,
     calibration: Iterable[tuple[torch.Tensor, torch.Tensor]] | None = None,
     recovery: Recovery | None = None,
+    pair_safe_int8: bool = False,
 ) -> nn.Module:
     """A compressed copy of ``model`` following ``candidate``; ``model`` is never changed.
 
@@ -38,6 +39,10 @@ def apply(
             8-bit activations.
         recovery: training data for the candidate's ``recovery_steps`` of distillation from
             ``model`` after pruning (before quantization); needed when that is > 0.
+        pair_safe_int8: convs with 8-bit weights and activations get weights no u8 x s8
+            pair instruction can saturate with (``quantize_weight(pair_safe=True)``), so
+            AVX2's int8 kernels compute exactly this model; costs accuracy (measured:
+            ``benchmarks/results/int8_pair_safe.json``), so off by default.
 
     Raises:
         ConfigError: a plan name the model does not have, adaptation importance without
@@ -80,10 +85,14 @@ def apply(
     with torch.no_grad():
         for layer in candidate.layers:
             if layer.weight_bits < 32:
-                weight = out.get_submodule(layer.name).weight
+                module = out.get_submodule(layer.name)
+                weight = module.weight
                 if not isinstance(weight, torch.Tensor):
                     raise ModelError(f"layers.{layer.name}: has no weight tensor")
-                weight.copy_(quantize_weight(weight, layer.weight_bits))
+                pair_safe = (
+                    pair_safe_int8 and layer.act_bits == 8 and isinstance(module, nn.Conv1d)
+                )
+                weight.copy_(quantize_weight(weight, layer.weight_bits, pair_safe=pair_safe))
 
     dims = candidate.adapter_dims()
     if dims:
