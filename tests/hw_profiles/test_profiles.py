@@ -159,6 +159,11 @@ def test_host_compatibility_is_checked_per_target() -> None:
     local = pick_local_profile(ROOT / "hw_profiles")
     assert local.measurement.method == "local"
     assert host_runs(local)[0]
+    # a profile seeded from another (a device being onboarded) is never the default while
+    # its source runs here: x86-avx2-1core sorts first but is seeded from x86-avx2-2core
+    assert local.tuning.seed_from is None
+    seeded = load_profile(ROOT / "hw_profiles" / "x86-avx2-1core.yaml")
+    assert seeded.tuning.seed_from == "x86-avx2-2core"
 
 
 @given(

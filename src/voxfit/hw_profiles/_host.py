@@ -86,7 +86,9 @@ def target_runs_here(t: Mapping[str, Any]) -> tuple[bool, str]:
 
 def pick_local_profile(profiles_dir: str | Path | None = None) -> HardwareProfile:
     """The first ``local`` profile (sorted by name, ``x86-avx512-*`` first) this host runs,
-    from ``profiles_dir`` (default: the shipped profiles).
+    from ``profiles_dir`` (default: the shipped profiles). Profiles seeded from another
+    (``tuning.seed_from``: a device being onboarded, such as ``x86-avx2-1core``) come after
+    every profile that is not, so the default is the one that ships its own tuning records.
 
     Raises:
         ConfigError: the folder has no profile, or none of its local profiles runs here (with
@@ -103,8 +105,8 @@ def pick_local_profile(profiles_dir: str | Path | None = None) -> HardwareProfil
     if not paths:
         raise ConfigError(f"{profiles_dir}: no hardware profile (*.yaml) in this folder")
     reasons = []
-    for p in paths:
-        prof = load_profile(p)
+    loaded = [(p, load_profile(p)) for p in paths]
+    for p, prof in sorted(loaded, key=lambda x: x[1].tuning.seed_from is not None):  # stable
         if prof.measurement.method != "local":
             continue
         ok, why = host_runs(prof)
