@@ -52,7 +52,9 @@ def test_onboarding_a_tiny_device_through_the_cli_fits_validates_and_resumes(
     assert card["onboard"]["tuned_tasks"] > 0
     assert card["host"]["cores"] >= 1
     store = MeasurementStore(work / "measurements" / "tiny-1core")
-    assert len(store.files()) == 6
+    # 6 candidates; a noisy one (CV above max_cv on a loaded host) is measured once more
+    measured = len(store.files())
+    assert 6 <= measured <= 12
     # the tuning records are the device's own (its database under the work folder)
     assert (work / "tuning" / "tiny-1core" / "database_tuning_record.json").stat().st_size > 0
     model = load_for(load_profile(device), directory=model_dir)
@@ -60,7 +62,7 @@ def test_onboarding_a_tiny_device_through_the_cli_fits_validates_and_resumes(
     # resumed: nothing measured or tuned again
     code, out2, err2 = run_voxfit(args, capsys, monkeypatch)
     assert code == 0, err2[-3000:]
-    assert len(store.files()) == 6
+    assert len(store.files()) == measured
     assert "tuned 0 tasks" in out2
 
 
