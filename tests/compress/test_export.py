@@ -101,7 +101,10 @@ def test_onnx_computes_the_plan_at_its_exact_bit_widths(
     # as deployed (every onnxruntime optimization): the same decisions, nearly the same values
     fast = _run(out.path, x, lens)
     assert float((fast.argmax(-1) == want.argmax(-1)).mean()) >= 0.98  # as above
-    assert np.abs(fast - want).max() < 0.05
+    # 8-bit activations: the fused U8S8 kernels saturate int16 pair sums without VNNI (the
+    # conformer w8a8 measured max 0.053, mean 0.0097 on an AVX2-only Zen 3)
+    assert np.abs(fast - want).max() < (0.1 if abits == 8 else 0.05)
+    assert np.abs(fast - want).mean() < (0.02 if abits == 8 else 2e-3)
 
 
 def test_onnx_weights_weigh_what_the_plan_says(tmp_path: Path) -> None:

@@ -99,3 +99,62 @@ def test_onboarding_a_device_that_is_not_there_is_one_line_naming_tracker_and_ke
     assert f"127.0.0.1:{port}" in err
     assert "x86-64-sse" in err
     assert "Traceback" not in err, line
+
+
+class _NoisyOnce:
+    """Stands in for the device's estimator: each candidate's first measurement has an
+    unsteady ratio to the base (a busy host), the second a steady one."""
+
+    seen: dict[int, int] = {}
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        pass
+
+    def __enter__(self) -> _NoisyOnce:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        pass
+
+    def estimate(self, model: object, inputs: object) -> list[object]:
+        from voxfit.latency import LatencyResult
+
+        n = sum(p.numel() for p in model.parameters())  # type: ignore[attr-defined]
+        times = self.seen[n] = self.seen.get(n, 0) + 1
+        return [
+            LatencyResult(
+                profile="tiny-1core",
+                input=i.name,
+                frames=i.frames,
+                method="local",
+                median_ms=1.0,
+                iqr_ms=0.01,
+                repeats=3,
+                reference_ms=2.0,
+                relative=0.5,
+                relative_iqr=0.4 if times == 1 else 0.01,
+            )  # fmt: skip
+            for i in inputs  # type: ignore[attr-defined]
+        ]
+
+
+def test_a_noisy_measurement_is_repeated_in_the_same_run_so_a_resume_measures_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from voxfit.cost_models import _onboard
+    from voxfit.models import build_model, default_config
+    from voxfit.spaces import find_space
+
+    monkeypatch.setattr(_onboard, "_estimator", lambda *a, **k: _NoisyOnce())
+    _NoisyOnce.seen = {}
+    profile = load_profile(_tiny_device(tmp_path))
+    base = build_model(default_config("tdnn", 20, "tiny")).eval()
+    bound = find_space("tdnn-default").bind(base.structure())
+    shots, _ = _onboard.split_candidates(bound, 3, 0, seed=5)
+    store = MeasurementStore(tmp_path / "store")
+    kw = {"work": tmp_path / "w", "cost_models_dir": tmp_path / "cm"}
+    measured, failed = _onboard.measure_candidates(base, shots, profile, store, **kw)
+    assert (measured, failed) == (2 * len(shots), 0)  # each once noisy, once steady
+    assert len(store.files()) == 2 * len(shots)
+    assert len(store.load()[0]) == len(shots)  # the steady measurement replaces the noisy
+    assert _onboard.measure_candidates(base, shots, profile, store, **kw) == (0, 0)

@@ -101,9 +101,10 @@ def test_a_killed_runner_requeues_its_job(service: Server) -> None:
     service.stop()  # SIGTERM: the runner puts the job back without using up an attempt
     back = JobStore(service.work / "service" / "jobs.db").get(job["id"])
     assert back is not None
+    runner_log = (service.work / "service" / "runners" / "runner-0.log").read_text()
     assert (back.state, back.attempts, back.runner) == ("queued", 1, None), (
         back.error,
-        service.output()[-3000:],
+        runner_log[-6000:],
     )
     assert back.note is not None
     assert "stopped" in back.note

@@ -57,6 +57,35 @@ def test_a_failing_job_shows_one_line(
     assert (done.state, done.error, done.phase) == ("failed", shown, "failed")
 
 
+def test_an_error_after_a_stop_signal_is_the_stop_not_a_job_failure(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """SIGTERM raised inside an import or a library's bare except can surface as another
+    error (a RecursionError was seen in CI): the job is not failed, the runner stops."""
+    import voxfit.search
+    from voxfit.service import _runner
+
+    def interrupted(**_: object) -> None:
+        _runner.STOPPING.set()
+        raise RecursionError("maximum recursion depth exceeded")
+
+    monkeypatch.setattr(voxfit.search.SearchContext, "prepare", interrupted)
+    monkeypatch.setattr(_runner, "STOPPING", _runner.threading.Event())
+    paths = ServicePaths(tmp_path)
+    ensure_key(paths)
+    store = JobStore(paths.jobs_db)
+    job = store.submit(SPEC, "x86-avx2-2core", "tdnn-default")
+    claimed = store.claim("here:1")
+    assert claimed is not None
+    settings = RunnerSettings(paths, "sqlite:///" + str(tmp_path / "s.db"))
+    with pytest.raises(_runner.RunnerStopped, match="surfacing as RecursionError"):
+        run_job(claimed, settings, store, "here:1")
+    now = store.get(job.id)
+    assert now is not None
+    assert now.state == "running"  # still held: run_jobs' handler requeues it
+    assert now.error is None
+
+
 def test_claims_are_atomic_across_processes(tmp_path: Path) -> None:
     store = JobStore(tmp_path / "jobs.db")
     ids = {store.submit(SPEC, "p", "s").id for _ in range(30)}

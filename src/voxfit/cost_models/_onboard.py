@@ -25,7 +25,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -215,17 +215,8 @@ def measure_candidates(
     """
     from voxfit.compress import apply
 
-    models, _ = load_dataset(store.directory)
-    have = set()
-    if not models.empty:
-        ok = models[models["relative"].notna()] if "relative" in models else models.iloc[:0]
-        have = set(zip(ok["cand"], ok["input"], strict=True))
-        # a candidate measured too noisily (a busy host) once is measured once more; the
-        # newer measurement replaces it
-        times = Counter(p.name.split("-")[0] for p in store.files())
-        have -= {k for k in noisy_keys(ok, NOISY_REL_IQR) if times[k[0]] < 2}
     spec = profile.primary_input
-    todo = [c for c in candidates if (c.stable_hash(), spec.name) not in have]
+    todo = _unmeasured(store, candidates, spec.name)
     if not todo:
         return 0, 0
     ref = reference_key(base)
@@ -236,7 +227,14 @@ def measure_candidates(
         progress_bar(info=True) as bar,
     ):
         task = bar.add_task(f"{label} on {profile.name}", total=len(todo), info="")
-        for cand in todo:
+        # a candidate measured too noisily (a busy host) is measured once more in this same
+        # run, so a resumed run has nothing left to measure
+        total = len(todo)
+        again = _queue(todo, lambda: _unmeasured(store, todo, spec.name, noisy_only=True))
+        for i, cand in enumerate(again):
+            if i >= total:
+                total += 1
+                bar.update(task, total=total)
             t_c = time.monotonic()
             model = apply(base, cand, channel_multiple=profile.channel_multiple, calibration=calib)
             (r,) = est.estimate(model, (spec,))
@@ -261,6 +259,36 @@ def measure_candidates(
             bar.update(task, info=f"{r.median_ms:.2f} ms (x{r.relative:.2f} of the base)")
             bar.advance(task)
     return measured, failed
+
+
+def _unmeasured(
+    store: MeasurementStore,
+    candidates: Sequence[Candidate],
+    input_name: str,
+    *,
+    noisy_only: bool = False,
+) -> list[Candidate]:
+    """The candidates of ``candidates`` that ``store`` lacks for ``input_name`` (or, with
+    ``noisy_only``, only those it has once, measured too noisily to learn from; a second
+    measurement replaces the first)."""
+    models, _ = load_dataset(store.directory)
+    if models.empty or "relative" not in models:
+        return [] if noisy_only else list(candidates)
+    ok = models[models["relative"].notna()]
+    have = set(zip(ok["cand"], ok["input"], strict=True))
+    times = Counter(p.name.split("-")[0] for p in store.files())
+    again = {k for k in noisy_keys(ok, NOISY_REL_IQR) if times[k[0]] < 2}
+    if noisy_only:
+        return [c for c in candidates if (c.stable_hash(), input_name) in again]
+    return [c for c in candidates if (c.stable_hash(), input_name) not in have - again]
+
+
+def _queue(
+    first: Sequence[Candidate], then: Callable[[], Sequence[Candidate]]
+) -> Iterator[Candidate]:
+    """``first``, then what ``then()`` returns once ``first`` is done."""
+    yield from first
+    yield from then()
 
 
 def labelled(

@@ -141,11 +141,16 @@ def run_job(job: Job, s: RunnerSettings, store: JobStore, me: str) -> str | None
     t0 = time.monotonic()
     try:
         bundles = _execute(job, s, beat)
-    except VoxfitError as e:
-        error = one_line(str(e))
     except Exception as e:
-        log.exception("job %s failed", job.id)
-        error = one_line(f"{type(e).__name__}: {e}")
+        if STOPPING.is_set():
+            # the stop was raised inside code that turned it into another error (an import
+            # it interrupted, a library's bare except): the stop, not the job, ended it
+            raise RunnerStopped(f"stopped, surfacing as {type(e).__name__}") from e
+        if isinstance(e, VoxfitError):
+            error = one_line(str(e))
+        else:
+            log.exception("job %s failed", job.id)
+            error = one_line(f"{type(e).__name__}: {e}")
     finally:
         beat.stop()
     if beat.ours:
@@ -229,7 +234,12 @@ def _execute(job: Job, s: RunnerSettings, beat: _Heartbeat) -> int:
     return len(rows)
 
 
+#: set once a signal asked this runner to stop
+STOPPING = threading.Event()
+
+
 def _raise_stopped(signum: int, _frame: Any) -> None:
+    STOPPING.set()
     raise RunnerStopped(signal.Signals(signum).name)
 
 
