@@ -38,7 +38,7 @@ from rich.console import Console
 from torch import nn
 
 from _common import parser, provenance, resolve_profile, write_result
-from voxfit.compile import TvmWorker, compile_model
+from voxfit.compile import TvmWorker, compile_model, saturates_int8_pairs
 from voxfit.compress import apply, export_onnx, export_onnx_static_int8
 from voxfit.hw_profiles import HardwareProfile
 from voxfit.latency import LatencyResult, TvmLocalEstimator
@@ -54,7 +54,9 @@ def _calibration(seed: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
     return [(torch.randn(2, 200, 80, generator=g), torch.tensor([200, 150])) for _ in range(2)]
 
 
-def _w8a8(base: nn.Module, multiple: int, seed: int, pair_safe: bool = False) -> nn.Module:
+def _w8a8(
+    base: nn.Module, multiple: int, seed: int, pair_safe: bool = False, saturation: bool = False
+) -> nn.Module:
     s = base.structure()  # type: ignore[operator]
     plan = Candidate(layers=tuple(LayerPlan(q, 8, 8) for q in s.quantizable))
     return apply(
@@ -63,6 +65,7 @@ def _w8a8(base: nn.Module, multiple: int, seed: int, pair_safe: bool = False) ->
         channel_multiple=multiple,
         calibration=_calibration(seed),
         pair_safe_int8=pair_safe,
+        int8_pair_saturation=saturation,
     )
 
 
@@ -215,12 +218,16 @@ def main(argv: list[str] | None = None) -> int:
             w.call("run_local", timeout_s=300, lib=str(lib.lib), input=x.numpy())["output"]
             for x in xs
         ]
+    # what a search judges on this profile: the torch model computing the kernels' saturation
+    emulated = _w8a8(base, multiple, 0, args.pair_safe, saturates_int8_pairs(profile))
     with torch.no_grad():
         lengths = torch.tensor([frames])
         fq_out = [int8(x, lengths)[0].numpy() for x in xs]
+        emu_out = [emulated(x, lengths)[0].numpy() for x in xs]
         fp_out = [fp32(x, lengths)[0].numpy() for x in xs]
     ort_out = _ort_outputs(onnx_int8, xs, threads)
     diff = np.abs(np.stack(tvm_out) - np.stack(fq_out))
+    diff_emu = np.abs(np.stack(tvm_out) - np.stack(emu_out))
 
     def agree(a: list[np.ndarray], b: list[np.ndarray]) -> float:
         return float((np.stack(a).argmax(-1) == np.stack(b).argmax(-1)).mean())
@@ -266,11 +273,17 @@ def main(argv: list[str] | None = None) -> int:
         "verify_tasks_untuned": lib.new_tasks,
         "int8_vs_fake_quant_max_abs": float(diff.max()),
         "int8_vs_fake_quant_mean_abs": float(diff.mean()),
+        # apply(int8_pair_saturation=saturates_int8_pairs(profile)): what the search scores
+        "search_model_saturates_pairs": saturates_int8_pairs(profile),
+        "int8_vs_search_model_max_abs": float(diff_emu.max()),
+        "int8_vs_search_model_mean_abs": float(diff_emu.mean()),
         # frames whose most likely label is the same
         "argmax_agreement": {
             "tvm_int8_vs_fake_quant": agree(tvm_out, fq_out),
             "tvm_int8_vs_fp32": agree(tvm_out, fp_out),
             "fake_quant_vs_fp32": agree(fq_out, fp_out),
+            "tvm_int8_vs_search_model": agree(tvm_out, emu_out),
+            "search_model_vs_fp32": agree(emu_out, fp_out),
             "ort_int8_vs_fp32": agree(ort_out, fp_out),
         },
         "rounds_ms": rounds,

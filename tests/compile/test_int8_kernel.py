@@ -161,3 +161,26 @@ def test_calibrations_share_one_workload() -> None:
     # a different shape is a different workload (the check can fail)
     wide = ms.relax_integration.extract_tasks(fuse(_module(w[:, :8], 0.01, 5.0), target), target)
     assert not all(db.has_workload(t.dispatched[0]) for t in wide)
+
+
+def test_the_torch_model_computes_the_kernels_pair_saturation() -> None:
+    """compress.pair_saturation_excess (what apply(int8_pair_saturation=True) adds to a conv)
+    turns the exact integer accumulation into vpmaddubsw's saturating one, which the
+    tensorized kernel computes bit-exactly (above)."""
+    import torch
+
+    from voxfit.compress import pair_saturation_excess
+
+    rng = np.random.default_rng(1)
+    w = rng.integers(-127, 128, (OUT, C, K)).astype(np.int8)
+    x = (np.random.default_rng(2).standard_normal((1, C, T)) * 1.5).astype("float32")
+    x_scale, x_zero = 0.01, 5.0
+    sat = _reference(x, w, x_scale, x_zero, saturate=True)
+    exact = _reference(x, w, x_scale, x_zero, saturate=False)
+    assert (sat != exact).sum() > 10
+    q = torch.clamp(torch.round(torch.from_numpy(x) / np.float32(x_scale)) + x_zero, 0, 255)
+    excess = pair_saturation_excess(q, torch.from_numpy(w).float(), x_zero, 1, PAD, D)
+    assert excess is not None
+    np.testing.assert_array_equal(exact + excess[0].numpy().astype(np.int64), sat)
+    # pairs that cannot saturate (7-bit weights) add nothing, and cost nothing
+    assert pair_saturation_excess(q, torch.from_numpy(w // 2).float(), x_zero, 1, PAD, D) is None

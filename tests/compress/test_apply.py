@@ -208,3 +208,32 @@ def test_activation_quantization_needs_and_uses_calibration() -> None:
 def test_bad_plans_are_rejected_naming_the_field(cand: Candidate, message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         apply(_model("tdnn"), cand)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_int8_pair_saturation_changes_only_the_int8_convs_and_never_an_export(kind: str) -> None:
+    from voxfit.compress import fake_quant_off
+
+    base = _model(kind)
+    convs = [n for n, m in base.named_modules() if isinstance(m, nn.Conv1d)]
+    layers = base.structure().quantizable
+    plan = Candidate(layers=tuple(LayerPlan(q, 8, 8) for q in layers if q in convs))
+    assert plan.layers
+    g = torch.Generator().manual_seed(5)
+    calib = [(torch.randn(2, 80, 80, generator=g), torch.tensor([80, 70])) for _ in range(2)]
+    plain = apply(base, plan, calibration=calib)
+    sat = apply(base, plan, calibration=calib, int8_pair_saturation=True)
+    hooked = [n for n, m in sat.named_modules() if getattr(m, "int8_pair_saturation", False)]
+    assert sorted(hooked) == sorted(x.name for x in plan.layers)
+    x, lens = _x()
+    x = x * 4  # activations spread over the grid: pairs near 255 x 127 saturate
+    with torch.no_grad():
+        a, b = plain(x, lens)[0], sat(x, lens)[0]
+        assert not torch.equal(a, b)  # saturation reached
+        assert torch.isfinite(b).all()
+        with fake_quant_off(plain), fake_quant_off(sat):  # what exporters see: no hook
+            torch.testing.assert_close(plain(x, lens)[0], sat(x, lens)[0], rtol=0, atol=0)
+    # weight-only int8 and float convs are left alone
+    w8 = Candidate(layers=tuple(LayerPlan(q, 8, 32) for q in layers if q in convs))
+    m = apply(base, w8, int8_pair_saturation=True)
+    assert not any(getattr(mod, "int8_pair_saturation", False) for mod in m.modules())

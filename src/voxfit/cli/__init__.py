@@ -99,9 +99,24 @@ def train(
     epochs: Annotated[
         int | None, typer.Option(min=1, help="Override the preset's epochs.")
     ] = None,
+    elastic: Annotated[
+        bool,
+        typer.Option(
+            "--elastic",
+            help="Then train it into an elastic (once-for-all) supernet over the widths of "
+            "--space: a search's candidates inherit its weights, no distillation.",
+        ),
+    ] = False,
+    space: Annotated[
+        str, typer.Option(help="Space whose widths the elastic model learns (with --elastic).")
+    ] = "tdnn-default",
+    elastic_minutes: Annotated[
+        float | None, typer.Option(help="Cap on the elastic phase's wall time.")
+    ] = None,
     verbose: Verbose = False,
 ) -> None:
-    """Train the base model (cached), then report dev PER and per-speaker adaptation gain."""
+    """Train the base model (cached), then report dev PER and per-speaker adaptation gain;
+    with --elastic, also the elastic supernet (cached), reported at its full width."""
     from dataclasses import replace
 
     from voxfit.data import FeatureStore, load_manifest
@@ -125,6 +140,26 @@ def train(
         cfg = replace(cfg, epochs=epochs)
     path = train_cached(man, store, model, preset, cfg, out)
     console.print(f"checkpoint: {path}")
+    if elastic:
+        from voxfit.compress import (
+            ELASTIC_PRESETS,
+            ElasticConfig,
+            train_elastic_cached,
+            widths_of_space,
+        )
+        from voxfit.spaces import find_space
+
+        structure = load_checkpoint(path).model.structure()  # type: ignore[operator]
+        widths = widths_of_space(find_space(space).bind(structure))
+        if not widths:
+            raise typer.BadParameter(
+                f"{space}: no group has a width below 1.0", param_hint="--space"
+            )
+        ecfg = ELASTIC_PRESETS[preset]
+        if elastic_minutes is not None:
+            ecfg = replace(ecfg, max_minutes=elastic_minutes)
+        path = train_elastic_cached(path, man, store, ElasticConfig(widths=widths), ecfg)
+        console.print(f"elastic checkpoint: {path}")
     report = evaluate_cached(load_checkpoint(path), man, store, adapt_preset(preset))
     print_report(report)
 

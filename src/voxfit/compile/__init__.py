@@ -12,6 +12,7 @@ from voxfit.compile._compile import (
     compile_model,
     default_tuning_dir,
     export_program,
+    saturates_int8_pairs,
     seed_database_dir,
 )
 from voxfit.compile._database import RepairReport, check, locked, repair
@@ -37,4 +38,5 @@ __all__ = [
     "locked",
     "repair",
     "runner_spec",
+    "saturates_int8_pairs",
 ]

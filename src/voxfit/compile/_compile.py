@@ -386,3 +386,14 @@ def compile_model(
             )
         )
     return results
+
+
+def saturates_int8_pairs(profile: HardwareProfile) -> bool:
+    """Whether the int8 convs built for ``profile`` sum u8 x s8 products in saturating int16
+    pairs (AVX2 without AVX-512/VNNI: ``vpmaddubsw``), so a compressed model computes what
+    they compute only with ``compress.apply(..., int8_pair_saturation=True)``. Imports TVM
+    (its target parser knows each CPU's features)."""
+    from voxfit.compile._import import int8_support, make_target
+
+    ok, _, lanes = int8_support(make_target(profile.to_dict()))
+    return ok and lanes == 8

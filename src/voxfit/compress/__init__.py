@@ -7,19 +7,39 @@ for sensitivity analysis and tests, ``ActivationQuantizer`` and
 
 from voxfit.compress._apply import apply
 from voxfit.compress._distill import Recovery, distill
+from voxfit.compress._elastic import (
+    ELASTIC_PRESETS,
+    ElasticConfig,
+    elastic_widths,
+    masked,
+    recalibrate_batchnorm,
+    train_elastic,
+    train_elastic_cached,
+    widths_of_space,
+)
 from voxfit.compress._export import OnnxExport, export_onnx, export_onnx_static_int8
 from voxfit.compress._prune import kept_channels, magnitude_scores, prune_to_plan, taylor_scores
 from voxfit.compress._quant import (
     ActivationQuantizer,
     attach_activation_quantizers,
+    attach_pair_saturation,
     calibrate,
     fake_quant_off,
+    pair_saturation_excess,
     quantize_weight,
 )
 from voxfit.compress._saliency import adaptation_saliency
 from voxfit.compress._sensitivity import SensitivityConfig, save_sensitivity, sensitivity
 
 __all__ = [
+    "ELASTIC_PRESETS",
+    "ElasticConfig",
+    "elastic_widths",
+    "masked",
+    "recalibrate_batchnorm",
+    "train_elastic",
+    "train_elastic_cached",
+    "widths_of_space",
     "ActivationQuantizer",
     "OnnxExport",
     "export_onnx",
@@ -32,10 +52,12 @@ __all__ = [
     "adaptation_saliency",
     "apply",
     "attach_activation_quantizers",
+    "attach_pair_saturation",
     "calibrate",
     "fake_quant_off",
     "kept_channels",
     "magnitude_scores",
+    "pair_saturation_excess",
     "prune_to_plan",
     "quantize_weight",
     "taylor_scores",

@@ -9,8 +9,14 @@ import torch
 from torch import nn
 
 from voxfit.compress._distill import Recovery, distill
+from voxfit.compress._elastic import elastic_widths, prefix_scores, recalibrate_batchnorm
 from voxfit.compress._prune import magnitude_scores, prune_to_plan
-from voxfit.compress._quant import attach_activation_quantizers, calibrate, quantize_weight
+from voxfit.compress._quant import (
+    attach_activation_quantizers,
+    attach_pair_saturation,
+    calibrate,
+    quantize_weight,
+)
 from voxfit.errors import ConfigError, ModelError
 from voxfit.models import StructuredModel, insert_adapters
 from voxfit.plan import PLAN_ATTR, Candidate
@@ -25,6 +31,8 @@ def apply(
     calibration: Iterable[tuple[torch.Tensor, torch.Tensor]] | None = None,
     recovery: Recovery | None = None,
     pair_safe_int8: bool = False,
+    int8_pair_saturation: bool = False,
+    recalibrate: bool = True,
 ) -> nn.Module:
     """A compressed copy of ``model`` following ``candidate``; ``model`` is never changed.
 
@@ -43,6 +51,13 @@ def apply(
             pair instruction can saturate with (``quantize_weight(pair_safe=True)``), so
             AVX2's int8 kernels compute exactly this model; costs accuracy (measured:
             ``benchmarks/results/int8_pair_safe.json``), so off by default.
+        recalibrate: a pruned sub-network of an elastic model (``train_elastic``: its
+            groups are sliced as prefixes) re-estimates its BatchNorm statistics on the
+            ``calibration`` batches.
+        int8_pair_saturation: convs with 8-bit weights and activations compute what the
+            target's int8 kernels compute when their pair instruction saturates (AVX2 without
+            VNNI: ``compile.saturates_int8_pairs(profile)``), so the model's accuracy is the
+            deployed library's (:func:`attach_pair_saturation`).
 
     Raises:
         ConfigError: a plan name the model does not have, adaptation importance without
@@ -61,6 +76,8 @@ def apply(
         raise ConfigError(f"channel_multiple: {channel_multiple} must be >= 1")
     out: nn.Module = copy.deepcopy(model)
     out.eval()
+    if calibration is not None:  # read twice (BatchNorm, activations): not an iterator
+        calibration = list(calibration)
 
     groups = {g: candidate.keep_ratio(g.name) for g in structure.groups}
     groups = {g: r for g, r in groups.items() if r < 1.0}
@@ -76,11 +93,17 @@ def apply(
             scores = {g.name: saliency[g.name] for g in groups}
         else:
             scores = {g.name: magnitude_scores(out, g) for g in groups}
+        # an elastic model's groups are in importance order: its sub-networks are prefixes
+        elastic = elastic_widths(model) or {}
+        scores.update({g.name: prefix_scores(out, g) for g in groups if g.name in elastic})
         prune_to_plan(out, groups, scores, channel_multiple)
     if candidate.recovery_steps:
         if recovery is None:
             raise ConfigError("recovery_steps > 0 needs recovery data (recovery=Recovery(...))")
         distill(out, model, candidate.recovery_steps, recovery)
+    elif groups and elastic_widths(model) and calibration is not None and recalibrate:
+        # statistics the supernet's BatchNorms averaged over many widths: this one's
+        recalibrate_batchnorm(out, calibration)
 
     with torch.no_grad():
         for layer in candidate.layers:
@@ -106,5 +129,8 @@ def apply(
                 raise ConfigError("8-bit activations need calibration batches (calibration=...)")
             if calibrate(out, calibration) == 0:
                 raise ConfigError("calibration gave no batches")
+        if int8_pair_saturation:
+            both8 = (x.name for x in candidate.layers if (x.weight_bits, x.act_bits) == (8, 8))
+            attach_pair_saturation(out, both8)
     setattr(out, PLAN_ATTR, candidate)
     return out

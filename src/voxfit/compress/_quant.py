@@ -5,7 +5,9 @@ Weights at 8 or 4 bits are rounded to a symmetric integer grid per output channe
 are left alone. Activations (a layer's input) at 8 bits are rounded to an asymmetric uint8
 grid whose range was calibrated on training data; at 16 bits to float16. Optionally
 (``pair_safe``) 8-bit conv weights are kept within what a u8 x s8 pair instruction can add
-without saturating, for int8 kernels that must compute the fake-quantized model exactly.
+without saturating, for int8 kernels that must compute the fake-quantized model exactly;
+or (``attach_pair_saturation``) the model computes what such kernels compute, saturation
+included, so the accuracy a search judges is the deployed library's.
 """
 
 from __future__ import annotations
@@ -14,9 +16,10 @@ from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from voxfit.errors import ConfigError
+from voxfit.errors import ConfigError, ModelError
 from voxfit.models import ActivationQuantizer
 
 #: |a| + |b| of two same-signed 8-bit weights that u8 x s8 pair instructions (AVX2's
@@ -119,3 +122,87 @@ def calibrate(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tens
             q.calibrating = False
         model.train(was)
     return n
+
+
+#: int16 range a u8 x s8 pair instruction (AVX2's vpmaddubsw) saturates its pair sums to
+INT16 = (-32768.0, 32767.0)
+
+
+def attach_pair_saturation(model: nn.Module, names: Iterable[str]) -> list[str]:
+    """Make each named Conv1d with 8-bit weights and an 8-bit activation quantizer compute
+    what an int8 kernel built on a u8 x s8 pair instruction computes (AVX2 without VNNI:
+    ``vpmaddubsw`` sums the two products of adjacent input channels of one tap into a
+    saturating int16, ``vpmaddwd`` adds those pairs exactly). A forward hook adds the
+    saturation's effect to the float conv's output; it is off while the quantizer is
+    (``fake_quant_off``: exporters and compilers never see it). Returns the names it hooked.
+    """
+    hooked = []
+    for name in names:
+        layer = model.get_submodule(name)
+        if isinstance(layer, nn.Conv1d) and isinstance(
+            getattr(layer, "act_quant", None), ActivationQuantizer
+        ):
+            layer.register_forward_hook(_saturate_pairs)
+            layer.int8_pair_saturation = True  # type: ignore[assignment]
+            hooked.append(name)
+    return hooked
+
+
+def _saturate_pairs(
+    module: nn.Module, args: tuple[torch.Tensor, ...], output: torch.Tensor
+) -> torch.Tensor | None:
+    quant = module.get_submodule("act_quant")
+    if not isinstance(quant, ActivationQuantizer) or quant.bits != 8 or quant.calibrating:
+        return None
+    assert isinstance(module, nn.Conv1d)
+    scale, zero = quant.grid()
+    with torch.no_grad():
+        q = torch.clamp(torch.round(args[0] / scale) + zero, 0, 255)
+        w_scale = module.weight.abs().amax(dim=(1, 2)) / 127.0
+        wq = torch.round(module.weight / w_scale.clamp_min(1e-30)[:, None, None])
+        excess = pair_saturation_excess(
+            q, wq, float(zero), module.stride[0], _int(module.padding), module.dilation[0]
+        )
+    if excess is None:
+        return None
+    return output + excess * (scale * w_scale)[None, :, None]
+
+
+def _int(padding: object) -> int:
+    if isinstance(padding, tuple):
+        return int(padding[0])
+    raise ModelError(f"conv padding {padding!r}: pair saturation needs a number")
+
+
+def pair_saturation_excess(
+    q: torch.Tensor, wq: torch.Tensor, zero: float, stride: int, padding: int, dilation: int
+) -> torch.Tensor | None:
+    """What saturating each pair sum to int16 changes in an integer conv1d's accumulators:
+    ``sum over taps and channel pairs (clamp(p) - p)`` with ``p = q[2j] w[2j] + q[2j+1]
+    w[2j+1]``, for ``q`` (N, C, T) uint8 values (time padded with ``zero``, as the int8
+    kernels pad) and ``wq`` (O, C, K) int8 values; None where no pair of ``wq`` can saturate
+    (only same-signed pairs with ``|a| + |b| > 128`` can)."""
+    n, c, t = q.shape
+    o, _, k = wq.shape
+    if c % 2:  # the kernels pad channels with zero inputs and weights
+        q = F.pad(q, (0, 0, 0, 1))
+        wq = F.pad(wq, (0, 0, 0, 1))
+    a, b = wq[:, 0::2], wq[:, 1::2]  # (O, C/2, K)
+    risky = (a * b > 0) & (a.abs() + b.abs() > PAIR_BOUND)
+    if not bool(risky.any()):
+        return None
+    qp = F.pad(q, (padding, padding), value=zero)
+    t_out = (t + 2 * padding - dilation * (k - 1) - 1) // stride + 1
+    excess = q.new_zeros(n, o, t_out)
+    for tap in range(k):
+        ro, rj = torch.nonzero(risky[:, :, tap], as_tuple=True)
+        if not len(ro):
+            continue
+        start = tap * dilation
+        xk = qp[:, :, start : start + stride * (t_out - 1) + 1 : stride]  # (N, C, T_out)
+        p = (
+            xk[:, 2 * rj] * a[ro, rj, tap][None, :, None]
+            + xk[:, 2 * rj + 1] * b[ro, rj, tap][None, :, None]
+        )
+        excess.index_add_(1, ro, p.clamp(*INT16) - p)
+    return excess

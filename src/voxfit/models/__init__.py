@@ -22,6 +22,7 @@ from voxfit.models._family import (
 )
 from voxfit.models._quantizer import ActivationQuantizer
 from voxfit.models._structure import (
+    ELASTIC_ATTR,
     AdapterSlot,
     ChannelGroup,
     ChannelMember,
@@ -29,6 +30,7 @@ from voxfit.models._structure import (
     StructuredModel,
     group_size,
     prune_group,
+    reorder_group,
     validate_structure,
 )
 
@@ -56,6 +58,8 @@ __all__ = [
     "freeze_backbone",
     "group_size",
     "insert_adapters",
+    "ELASTIC_ATTR",
     "prune_group",
+    "reorder_group",
     "validate_structure",
 ]

@@ -36,12 +36,16 @@ class ActivationQuantizer(nn.Module):
             return x
         if self.bits == 16:
             return x.half().float()
+        scale, zero = self.grid()
+        q = torch.clamp(torch.round(x / scale) + zero, 0, 255)
+        # straight-through: gradients pass as if unquantized (adapters train through it)
+        return x + ((q - zero) * scale - x).detach()
+
+    def grid(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(scale, zero point) of the uint8 grid: the calibrated range widened to hold 0."""
         if not torch.isfinite(self.lo):
             raise ConfigError("8-bit activations need calibration data (none was given)")
         lo = torch.clamp(self.lo, max=0.0)
         hi = torch.clamp(self.hi, min=0.0)
         scale = (hi - lo).clamp_min(1e-8) / 255.0
-        zero = torch.round(-lo / scale)
-        q = torch.clamp(torch.round(x / scale) + zero, 0, 255)
-        # straight-through: gradients pass as if unquantized (adapters train through it)
-        return x + ((q - zero) * scale - x).detach()
+        return scale, torch.round(-lo / scale)

@@ -100,6 +100,27 @@ def group_size(model: nn.Module, group: ChannelGroup) -> int:
     return size
 
 
+#: what an elastic (once-for-all) model carries, as an attribute and in its checkpoint's
+#: meta: group name -> the keep ratios it was trained for; its groups' channels are in
+#: importance order, so ``compress.apply`` keeps prefixes (``compress.train_elastic``)
+ELASTIC_ATTR = "elastic_widths"
+
+
+def reorder_group(model: nn.Module, group: ChannelGroup, order: torch.Tensor) -> None:
+    """Permute the channels of ``group`` in every member (in place) so that new channel i is
+    old channel ``order[i]``: the model computes exactly what it did.
+
+    Raises:
+        ModelError: ``order`` is not a permutation of the group's channels.
+    """
+    size = group_size(model, group)
+    idx = order.to(torch.long).reshape(-1)
+    if idx.numel() != size or not torch.equal(torch.sort(idx).values, torch.arange(size)):
+        raise ModelError(f"group {group.name!r}: order must be a permutation of {size} channels")
+    for m in group.members:
+        _slice_member(model, m, idx)
+
+
 def validate_structure(model: nn.Module, structure: ModelStructure) -> None:
     """Check that every declared module exists and every group is consistent.
 

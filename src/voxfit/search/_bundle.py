@@ -231,7 +231,7 @@ def export_bundle(
     Raises:
         ConfigError: the trial is not complete or was made for another profile.
     """
-    from voxfit.compile import compile_model
+    from voxfit.compile import compile_model, saturates_int8_pairs
     from voxfit.compress import export_onnx, fake_quant_off
 
     if trial.state != optuna.trial.TrialState.COMPLETE:
@@ -248,7 +248,12 @@ def export_bundle(
     tmp = bundle.with_name(bundle.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    model = ctx.build(cand, profile.channel_multiple, rec.seed)
+    model = ctx.build(
+        cand,
+        profile.channel_multiple,
+        rec.seed,
+        int8_pair_saturation=saturates_int8_pairs(profile),
+    )
     (tmp / "plan.yaml").write_text(cand.dump_yaml())
 
     onnx_info = export_onnx(model, tmp / "model.onnx")

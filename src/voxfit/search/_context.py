@@ -123,8 +123,17 @@ class SearchContext:
             )
         return self._saliency
 
-    def build(self, cand: Candidate, channel_multiple: int, seed: int) -> nn.Module:
-        """The compressed model of ``cand`` (deterministic for a seed).
+    def build(
+        self,
+        cand: Candidate,
+        channel_multiple: int,
+        seed: int,
+        *,
+        int8_pair_saturation: bool = False,
+    ) -> nn.Module:
+        """The compressed model of ``cand`` (deterministic for a seed); with
+        ``int8_pair_saturation`` (``compile.saturates_int8_pairs`` of the profile) its int8
+        convs compute what the target's int8 kernels compute (``compress.apply``).
 
         Distillation is the expensive part of a build (minutes), so a candidate with
         ``recovery_steps`` is cached under ``builds`` as a state dict keyed by the base
@@ -145,9 +154,10 @@ class SearchContext:
                 saliency=self.saliency() if c.importance == "adaptation" else None,
                 calibration=self.calibration,
                 recovery=self.recovery,
+                int8_pair_saturation=int8_pair_saturation,
             )
 
-        path = self._build_path(cand, channel_multiple, seed)
+        path = self._build_path(cand, channel_multiple, seed, int8_pair_saturation)
         if path is None:
             return make(cand)
         if path.is_file():
@@ -166,13 +176,17 @@ class SearchContext:
         tmp.replace(path)
         return model
 
-    def _build_path(self, cand: Candidate, channel_multiple: int, seed: int) -> Path | None:
+    def _build_path(
+        self, cand: Candidate, channel_multiple: int, seed: int, saturation: bool = False
+    ) -> Path | None:
         if self.builds is None or self.recovery is None or not cand.recovery_steps:
             return None
         r = self.recovery
         recipe = [r.lr, r.temperature, r.kd_weight, r.max_batch_s, r.seed, len(r.train_utts)]
         ckpt = self.checkpoint.resolve()
         parts = [str(ckpt), ckpt.stat().st_mtime_ns, cand.stable_hash(), seed, channel_multiple]
+        if saturation:  # the distillation trained through the kernels' saturation
+            parts.append("int8-pair-saturation")
         key = hashlib.sha256(json.dumps([*parts, recipe]).encode()).hexdigest()[:16]
         return self.builds / f"{key}.pt"
 

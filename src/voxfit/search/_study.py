@@ -226,8 +226,11 @@ def _front(study: optuna.Study) -> list[tuple[float, ...]]:
 def make_objective(
     ctx: SearchContext, s: SearchSettings, latency: PromotingEstimator
 ) -> Callable[[optuna.Trial], tuple[float, float, float, float]]:
+    from voxfit.compile import saturates_int8_pairs
     from voxfit.metrics import packed_size_bytes
     from voxfit.models import count_parameters
+
+    saturation = saturates_int8_pairs(s.profile)
 
     def objective(trial: optuna.Trial) -> tuple[float, float, float, float]:
         t0 = time.monotonic()
@@ -236,7 +239,9 @@ def make_objective(
             cand = sample(s.space, trial)
             seed = s.seed * 100003 + trial.number
             rec = replace(rec, plan=cand, plan_hash=cand.stable_hash(), seed=seed)
-            model = ctx.build(cand, s.profile.channel_multiple, seed)
+            model = ctx.build(
+                cand, s.profile.channel_multiple, seed, int8_pair_saturation=saturation
+            )
             build_s = time.monotonic() - t0
             acc = ctx.accuracy(model)
             size_mb = packed_size_bytes(model) / 1e6
@@ -412,6 +417,23 @@ def _record_calibration(study: optuna.Study, latency: PromotingEstimator) -> Non
         study.set_user_attr("latency_calibration", cal)
 
 
+def for_base(s: SearchSettings, ctx: SearchContext) -> SearchSettings:
+    """The settings a search of ``ctx.base`` runs with: an elastic base (``voxfit train
+    --elastic``) makes its candidates by inheriting its weights, so the space's
+    ``recovery_steps`` become 0 only (no per-candidate distillation); any other base as is."""
+    from voxfit.compress import elastic_widths
+
+    if not elastic_widths(ctx.base) or s.space.space.recovery_steps == (0,):
+        return s
+    log.info(
+        "elastic base %s: candidates inherit its weights (recovery_steps %s -> 0)",
+        ctx.checkpoint,
+        list(s.space.space.recovery_steps),
+    )
+    inner = replace(s.space.space, recovery_steps=(0,))
+    return replace(s, space=replace(s.space, space=inner))
+
+
 def run_search(s: SearchSettings, ctx: SearchContext) -> optuna.Study:
     """Run (or resume) the study until it has ``n_trials`` finished trials or times out.
 
@@ -419,6 +441,7 @@ def run_search(s: SearchSettings, ctx: SearchContext) -> optuna.Study:
     (``<work>/audit/<study>.jsonl``, :class:`~voxfit.search._audit.AuditLog`)."""
     from voxfit._progress import progress_bar
 
+    s = for_base(s, ctx)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = prepare_study(s, ctx)
     # the budget and margin workers that join this study read (voxfit worker)

@@ -300,6 +300,7 @@ def run_worker(
     from voxfit.search._study import (
         DEFAULT_SAMPLER,
         SearchSettings,
+        for_base,
         make_latency,
         make_objective,
         space_change,
@@ -342,6 +343,7 @@ def run_worker(
         cost_model=cost_model,
         enqueue_baselines=False,
     )
+    settings = for_base(settings, ctx)
     _salted_sampler(study, settings.sampler, settings.seed)
     audit = AuditLog.of_study(work, study_name)
     audit.search_started(study, ctx, storage)

@@ -23,6 +23,7 @@ from voxfit.data import FeatureStore, Manifest, PhoneInventory
 from voxfit.errors import ConfigError, ModelError
 from voxfit.metrics import phone_error_rate
 from voxfit.models import (
+    ELASTIC_ATTR,
     ModelConfig,
     build_model,
     count_parameters,
@@ -127,6 +128,8 @@ def load_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
         model.load_state_dict(raw["state_dict"])
         inventory = PhoneInventory(tuple(raw["inventory"]))
         meta = raw["meta"]
+        if meta.get(ELASTIC_ATTR) is not None:  # a supernet: apply slices its prefixes
+            setattr(model, ELASTIC_ATTR, dict(meta[ELASTIC_ATTR]))
     except (KeyError, TypeError, ValueError, RuntimeError) as e:
         why = " ".join(str(e).split())[:120]
         raise ModelError(f"{p}: not a checkpoint this voxfit can load ({why})") from None

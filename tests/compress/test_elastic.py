@@ -1,0 +1,181 @@
+"""The elastic (once-for-all) model: importance ordering keeps the function, a sliced
+candidate computes what masking its channels in the supernet computes, a tiny supernet
+trains and its sub-networks work, checkpoints say they are elastic."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from voxfit.compress import (
+    ElasticConfig,
+    apply,
+    elastic_widths,
+    masked,
+    train_elastic,
+    train_elastic_cached,
+)
+from voxfit.compress._elastic import elastic_groups, order_by_importance, prefix_widths
+from voxfit.data import FeatureStore, Manifest, PhoneInventory, batches, collate
+from voxfit.errors import ConfigError
+from voxfit.models import ELASTIC_ATTR, build_model, default_config
+from voxfit.plan import Candidate, GroupPlan
+from voxfit.train import ctc_loss, load_checkpoint, train_cached, train_preset
+
+
+def _model(kind: str) -> nn.Module:
+    torch.manual_seed(0)
+    m = build_model(default_config(kind, 12, "tiny")).eval()  # type: ignore[arg-type]
+    for mod in m.modules():  # non-trivial statistics: a dropped or misordered BN shows
+        if isinstance(mod, nn.BatchNorm1d):
+            mod.running_mean.uniform_(-0.5, 0.5)
+            mod.running_var.uniform_(0.5, 2.0)
+    return m
+
+
+def _x() -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(3)
+    return torch.randn(2, 61, 80, generator=g), torch.tensor([61, 45])
+
+
+def _widths(kind: str, model: nn.Module) -> dict[str, tuple[float, ...]]:
+    names = [g.name for g in model.structure().groups]  # type: ignore[operator]
+    if kind == "tdnn":  # hidden widths and the residual stream
+        return {n: (0.25, 0.5, 1.0) for n in names}
+    return {n: (0.5, 1.0) for n in names if n != "stream"}  # the stream has LayerNorms
+
+
+@pytest.mark.parametrize("kind", ["tdnn", "conformer"])
+def test_a_sliced_candidate_computes_what_masking_the_supernet_computes(kind: str) -> None:
+    model = _model(kind)
+    x, lens = _x()
+    with torch.no_grad():
+        before = model(x, lens)[0]
+    widths = _widths(kind, model)
+    groups = elastic_groups(model, widths)
+    order_by_importance(model, groups)
+    with torch.no_grad():  # a permutation: the same function
+        torch.testing.assert_close(model(x, lens)[0], before, rtol=1e-5, atol=1e-5)
+    setattr(model, ELASTIC_ATTR, {n: list(r) for n, r in widths.items()})
+    # mixed widths: the smallest in every other group
+    ratios = {g.name: (min(widths[g.name]) if i % 2 else 1.0) for i, g in enumerate(groups)}
+    plan = Candidate(groups=tuple(GroupPlan(n, r) for n, r in ratios.items()))
+    sliced = apply(model, plan, channel_multiple=8, recalibrate=False)
+    assert sum(p.numel() for p in sliced.parameters()) < sum(p.numel() for p in model.parameters())
+    k = prefix_widths(model, groups, ratios, 8)
+    with torch.no_grad(), masked(model, groups, k):
+        want = model(x, lens)[0]
+    with torch.no_grad():
+        got = sliced(x, lens)[0]
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        # the hooks are gone after the block: the full model again
+        torch.testing.assert_close(model(x, lens)[0], before, rtol=1e-5, atol=1e-5)
+    # the sub-network is the prefix, whatever scores the channels would get now
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(torch.rand(p.shape, generator=torch.Generator().manual_seed(1)))
+    again = apply(model, plan, channel_multiple=8, recalibrate=False)
+    g = groups[1]  # at its smallest width
+    out = next(m.module for m in g.members if m.side == "out")
+    w_full = model.get_submodule(out).weight
+    assert k[g.name] < w_full.shape[0]
+    torch.testing.assert_close(again.get_submodule(out).weight, w_full[: k[g.name]])
+
+
+def test_a_group_with_a_layernorm_is_not_elastic() -> None:
+    model = _model("conformer")
+    with pytest.raises(ConfigError, match="stream.*LayerNorm"):
+        elastic_groups(model, {"stream": (0.5, 1.0)})
+    with pytest.raises(ConfigError, match="'nope' is not a channel group"):
+        elastic_groups(model, {"nope": (0.5, 1.0)})
+
+
+@pytest.mark.slow
+def test_a_tiny_supernet_trains_and_its_smallest_and_full_subnets_beat_chance(
+    tiny_manifest: Manifest,
+    tiny_store: FeatureStore,
+    tiny_inventory: PhoneInventory,
+    tmp_path: Path,
+) -> None:
+    dev = tiny_manifest.split("dev")
+    cfg = replace(train_preset("tiny"), epochs=24)
+    base_path = train_cached(tiny_manifest, tiny_store, "tdnn", "tiny", cfg, tmp_path)
+    base = load_checkpoint(base_path).model
+    assert elastic_widths(base) is None  # an old-style checkpoint: not elastic
+    widths = {f"blocks.{i}.hidden": (0.25, 0.5, 1.0) for i in range(len(base.blocks))}
+    ecfg = replace(train_preset("tiny"), epochs=12, lr=2e-3)
+    path = train_elastic_cached(
+        base_path, tiny_manifest, tiny_store, ElasticConfig(widths=widths), ecfg
+    )
+    ckpt = load_checkpoint(path)
+    assert elastic_widths(ckpt.model) == {k: list(v) for k, v in widths.items()}
+    assert ckpt.meta["elastic"]["steps"] > 0
+    assert (
+        train_elastic_cached(  # cached
+            base_path, tiny_manifest, tiny_store, ElasticConfig(widths=widths), ecfg
+        )
+        == path
+    )
+
+    train = tiny_manifest.split("train")
+    calib = [
+        (b.feats, b.lengths)
+        for b in (collate(u, tiny_store, tiny_inventory) for u in list(batches(train, 20.0))[:4])
+    ]
+    dev_batch = collate(dev, tiny_store, tiny_inventory)
+
+    def dev_loss(m: nn.Module) -> float:
+        with torch.no_grad():
+            return float(ctc_loss(m.eval(), dev_batch))
+
+    torch.manual_seed(1)
+    chance = dev_loss(build_model(default_config("tdnn", tiny_inventory.size, "tiny")))
+    smallest = Candidate(groups=tuple(GroupPlan(n, 0.25) for n in widths))
+    loss = {
+        name: dev_loss(apply(ckpt.model, plan, channel_multiple=8, calibration=calib))
+        for name, plan in (("full", Candidate()), ("smallest", smallest))
+    }
+    loss["base_smallest"] = dev_loss(apply(base, smallest, channel_multiple=8, calibration=calib))
+    # chance: an untrained model's dev CTC loss (18.2 here); measured: full 3.0-3.1, smallest
+    # (a quarter of every block's hidden width) 3.2, the same width sliced from the base 4.4-4.9
+    assert loss["full"] < 0.3 * chance, (loss, chance)
+    assert loss["smallest"] < 0.3 * chance, (loss, chance)
+    assert loss["smallest"] < loss["base_smallest"], loss  # what the elastic training buys
+
+
+def test_training_needs_an_elastic_group(
+    tiny_manifest: Manifest, tiny_store: FeatureStore, tiny_inventory: PhoneInventory
+) -> None:
+    model = _model("tdnn")
+    with pytest.raises(ConfigError, match="no group has a width below 1.0"):
+        train_elastic(
+            model,
+            tiny_manifest.split("train"),
+            tiny_store,
+            tiny_inventory,
+            train_preset("tiny"),
+            ElasticConfig(widths={"stream": (1.0,)}),
+        )
+
+
+def test_a_search_of_an_elastic_base_inherits_instead_of_distilling() -> None:
+    from types import SimpleNamespace
+
+    from voxfit.hw_profiles import find_profile, load_profile
+    from voxfit.search._study import SearchSettings, for_base
+    from voxfit.spaces import find_space
+
+    model = _model("tdnn")
+    bound = find_space("tdnn-default").bind(model.structure())  # type: ignore[operator]
+    assert max(bound.space.recovery_steps) > 0
+    s = SearchSettings(load_profile(find_profile("x86-avx2-2core")), bound, "sqlite://", "x", 1)
+    plain = SimpleNamespace(base=model, checkpoint=Path("base.pt"))
+    assert for_base(s, plain) is s  # type: ignore[arg-type]  # an old checkpoint: as before
+    setattr(model, ELASTIC_ATTR, {"blocks.0.hidden": [0.25, 1.0]})
+    inherited = for_base(s, plain)  # type: ignore[arg-type]
+    assert inherited.space.space.recovery_steps == (0,)
+    assert inherited.space.groups == bound.groups  # the widths to choose are the space's
