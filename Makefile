@@ -78,6 +78,11 @@ lint: venv
 test: sysdeps venv lint
 	$(BIN)/pytest -q
 
+# The tests marked long (a whole command end to end, minutes each: the tiny device's
+# onboarding, the benchmark scripts, a tracker dying mid-tuning); make test leaves them out.
+test-long: sysdeps venv
+	$(BIN)/pytest -q -m long
+
 # An emulated aarch64 device, not part of `make test`: Debian's qemu-user, an arm64 python3.11
 # unpacked into a private sysroot and the aarch64 TVM wheels, all under $VOXFIT_QEMU_AARCH64
 # (default ~/.cache/voxfit/qemu-aarch64); resumable. Serve it: voxfit device qemu-server.

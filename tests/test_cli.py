@@ -124,6 +124,7 @@ def test_foundation_benchmark_writes_its_figures(tmp_path: Path, tiny_manifest: 
     assert 0 < figures["adapter_param_fraction"] < 0.05
 
 
+@pytest.mark.long
 @pytest.mark.slow
 def test_sensitivity_tiny_writes_table_and_heatmap(
     tmp_path: Path, tiny_manifest: Manifest
@@ -156,6 +157,7 @@ def test_sensitivity_tiny_writes_table_and_heatmap(
     assert bad.exit_code == 2
 
 
+@pytest.mark.long
 @pytest.mark.slow
 def test_adaptation_proxy_benchmark_tiny(tmp_path: Path, tiny_manifest: Manifest) -> None:
     work = _work_with_tiny_corpus(tmp_path, tiny_manifest)
@@ -217,6 +219,7 @@ def test_profile_check_explains_a_profile_and_rejects_a_broken_one(tmp_path: Pat
     assert f"{bad}: target:" in res.stderr
 
 
+@pytest.mark.long
 @pytest.mark.slow
 @pytest.mark.tvm
 def test_latency_benchmark_tiny_without_tuning(tmp_path: Path) -> None:

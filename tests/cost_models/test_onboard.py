@@ -30,6 +30,7 @@ def _tiny_device(tmp_path: Path) -> Path:
     return f
 
 
+@pytest.mark.long
 def test_onboarding_a_tiny_device_through_the_cli_fits_validates_and_resumes(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
