@@ -101,8 +101,9 @@ def apply(
         if recovery is None:
             raise ConfigError("recovery_steps > 0 needs recovery data (recovery=Recovery(...))")
         distill(out, model, candidate.recovery_steps, recovery)
-    elif groups and elastic_widths(model) and calibration is not None and recalibrate:
-        # statistics the supernet's BatchNorms averaged over many widths: this one's
+    elif elastic_widths(model) and calibration is not None and recalibrate:
+        # this sub-network's own BatchNorm statistics (the full width's too: a supernet
+        # trained before sub-network passes stopped updating them averaged many widths)
         recalibrate_batchnorm(out, calibration)
 
     with torch.no_grad():

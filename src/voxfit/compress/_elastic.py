@@ -150,6 +150,21 @@ def masked(
             h.remove()
 
 
+@contextmanager
+def frozen_bn_stats(model: nn.Module) -> Iterator[None]:
+    """Within the block BatchNorms normalize with batch statistics (in training mode) but
+    leave their running statistics as they are; restored on exit."""
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    saved = [m.momentum for m in bns]
+    for m in bns:
+        m.momentum = 0.0
+    try:
+        yield
+    finally:
+        for m, mom in zip(bns, saved, strict=True):
+            m.momentum = mom
+
+
 def _mask_hook(k: int, dim: int) -> Any:
     def hook(_mod: nn.Module, args: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
         x = args[0]
@@ -271,7 +286,9 @@ def train_elastic(
                 ]
                 sub_losses = []
                 for widths in subs:
-                    with masked(model, groups, widths):
+                    # the running statistics stay the full model's (sub-networks
+                    # recalibrate their own when a candidate is built)
+                    with masked(model, groups, widths), frozen_bn_stats(model):
                         s_lp, _ = model(feats, b.lengths)
                     kd = _kd(s_lp, teacher, lens, elastic.temperature)
                     kd.backward()
