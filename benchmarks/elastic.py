@@ -1,0 +1,214 @@
+"""Elastic (once-for-all) candidates against today's distilled ones.
+
+For ``--plans`` plans spanning the space (every block's hidden width at 25%, 50%, 75%,
+mixed widths, 4- and 8-bit weights; 32-unit residual adapters in every block, as a search
+candidate that keeps personalization), each candidate is built two ways and scored with the
+search's accuracy (dev PER; PER of held-out speakers after adapting the plan's adapters:
+the search's proxy, or every held-out speaker with ``--full``):
+
+- inherited: sliced from the elastic checkpoint (``voxfit train --elastic``), BatchNorm
+  recalibrated, quantized: no training (``build_s``);
+- distilled: pruned from the base and distilled ``--steps`` steps (today's path), for the
+  first ``--distill`` plans (each costs minutes; the search's build cache keeps them).
+
+Also the elastic model's full width against the base (``full_subnet_dev_per_delta``). Each
+finished row is appended to ``<work>/elastic/rows-<key>.jsonl``: a rerun resumes.
+
+    python benchmarks/elastic.py --base work/models/<base>/checkpoint.pt \\
+        --elastic work/models/<base>-elastic-<hash>/checkpoint.pt [--distill 4] [--full]
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import statistics
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from rich.console import Console
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import parser, provenance, resolve_profile, write_result  # noqa: E402
+from voxfit.plan import AdapterPlan, Candidate, GroupPlan, LayerPlan  # noqa: E402
+from voxfit.search import SearchContext  # noqa: E402
+
+
+def _plans(blocks: int, layers: tuple[str, ...]) -> list[tuple[str, Candidate]]:
+    """Named plans spanning tdnn-default: uniform and mixed widths, low-bit weights."""
+    adapters = tuple(AdapterPlan(f"blocks.{i}", 32, "residual") for i in range(blocks))
+
+    def widths(ratios: list[float]) -> tuple[GroupPlan, ...]:
+        return tuple(
+            GroupPlan(f"blocks.{i}.hidden", ratios[i % len(ratios)])
+            for i in range(blocks)
+            if ratios[i % len(ratios)] < 1.0
+        )
+
+    def bits(b: int) -> tuple[LayerPlan, ...]:
+        return tuple(LayerPlan(q, b if q != "head" else 8) for q in layers)
+
+    table = [
+        ("hidden25", [0.25], ()),
+        ("hidden50", [0.5], ()),
+        ("hidden75", [0.75], ()),
+        ("mixed_25_100", [0.25, 1.0], ()),
+        ("mixed_50_25_75", [0.5, 0.25, 0.75], ()),
+        ("mixed_100_50", [1.0, 0.5], ()),
+        ("hidden25_w4", [0.25], bits(4)),
+        ("hidden50_w8", [0.5], bits(8)),
+        ("mixed_75_25_w8", [0.75, 0.25], bits(8)),
+        ("mixed_25_50_100_w4", [0.25, 0.5, 1.0], bits(4)),
+    ]
+    return [
+        (name, Candidate(groups=widths(r), layers=lay, adapters=adapters))
+        for name, r, lay in table
+    ]
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = parser("elastic", __doc__, profile=True)
+    ap.add_argument("--base", type=Path, required=True, help="the base checkpoint")
+    ap.add_argument("--elastic", type=Path, required=True, help="its elastic checkpoint")
+    ap.add_argument("--steps", type=int, default=1000, help="distillation steps (today's)")
+    ap.add_argument("--distill", type=int, default=10, help="plans also distilled")
+    ap.add_argument("--full", action="store_true", help="adapt every held-out speaker")
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args(argv)
+    console = Console()
+    t_start = time.monotonic()
+    profile = resolve_profile(args.profile or "x86-avx2-2core")
+    multiple = profile.channel_multiple
+    base_ctx = SearchContext.prepare(work=args.work, checkpoint=args.base)
+    el_ctx = SearchContext.prepare(work=args.work, checkpoint=args.elastic)
+    structure = base_ctx.base.structure()  # type: ignore[operator]
+    blocks = sum(1 for g in structure.groups if g.name.endswith(".hidden"))
+    plans = _plans(blocks, structure.quantizable)
+
+    key = hashlib.sha256(
+        json.dumps(
+            [
+                str(args.base.resolve()),
+                str(args.elastic.resolve()),
+                args.steps,
+                args.full,
+                args.seed,
+                multiple,
+            ]  # fmt: skip
+        ).encode()
+    ).hexdigest()[:12]
+    rows_file = args.work / "elastic" / f"rows-{key}.jsonl"
+    rows_file.parent.mkdir(parents=True, exist_ok=True)
+    done: dict[str, dict[str, Any]] = {}
+    if rows_file.exists():
+        for line in rows_file.read_text().splitlines():
+            if line.strip():
+                r = json.loads(line)
+                done[r["key"]] = r
+
+    def keep(row: dict[str, Any]) -> None:
+        done[row["key"]] = row
+        with rows_file.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+
+    def score(ctx: SearchContext, cand: Candidate, how: str) -> dict[str, Any]:
+        t0 = time.monotonic()
+        model = ctx.build(cand, multiple, args.seed)
+        build_s = time.monotonic() - t0
+        acc = ctx.accuracy(model, full=args.full)
+        return {
+            "build_s": build_s,
+            "dev_per": acc["dev_per"],
+            "post_adapt_per": acc["post_adapt_per"],
+            "accuracy_s": acc["dev_s"] + acc["adapt_s"],
+            "how": how,
+        }
+
+    todo = [("full", Candidate(), "base"), ("full", Candidate(), "elastic")]
+    for i, (name, cand) in enumerate(plans):
+        todo.append((name, cand, "elastic"))
+        if i < args.distill:
+            todo.append((name, replace(cand, recovery_steps=args.steps), "base"))
+    for n, (name, cand, which) in enumerate(todo):
+        k = f"{name}:{which}"
+        if k in done:
+            continue
+        console.print(f"[{n + 1}/{len(todo)}] {name} from the {which} checkpoint")
+        ctx = el_ctx if which == "elastic" else base_ctx
+        how = "inherited" if which == "elastic" else f"distilled {cand.recovery_steps} steps"
+        keep({"key": k, "plan": name, "from": which, **score(ctx, cand, how)})
+        r = done[k]
+        console.print(
+            f"  dev PER {r['dev_per']:.2f}, post-adaptation {r['post_adapt_per']:.2f} "
+            f"(build {r['build_s']:.1f} s)"
+        )
+
+    rows = []
+    for name, _ in plans:
+        inh, dis = done.get(f"{name}:elastic"), done.get(f"{name}:base")
+        row: dict[str, Any] = {"plan": name}
+        if inh:
+            row |= {
+                "inherited_dev_per": inh["dev_per"],
+                "inherited_post_adapt_per": inh["post_adapt_per"],
+                "inherit_build_s": inh["build_s"],
+            }
+        if dis:
+            row |= {
+                "distilled_dev_per": dis["dev_per"],
+                "distilled_post_adapt_per": dis["post_adapt_per"],
+                "distill_build_s": dis["build_s"],
+                "dev_per_delta": inh["dev_per"] - dis["dev_per"] if inh else None,
+                "post_adapt_per_delta": (
+                    inh["post_adapt_per"] - dis["post_adapt_per"] if inh else None
+                ),
+            }
+        rows.append(row)
+    paired = [r for r in rows if r.get("dev_per_delta") is not None]
+    full_b, full_e = done["full:base"], done["full:elastic"]
+
+    def mean(xs: list[float]) -> float | None:
+        return statistics.fmean(xs) if xs else None
+
+    result = {
+        "profile": profile.name,
+        "base": str(args.base),
+        "elastic": str(args.elastic),
+        "distill_steps": args.steps,
+        "adaptation": "full" if args.full else "proxy",
+        "n_plans": len(plans),
+        "n_paired": len(paired),
+        "dev_per_delta_mean": mean([r["dev_per_delta"] for r in paired]),
+        "dev_per_delta_max": max((r["dev_per_delta"] for r in paired), default=None),
+        "post_adapt_per_delta_mean": mean([r["post_adapt_per_delta"] for r in paired]),
+        "full_subnet_dev_per_delta": full_e["dev_per"] - full_b["dev_per"],
+        "full_subnet_post_adapt_per_delta": full_e["post_adapt_per"] - full_b["post_adapt_per"],
+        "base_dev_per": full_b["dev_per"],
+        "elastic_full_dev_per": full_e["dev_per"],
+        "build_s_median": statistics.median(
+            r["inherit_build_s"] for r in rows if "inherit_build_s" in r
+        ),
+        "distill_build_s_median": (
+            statistics.median(r["distill_build_s"] for r in paired) if paired else None
+        ),
+        "rows": rows,
+        "provenance": provenance(
+            {"torch": torch.__version__},
+            rows_file=str(rows_file),
+            wall_s=time.monotonic() - t_start,
+        ),  # fmt: skip
+    }
+    write_result(args.out, result)
+    for k in ("dev_per_delta_mean", "dev_per_delta_max", "post_adapt_per_delta_mean",
+              "full_subnet_dev_per_delta", "build_s_median"):  # fmt: skip
+        console.print(f"{k}: {result[k]}")
+    console.print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
