@@ -12,6 +12,7 @@ from typing import Any
 
 import pandas as pd
 import pytest
+import yaml
 from typer.testing import CliRunner
 
 from voxfit.cost_models import (
@@ -29,6 +30,7 @@ from voxfit.hw_profiles import find_profile, load_profile
 ROOT = Path(__file__).resolve().parents[2]
 SHIPPED_PROFILE = "x86-avx2-2core"
 SHIPPED = ROOT / "cost_models" / SHIPPED_PROFILE / "dataset"
+SPACES = ROOT / "src" / "voxfit" / "spaces" / "shipped"
 TASKS = ("stem", "blocks.0", "blocks.1", "head")
 
 
@@ -255,11 +257,17 @@ def test_collect_and_fit_leave_the_repository_as_it_was(
     before = _tree_digest(ROOT / "cost_models")
     profile = load_profile(find_profile(SHIPPED_PROFILE))
     work = tmp_path / "work"
-    # the first sampled candidate is in the shipped dataset: skipped, no TVM started
+    # the space the shipped dataset was sampled from: tdnn-default with float32 activations
+    space = yaml.safe_load((SPACES / "tdnn-default.yaml").read_text())
+    space["quantization"]["act_bits"] = {"*": [32]}
+    space_file = tmp_path / "fp32-acts.yaml"
+    space_file.write_text(yaml.safe_dump(space))
+    # its first sampled candidate is in the shipped dataset: skipped, no TVM started
     res = runner.invoke(
         app,
-        ["cost-model", "collect", "--profile", SHIPPED_PROFILE, "--n", "1", "--work", str(work)],
-    )
+        ["cost-model", "collect", "--profile", SHIPPED_PROFILE, "--n", "1", "--work", str(work),
+         "--space", str(space_file)],
+    )  # fmt: skip
     assert res.exit_code == 0, res.output
     assert "1 already measured" in res.output
     # two more measurements, copied from shipped rows under new names, in a store
