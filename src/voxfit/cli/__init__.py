@@ -411,6 +411,14 @@ def export_cmd(
         Path | None,
         typer.Option("--sign-key", help="Sign each bundle with this key (`voxfit keygen`)."),
     ] = None,
+    polish_steps: Annotated[
+        int,
+        typer.Option(
+            min=0,
+            help="Elastic-base studies: fine-tune each inherited candidate this many "
+            "distillation steps, exported if its dev PER improves (the report says).",
+        ),
+    ] = 0,
     verbose: Verbose = False,
 ) -> None:
     """Write deployable bundles (plan, ONNX, TVM library, adapters, report, manifest, and
@@ -452,6 +460,7 @@ def export_cmd(
                 worker=w,
                 audit=AuditLog.of_study(work, st.study_name),
                 sign_key=key,
+                polish_steps=polish_steps,
             )
             console.print(f"bundle {b}" + (" (signed)" if key is not None else ""))
 

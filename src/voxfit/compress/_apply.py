@@ -46,7 +46,9 @@ def apply(
         calibration: (feats, lengths) batches of training data; needed when any layer has
             8-bit activations.
         recovery: training data for the candidate's ``recovery_steps`` of distillation from
-            ``model`` after pruning (before quantization); needed when that is > 0.
+            ``model`` after pruning (before quantization); needed when that is > 0. On an
+            elastic model these steps polish the inherited sub-network (after its
+            BatchNorm recalibration).
         pair_safe_int8: convs with 8-bit weights and activations get weights no u8 x s8
             pair instruction can saturate with (``quantize_weight(pair_safe=True)``), so
             AVX2's int8 kernels compute exactly this model; costs accuracy (measured:
@@ -97,14 +99,15 @@ def apply(
         elastic = elastic_widths(model) or {}
         scores.update({g.name: prefix_scores(out, g) for g in groups if g.name in elastic})
         prune_to_plan(out, groups, scores, channel_multiple)
-    if candidate.recovery_steps:
-        if recovery is None:
-            raise ConfigError("recovery_steps > 0 needs recovery data (recovery=Recovery(...))")
-        distill(out, model, candidate.recovery_steps, recovery)
-    elif elastic_widths(model) and calibration is not None and recalibrate:
+    if candidate.recovery_steps and recovery is None:
+        raise ConfigError("recovery_steps > 0 needs recovery data (recovery=Recovery(...))")
+    if elastic_widths(model) and calibration is not None and recalibrate:
         # this sub-network's own BatchNorm statistics (the full width's too: a supernet
-        # trained before sub-network passes stopped updating them averaged many widths)
+        # trained before sub-network passes stopped updating them averaged many widths); a
+        # polish (recovery steps on an inherited candidate) starts from them
         recalibrate_batchnorm(out, calibration)
+    if candidate.recovery_steps and recovery is not None:
+        distill(out, model, candidate.recovery_steps, recovery)
 
     with torch.no_grad():
         for layer in candidate.layers:

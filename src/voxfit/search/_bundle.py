@@ -27,9 +27,11 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import logging
 import shutil
 import time
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +43,7 @@ from torch import nn
 from voxfit._config import read_user_text
 from voxfit.errors import ConfigError, VoxfitError
 from voxfit.hw_profiles import HardwareProfile
+from voxfit.plan import Candidate
 from voxfit.search._audit import AuditLog
 from voxfit.search._bundle_describe import (
     ConformanceCheck,
@@ -50,6 +53,8 @@ from voxfit.search._bundle_describe import (
 from voxfit.search._context import SearchContext
 from voxfit.search._record import record_of
 from voxfit.search._signing import SIGNATURE, fingerprint, sign_bundle, signature_problems
+
+log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
 BUNDLE_SCHEMA_VERSION = 2  # 2: self-describing (front end, phones, conformance)
@@ -214,6 +219,7 @@ def export_bundle(
     worker: Any = None,
     audit: AuditLog | None = None,
     sign_key: Any = None,
+    polish_steps: int = 0,
 ) -> Path:
     """Write the bundle of one completed trial under ``out_dir/trial-<n>/``.
 
@@ -227,6 +233,11 @@ def export_bundle(
 
     The model is rebuilt from the trial's plan and seed (same data, same recovery steps),
     its dev PER re-measured and compared with the trial's record.
+
+    ``polish_steps``: a candidate the search inherited from an elastic base (no
+    distillation) is fine-tuned that many distillation steps from the base before export,
+    and the polished model is exported only if its dev PER beats the trial's (the report's
+    ``polish`` says which, with both figures; the plan in the bundle is the one exported).
 
     Raises:
         ConfigError: the trial is not complete or was made for another profile.
@@ -244,16 +255,32 @@ def export_bundle(
     if rec.plan is None or rec.seed is None:
         raise ConfigError(f"trial {trial.number} records no plan and seed to rebuild from")
     cand = rec.plan
+    _check_polish(ctx, trial.number, cand, polish_steps)
+    searched_dev = rec.accuracy.dev_per
+    if polish_steps and searched_dev is None:
+        raise ConfigError(f"trial {trial.number} records no dev PER to judge a polish by")
     bundle = Path(out_dir) / f"trial-{trial.number}"
     tmp = bundle.with_name(bundle.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    model = ctx.build(
+    from voxfit.metrics import phone_error_rate
+
+    model, cand, polish = build_for_export(
+        ctx,
         cand,
-        profile.channel_multiple,
         rec.seed,
-        int8_pair_saturation=saturates_int8_pairs(profile),
+        profile.channel_multiple,
+        saturates_int8_pairs(profile),
+        polish_steps=polish_steps,
+        searched_dev_per=searched_dev if searched_dev is not None else float("nan"),
+        dev_per=lambda m: phone_error_rate(m, ctx.manifest.split("dev"), ctx.store, ctx.inventory),
     )
+    if polish is not None:
+        log.info(
+            "trial %d polished %d steps: dev PER %.2f -> %.2f (%s)",
+            trial.number, polish_steps, polish["dev_per_inherited"], polish["dev_per_polished"],
+            "exported" if polish["used"] else "not better: the inherited candidate is exported",
+        )  # fmt: skip
     (tmp / "plan.yaml").write_text(cand.dump_yaml())
 
     onnx_info = export_onnx(model, tmp / "model.onnx")
@@ -332,8 +359,6 @@ def export_bundle(
         adapt=ctx.adapt,
     )
 
-    from voxfit.metrics import phone_error_rate
-
     dev = phone_error_rate(model, ctx.manifest.split("dev"), ctx.store, ctx.inventory)
     report = {
         "schema_version": BUNDLE_SCHEMA_VERSION,
@@ -354,6 +379,7 @@ def export_bundle(
             "peak_memory_mb": rec.peak_memory_mb,
         },
         "dev_per_rebuilt": dev,
+        "polish": polish,
         "per_speaker": {
             "note": "PER % [before, after] adapting to each held-out speaker "
             f"({rec.accuracy.adaptation} settings)",
@@ -413,6 +439,66 @@ def export_bundle(
     shutil.rmtree(bundle, ignore_errors=True)
     tmp.rename(bundle)
     return bundle
+
+
+def build_for_export(
+    ctx: SearchContext,
+    cand: Candidate,
+    seed: int,
+    channel_multiple: int,
+    saturation: bool,
+    *,
+    polish_steps: int,
+    searched_dev_per: float,
+    dev_per: Callable[[nn.Module], float],
+) -> tuple[nn.Module, Candidate, dict[str, Any] | None]:
+    """The model a bundle exports, its plan, and what polishing did (None: not asked).
+
+    With ``polish_steps`` the candidate is rebuilt with that many recovery steps and kept
+    only if ``dev_per`` of it beats ``searched_dev_per`` (the trial's record); otherwise the
+    searched (inherited) candidate is rebuilt as it was."""
+    if not polish_steps:
+        return ctx.build(cand, channel_multiple, seed, int8_pair_saturation=saturation), cand, None
+    polished = replace(cand, recovery_steps=polish_steps)
+    t0 = time.monotonic()
+    model = ctx.build(polished, channel_multiple, seed, int8_pair_saturation=saturation)
+    dev_polished = dev_per(model)
+    used = dev_polished < searched_dev_per
+    polish = {
+        "steps": polish_steps,
+        "used": used,
+        "dev_per_inherited": searched_dev_per,
+        "dev_per_polished": dev_polished,
+        "searched_plan_hash": cand.stable_hash(),
+        "polish_s": time.monotonic() - t0,
+        "note": "the trial's other metrics (adaptation, latency) are the inherited "
+        "candidate's, as searched",
+    }
+    if used:
+        return model, polished, polish
+    model = ctx.build(cand, channel_multiple, seed, int8_pair_saturation=saturation)
+    return model, cand, polish
+
+
+def _check_polish(ctx: SearchContext, number: int, cand: Candidate, steps: int) -> None:
+    """``polish_steps`` applies to candidates inherited from an elastic base."""
+    from voxfit.compress import elastic_widths
+
+    if not steps:
+        return
+    if steps < 0:
+        raise ConfigError(f"--polish-steps: {steps} is negative")
+    if not elastic_widths(ctx.base):
+        raise ConfigError(
+            f"--polish-steps: the study's base {ctx.checkpoint} is not elastic (voxfit train "
+            "--elastic): its candidates are distilled by the search already"
+        )
+    if cand.recovery_steps:
+        raise ConfigError(
+            f"--polish-steps: trial {number} was distilled already ({cand.recovery_steps} steps)"
+        )
+    if ctx.recovery is None:
+        raise ConfigError("--polish-steps: the search context has no training data to distil on")
 
 
 def _tvm_version() -> str:
