@@ -38,3 +38,19 @@ quantization:
 adapters:
   slots: {"blocks.*": [0, 8]}
 """
+
+
+# The same for the tiny conformer: whole attention heads and FFN widths, 8/32-bit weights,
+# residual and LoRA adapters.
+CI_TINY_CONFORMER_SPACE = """
+schema_version: 1
+name: ci-tiny-conformer
+model: conformer
+pruning:
+  groups: {"blocks.*.ff1": [0.5, 1.0], "blocks.*.attn.heads": [0.5, 1.0]}
+quantization:
+  weight_bits: {"*": [8, 32]}
+adapters:
+  kinds: [residual, lora]
+  slots: {"blocks.*": [0, 8]}
+"""

@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from voxfit.compress import apply, export_onnx, export_onnx_static_int8
+from voxfit.compress import apply, export_onnx, export_onnx_static_int8, ort_session
 from voxfit.errors import ConfigError
 from voxfit.models import build_model, default_config
 from voxfit.plan import AdapterPlan, Candidate, GroupPlan, LayerPlan
@@ -98,13 +98,16 @@ def test_onnx_computes_the_plan_at_its_exact_bit_widths(
         assert np.abs(got - want).mean() < 1e-3
     else:  # weights are the very values torch rounded to: float rounding only
         np.testing.assert_allclose(got, want, atol=2e-4, rtol=1e-3)
-    # as deployed (every onnxruntime optimization): the same decisions, nearly the same values
-    fast = _run(out.path, x, lens)
-    assert float((fast.argmax(-1) == want.argmax(-1)).mean()) >= 0.98  # as above
-    # 8-bit activations: the fused U8S8 kernels saturate int16 pair sums without VNNI (the
-    # conformer w8a8 measured max 0.053, mean 0.0097 on an AVX2-only Zen 3)
-    assert np.abs(fast - want).max() < (0.1 if abits == 8 else 0.05)
-    assert np.abs(fast - want).mean() < (0.02 if abits == 8 else 2e-3)
+    # as deployed (every onnxruntime optimization, the session config bundles state)
+    fast = ort_session(out.path).run(None, {"feats": x.numpy(), "lengths": lens.numpy()})[0]
+    if abits == 8:
+        assert float((fast.argmax(-1) == want.argmax(-1)).mean()) >= 0.98  # as above
+        # the fused U8S8 kernels saturate int16 pair sums without VNNI (the conformer w8a8
+        # measured max 0.053, mean 0.0097 on an AVX2-only Zen 3)
+        assert np.abs(fast - want).max() < 0.1
+        assert np.abs(fast - want).mean() < 0.02
+    else:  # float activations stay float (no MatMulNBits int8 activations): as planned
+        np.testing.assert_allclose(fast, want, atol=2e-4, rtol=1e-3)
 
 
 def test_onnx_weights_weigh_what_the_plan_says(tmp_path: Path) -> None:

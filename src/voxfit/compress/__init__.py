@@ -17,7 +17,13 @@ from voxfit.compress._elastic import (
     train_elastic_cached,
     widths_of_space,
 )
-from voxfit.compress._export import OnnxExport, export_onnx, export_onnx_static_int8
+from voxfit.compress._export import (
+    ORT_SESSION_CONFIG,
+    OnnxExport,
+    export_onnx,
+    export_onnx_static_int8,
+    ort_session,
+)
 from voxfit.compress._prune import kept_channels, magnitude_scores, prune_to_plan, taylor_scores
 from voxfit.compress._quant import (
     ActivationQuantizer,
@@ -42,6 +48,8 @@ __all__ = [
     "widths_of_space",
     "ActivationQuantizer",
     "OnnxExport",
+    "ORT_SESSION_CONFIG",
+    "ort_session",
     "export_onnx",
     "export_onnx_static_int8",
     "Recovery",

@@ -238,6 +238,25 @@ def _rewrite(model: nn.Module, src: Path, dst: Path, opset: int) -> OnnxExport:
     )
 
 
+# How model.onnx runs as planned under onnxruntime. By default (every optimization) it fuses
+# a dequantized low-bit weight feeding a MatMul into MatMulNBits at accuracy level 4, which
+# quantizes the float activations to int8 on the fly: measured on a tiny conformer with
+# 8-bit weights and float activations, max |log-prob diff| 0.0047-0.016 vs the plan's torch
+# model, 2e-6 at level 1 (float compute). Convs are not fused so; the TDNN is unaffected.
+ORT_SESSION_CONFIG = {"session.qdq_matmulnbits_accuracy_level": "1"}
+
+
+def ort_session(path: str | os.PathLike[str], config: dict[str, str] | None = None) -> Any:
+    """An onnxruntime CPU session of ``path`` with ``config`` (default
+    :data:`ORT_SESSION_CONFIG`) and every graph optimization."""
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    for k, v in (ORT_SESSION_CONFIG if config is None else config).items():
+        so.add_session_config_entry(k, v)
+    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+
+
 def export_onnx(model: nn.Module, path: str | os.PathLike[str], *, opset: int = 17) -> OnnxExport:
     """Write ``model`` as ONNX at exactly its plan's bit-widths (see the module doc): inputs
     feats (B, T, 80) and lengths (B,), dynamic B and T. Opset 21 when a layer is 4-bit.

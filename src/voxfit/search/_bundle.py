@@ -188,14 +188,15 @@ def _adapter_arrays(model: nn.Module) -> dict[str, np.ndarray]:
 
 def _onnx_check(model: nn.Module, path: Path, frames: int) -> dict[str, Any]:
     """model.onnx against the plan's torch model (its fake quantization on: what the
-    search's accuracy measured), run by onnxruntime as deployed (every optimization)."""
-    import onnxruntime as ort
+    search's accuracy measured), run by onnxruntime as deployed (every optimization, the
+    session config the bundle states)."""
+    from voxfit.compress import ort_session
 
     x = torch.randn(1, frames, 80, generator=torch.Generator().manual_seed(0))
     n = torch.tensor([frames])
     with torch.no_grad():
         ref, _ = model(x, n)
-    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    sess = ort_session(path)  # as frontend.json's onnxruntime entry says to run it
     got = sess.run(None, {"feats": x.numpy(), "lengths": n.numpy()})[0]
     diff = float(np.max(np.abs(got - ref.numpy())))
     agree = float(np.mean(got.argmax(-1) == ref.numpy().argmax(-1)))

@@ -33,6 +33,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from voxfit.compress import ORT_SESSION_CONFIG
 from voxfit.data import FeatureConfig, PhoneInventory
 from voxfit.plan import Candidate
 
@@ -185,6 +186,11 @@ def write_self_description(
         "out_lengths": OUTPUT_LENGTHS,
         "stride": OUTPUT_STRIDE,
         "frame_shift_ms": fe["output"]["frame_shift_ms"] * OUTPUT_STRIDE,
+    }
+    fe["onnxruntime"] = {
+        "session_config": dict(ORT_SESSION_CONFIG),
+        "why": "without it onnxruntime fuses low-bit weights feeding a MatMul into "
+        "MatMulNBits at accuracy level 4, quantizing float activations to int8: not the plan",
     }
     (out / "frontend.json").write_text(json.dumps(fe, indent=2) + "\n")
     (out / "frontend.py").write_text(frontend_reference_source())
@@ -353,10 +359,16 @@ def _check_frontend(bundle: Path, x: np.ndarray, tol: dict[str, Any]) -> Conform
 def _check_onnx(
     bundle: Path, x: np.ndarray, lengths: np.ndarray, want: np.ndarray, n: int, tol: dict[str, Any]
 ) -> ConformanceCheck:
-    import onnxruntime as ort
+    from voxfit.compress import ort_session
 
     try:
-        sess = ort.InferenceSession(str(bundle / "model.onnx"), providers=["CPUExecutionProvider"])
+        # the session config the bundle states (none in bundles from before it did)
+        fe = json.loads((bundle / "frontend.json").read_text())
+        config = dict(fe.get("onnxruntime", {}).get("session_config", {}))
+    except (OSError, ValueError, AttributeError) as e:
+        return ConformanceCheck("onnxruntime", error=f"frontend.json unreadable: {e}"[:300])
+    try:
+        sess = ort_session(bundle / "model.onnx", config)
         got = sess.run(None, {"feats": x, "lengths": lengths})[0]
     except Exception as e:  # noqa: BLE001 - a model onnxruntime refuses is a problem line
         return ConformanceCheck("onnxruntime", error=f"model.onnx does not run: {str(e)[:200]}")
