@@ -88,6 +88,28 @@ def test_unknown_model_kind_is_a_parameter_error(tmp_path: Path) -> None:
     assert "rnn" in res.output
 
 
+def test_search_takes_the_space_of_its_model_and_refuses_a_mismatch(tmp_path: Path) -> None:
+    from voxfit.errors import ConfigError
+
+    # a space for the other model: refused before any corpus or training
+    res = runner.invoke(
+        app,
+        ["search", "--model", "tdnn", "--space", "conformer-default", "--work", str(tmp_path)],
+    )
+    assert isinstance(res.exception, ConfigError)
+    assert "model: conformer but --model is tdnn" in str(res.exception)
+    # --model alone picks <model>-default: an unknown preset fails after that choice (no work)
+    res = runner.invoke(
+        app, ["search", "--model", "conformer", "--preset", "huge", "--work", str(tmp_path)]
+    )
+    assert isinstance(res.exception, ConfigError)
+    assert "--preset" in str(res.exception)
+    res = runner.invoke(app, ["search", "--model", "rnn", "--work", str(tmp_path)])
+    assert isinstance(res.exception, ConfigError)  # no rnn-default space
+    assert "rnn-default" in str(res.exception)
+    assert not list(tmp_path.iterdir())  # nothing was made
+
+
 @pytest.mark.slow
 def test_foundation_benchmark_writes_its_figures(tmp_path: Path, tiny_manifest: Manifest) -> None:
     out = tmp_path / "foundation.json"

@@ -29,13 +29,45 @@ def _raw() -> dict[str, Any]:
 
 
 def test_shipped_spaces_bind_to_their_models(tdnn_structure) -> None:  # type: ignore[no-untyped-def]
+    from voxfit.models import build_model, default_config
+
+    conformer = build_model(default_config("conformer", 55, "default")).structure()
+    models = set()
     for path in SPACES.glob("*.yaml"):
         space = load_space(path)
-        if space.model == "tdnn":
-            bound = space.bind(tdnn_structure)
-            assert set(bound.groups) == {g.name for g in tdnn_structure.groups}
-            assert bound.weight_bits["head"] == (8, 32)  # the later, specific rule wins
-            assert bound.weight_bits["stem"] == (4, 8, 32)
+        models.add(space.model)
+        structure = tdnn_structure if space.model == "tdnn" else conformer
+        bound = space.bind(structure)
+        assert set(bound.groups) == {g.name for g in structure.groups}
+        assert bound.weight_bits["head"] == (8, 32)  # the later, specific rule wins
+        assert bound.weight_bits["stem"] == (4, 8, 32)
+    assert models == {"tdnn", "conformer"}
+
+
+def test_the_conformer_space_prunes_whole_heads_and_builds() -> None:
+    import torch
+
+    from voxfit.compress import apply
+    from voxfit.cost_models import sample_candidates
+    from voxfit.models import build_model, default_config
+
+    torch.manual_seed(0)
+    base = build_model(default_config("conformer", 55, "default")).eval()
+    bound = find_space("conformer-default", SPACES).bind(base.structure())
+    assert bound.groups["stream"] == (1.0,)  # the adapters' stream is kept whole
+    assert set(bound.space.adapter_kinds) == {"residual", "lora"}
+    x, n = torch.randn(1, 100, 80), torch.tensor([100])
+    heads = set()
+    for cand in sample_candidates(bound, 6, seed=1, levelled=2):
+        m = apply(base, cand, channel_multiple=8)
+        for blk in m.blocks:  # type: ignore[union-attr]
+            width = blk.attn.q.out_features
+            assert width % 36 == 0  # whole heads of 36 channels
+            heads.add(width // 36)
+        lp, _ = m(x, n)
+        assert lp.shape == (1, 50, 55)
+        assert torch.isfinite(lp).all()
+    assert heads >= {2, 4}  # the space's corners are reached
 
 
 def test_sample_round_trips_through_params(tdnn_structure) -> None:  # type: ignore[no-untyped-def]

@@ -108,8 +108,12 @@ def train(
         ),
     ] = False,
     space: Annotated[
-        str, typer.Option(help="Space whose widths the elastic model learns (with --elastic).")
-    ] = "tdnn-default",
+        str | None,
+        typer.Option(
+            help="Space whose widths the elastic model learns (with --elastic); default: "
+            "<model>-default."
+        ),
+    ] = None,
     elastic_minutes: Annotated[
         float | None, typer.Option(help="Cap on the elastic phase's wall time.")
     ] = None,
@@ -150,6 +154,7 @@ def train(
         from voxfit.spaces import find_space
 
         structure = load_checkpoint(path).model.structure()  # type: ignore[operator]
+        space = space or f"{model}-default"
         widths = widths_of_space(find_space(space).bind(structure))
         if not widths:
             raise typer.BadParameter(
@@ -312,8 +317,9 @@ def _duration(text: str | None) -> float | None:
 @app.command()
 def search(
     space: Annotated[
-        str, typer.Option(help="Space name (spaces/) or YAML path.")
-    ] = "tdnn-default",
+        str | None,
+        typer.Option(help="Space name (spaces/) or YAML path; default: <model>-default."),
+    ] = None,
     profile: Annotated[
         str | None, typer.Option(help="Profile name or YAML; default: this CPU's local one.")
     ] = None,
@@ -329,7 +335,10 @@ def search(
         float, typer.Option(help="Measure for real when predicted within this of the front.")
     ] = 0.10,
     preset: Preset = "default",
-    model: Annotated[str, typer.Option(help="Model family member: tdnn.")] = "tdnn",
+    model: Annotated[
+        str | None,
+        typer.Option(help="Model family: tdnn or conformer; default: the space's model."),
+    ] = None,
     manifest: Annotated[
         Path | None, typer.Option(help="Your own corpus manifest; default: the preset's.")
     ] = None,
@@ -348,9 +357,10 @@ def search(
 
     _setup_logging(verbose)
     prof = load_profile(find_profile(profile)) if profile else pick_local_profile()
-    sp = find_space(space)
-    if sp.model != model:
+    sp = find_space(space or f"{model or 'tdnn'}-default")
+    if model is not None and sp.model != model:
         raise ConfigError(f"{sp.source}: model: {sp.model} but --model is {model}")
+    model = sp.model
     from voxfit.models import build_model, default_config
 
     if preset not in ("tiny", "default"):
