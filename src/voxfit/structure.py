@@ -17,12 +17,33 @@ torch side -- checking a declaration against real modules and pruning -- is in
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Literal
 
 from voxfit.errors import ModelError
 
-__all__ = ["AdapterSlot", "ChannelGroup", "ChannelMember", "Layout", "ModelStructure", "Side"]
+__all__ = [
+    "FAMILIES",
+    "AdapterSlot",
+    "ChannelGroup",
+    "ChannelMember",
+    "Layout",
+    "ModelStructure",
+    "Side",
+    "is_factory",
+]
+
+#: the shipped model families; any other model is named by its factory (``module:function``,
+#: ``voxfit.models.build_named``)
+FAMILIES: tuple[str, ...] = ("tdnn", "conformer")
+_FACTORY_RE = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
+
+
+def is_factory(ref: str) -> bool:
+    """Whether ``ref`` names a model factory (``package.module:function``), not a family."""
+    return bool(_FACTORY_RE.match(ref))
+
 
 Side = Literal["out", "in", "norm", "depthwise"]
 Layout = Literal["BCT", "BTC"]

@@ -82,7 +82,10 @@ def _resolve_manifest(manifest: Path | None, preset: str, corpus_dir: Path) -> P
 @app.command()
 def train(
     preset: Preset = "default",
-    model: Annotated[str, typer.Option(help="Model family member: tdnn or conformer.")] = "tdnn",
+    model: Annotated[
+        str,
+        typer.Option(help="Model: tdnn, conformer, or your factory package.module:function."),
+    ] = "tdnn",
     manifest: Annotated[
         Path | None,
         typer.Option(
@@ -133,8 +136,13 @@ def train(
     )
 
     _setup_logging(verbose)
-    if model not in ("tdnn", "conformer"):
-        raise typer.BadParameter(f"{model!r} (choose tdnn or conformer)", param_hint="--model")
+    from voxfit.models import FAMILIES, is_factory
+
+    if model not in FAMILIES and not is_factory(model):
+        raise typer.BadParameter(
+            f"{model!r} (choose tdnn, conformer or a factory package.module:function)",
+            param_hint="--model",
+        )
     man = load_manifest(_resolve_manifest(manifest, preset, corpus_dir))
     store = FeatureStore(man, out / "features")
     cfg = train_preset(preset)
@@ -337,7 +345,10 @@ def search(
     preset: Preset = "default",
     model: Annotated[
         str | None,
-        typer.Option(help="Model family: tdnn or conformer; default: the space's model."),
+        typer.Option(
+            help="tdnn, conformer or a factory package.module:function; default: the "
+            "space's model."
+        ),
     ] = None,
     manifest: Annotated[
         Path | None, typer.Option(help="Your own corpus manifest; default: the preset's.")
@@ -354,19 +365,24 @@ def search(
     from voxfit.hw_profiles import find_profile, load_profile, pick_local_profile
     from voxfit.search import SearchContext, SearchSettings, front_table, run_search
     from voxfit.spaces import find_space
+    from voxfit.structure import is_factory
 
     _setup_logging(verbose)
     prof = load_profile(find_profile(profile)) if profile else pick_local_profile()
+    if space is None and model is not None and is_factory(model):
+        raise ConfigError(
+            f"--space: {model} is your own model: name a space YAML over its declared groups"
+        )
     sp = find_space(space or f"{model or 'tdnn'}-default")
     if model is not None and sp.model != model:
         raise ConfigError(f"{sp.source}: model: {sp.model} but --model is {model}")
     model = sp.model
-    from voxfit.models import build_model, default_config
+    from voxfit.models import build_named
 
     if preset not in ("tiny", "default"):
         raise ConfigError(f"--preset: {preset!r} is not tiny or default")
     # fail fast on a space that names layers the model lacks (before corpus and training)
-    sp.bind(build_model(default_config(model, 2, preset)).structure())  # type: ignore[arg-type,operator]
+    sp.bind(build_named(model, 2, preset).structure())  # type: ignore[operator]
     ctx = SearchContext.prepare(preset=preset, model=model, work=work, manifest=manifest)
     bound = sp.bind(ctx.base.structure())  # type: ignore[operator]
     name = study or f"{prof.name}-{sp.name}-{preset}"

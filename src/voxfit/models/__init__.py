@@ -9,6 +9,15 @@ from voxfit.models._adapters import (
     freeze_backbone,
     insert_adapters,
 )
+from voxfit.models._factory import (
+    FactoryConfig,
+    build_from_config,
+    build_named,
+    check_model_ref,
+    config_for,
+    config_from_dict,
+    model_name,
+)
 from voxfit.models._family import (
     OUTPUT_LENGTHS,
     OUTPUT_STRIDE,
@@ -33,8 +42,18 @@ from voxfit.models._structure import (
     reorder_group,
     validate_structure,
 )
+from voxfit.structure import FAMILIES, is_factory
 
 __all__ = [
+    "FAMILIES",
+    "FactoryConfig",
+    "build_from_config",
+    "build_named",
+    "check_model_ref",
+    "config_for",
+    "config_from_dict",
+    "is_factory",
+    "model_name",
     "OUTPUT_LENGTHS",
     "OUTPUT_STRIDE",
     "ActivationQuantizer",

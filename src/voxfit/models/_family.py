@@ -21,6 +21,7 @@ from voxfit.models._structure import (
     ModelStructure,
     validate_structure,
 )
+from voxfit.structure import FAMILIES
 
 ModelKind = Literal["tdnn", "conformer"]
 
@@ -336,7 +337,7 @@ def build_model(cfg: ModelConfig) -> TdnnCtc | ConformerLiteCtc:
 
 def default_config(kind: str, n_outputs: int, size: Literal["tiny", "default"]) -> ModelConfig:
     """The shipped architecture of ``kind`` at a size preset ("tiny" is for tests)."""
-    if kind not in ("tdnn", "conformer"):
+    if kind not in FAMILIES:
         raise ConfigError(f"unknown model kind {kind!r} (choose tdnn or conformer)")
     if size == "tiny":
         return ModelConfig(kind, n_outputs, channels=32, hidden=48, n_blocks=2, heads=2)  # type: ignore[arg-type]

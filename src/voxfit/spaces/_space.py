@@ -32,7 +32,7 @@ from voxfit._config import (
 )
 from voxfit.errors import ConfigError
 from voxfit.plan import ACT_BITS, WEIGHT_BITS, AdapterPlan, Candidate, GroupPlan, LayerPlan
-from voxfit.structure import ModelStructure
+from voxfit.structure import FAMILIES, ModelStructure, is_factory
 
 SPACE_SCHEMA_VERSION = 1
 _KINDS = ("residual", "lora")
@@ -219,7 +219,13 @@ def space_from_dict(raw: dict[str, Any], source: str = "space") -> SearchSpace:
     """
     f = Fields(raw, source)
     name = f.header(SPACE_SCHEMA_VERSION)
-    model = f.choice("model", ("tdnn", "conformer"))
+    model = f.get("model", str)
+    if model not in FAMILIES and not is_factory(model):
+        raise f.error(
+            "model",
+            f"{show(model)} is not one of {', '.join(FAMILIES)} or a factory "
+            "(package.module:function)",
+        )
     description = f.get("description", str, "")
     pruning = f.sub_optional("pruning")
     groups: tuple[Rule, ...] = ()

@@ -24,11 +24,14 @@ from voxfit.errors import ConfigError, ModelError
 from voxfit.metrics import phone_error_rate
 from voxfit.models import (
     ELASTIC_ATTR,
+    FactoryConfig,
     ModelConfig,
-    build_model,
+    build_from_config,
+    config_for,
+    config_from_dict,
     count_parameters,
-    default_config,
     insert_adapters,
+    model_name,
 )
 from voxfit.train._adapt import SpeakerAdaptation, measure_adaptation
 from voxfit.train._loop import AdaptConfig, TrainConfig, train_base
@@ -78,14 +81,18 @@ class Checkpoint:
     """A loaded base model with what produced it."""
 
     model: nn.Module
-    config: ModelConfig
+    config: ModelConfig | FactoryConfig
     inventory: PhoneInventory
     meta: dict[str, Any]
     path: Path
 
 
 def save_checkpoint(
-    path: Path, model: nn.Module, cfg: ModelConfig, inventory: PhoneInventory, meta: dict[str, Any]
+    path: Path,
+    model: nn.Module,
+    cfg: ModelConfig | FactoryConfig,
+    inventory: PhoneInventory,
+    meta: dict[str, Any],
 ) -> None:
     """Write a checkpoint (tensors + plain data only, so it loads with weights_only=True)."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -123,8 +130,8 @@ def load_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
     if raw.get("version") != CHECKPOINT_VERSION:
         raise ModelError(f"{p}: checkpoint version {raw.get('version')} is not supported")
     try:
-        cfg = ModelConfig(**raw["model_config"])
-        model = build_model(cfg)
+        cfg = config_from_dict(raw["model_config"])
+        model = build_from_config(cfg)
         model.load_state_dict(raw["state_dict"])
         inventory = PhoneInventory(tuple(raw["inventory"]))
         meta = raw["meta"]
@@ -147,17 +154,21 @@ def train_cached(
 ) -> Path:
     """Train the base model for this corpus and settings, or reuse the cached one.
 
+    ``kind``: a family (``tdnn``, ``conformer``) or a factory (``module:function``,
+    :func:`voxfit.models.build_named`).
+
     Returns:
-        Path of ``checkpoint.pt`` under ``out_dir/<kind>-<hash>/``.
+        Path of ``checkpoint.pt`` under ``out_dir/<name>-<hash>/`` (name: the family or the
+        factory's function).
     """
     inventory = PhoneInventory.from_sequences(u.phones for u in manifest.utterances)
-    cfg = default_config(kind, inventory.size, "tiny" if size == "tiny" else "default")
+    cfg = config_for(kind, inventory.size, size)
     key = _digest(manifest_hash(manifest), asdict(cfg), asdict(train_cfg), store.key)
-    path = Path(out_dir) / f"{kind}-{key}" / "checkpoint.pt"
+    path = Path(out_dir) / f"{model_name(cfg)}-{key}" / "checkpoint.pt"
     if path.exists():
         log.info("reusing trained model %s", path)
         return path
-    model = build_model(cfg)
+    model = build_from_config(cfg)
     hist = train_base(
         model, manifest.split("train"), store, inventory, train_cfg, dev_utts=manifest.split("dev")
     )
