@@ -144,6 +144,37 @@ def split_candidates(
     return shots, held
 
 
+def _check_device(profile: HardwareProfile) -> None:
+    """An RPC profile's tracker answers and has a device under the profile's key, before
+    anything is built.
+
+    Raises:
+        DeviceGone: naming the tracker and the key.
+    """
+    from voxfit.compile import TvmWorker
+
+    rpc = profile.measurement.rpc
+    if profile.measurement.method != "rpc" or rpc is None:
+        return
+    where = f"{profile.name}: RPC tracker {rpc.tracker_host}:{rpc.tracker_port}"
+    with TvmWorker(1) as w:
+        r = w.call(
+            "tracker_summary",
+            timeout_s=rpc.connect_timeout_s + 60,
+            host=rpc.tracker_host,
+            port=rpc.tracker_port,
+            key=rpc.device_key,
+        )
+    if "error" in r:
+        why = str(r["error"]).split(": ", 1)[-1]
+        raise DeviceGone(f"{where}, device key {rpc.device_key!r}: {why}")
+    if rpc.device_key not in r.get("queue", {}):
+        raise DeviceGone(
+            f"{where} has no device with key {rpc.device_key!r} (registered: "
+            f"{', '.join(sorted(r.get('queue', {}))) or 'none'})"
+        )
+
+
 def tune_on_device(
     base: nn.Module,
     candidates: Sequence[nn.Module],
@@ -378,6 +409,7 @@ def onboard(
             f"onboard: the source model {src.directory} is itself a transfer model; "
             "transfer from a fitted cost model (voxfit cost-model fit)"
         )
+    _check_device(profile)
     store = MeasurementStore(measurements_dir(profile, work))
     shots, held = split_candidates(space, n_shot, validate, seed)
     report = OnboardReport(profile.name, Path(out or fitted_model_dir(profile, work)), 0, 0)
