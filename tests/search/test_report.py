@@ -284,6 +284,7 @@ def test_front_table(study: optuna.Study) -> None:
         "post_adapt_per": 15.0,
         "size_mb": 4.0,
         "baseline": "fp32",
+        "vs_peer": None,  # no peer measured for this study
     }
 
 

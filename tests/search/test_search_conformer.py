@@ -56,6 +56,19 @@ def test_a_tiny_conformer_study_searches_exports_and_verifies(
         assert rec.accuracy.dev_per is not None
         assert rec.accuracy.post_adapt_per is not None
     assert recs[1].size_mb < recs[0].size_mb / 3  # 8-bit weights
+    # the peer, timed back to back with the base's TVM library, scales the front
+    peer = study.user_attrs["peer"]
+    assert len(peer["rounds"]) == 3
+    assert all(r["peer_ms"] > 0 and r["tvm_base_ms"] > 0 for r in peer["rounds"])
+    assert "x ORT int8 base" in r.stdout
+    from voxfit.search import front_table, peer_latency_ms
+
+    on_scale = peer_latency_ms(study)
+    assert on_scale == pytest.approx(
+        study.user_attrs["base"]["latency_ms"] * peer["ratio_to_tvm_base"]
+    )
+    for row in front_table(study):
+        assert row["vs_peer"] == pytest.approx(on_scale / row["latency_ms"])
     # the pruned baseline has fewer heads or FFN units: a smaller model
     assert recs[2].params < recs[0].params
 

@@ -359,6 +359,14 @@ def search(
         Path | None,
         typer.Option(help="A fitted cost model folder (`cost-model fit` output) to predict with."),
     ] = None,
+    peer: Annotated[
+        bool,
+        typer.Option(
+            "--peer/--no-peer",
+            help="Time onnxruntime's static int8 of the base once per study (local "
+            "profiles), so the front shows its speed-up over that peer.",
+        ),
+    ] = True,
     verbose: Verbose = False,
 ) -> None:
     """Run (or resume) a multi-objective search for one hardware profile."""
@@ -399,6 +407,7 @@ def search(
         work=work,
         cost_models_dir=cost_models,
         cost_model=cost_model,
+        measure_peer=peer,
     )
     st = run_search(settings, ctx)
     _print_front(front_table(st), f"Pareto front of {name} ({prof.name})")
@@ -407,10 +416,12 @@ def search(
 
 def _print_front(rows: list[dict], title: str) -> None:  # type: ignore[type-arg]
     t = Table(title=title)
-    for col in ("trial", "latency ms", "source", "dev PER", "post-adapt PER", "MB", "baseline"):
+    peer = any(r.get("vs_peer") for r in rows)
+    cols = ("trial", "latency ms", "source", "dev PER", "post-adapt PER", "MB", "baseline")
+    for col in (*cols, "x ORT int8 base") if peer else cols:
         t.add_column(col, justify="right")
     for r in rows:
-        t.add_row(
+        cells = [
             str(r["trial"]),
             f"{r['latency_ms']:.2f}",
             str(r.get("latency_source", "")),
@@ -418,8 +429,17 @@ def _print_front(rows: list[dict], title: str) -> None:  # type: ignore[type-arg
             f"{r['post_adapt_per']:.2f}",
             f"{r['size_mb']:.2f}" if r.get("size_mb") is not None else "",
             str(r.get("baseline") or ""),
-        )
+        ]
+        if peer:
+            cells.append(f"{r['vs_peer']:.2f}" if r.get("vs_peer") else "")
+        t.add_row(*cells)
     console.print(t)
+    if peer:
+        console.print(
+            "x ORT int8 base: the point's speed-up over onnxruntime's static int8 of the base "
+            "model (timed back to back with the base's TVM library on this machine)",
+            highlight=False,
+        )
 
 
 @app.command("export")

@@ -246,12 +246,21 @@ def _rewrite(model: nn.Module, src: Path, dst: Path, opset: int) -> OnnxExport:
 ORT_SESSION_CONFIG = {"session.qdq_matmulnbits_accuracy_level": "1"}
 
 
-def ort_session(path: str | os.PathLike[str], config: dict[str, str] | None = None) -> Any:
+def ort_session(
+    path: str | os.PathLike[str],
+    config: dict[str, str] | None = None,
+    *,
+    threads: int | None = None,
+) -> Any:
     """An onnxruntime CPU session of ``path`` with ``config`` (default
-    :data:`ORT_SESSION_CONFIG`) and every graph optimization."""
+    :data:`ORT_SESSION_CONFIG`) and every graph optimization; ``threads``: intra-op threads
+    (one inter-op thread), default onnxruntime's."""
     import onnxruntime as ort
 
     so = ort.SessionOptions()
+    if threads is not None:
+        so.intra_op_num_threads = threads
+        so.inter_op_num_threads = 1
     for k, v in (ORT_SESSION_CONFIG if config is None else config).items():
         so.add_session_config_entry(k, v)
     return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])

@@ -14,6 +14,7 @@ from voxfit.latency._estimators import (
     summarize,
 )
 from voxfit.latency._farm import Farm, FarmError, hosted, local_farm
+from voxfit.latency._ort import time_onnxruntime
 from voxfit.latency._stack import (
     LatencyPredictor,
     PredictedEstimator,
@@ -49,4 +50,5 @@ __all__ = [
     "make_estimator",
     "should_measure",
     "summarize",
+    "time_onnxruntime",
 ]

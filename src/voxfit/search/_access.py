@@ -226,11 +226,13 @@ def front_table(study: optuna.Study) -> list[dict[str, Any]]:
     """The front as printable rows, fastest first.
 
     Keys: ``trial``, ``latency_ms``, ``latency_source``, ``dev_per``, ``post_adapt_per``,
-    ``size_mb``, ``baseline`` (``""`` for searched trials). Empty when no feasible trial
-    completed.
+    ``size_mb``, ``baseline`` (``""`` for searched trials), ``vs_peer`` (the point's
+    speed-up over the study's peer, :func:`peer_latency_ms`; None when not measured). Empty
+    when no feasible trial completed.
     """
     f = study_frame(study)
     f = f[f["on_front"]].sort_values(["latency_ms", "number"])
+    peer = peer_latency_ms(study)
     return [
         {
             "trial": int(r.number),
@@ -240,6 +242,17 @@ def front_table(study: optuna.Study) -> list[dict[str, Any]]:
             "post_adapt_per": float(r.post_adapt_per),
             "size_mb": None if pd.isna(r.size_mb) else float(r.size_mb),
             "baseline": r.baseline,
+            "vs_peer": peer / float(r.latency_ms) if peer and r.latency_ms > 0 else None,
         }
         for r in f.itertuples()
     ]
+
+
+def peer_latency_ms(study: optuna.Study) -> float | None:
+    """The peer's latency (onnxruntime's static int8 of the base, ``voxfit.search``'s
+    ``measure_peer``) on the study's latency scale: the base's latency objective times the
+    peer / TVM-base ratio measured back to back. None until both are known."""
+    peer, base = study.user_attrs.get("peer"), study.user_attrs.get("base")
+    if not peer or not base or not base.get("latency_ms"):
+        return None
+    return float(base["latency_ms"]) * float(peer["ratio_to_tvm_base"])

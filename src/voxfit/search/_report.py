@@ -21,7 +21,7 @@ import plotly.graph_objects as go
 from optuna.trial import TrialState
 from plotly.offline import get_plotlyjs
 
-from voxfit.search._access import check_objectives, front_table, records
+from voxfit.search._access import check_objectives, front_table, peer_latency_ms, records
 from voxfit.search._figures import (
     NOTES,
     importance_figure,
@@ -76,6 +76,28 @@ def _latency_model(attrs: Mapping[str, Any]) -> str:
     return "<h3>Latency model</h3>" + _kv_table(info)
 
 
+def _peer(study: optuna.Study) -> str:
+    """The peer the front is judged against (the front table's ``vs_peer`` column)."""
+    peer = study.user_attrs.get("peer")
+    if not peer:
+        return (
+            "<h3>Peer</h3><p class='note'>Not measured (an RPC profile, --no-peer, or it "
+            "failed: see the search's log).</p>"
+        )
+    on_scale = peer_latency_ms(study)
+    front = [r["vs_peer"] for r in front_table(study) if r.get("vs_peer")]
+    info = {
+        "peer": peer["name"],
+        "peer / TVM base, back to back": f"{peer['ratio_to_tvm_base']:.3f} "
+        f"(median of {len(peer['rounds'])} rounds, {peer['threads']} threads)",
+        "peer on the latency objective's scale (ms)": (
+            f"{on_scale:.3f}" if on_scale else "when the fp32 baseline has finished"
+        ),
+        "best front speed-up over the peer": f"{max(front):.2f}x" if front else "-",
+    }
+    return "<h3>Peer</h3>" + _kv_table(info)
+
+
 def _summary(study: optuna.Study) -> str:
     attrs = study.user_attrs
     profile = attrs.get("profile") or {}
@@ -100,6 +122,7 @@ def _summary(study: optuna.Study) -> str:
     base = attrs.get("base")
     parts.append("<h3>Base model</h3>")
     parts.append(_kv_table(base) if base else "<p class='note'>No base metrics recorded.</p>")
+    parts.append(_peer(study))
     parts.append("<h3>Front</h3>")
     front = front_table(study)
     if front:

@@ -122,6 +122,8 @@ class SearchSettings:
     # a cost model fitted by the user (``voxfit cost-model fit``) instead of the shipped one
     cost_model: Path | None = None
     enqueue_baselines: bool = True
+    # time onnxruntime's static int8 of the base once per study (local profiles): the peer
+    measure_peer: bool = True
 
 
 def _versions() -> dict[str, str]:
@@ -417,6 +419,66 @@ def _record_calibration(study: optuna.Study, latency: PromotingEstimator) -> Non
         study.set_user_attr("latency_calibration", cal)
 
 
+PEER = "onnxruntime static int8 of the base (int8 weights per channel, uint8 activations)"
+
+
+def measure_peer(
+    s: SearchSettings, ctx: SearchContext, study: optuna.Study, rounds: int = 3
+) -> dict[str, Any] | None:
+    """Time the peer a front is judged against: onnxruntime's static int8 of the base, in
+    ``rounds`` alternating with the base's TVM library on this machine, once per study
+    (``peer`` user attribute: the median ratio peer / TVM base; the front's speed-up over
+    the peer is then the base's latency objective x that ratio / a point's latency). Local
+    profiles only (onnxruntime runs here); a failure is a warning, never a failed search."""
+    import statistics
+
+    if "peer" in study.user_attrs:
+        return dict(study.user_attrs["peer"])
+    if s.profile.measurement.method != "local":
+        return None
+    from voxfit.compile import default_tuning_dir
+    from voxfit.compress import apply, export_onnx_static_int8
+    from voxfit.latency import TvmLocalEstimator, time_onnxruntime
+
+    t0 = time.monotonic()
+    frames = s.profile.primary_input.frames
+    try:
+        layers = tuple(LayerPlan(q, 8) for q in ctx.base.structure().quantizable)  # type: ignore[operator]
+        int8 = apply(ctx.base, Candidate(layers=layers))
+        onnx_path = s.work / "peer" / s.profile.name / f"{s.study_name}-ort-int8.onnx"
+        export_onnx_static_int8(int8, onnx_path, ctx.calibration)
+        pairs = []
+        with TvmLocalEstimator(
+            s.profile,
+            s.work / "peer" / s.profile.name / "builds",
+            cost_models_dir=s.cost_models_dir,
+            tuning_dir=default_tuning_dir(s.work, s.profile),
+        ) as est:
+            for _ in range(rounds):
+                (r,) = est.estimate(ctx.base, (s.profile.primary_input,))
+                if not r.ok or not r.median_ms:
+                    raise VoxfitError(f"the base's TVM library: {r.error}")
+                o = time_onnxruntime(onnx_path, frames, s.profile.cores)["median_ms"]
+                pairs.append((float(r.median_ms), float(o)))
+    except (VoxfitError, OSError, ValueError, RuntimeError) as e:
+        log.warning("peer (onnxruntime int8 of the base) not measured: %s", e)
+        return None
+    peer = {
+        "name": PEER,
+        "ratio_to_tvm_base": statistics.median(o / t for t, o in pairs),
+        "rounds": [{"tvm_base_ms": t, "peer_ms": o} for t, o in pairs],
+        "threads": s.profile.cores,
+        "input": s.profile.primary_input.name,
+        "seconds": time.monotonic() - t0,
+    }
+    study.set_user_attr("peer", peer)
+    log.info(
+        "peer: onnxruntime int8 of the base takes %.2fx the base's TVM time (%d rounds)",
+        peer["ratio_to_tvm_base"], rounds,
+    )  # fmt: skip
+    return peer
+
+
 def for_base(s: SearchSettings, ctx: SearchContext) -> SearchSettings:
     """The settings a search of ``ctx.base`` runs with: an elastic base (``voxfit train
     --elastic``) makes its candidates by inheriting its weights, so the space's
@@ -461,6 +523,8 @@ def run_search(s: SearchSettings, ctx: SearchContext) -> optuna.Study:
             },
         )
     objective = make_objective(ctx, s, latency)
+    if s.measure_peer:
+        measure_peer(s, ctx, study)
 
     def finished() -> int:
         return len(study.get_trials(deepcopy=False, states=_FINISHED))
