@@ -67,6 +67,7 @@ def _search(s: dict[str, Path], study: str, trials: int, **kw: object) -> subpro
         "--study", study,
         "--work", str(root / "work"),
         "--cost-models", str(root / "cm"),
+        "--no-peer",  # the peer is tested in test_search_conformer.py (CI's budget)
     ]  # fmt: skip
     return subprocess.Popen(
         cmd, cwd=ROOT, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
