@@ -3,8 +3,9 @@ with a Linear CTC head. All voxfit needs is this file's factory (``build``), nam
 command line as ``module:function`` (``voxfit train --model mymodel:build``).
 
 The contract: ``build(n_outputs=, size=)`` returns a torch module with
-``forward(feats (B, T, 80), lengths (B,)) -> (log-probs (B, T', n_outputs), lengths')`` and
-``structure()`` declaring its channel groups, quantizable layers and adapter slots.
+``forward(feats (B, T, n_mels), lengths (B,)) -> (log-probs (B, T', n_outputs), lengths')``
+and ``structure()`` declaring its channel groups, quantizable layers and adapter slots; its
+``n_mels`` attribute says how many log-mel bins it takes (this one: 40; default 80).
 """
 
 from __future__ import annotations
@@ -30,9 +31,12 @@ class _Block(nn.Module):
 
 
 class ConvCtc(nn.Module):
-    def __init__(self, n_outputs: int, width: int, inner: int, n_layers: int) -> None:
+    def __init__(
+        self, n_outputs: int, width: int, inner: int, n_layers: int, n_mels: int = 40
+    ) -> None:
         super().__init__()
-        self.stem = nn.Conv1d(80, width, 5, stride=2, padding=2)
+        self.n_mels = n_mels  # voxfit computes this many log-mel bins for it
+        self.stem = nn.Conv1d(n_mels, width, 5, stride=2, padding=2)
         self.layers = nn.ModuleList(_Block(width, inner) for _ in range(n_layers))
         self.head = nn.Linear(width, n_outputs)
 

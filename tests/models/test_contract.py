@@ -15,7 +15,7 @@ from torch import nn
 
 from voxfit.compress import apply, export_onnx, ort_session
 from voxfit.errors import ConfigError, ModelError
-from voxfit.models import build_named, config_for, group_size, validate_structure
+from voxfit.models import build_named, config_for, group_size, n_mels_of, validate_structure
 from voxfit.plan import AdapterPlan, Candidate, GroupPlan, LayerPlan
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -32,9 +32,9 @@ def _model(ref: str) -> nn.Module:
     return m
 
 
-def _x() -> tuple[torch.Tensor, torch.Tensor]:
+def _x(m: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(2)
-    return torch.randn(2, 64, 80, generator=g), torch.tensor([64, 51])
+    return torch.randn(2, 64, n_mels_of(m), generator=g), torch.tensor([64, 51])
 
 
 @pytest.mark.parametrize("ref", MODELS)
@@ -45,7 +45,8 @@ def test_the_structure_is_declared_and_every_group_prunes_consistently(ref: str)
     assert s.groups
     assert s.quantizable
     assert s.adapter_slots
-    x, n = _x()
+    assert n_mels_of(m) == (40 if ":" in ref else 80)  # the user's model takes 40 bins
+    x, n = _x(m)
     y, out_n = m(x, n)
     assert y.shape[:2] == (2, int(out_n[0]))
     for g in s.groups:
@@ -68,7 +69,7 @@ def test_adapters_insert_as_identity(ref: str, kind: str) -> None:
     slots = [a.name for a in m.structure().adapter_slots]  # type: ignore[operator]
     plan = Candidate(adapters=tuple(AdapterPlan(s, 8, kind) for s in slots))  # type: ignore[arg-type]
     a = apply(m, plan)
-    x, n = _x()
+    x, n = _x(m)
     torch.testing.assert_close(a(x, n)[0], m(x, n)[0])
     assert sum(p.numel() for p in a.parameters()) > sum(p.numel() for p in m.parameters())
 
@@ -84,7 +85,7 @@ def test_onnx_export_computes_the_plan(ref: str, tmp_path: Path) -> None:
     q = apply(m, plan)
     out = export_onnx(q, tmp_path / "m.onnx")
     assert len(out.int8_layers) == len(s.quantizable)
-    x, n = _x()
+    x, n = _x(m)
     got = ort_session(out.path).run(None, {"feats": x.numpy(), "lengths": n.numpy()})[0]
     np.testing.assert_allclose(got, q(x, n)[0].detach().numpy(), atol=2e-4, rtol=1e-3)
 
@@ -106,7 +107,7 @@ def test_tvm_compiles_and_runs_the_plan(ref: str, tmp_path: Path) -> None:
     with TvmWorker(1) as w:
         (c,) = compile_model(q, p, w, tmp_path / "b", tune=False)
         assert c.ok, c.error
-        x = torch.randn(1, c.frames, 80, generator=torch.Generator().manual_seed(1))
+        x = torch.randn(1, c.frames, n_mels_of(q), generator=torch.Generator().manual_seed(1))
         out = w.call("run_local", timeout_s=120, lib=str(c.lib), input=x.numpy())
     with torch.no_grad():
         ref_out = q(x, torch.tensor([c.frames]))[0].numpy()

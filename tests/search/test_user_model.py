@@ -78,6 +78,11 @@ def test_a_users_model_is_trained_searched_exported_and_verified_by_the_cli(
     bundle = tmp_path / "bundles" / "mine" / f"trial-{n}"
     rep = json.loads((bundle / "report.json").read_text())
     assert rep["tvm"]["max_abs_diff_vs_torch"] < 1e-3
+    # the model declares 40 log-mel bins: features, the TVM library and the bundle's front
+    # end all use 40
+    fe = json.loads((bundle / "frontend.json").read_text())
+    assert fe["model_input"]["feats"]["shape"] == ["batch", "frames", 40]
+    assert ", 40), dtype=" in (bundle / "tvm" / "load_example.py").read_text()
     out = cli("verify", str(bundle))
     assert "conformance onnxruntime: frame agreement 1.000" in out
     assert "conformance tvm: frame agreement 1.000" in out

@@ -126,10 +126,11 @@ def train(
     with --elastic, also the elastic supernet (cached), reported at its full width."""
     from dataclasses import replace
 
-    from voxfit.data import FeatureStore, load_manifest
+    from voxfit.data import load_manifest
     from voxfit.train import (
         adapt_preset,
         evaluate_cached,
+        feature_store,
         load_checkpoint,
         train_cached,
         train_preset,
@@ -144,7 +145,7 @@ def train(
             param_hint="--model",
         )
     man = load_manifest(_resolve_manifest(manifest, preset, corpus_dir))
-    store = FeatureStore(man, out / "features")
+    store = feature_store(man, out / "features", model, preset)
     cfg = train_preset(preset)
     if max_minutes is not None:
         cfg = replace(cfg, max_minutes=max_minutes)
@@ -186,13 +187,14 @@ def evaluate_cmd(
     verbose: Verbose = False,
 ) -> None:
     """Dev PER and per held-out speaker PER before/after adapter-only adaptation."""
-    from voxfit.data import FeatureStore, load_manifest
-    from voxfit.train import adapt_preset, evaluate_cached, load_checkpoint
+    from voxfit.data import load_manifest
+    from voxfit.train import adapt_preset, evaluate_cached, feature_store, load_checkpoint
 
     _setup_logging(verbose)
     man = load_manifest(manifest)
     ckpt = load_checkpoint(checkpoint)
-    report = evaluate_cached(ckpt, man, FeatureStore(man, out / "features"), adapt_preset(preset))
+    store = feature_store(man, out / "features", ckpt.model, preset)
+    report = evaluate_cached(ckpt, man, store, adapt_preset(preset))
     print_report(report)
 
 
@@ -219,8 +221,14 @@ def sensitivity_cmd(
 ) -> None:
     """Per layer/group: dev PER and post-adaptation PER when only it is compressed."""
     from voxfit.compress import SensitivityConfig, save_sensitivity, sensitivity
-    from voxfit.data import FeatureStore, load_manifest
-    from voxfit.train import adapt_preset, load_checkpoint, train_cached, train_preset
+    from voxfit.data import load_manifest
+    from voxfit.train import (
+        adapt_preset,
+        feature_store,
+        load_checkpoint,
+        train_cached,
+        train_preset,
+    )
 
     _setup_logging(verbose)
     try:
@@ -229,7 +237,7 @@ def sensitivity_cmd(
     except ValueError:
         raise typer.BadParameter("expected comma-separated numbers") from None
     man = load_manifest(_resolve_manifest(None, preset, corpus_dir))
-    store = FeatureStore(man, out / "features")
+    store = feature_store(man, out / "features", model, preset)
     ckpt = load_checkpoint(train_cached(man, store, model, preset, train_preset(preset), out))
     table = sensitivity(
         ckpt.model,

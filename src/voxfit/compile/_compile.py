@@ -2,7 +2,7 @@
 
 The model is exported here with ``torch.export`` at a fixed input length per profile input
 (static shapes: MetaSchedule tunes concrete shapes, and a phone runs fixed-size chunks),
-as the deployed graph: feats (1, T, 80) -> log-probs. Convolutions with 8-bit activations
+as the deployed graph: feats (1, T, n_mels) -> log-probs. Convolutions with 8-bit activations
 and <= 8-bit weights become ``voxfit::qconv1d`` ops (int8 compute where the target allows,
 see ``_qops``); other activation fake-quantizers are off (weights keep their quantized
 values). The TVM work runs in a :class:`TvmWorker`.
@@ -26,6 +26,7 @@ from voxfit.compile._runner import runner_spec
 from voxfit.compile._worker import TvmWorker
 from voxfit.errors import ConfigError
 from voxfit.hw_profiles import HardwareProfile, InputSpec
+from voxfit.models import n_mels_of
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,6 +41,7 @@ class CompileResult:
     input: str
     frames: int
     lib: Path | None = None
+    n_mels: int = 80  # the input's feature bins: (1, frames, n_mels)
     n_tasks: int = 0
     new_tasks: int = 0
     tuned_trials: int = 0
@@ -92,7 +94,7 @@ def _fold_batchnorm(model: nn.Module) -> None:
 
 
 class _Deploy(nn.Module):
-    """feats (1, T, 80) -> log-probs: the graph a device runs (lengths = all frames).
+    """feats (1, T, n_mels) -> log-probs: the graph a device runs (lengths = all frames).
 
     Wraps an eval-mode *copy* of the model whose BatchNorms became per-channel affines, so
     TVM fuses them into the preceding conv's epilogue instead of running a separate
@@ -318,10 +320,13 @@ def compile_model(
     for spec in inputs or profile.inputs:
         t0 = time.monotonic()
         base: dict[str, Any] = dict(
-            profile=profile.name, input=spec.name, frames=spec.frames, lowering=lowering
-        )
+            profile=profile.name, input=spec.name, frames=spec.frames, lowering=lowering,
+            n_mels=n_mels_of(model),
+        )  # fmt: skip
         try:
-            program = export_program(model, spec.frames, out / f"{spec.name}.pt2", pack=pack)
+            program = export_program(
+                model, spec.frames, out / f"{spec.name}.pt2", n_mels_of(model), pack=pack
+            )
         except Exception as e:  # noqa: BLE001 - an unexportable model is a failed candidate
             results.append(CompileResult(**base, error=f"torch.export failed: {e}"[:500]))
             continue

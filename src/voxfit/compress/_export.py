@@ -34,7 +34,7 @@ from torch import nn
 from voxfit._warnings import quiet_export
 from voxfit.compress._quant import fake_quant_off
 from voxfit.errors import ConfigError
-from voxfit.models import ActivationQuantizer
+from voxfit.models import ActivationQuantizer, n_mels_of
 from voxfit.plan import plan_of
 
 INPUTS = ("feats", "lengths")
@@ -69,7 +69,7 @@ def _scope(layer: str) -> str:
 
 def _export_float(model: nn.Module, dst: Path, opset: int) -> None:
     model.eval()
-    example = (torch.zeros(1, 64, 80), torch.tensor([64]))
+    example = (torch.zeros(1, 64, n_mels_of(model)), torch.tensor([64]))
     with fake_quant_off(model), torch.no_grad(), quiet_export():
         torch.onnx.export(
             model,
@@ -268,7 +268,8 @@ def ort_session(
 
 def export_onnx(model: nn.Module, path: str | os.PathLike[str], *, opset: int = 17) -> OnnxExport:
     """Write ``model`` as ONNX at exactly its plan's bit-widths (see the module doc): inputs
-    feats (B, T, 80) and lengths (B,), dynamic B and T. Opset 21 when a layer is 4-bit.
+    feats (B, T, n_mels: 80 unless the model says, ``models.n_mels_of``) and lengths (B,),
+    dynamic B and T. Opset 21 when a layer is 4-bit.
 
     Raises:
         ConfigError: a planned layer has no weight node in the graph, or its 8-bit

@@ -28,6 +28,7 @@ from voxfit.cost_models._store import MeasurementStore, dataset_dir, load_datase
 from voxfit.errors import ConfigError
 from voxfit.hw_profiles import HardwareProfile, InputSpec
 from voxfit.latency import LatencyResult
+from voxfit.models import n_mels_of
 from voxfit.plan import Candidate
 from voxfit.spaces import BoundSpace, sample
 
@@ -108,13 +109,13 @@ def rows_of(
     return row, task_rows
 
 
-def random_calibration(frames: int, seed: int) -> list[Any]:
+def random_calibration(frames: int, seed: int, n_mels: int = 80) -> list[Any]:
     """Calibration batches for measuring latency: random frames (latency does not depend on
     the calibration values; 8-bit activation layers need some)."""
     import torch
 
     g = torch.Generator().manual_seed(seed)
-    return [(torch.randn(2, frames, 80, generator=g), torch.full((2,), frames))]
+    return [(torch.randn(2, frames, n_mels, generator=g), torch.full((2,), frames))]
 
 
 class _Seeded:
@@ -282,7 +283,7 @@ def _measure_into(
     from voxfit.latency import TvmLocalEstimator
 
     if calibration is None:
-        calibration = random_calibration(inputs[0].frames, seed)
+        calibration = random_calibration(inputs[0].frames, seed, n_mels_of(base))
     stored = failed = 0
     ref_key = reference_key(base) if reference else None
     with (

@@ -56,6 +56,7 @@ from voxfit.cost_models._transfer import (
 )
 from voxfit.errors import ConfigError, VoxfitError
 from voxfit.hw_profiles import HardwareProfile, describe_host
+from voxfit.models import n_mels_of
 from voxfit.plan import Candidate
 from voxfit.spaces import BoundSpace
 
@@ -251,7 +252,7 @@ def measure_candidates(
     if not todo:
         return 0, 0
     ref = reference_key(base)
-    calib = random_calibration(spec.frames, seed)
+    calib = random_calibration(spec.frames, seed, n_mels_of(base))
     measured = failed = lost = 0
     with (
         _estimator(profile, base, work, cost_models_dir, tuning_dir) as est,
@@ -417,7 +418,7 @@ def onboard(
     from voxfit.compress import apply
 
     t0 = time.monotonic()
-    calib = random_calibration(profile.primary_input.frames, seed)
+    calib = random_calibration(profile.primary_input.frames, seed, n_mels_of(base))
     to_tune = [
         apply(base, c, channel_multiple=profile.channel_multiple, calibration=calib)
         for c in shots[: max(0, tune_models)]

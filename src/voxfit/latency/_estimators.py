@@ -239,6 +239,7 @@ class _TvmEstimator:
             "lib": str(c.lib),
             "reference": reference,
             "frames": c.frames,
+            "n_mels": c.n_mels,
             "measurement": {
                 "warmup": m.warmup,
                 "repeats": m.repeats,

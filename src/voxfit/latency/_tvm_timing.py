@@ -50,17 +50,21 @@ def _stats(secs: list[float]) -> dict[str, Any]:
     }
 
 
-def _input(frames: int, dev: tvm.runtime.Device) -> tvm.runtime.Tensor:
+def _input(frames: int, dev: tvm.runtime.Device, n_mels: int = 80) -> tvm.runtime.Tensor:
     """The timing input: one utterance of ``frames`` log-mel frames (fixed values)."""
     return tvm.runtime.tensor(
-        np.random.default_rng(0).standard_normal((1, frames, 80)).astype("float32"), dev
+        np.random.default_rng(0).standard_normal((1, frames, n_mels)).astype("float32"), dev
     )
 
 
 def _time_vm(
-    vm: relax.VirtualMachine, dev: tvm.runtime.Device, frames: int, m: dict[str, Any]
+    vm: relax.VirtualMachine,
+    dev: tvm.runtime.Device,
+    frames: int,
+    m: dict[str, Any],
+    n_mels: int = 80,
 ) -> dict[str, Any]:
-    x = _input(frames, dev)
+    x = _input(frames, dev, n_mels)
     for _ in range(int(m["warmup"])):
         vm["main"](x)
     f = vm.time_evaluator(
@@ -69,13 +73,15 @@ def _time_vm(
     return _stats(list(f(x).results))
 
 
-def _time_calls(vm: relax.VirtualMachine, dev: tvm.runtime.Device, frames: int, runs: int) -> list:
+def _time_calls(
+    vm: relax.VirtualMachine, dev: tvm.runtime.Device, frames: int, runs: int, n_mels: int = 80
+) -> list:
     """Per-call wall time of the compiled kernels, in call order: [name, median ms] each.
 
     The VM's instrument hook brackets every call instruction; VM builtins (allocation,
     shape checks) are left out, so the kernels' sum is a little below a whole-model time.
     """
-    x = tvm.runtime.tensor(np.zeros((1, frames, 80), dtype="float32"), dev)
+    x = tvm.runtime.tensor(np.zeros((1, frames, n_mels), dtype="float32"), dev)
     per_run: list[list[tuple[str, float]]] = []
     calls: list[tuple[str, float]] = []
     started = [0.0]
@@ -117,6 +123,7 @@ def _time_paired(
     dev: tvm.runtime.Device,
     frames: int,
     m: dict[str, Any],
+    n_mels: int = 80,
 ) -> dict[str, Any]:
     """Time ``vm`` and a reference model in alternating rounds (one sample each per round).
 
@@ -124,7 +131,7 @@ def _time_paired(
     seconds); the median of the per-round ratios cancels what both runs of a round share.
     ``relative_cv`` is the ratios' coefficient of variation (what drift leaves over).
     """
-    x = _input(frames, dev)
+    x = _input(frames, dev, n_mels)
     for _ in range(int(m["warmup"])):
         vm["main"](x)
         ref["main"](x)
@@ -150,16 +157,17 @@ def measure_local(req: dict[str, Any]) -> dict[str, Any]:
     ``reference``: a library timed in rounds alternating with ``lib``, 0/None for none)."""
     dev = tvm.cuda(0) if req.get("device") == "cuda" else tvm.cpu(0)
     vm = _vm_of(req["lib"], dev)
+    n_mels = int(req.get("n_mels", 80))  # the model's input bins
     if req.get("reference"):
         if req["reference"] not in _REFERENCES:
             _REFERENCES[req["reference"]] = _vm_of(req["reference"], dev)
         ref = _REFERENCES[req["reference"]]
-        out = _time_paired(vm, ref, dev, int(req["frames"]), req["measurement"])
+        out = _time_paired(vm, ref, dev, int(req["frames"]), req["measurement"], n_mels)
     else:
-        out = _time_vm(vm, dev, int(req["frames"]), req["measurement"])
+        out = _time_vm(vm, dev, int(req["frames"]), req["measurement"], n_mels)
     out["threads"] = int(os.environ.get("TVM_NUM_THREADS", "0"))
     if int(req.get("calls", 0)) > 0:
-        out["calls"] = _time_calls(vm, dev, int(req["frames"]), int(req["calls"]))
+        out["calls"] = _time_calls(vm, dev, int(req["frames"]), int(req["calls"]), n_mels)
     return out
 
 
@@ -336,10 +344,14 @@ def measure_rpc(req: dict[str, Any]) -> dict[str, Any]:
         rlib, dev, vm = _remote_vm(remote, req)
         if req.get("reference"):
             rref, _, ref = _remote_vm(remote, req, "reference")
-            out = _time_paired(vm, ref, dev, int(req["frames"]), req["measurement"])
+            out = _time_paired(
+                vm, ref, dev, int(req["frames"]), req["measurement"], int(req.get("n_mels", 80))
+            )
             del ref, rref
         else:
-            out = _time_vm(vm, dev, int(req["frames"]), req["measurement"])
+            out = _time_vm(
+                vm, dev, int(req["frames"]), req["measurement"], int(req.get("n_mels", 80))
+            )
         del vm, rlib
         return out
 

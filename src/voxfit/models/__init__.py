@@ -28,6 +28,7 @@ from voxfit.models._family import (
     build_model,
     count_parameters,
     default_config,
+    n_mels_of,
 )
 from voxfit.models._quantizer import ActivationQuantizer
 from voxfit.models._structure import (
@@ -54,6 +55,7 @@ __all__ = [
     "config_from_dict",
     "is_factory",
     "model_name",
+    "n_mels_of",
     "OUTPUT_LENGTHS",
     "OUTPUT_STRIDE",
     "ActivationQuantizer",

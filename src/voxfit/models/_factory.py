@@ -2,7 +2,8 @@
 
 A factory is ``package.module:function``; ``function(n_outputs=..., size=...)`` returns a
 torch module that satisfies :class:`~voxfit.models.StructuredModel` (``structure()`` and
-``forward(feats, lengths)`` over log-mel features). ``size`` is the preset's name (``tiny``
+``forward(feats, lengths)`` over log-mel features; an ``n_mels`` attribute when they are
+not 80 bins: voxfit computes that many). ``size`` is the preset's name (``tiny``
 for tests, ``default``); a factory may ignore it. The module is imported from the current
 folder first (as ``uvicorn app:app`` does), then from the installed packages.
 
@@ -34,7 +35,6 @@ class FactoryConfig:
     factory: str
     n_outputs: int
     size: str = "default"
-    n_mels: int = 80
     kind: str = "factory"
 
 

@@ -77,6 +77,7 @@ class TdnnCtc(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.cfg = cfg
+        self.n_mels = cfg.n_mels  # the input features it takes (voxfit.models.n_mels_of)
         c, h, k = cfg.channels, cfg.hidden, cfg.kernel_size
         self.stem = nn.Conv1d(cfg.n_mels, c, 5, stride=OUTPUT_STRIDE, padding=2)
         self.stem_bn = nn.BatchNorm1d(c)
@@ -226,6 +227,7 @@ class ConformerLiteCtc(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.cfg = cfg
+        self.n_mels = cfg.n_mels
         d = cfg.channels
         self.stem = nn.Conv1d(cfg.n_mels, d, 5, stride=OUTPUT_STRIDE, padding=2)
         self.stem_norm = nn.LayerNorm(d)
@@ -346,6 +348,12 @@ def default_config(kind: str, n_outputs: int, size: Literal["tiny", "default"]) 
     return ModelConfig(
         "conformer", n_outputs, channels=144, hidden=576, n_blocks=4, kernel_size=15, heads=4
     )
+
+
+def n_mels_of(model: nn.Module) -> int:
+    """The log-mel bins ``model`` takes: its ``n_mels`` attribute (the families set it; a
+    user's model may declare it), else 80."""
+    return int(getattr(model, "n_mels", 80))
 
 
 def count_parameters(model: nn.Module) -> int:

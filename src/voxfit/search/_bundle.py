@@ -43,6 +43,7 @@ from torch import nn
 from voxfit._config import read_user_text
 from voxfit.errors import ConfigError, VoxfitError
 from voxfit.hw_profiles import HardwareProfile
+from voxfit.models import n_mels_of
 from voxfit.plan import Candidate
 from voxfit.search._audit import AuditLog
 from voxfit.search._bundle_describe import (
@@ -73,7 +74,7 @@ from tvm import relax
 lib = sys.argv[1] if len(sys.argv) > 1 else "{lib}"
 dev = tvm.cpu(0)  # tvm.cuda(0) for a cuda target; over RPC: remote.load_module(...)
 vm = relax.VirtualMachine(tvm.runtime.load_module(lib), dev)
-feats = np.zeros((1, {frames}, 80), dtype="float32")  # (batch, frames, log-mel bins)
+feats = np.zeros((1, {frames}, {n_mels}), dtype="float32")  # (batch, frames, log-mel bins)
 out = vm["main"](tvm.runtime.tensor(feats, dev))
 log_probs = (out[0] if not hasattr(out, "numpy") else out).numpy()
 print("log-probs", log_probs.shape)  # (1, frames // 2, phones + blank)
@@ -192,7 +193,7 @@ def _onnx_check(model: nn.Module, path: Path, frames: int) -> dict[str, Any]:
     session config the bundle states)."""
     from voxfit.compress import ort_session
 
-    x = torch.randn(1, frames, 80, generator=torch.Generator().manual_seed(0))
+    x = torch.randn(1, frames, n_mels_of(model), generator=torch.Generator().manual_seed(0))
     n = torch.tensor([frames])
     with torch.no_grad():
         ref, _ = model(x, n)
@@ -334,7 +335,8 @@ def export_bundle(
         from voxfit.hw_profiles import host_runs
 
         if host_runs(profile)[0] and not profile.cross_compiler:
-            x = np.random.default_rng(0).standard_normal((1, spec.frames, 80)).astype("float32")
+            shape = (1, spec.frames, n_mels_of(model))
+            x = np.random.default_rng(0).standard_normal(shape).astype("float32")
             r = worker.call("run_local", timeout_s=300, lib=str(lib.resolve()), input=x)
             if "error" in r:
                 raise VoxfitError(f"the bundle's TVM library does not run: {r['error']}")
@@ -345,7 +347,9 @@ def export_bundle(
         if own:
             worker.close()
     (tmp / "tvm" / "load_example.py").write_text(
-        _LOADER.format(tvm=_tvm_version(), lib=f"{spec.name}.so", frames=spec.frames)
+        _LOADER.format(
+            tvm=_tvm_version(), lib=f"{spec.name}.so", frames=spec.frames, n_mels=n_mels_of(model)
+        )
     )
     arrays = _adapter_arrays(model)
     np.savez(tmp / "adapters.npz", **arrays)  # type: ignore[arg-type]

@@ -76,6 +76,7 @@ class SearchContext:
         from voxfit.data import preset as corpus_preset
         from voxfit.train import (
             adapt_preset,
+            feature_store,
             load_checkpoint,
             train_cached,
             train_preset,
@@ -84,14 +85,17 @@ class SearchContext:
         work = Path(work)
         path = Path(manifest) if manifest else make_corpus(corpus_preset(preset), work / "corpus")
         man = load_manifest(path)
-        store = FeatureStore(man, work / "models" / "features")
+        features = work / "models" / "features"
         if checkpoint is not None:
             ckpt_path = Path(checkpoint)
+            ckpt = load_checkpoint(ckpt_path)
+            store = feature_store(man, features, ckpt.model, preset)
         else:
+            store = feature_store(man, features, model, preset)
             ckpt_path = train_cached(
                 man, store, model, preset, train_preset(preset), work / "models"
             )
-        ckpt = load_checkpoint(ckpt_path)
+            ckpt = load_checkpoint(ckpt_path)
         inv = ckpt.inventory
         groups = list(batches(man.split("train"), 30.0))
         calib = [(b.feats, b.lengths) for b in (collate(g, store, inv) for g in groups[::40][:4])]

@@ -23,6 +23,7 @@ from voxfit.train._pipeline import (
     adapt_preset,
     evaluate,
     evaluate_cached,
+    feature_store,
     load_checkpoint,
     manifest_hash,
     save_checkpoint,
@@ -52,6 +53,7 @@ __all__ = [
     "manifest_hash",
     "save_checkpoint",
     "train_base",
+    "feature_store",
     "train_cached",
     "train_preset",
 ]

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from voxfit import __version__
-from voxfit.data import FeatureStore, Manifest, PhoneInventory
+from voxfit.data import FeatureConfig, FeatureStore, Manifest, PhoneInventory
 from voxfit.errors import ConfigError, ModelError
 from voxfit.metrics import phone_error_rate
 from voxfit.models import (
@@ -32,6 +32,7 @@ from voxfit.models import (
     count_parameters,
     insert_adapters,
     model_name,
+    n_mels_of,
 )
 from voxfit.train._adapt import SpeakerAdaptation, measure_adaptation
 from voxfit.train._loop import AdaptConfig, TrainConfig, train_base
@@ -142,6 +143,17 @@ def load_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
         raise ModelError(f"{p}: not a checkpoint this voxfit can load ({why})") from None
     model.eval()
     return Checkpoint(model, cfg, inventory, meta, p)
+
+
+def feature_store(
+    manifest: Manifest, cache_dir: str | os.PathLike[str], model: nn.Module | str, size: str
+) -> FeatureStore:
+    """The features ``model`` takes (a module, or a family / factory name built at ``size``
+    to ask): its ``n_mels`` log-mel bins (``voxfit.models.n_mels_of``), cached per manifest
+    and settings under ``cache_dir``."""
+    if isinstance(model, str):
+        model = build_from_config(config_for(model, 2, size))
+    return FeatureStore(manifest, cache_dir, FeatureConfig(n_mels=n_mels_of(model)))
 
 
 def train_cached(
