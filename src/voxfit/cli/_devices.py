@@ -51,6 +51,40 @@ def profile_check(
     console.print(t)
 
 
+@profile_app.command("publish-tuning")
+def profile_publish_tuning(
+    profile: Annotated[str, typer.Argument(help="Profile name or YAML.")],
+    work: Annotated[
+        Path, typer.Option(help="Work folder whose tuning/<profile> database to publish.")
+    ] = Path("work"),
+    into: Annotated[
+        Path | None,
+        typer.Option(help="Target database folder; default the profile's shipped one."),
+    ] = None,
+    top_k: Annotated[int, typer.Option(min=1, help="Best records kept per task.")] = 4,
+    cost_models: CostDir = Path("cost_models"),
+) -> None:
+    """Copy the best records of the tasks your work folder tuned into the profile's shipped
+    database (cost_models/<profile>/tuning), so a fresh checkout compiles them warm; tasks
+    it has records of are left as they are."""
+    from voxfit.compile import default_tuning_dir, publish
+    from voxfit.hw_profiles import find_profile, load_profile
+
+    prof = load_profile(find_profile(profile))
+    src = default_tuning_dir(work, prof)
+    if not (src / "database_workload.json").is_file():
+        raise ConfigError(f"{src}: no tuning database here (run a search or a collection)")
+    dst = into or prof.database_dir(cost_models)
+    try:
+        r = publish(src, dst, top_k)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    console.print(
+        f"{dst}: {r.workloads_added} tasks added with {r.records_added} records (best "
+        f"{top_k} each); {r.already_there} tasks it had records of left as they were"
+    )
+
+
 def _base_model(space_kind: str, preset: str, outputs: int, checkpoint: Path | None):  # type: ignore[no-untyped-def]
     from voxfit.models import build_model, default_config
     from voxfit.train import load_checkpoint

@@ -15,7 +15,7 @@ from voxfit.compile._compile import (
     saturates_int8_pairs,
     seed_database_dir,
 )
-from voxfit.compile._database import RepairReport, check, locked, repair
+from voxfit.compile._database import PublishReport, RepairReport, check, locked, publish, repair
 from voxfit.compile._executables import kept_executable
 from voxfit.compile._lease import call_bounded, lease_bounded
 from voxfit.compile._runner import RunnerKind, RunnerSpec, runner_spec
@@ -23,6 +23,7 @@ from voxfit.compile._worker import TvmWorker
 
 __all__ = [
     "CompileResult",
+    "PublishReport",
     "RepairReport",
     "RunnerKind",
     "RunnerSpec",
@@ -36,6 +37,7 @@ __all__ = [
     "call_bounded",
     "lease_bounded",
     "locked",
+    "publish",
     "repair",
     "runner_spec",
     "saturates_int8_pairs",

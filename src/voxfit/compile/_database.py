@@ -112,3 +112,69 @@ def locked(db_dir: str | Path) -> Iterator[Path]:
             yield d
         finally:
             fcntl.flock(f, fcntl.LOCK_UN)
+
+
+@dataclass(frozen=True, slots=True)
+class PublishReport:
+    """What :func:`publish` added to a shipped database."""
+
+    workloads_added: int
+    records_added: int
+    already_there: int  # tasks the target database had records of: left as they were
+
+
+def _mean_secs(record_line: str) -> float:
+    """A record line's mean run time; failed runs (MetaSchedule writes 1e10) sort last."""
+    secs = json.loads(record_line)[1][1]
+    ok = [float(s) for s in secs if float(s) < 1e9]
+    return sum(ok) / len(ok) if ok and len(ok) == len(secs) else float("inf")
+
+
+def publish(user_dir: str | Path, into: str | Path, top_k: int = 4) -> PublishReport:
+    """Copy the best ``top_k`` records of every task ``user_dir``'s database tuned that
+    ``into``'s database has no record of (e.g. a work folder's tuning into the repository's
+    ``cost_models/<profile>/tuning``, so a fresh checkout compiles those tasks warm).
+
+    Both databases keep MetaSchedule's format (a workload line is copied as it is; records
+    are re-indexed); ``into`` is rewritten atomically, ``user_dir`` is read under its lock.
+    Records whose every run failed are not copied.
+
+    Raises:
+        ValueError: ``top_k`` < 1, or ``into``'s database is torn.
+    """
+    if top_k < 1:
+        raise ValueError(f"top_k: {top_k} must be >= 1")
+    dst = Path(into)
+    report = check(dst)
+    if report.changed:
+        raise ValueError(f"{dst}: the tuning database is torn; repair or restore it first")
+    with locked(user_dir) as src:
+        workloads, records, _, _ = _scan(src)
+    dst.mkdir(parents=True, exist_ok=True)
+    have_w, have_r, _, _ = _scan(dst)
+    index = {line: i for i, line in enumerate(have_w)}
+    covered = {int(json.loads(r)[0]) for r in have_r}
+    by_task: dict[int, list[str]] = {}
+    for r in records:
+        by_task.setdefault(int(json.loads(r)[0]), []).append(r)
+    new_w, new_r = list(have_w), list(have_r)
+    added_w = added_r = there = 0
+    for i, lines in sorted(by_task.items()):
+        best = sorted((r for r in lines if _mean_secs(r) < float("inf")), key=_mean_secs)
+        if not best:
+            continue
+        j = index.get(workloads[i])
+        if j is not None and j in covered:
+            there += 1
+            continue
+        if j is None:
+            j = index[workloads[i]] = len(new_w)
+            new_w.append(workloads[i])
+            added_w += 1
+        for r in best[:top_k]:
+            new_r.append(json.dumps([j, json.loads(r)[1]], separators=(",", ":")))
+            added_r += 1
+    if added_w or added_r:
+        _write_atomic(dst / WORKLOADS, new_w)
+        _write_atomic(dst / RECORDS, new_r)
+    return PublishReport(added_w, added_r, there)
