@@ -16,8 +16,12 @@ sampler -- voxfit's default and random search, optionally NSGA-II -- into one SQ
   machine load). With ``--predicted`` every trial's latency in the search comes from the
   cost model, so both samplers are judged on the same footing, and only these end-of-run
   measurements use TVM.
+- the peer: onnxruntime's static int8 of the base model (int8 weights per channel, uint8
+  activations), timed in ``--peer-rounds`` rounds alternating with the best point's TVM
+  library at the end: ``front_vs_ort_int8_base`` is the median of peer / best per round.
 
-Writes ``benchmarks/results/search.json``.
+Writes ``benchmarks/results/search.json`` (``--out``; for the Conformer, say
+``--space conformer-default --out benchmarks/results/search_conformer.json``).
 
     python benchmarks/search.py --trials 24
 """
@@ -46,6 +50,56 @@ from voxfit.search import (
     run_search,
 )
 from voxfit.spaces import find_space
+
+
+def _peer_vs_best(
+    args: Any,
+    ctx: SearchContext,
+    profile: Any,
+    best: TrialRecord,
+    multiple: int,
+    console: Console,
+) -> dict[str, Any] | None:
+    """onnxruntime's static int8 of the base vs the best point's TVM library, in rounds."""
+    import statistics
+
+    from voxfit.compile import default_tuning_dir
+    from voxfit.compress import apply, export_onnx_static_int8
+    from voxfit.latency import TvmLocalEstimator, time_onnxruntime
+    from voxfit.models import n_mels_of
+    from voxfit.plan import Candidate, LayerPlan
+
+    if args.peer_rounds <= 0 or best.plan is None or best.seed is None:
+        return None
+    layers = tuple(LayerPlan(q, 8) for q in ctx.base.structure().quantizable)  # type: ignore[operator]
+    onnx_path = args.work / "search-builds" / "bench" / "ort-int8-base.onnx"
+    export_onnx_static_int8(apply(ctx.base, Candidate(layers=layers)), onnx_path, ctx.calibration)
+    model = ctx.build(replace(best.plan, recovery_steps=0), multiple, best.seed)
+    rounds = []
+    spec = profile.primary_input
+    with TvmLocalEstimator(
+        profile,
+        args.work / "search-builds" / "bench-peer",
+        cost_models_dir=args.cost_models,
+        tuning_dir=default_tuning_dir(args.work, profile),
+    ) as est:
+        for i in range(args.peer_rounds):
+            (r,) = est.estimate(model, (spec,))
+            o = time_onnxruntime(onnx_path, spec.frames, profile.cores, n_mels=n_mels_of(model))
+            if not r.ok or not r.median_ms:
+                console.print(f"[red]peer round {i + 1}: the best point failed: {r.error}")
+                return None
+            rounds.append({"best_ms": r.median_ms, "ort_int8_base_ms": o["median_ms"]})
+            console.print(
+                f"peer round {i + 1}: best {r.median_ms:.3f} ms, onnxruntime int8 base "
+                f"{o['median_ms']:.3f} ms"
+            )
+    return {
+        "ratio": statistics.median(x["ort_int8_base_ms"] / x["best_ms"] for x in rounds),
+        "rounds": rounds,
+        "best_trial": best.number,
+        "threads": profile.cores,
+    }
 
 
 def feasible(study: optuna.Study) -> list[TrialRecord]:
@@ -111,6 +165,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument(
         "--measure-max", type=int, default=8, help="most candidates measured with TVM at the end"
+    )
+    ap.add_argument(
+        "--peer-rounds",
+        type=int,
+        default=5,
+        help="rounds of onnxruntime's int8 base alternating with the best point (0: none)",
     )
     args = ap.parse_args(argv)
     console = Console()
@@ -213,6 +273,7 @@ def main(argv: list[str] | None = None) -> int:
             r["speedup_vs_fp32_remeasured"] = remeasured["fp32"] / remeasured[n]
         baseline_rows.append(r)
     best_row["measured_ms"] = remeasured["best"]
+    peer = _peer_vs_best(args, ctx, measured_profile, best, profile.channel_multiple, console)
     analysis_minutes = (time.monotonic() - t0 - searching) / 60
     result = {
         "hypervolume_ratio_vs_random": hv[samplers[0]] / hv["random"]
@@ -237,6 +298,9 @@ def main(argv: list[str] | None = None) -> int:
         and best_row["post_adapt_per_delta"] <= 2.0,
         "remeasured_ms": remeasured,
         "hypervolume": hv,
+        # onnxruntime's static int8 of the base / the best point, back to back (None: not run)
+        "front_vs_ort_int8_base": peer["ratio"] if peer else None,
+        "peer": peer,
         "reference_point": ref.tolist(),
         "objectives": default.user_attrs.get("objectives"),
         "measured_candidates": [t.number for t in small],
