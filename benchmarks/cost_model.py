@@ -47,6 +47,7 @@ from voxfit.cost_models import (
     measurements_dir,
     metrics_table,
     noisy_keys,
+    random_calibration,
     sample_candidates,
     split,
     write_dataset,
@@ -148,7 +149,11 @@ def main(argv: list[str] | None = None) -> int:
 
     # prediction cost: from a compressed torch model to milliseconds, per candidate
     cands = sample_candidates(bound, 20, args.seed + 1)
-    compressed = [apply(base, c, channel_multiple=profile.channel_multiple) for c in cands]
+    calib = random_calibration(profile.primary_input.frames, args.seed)  # 8-bit activations
+    compressed = [
+        apply(base, c, channel_multiple=profile.channel_multiple, calibration=calib)
+        for c in cands
+    ]
     t1 = time.perf_counter()
     for model in compressed:
         cm.predict_tasks(decompose(model, profile.primary_input.frames))

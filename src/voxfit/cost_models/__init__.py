@@ -7,6 +7,7 @@ and what ``voxfit cost-model fit`` fits to :func:`fitted_model_dir` unless told 
 
 from voxfit.cost_models._dataset import (
     collect,
+    random_calibration,
     reference_key,
     rows_of,
     sample_candidates,
@@ -69,6 +70,7 @@ __all__ = [
     "reference_key",
     "roofline_ms",
     "rows_of",
+    "random_calibration",
     "sample_candidates",
     "split",
     "write_dataset",
