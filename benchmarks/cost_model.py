@@ -151,8 +151,7 @@ def main(argv: list[str] | None = None) -> int:
     cands = sample_candidates(bound, 20, args.seed + 1)
     calib = random_calibration(profile.primary_input.frames, args.seed)  # 8-bit activations
     compressed = [
-        apply(base, c, channel_multiple=profile.channel_multiple, calibration=calib)
-        for c in cands
+        apply(base, c, channel_multiple=profile.channel_multiple, calibration=calib) for c in cands
     ]
     t1 = time.perf_counter()
     for model in compressed:
