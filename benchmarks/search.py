@@ -64,16 +64,15 @@ def _peer_vs_best(
     import statistics
 
     from voxfit.compile import default_tuning_dir
-    from voxfit.compress import apply, export_onnx_static_int8
     from voxfit.latency import TvmLocalEstimator, time_onnxruntime
     from voxfit.models import n_mels_of
-    from voxfit.plan import Candidate, LayerPlan
+    from voxfit.search import export_peer
 
     if args.peer_rounds <= 0 or best.plan is None or best.seed is None:
         return None
-    layers = tuple(LayerPlan(q, 8) for q in ctx.base.structure().quantizable)  # type: ignore[operator]
-    onnx_path = args.work / "search-builds" / "bench" / "ort-int8-base.onnx"
-    export_onnx_static_int8(apply(ctx.base, Candidate(layers=layers)), onnx_path, ctx.calibration)
+    onnx_path = export_peer(
+        ctx.base, args.work / "search-builds" / "bench" / "ort-int8-base.onnx", ctx.calibration
+    )
     model = ctx.build(replace(best.plan, recovery_steps=0), multiple, best.seed)
     rounds = []
     spec = profile.primary_input

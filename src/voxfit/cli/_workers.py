@@ -99,19 +99,11 @@ def farm_status(
     ] = None,
 ) -> None:
     """The tracker's device keys (free devices, queued requests) and its registered servers."""
-    from voxfit.compile import TvmWorker
+    from voxfit.latency import tracker_state
 
     host, port = _host_port(tracker)
-    with TvmWorker(1) as w:
-        r = w.call("tracker_summary", timeout_s=60, host=host, port=port, key=key or "*")
-    if "error" in r:
-        raise ConfigError(r["error"].split(": ", 1)[-1])
+    r = tracker_state(host, port, key)
     queue = r.get("queue", {})
-    if key is not None and key not in queue:
-        raise ConfigError(
-            f"RPC tracker {host}:{port} has no device with key {key!r} "
-            f"(registered: {', '.join(sorted(queue)) or 'none'})"
-        )
     t = Table(title=f"RPC tracker {host}:{port}")
     for col in ("key", "free", "pending requests", "servers"):
         t.add_column(col, justify="left" if col in ("key", "servers") else "right")

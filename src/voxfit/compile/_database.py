@@ -145,13 +145,12 @@ def publish(user_dir: str | Path, into: str | Path, top_k: int = 4) -> PublishRe
     if top_k < 1:
         raise ValueError(f"top_k: {top_k} must be >= 1")
     dst = Path(into)
-    report = check(dst)
-    if report.changed:
+    have_w, have_r, dropped_w, dropped_r = _scan(dst)
+    if dropped_w or dropped_r:
         raise ValueError(f"{dst}: the tuning database is torn; repair or restore it first")
     with locked(user_dir) as src:
         workloads, records, _, _ = _scan(src)
     dst.mkdir(parents=True, exist_ok=True)
-    have_w, have_r, _, _ = _scan(dst)
     index = {line: i for i, line in enumerate(have_w)}
     covered = {int(json.loads(r)[0]) for r in have_r}
     by_task: dict[int, list[str]] = {}

@@ -152,28 +152,17 @@ def _check_device(profile: HardwareProfile) -> None:
     Raises:
         DeviceGone: naming the tracker and the key.
     """
-    from voxfit.compile import TvmWorker
+    from voxfit.latency import tracker_state
 
     rpc = profile.measurement.rpc
     if profile.measurement.method != "rpc" or rpc is None:
         return
-    where = f"{profile.name}: RPC tracker {rpc.tracker_host}:{rpc.tracker_port}"
-    with TvmWorker(1) as w:
-        r = w.call(
-            "tracker_summary",
-            timeout_s=rpc.connect_timeout_s + 60,
-            host=rpc.tracker_host,
-            port=rpc.tracker_port,
-            key=rpc.device_key,
+    try:
+        tracker_state(
+            rpc.tracker_host, rpc.tracker_port, rpc.device_key, rpc.connect_timeout_s + 60
         )
-    if "error" in r:
-        why = str(r["error"]).split(": ", 1)[-1]
-        raise DeviceGone(f"{where}, device key {rpc.device_key!r}: {why}")
-    if rpc.device_key not in r.get("queue", {}):
-        raise DeviceGone(
-            f"{where} has no device with key {rpc.device_key!r} (registered: "
-            f"{', '.join(sorted(r.get('queue', {}))) or 'none'})"
-        )
+    except ConfigError as e:
+        raise DeviceGone(f"{profile.name}: {e}") from None
 
 
 def tune_on_device(

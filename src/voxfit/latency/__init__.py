@@ -13,7 +13,7 @@ from voxfit.latency._estimators import (
     TvmRpcEstimator,
     summarize,
 )
-from voxfit.latency._farm import Farm, FarmError, hosted, local_farm
+from voxfit.latency._farm import Farm, FarmError, hosted, local_farm, tracker_state
 from voxfit.latency._ort import time_onnxruntime
 from voxfit.latency._stack import (
     LatencyPredictor,
@@ -51,4 +51,5 @@ __all__ = [
     "should_measure",
     "summarize",
     "time_onnxruntime",
+    "tracker_state",
 ]

@@ -19,6 +19,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 from voxfit.compile import TvmWorker
 from voxfit.errors import ConfigError, VoxfitError
@@ -189,3 +190,26 @@ def hosted(profile: HardwareProfile, log_dir: str | Path) -> Iterator[HardwarePr
     with local_farm(rpc.device_key, threads=profile.cores, log_dir=log_dir) as farm:
         rpc = replace(rpc, tracker_host=farm.host, tracker_port=farm.tracker_port)
         yield replace(profile, measurement=replace(profile.measurement, rpc=rpc))
+
+
+def tracker_state(
+    host: str, port: int, key: str | None = None, timeout_s: float = 60.0
+) -> dict[str, Any]:
+    """A tracker's device keys, queue and servers (the worker's ``tracker_summary``); with
+    ``key``, that key must have a device registered.
+
+    Raises:
+        ConfigError: the tracker does not answer, or has no device under ``key`` (naming
+            the keys it has).
+    """
+    with TvmWorker(1) as w:
+        r = w.call("tracker_summary", timeout_s=timeout_s, host=host, port=port, key=key or "*")
+    if "error" in r:
+        raise ConfigError(str(r["error"]).split(": ", 1)[-1])
+    queue = r.get("queue", {})
+    if key is not None and key not in queue:
+        raise ConfigError(
+            f"RPC tracker {host}:{port} has no device with key {key!r} "
+            f"(registered: {', '.join(sorted(queue)) or 'none'})"
+        )
+    return dict(r)

@@ -60,6 +60,7 @@ from voxfit.search._study import (
     SAMPLERS,
     SearchSettings,
     baselines,
+    export_peer,
     make_sampler,
     prepare_study,
     run_search,
@@ -75,6 +76,7 @@ from voxfit.search._worker import (
 )
 
 __all__ = [
+    "export_peer",
     "DEFAULT_SAMPLER",
     "LABELS",
     "NOTES",

@@ -364,7 +364,10 @@ def export_bundle(
         adapt=ctx.adapt,
     )
 
-    dev = phone_error_rate(model, ctx.manifest.split("dev"), ctx.store, ctx.inventory)
+    if polish is not None and polish["used"]:  # measured on this very model
+        dev = polish["dev_per_polished"]
+    else:
+        dev = phone_error_rate(model, ctx.manifest.split("dev"), ctx.store, ctx.inventory)
     report = {
         "schema_version": BUNDLE_SCHEMA_VERSION,
         "study": study.study_name,

@@ -422,6 +422,16 @@ def _record_calibration(study: optuna.Study, latency: PromotingEstimator) -> Non
 PEER = "onnxruntime static int8 of the base (int8 weights per channel, uint8 activations)"
 
 
+def export_peer(base: nn.Module, path: Path, calibration: Any) -> Path:
+    """Write the peer, onnxruntime's static int8 of ``base`` (every quantizable layer),
+    calibrated on ``calibration`` batches, to ``path``."""
+    from voxfit.compress import apply, export_onnx_static_int8
+
+    layers = tuple(LayerPlan(q, 8) for q in base.structure().quantizable)  # type: ignore[operator]
+    export_onnx_static_int8(apply(base, Candidate(layers=layers)), path, calibration)
+    return path
+
+
 def measure_peer(
     s: SearchSettings, ctx: SearchContext, study: optuna.Study, rounds: int = 3
 ) -> dict[str, Any] | None:
@@ -437,17 +447,16 @@ def measure_peer(
     if s.profile.measurement.method != "local":
         return None
     from voxfit.compile import default_tuning_dir
-    from voxfit.compress import apply, export_onnx_static_int8
     from voxfit.latency import TvmLocalEstimator, time_onnxruntime
     from voxfit.models import n_mels_of
 
     t0 = time.monotonic()
     frames = s.profile.primary_input.frames
     try:
-        layers = tuple(LayerPlan(q, 8) for q in ctx.base.structure().quantizable)  # type: ignore[operator]
-        int8 = apply(ctx.base, Candidate(layers=layers))
-        onnx_path = s.work / "peer" / s.profile.name / f"{s.study_name}-ort-int8.onnx"
-        export_onnx_static_int8(int8, onnx_path, ctx.calibration)
+        onnx_path = export_peer(
+            ctx.base, s.work / "peer" / s.profile.name / f"{s.study_name}-ort-int8.onnx",
+            ctx.calibration,
+        )  # fmt: skip
         pairs = []
         with TvmLocalEstimator(
             s.profile,
