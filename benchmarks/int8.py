@@ -39,7 +39,7 @@ from torch import nn
 
 from _common import parser, provenance, resolve_profile, write_result
 from voxfit.compile import TvmWorker, compile_model, saturates_int8_pairs
-from voxfit.compress import apply, export_onnx, export_onnx_static_int8
+from voxfit.compress import apply, export_onnx, export_onnx_static_int8, ort_session
 from voxfit.hw_profiles import HardwareProfile
 from voxfit.latency import LatencyResult, TvmLocalEstimator
 from voxfit.models import build_model, default_config
@@ -95,11 +95,7 @@ def _eval_inputs(work: Path, frames: int, n: int = 20) -> list[torch.Tensor]:
 
 
 def _ort_outputs(path: Path, xs: list[torch.Tensor], threads: int) -> list[np.ndarray]:
-    import onnxruntime as ort
-
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = threads
-    sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    sess = ort_session(path, threads=threads)
     lengths = np.array([xs[0].shape[1]], dtype=np.int64)
     return [sess.run(None, {"feats": x.numpy(), "lengths": lengths})[0] for x in xs]
 

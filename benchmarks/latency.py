@@ -27,7 +27,6 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from rich.console import Console
 from rich.table import Table
@@ -99,24 +98,10 @@ def time_torch(model: nn.Module, frames: int, repeats: int) -> dict[str, float]:
 
 
 def time_ort(path: Path, frames: int, threads: int, repeats: int) -> dict[str, float]:
-    import onnxruntime as ort
+    from voxfit.latency import time_onnxruntime
 
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = threads
-    so.inter_op_num_threads = 1
-    sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
-    feed = {
-        "feats": np.random.default_rng(0).standard_normal((1, frames, 80)).astype(np.float32),
-        "lengths": np.array([frames], dtype=np.int64),
-    }
-    out = []
-    for _ in range(5):
-        sess.run(None, feed)
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        sess.run(None, feed)
-        out.append((time.perf_counter() - t0) * 1e3)
-    return _stats(out)
+    t = time_onnxruntime(path, frames, threads, repeats)
+    return {"median_ms": t["median_ms"], "iqr_ms": t["iqr_ms"]}
 
 
 def _with_db(profile: HardwareProfile, db: Path, trials: int | None) -> HardwareProfile:
