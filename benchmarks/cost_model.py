@@ -87,6 +87,13 @@ def main(argv: list[str] | None = None) -> int:
         help="where to save the fitted model (default: <work>/cost_models/<profile>/model)",
     )
     ap.add_argument(
+        "--compare-model",
+        type=Path,
+        default=None,
+        help="also score this fitted model folder on the same held-out candidates "
+        "(e.g. the shipped one, against a refit)",
+    )
+    ap.add_argument(
         "--dataset-out",
         type=Path,
         default=None,
@@ -146,6 +153,18 @@ def main(argv: list[str] | None = None) -> int:
     te = models[models["cand"].isin(test_ids)]
     cm = fit(tr, tasks[tasks["cand"].isin(train_ids)], profile, seed=args.seed)
     m, frame = evaluate(cm, te, tasks[tasks["cand"].isin(test_ids)], profile)
+    compared = None
+    if args.compare_model is not None:
+        from voxfit.cost_models import CostModel
+
+        other, _ = evaluate(
+            CostModel.load(args.compare_model), te, tasks[tasks["cand"].isin(test_ids)], profile
+        )
+        compared = {
+            "model": str(args.compare_model),
+            **{k: other[k] for k in KEYS},
+            "low_confidence": other["low_confidence"],
+        }
 
     # prediction cost: from a compressed torch model to milliseconds, per candidate
     cands = sample_candidates(bound, 20, args.seed + 1)
@@ -174,6 +193,8 @@ def main(argv: list[str] | None = None) -> int:
         "collect": info,
         "remeasured_noisy": remeasured,
         "low_confidence_test": m["low_confidence"],
+        # another model (--compare-model) on the same held-out candidates
+        "compared_model": compared,
         "profile": profile.name,
         "profile_hash": profile.stable_hash(),
         "input": profile.primary_input.name,
