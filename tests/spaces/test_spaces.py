@@ -150,3 +150,50 @@ def test_broken_yaml_is_one_line(tmp_path) -> None:  # type: ignore[no-untyped-d
     p.write_text("name: [unclosed\n")
     with pytest.raises(ConfigError, match="broken.yaml"):
         load_space(p)
+
+
+def test_the_conformer_space_comments_count_the_macs_they_quote() -> None:
+    """spaces/conformer-default.yaml quotes where the default Conformer's Linear/Conv1d
+    multiply-accumulates are and what halving a group leaves: recounted here."""
+    import torch
+    from torch import nn
+
+    from voxfit.compress import apply
+    from voxfit.models import build_model, default_config
+    from voxfit.plan import Candidate, GroupPlan
+
+    def macs(model: nn.Module) -> dict[str, int]:
+        out: dict[str, int] = {}
+        hooks = []
+        for name, mod in model.named_modules():
+            if isinstance(mod, nn.Linear | nn.Conv1d):
+
+                def hook(m: nn.Module, _i: object, y: torch.Tensor, name: str = name) -> None:
+                    if isinstance(m, nn.Linear):
+                        out[name] = y.numel() // y.shape[-1] * m.in_features * m.out_features
+                    else:
+                        assert isinstance(m, nn.Conv1d)
+                        out[name] = y.numel() * m.in_channels // m.groups * m.kernel_size[0]
+
+                hooks.append(mod.register_forward_hook(hook))
+        with torch.no_grad():
+            model(torch.randn(1, 100, 80), torch.tensor([100]))
+        for h in hooks:
+            h.remove()
+        return out
+
+    base = build_model(default_config("conformer", 55, "default")).eval()
+    full = macs(base)
+    total = sum(full.values())
+    share = {k: sum(v for n, v in full.items() if k in n) / total for k in ("ff", "attn", "conv.")}
+    assert round(total / 1e6, 1) == 99.1
+    assert (round(share["ff"], 2), round(share["attn"], 2), round(share["conv."], 2)) == (
+        0.67,
+        0.17,
+        0.13,
+    )
+    groups = [g.name for g in base.structure().groups]
+    for key, left in ((".ff", 0.67), ("heads", 0.92), ("conv.channels", 0.94)):
+        plan = Candidate(groups=tuple(GroupPlan(g, 0.5) for g in groups if key in g))
+        pruned = sum(macs(apply(base, plan, channel_multiple=8)).values())
+        assert round(pruned / total, 2) == left, key
