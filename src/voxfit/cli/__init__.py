@@ -137,13 +137,12 @@ def train(
     )
 
     _setup_logging(verbose)
-    from voxfit.models import FAMILIES, is_factory
+    from voxfit.models import check_model_ref
 
-    if model not in FAMILIES and not is_factory(model):
-        raise typer.BadParameter(
-            f"{model!r} (choose tdnn, conformer or a factory package.module:function)",
-            param_hint="--model",
-        )
+    try:
+        check_model_ref(model)
+    except ConfigError as e:
+        raise typer.BadParameter(str(e).split(": ", 1)[-1], param_hint="--model") from None
     man = load_manifest(_resolve_manifest(manifest, preset, corpus_dir))
     store = feature_store(man, out / "features", model, preset)
     cfg = train_preset(preset)
