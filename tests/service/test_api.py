@@ -24,6 +24,19 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
         yield s
 
 
+# a space over a model defined only in the tests, named by its factory (the server runs in
+# the repository's root, so it imports it as a user's own module beside the service)
+USER_SPACE = """
+schema_version: 1
+name: mine
+model: tests._user_model:build
+pruning:
+  groups: {"layers.*.inner": [0.5, 1.0]}
+quantization:
+  weight_bits: {"*": [8, 32]}
+"""
+
+
 def _profile(**changes: object) -> str:
     raw = yaml.safe_load(PROFILE)
     raw.update(changes)
@@ -80,6 +93,21 @@ def test_openapi_schema_is_served(server: Server) -> None:
             },
             "space: pruning.groups.straem",
         ),  # fmt: skip
+        (
+            {
+                "profile": "x86-avx2-2core",
+                "space_yaml": USER_SPACE.replace("tests._user_model", "no_such_pkg.mod"),
+            },
+            "space: model: model factory no_such_pkg.mod:build: cannot import no_such_pkg",
+        ),  # fmt: skip
+        (
+            {"profile": "x86-avx2-2core", "space_yaml": USER_SPACE.replace(":build", ":ConvCtc")},
+            "space: model: model factory tests._user_model:ConvCtc: must accept",
+        ),
+        (
+            {"profile": "x86-avx2-2core", "space_yaml": USER_SPACE.replace("inner", "outer")},
+            "space: pruning.groups",
+        ),
         ({"profile": "x86-avx2-2core", "trials": None}, "budget: give trials, timeout_s or both"),
         ({"profile": "x86-avx2-2core", "trials": 0}, "trials: must be in 1..100000"),
         ({"profile": "x86-avx2-2core", "timeout_s": float("1e300")}, "timeout_s: must be <="),
@@ -150,6 +178,15 @@ def test_submit_list_show_and_not_ready(server: Server) -> None:
         pem = c.get("/key").raise_for_status().text
         assert pem == (server.work / "service" / "signing.pub").read_text()
         assert "x86-avx2-2core" in c.get("/shipped").json()["profiles"]
+
+
+def test_a_space_over_a_factory_model_is_accepted(server: Server) -> None:
+    with server.client() as c:
+        r = c.post("/jobs", json={"profile": "x86-avx2-2core", "space_yaml": USER_SPACE,
+                                  "trials": 2, "preset": "tiny"})  # fmt: skip
+        assert r.status_code == 201, r.text
+        spec = c.get(f"/jobs/{r.json()['id']}/spec").raise_for_status().json()
+    assert "model: tests._user_model:build" in spec["space_yaml"]
 
 
 def test_jobs_survive_a_restart(tmp_path: Path) -> None:

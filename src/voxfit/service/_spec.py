@@ -22,7 +22,7 @@ from functools import lru_cache
 from typing import TYPE_CHECKING, Any
 
 from voxfit._config import MAX_CONFIG_BYTES, TIMEOUT_S, parse_yaml
-from voxfit.errors import ConfigError
+from voxfit.errors import ConfigError, ModelError
 
 if TYPE_CHECKING:
     from voxfit.hw_profiles import HardwareProfile
@@ -144,9 +144,19 @@ def shipped_names() -> dict[str, list[str]]:
 
 @lru_cache(maxsize=4)
 def _structure(model: str, preset: str) -> ModelStructure:
-    from voxfit.models import build_model, default_config
+    """The declaration of the space's model: a family or a factory the server can import
+    (installed where the service runs, or a module in its working folder).
 
-    return build_model(default_config(model, 2, preset)).structure()  # type: ignore[arg-type,no-any-return]
+    Raises:
+        ConfigError: ``space: model: ...``: the factory cannot be imported or called, or what
+            it returns is not a structured model.
+    """
+    from voxfit.models import build_named
+
+    try:
+        return build_named(model, 2, preset).structure()  # type: ignore[operator,no-any-return]
+    except (ConfigError, ModelError) as e:
+        raise ConfigError(f"space: model: {e}") from None
 
 
 def make_spec(
