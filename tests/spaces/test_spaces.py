@@ -197,3 +197,76 @@ def test_the_conformer_space_comments_count_the_macs_they_quote() -> None:
         plan = Candidate(groups=tuple(GroupPlan(g, 0.5) for g in groups if key in g))
         pruned = sum(macs(apply(base, plan, channel_multiple=8)).values())
         assert round(pruned / total, 2) == left, key
+
+
+def _shared_space(tdnn_structure):  # type: ignore[no-untyped-def]
+    raw = _raw()
+    raw["quantization"]["shared_act_bits"] = True
+    return space_from_dict(raw, "shared.yaml").bind(tdnn_structure)
+
+
+def test_shared_activation_bits_are_one_choice_and_int8_takes_quantized_weights(
+    tdnn_structure,  # type: ignore[no-untyped-def]
+) -> None:
+    bound = _shared_space(tdnn_structure)
+    assert bound.shared_act_choices() == (8, 32)
+    acts_seen = set()
+    for seed in range(40):
+        fake = _Random(seed)
+        cand = sample(bound, fake)
+        assert fake.asked.count("abits:*") == 1
+        assert not [n for n in fake.asked if n.startswith("abits:") and n != "abits:*"]
+        acts = {cand.layer(n).act_bits for n in bound.act_bits}
+        assert len(acts) == 1  # every layer at the one shared width
+        acts_seen |= acts
+        if acts == {8}:  # int8 compute: no layer left at float weights
+            assert all(cand.layer(n).weight_bits in (4, 8) for n in bound.weight_bits)
+        params = params_of(bound, cand)
+        assert set(params) == set(fake.asked)  # enqueueing replays the same names
+
+        class Replay:
+            def __init__(self, answers: dict[str, Any]) -> None:
+                self.answers = answers
+
+            def suggest_categorical(self, name: str, choices: list[Any]) -> Any:
+                assert self.answers[name] in choices
+                return self.answers[name]
+
+        assert sample(bound, Replay(params)) == cand
+    assert acts_seen == {8, 32}
+
+
+def test_shared_activation_bits_with_optuna_and_the_baselines(tdnn_structure) -> None:  # type: ignore[no-untyped-def]
+    from voxfit.search import baselines
+
+    bound = _shared_space(tdnn_structure)
+    study = optuna.create_study(sampler=optuna.samplers.TPESampler(seed=0, multivariate=True))
+    for name, cand in baselines(bound, 32).items():  # every baseline is expressible
+        study.enqueue_trial(params_of(bound, cand), user_attrs={"baseline": name})
+    for _ in range(12):  # dynamic names (wbits@a8:...) do not upset Optuna
+        trial = study.ask()
+        cand = sample(bound, trial)
+        study.tell(trial, float(sum(x.weight_bits + x.act_bits for x in cand.layers)))
+    assert len(study.trials) == 12
+
+
+def test_shared_activation_bits_refuse_mixed_plans_and_leave_other_hashes_alone(
+    tdnn_structure,  # type: ignore[no-untyped-def]
+) -> None:
+    from voxfit.plan import Candidate, LayerPlan
+
+    bound = _shared_space(tdnn_structure)
+    first = next(iter(bound.act_bits))
+    with pytest.raises(ConfigError, match="not one shared choice"):
+        params_of(bound, Candidate(layers=(LayerPlan(first, 8, 8),)))
+    plain = find_space("tdnn-default", SPACES)
+    assert "shared_act_bits" not in plain.to_dict()["quantization"]
+    assert bound.space.stable_hash() != plain.stable_hash()
+    raw = _raw()
+    raw["quantization"]["shared_act_bits"] = True
+    raw["quantization"]["act_bits"] = {"blocks.0.*": [8], "head": [32]}
+    with pytest.raises(ConfigError, match=r"shared\.yaml: quantization\.shared_act_bits"):
+        space_from_dict(raw, "shared.yaml").bind(tdnn_structure)
+    raw["quantization"]["shared_act_bits"] = "yes"
+    with pytest.raises(ConfigError, match="quantization.shared_act_bits"):
+        space_from_dict(raw, "shared.yaml")

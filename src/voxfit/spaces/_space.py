@@ -70,6 +70,9 @@ class SearchSpace:
     recovery_steps: tuple[int, ...] = (0,)
     description: str = ""
     source: str = field(default="space", compare=False)
+    # one activation bit-width for every layer that offers one (``abits:*``), and at 8 bits
+    # only quantized weights (int8 compute pays only in unbroken int8 chains)
+    shared_act_bits: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         def rules(rs: tuple[Rule, ...]) -> dict[str, list[Any]]:
@@ -85,6 +88,8 @@ class SearchSpace:
             "quantization": {
                 "weight_bits": rules(self.weight_bits),
                 "act_bits": rules(self.act_bits),
+                # only when set: the spaces without it keep their hashes (and studies)
+                **({"shared_act_bits": True} if self.shared_act_bits else {}),
             },
             "adapters": {"kinds": list(self.adapter_kinds), "slots": rules(self.adapter_slots)},
         }
@@ -110,7 +115,7 @@ class SearchSpace:
         Raises:
             ConfigError: a pattern that matches no declared name (naming file and key).
         """
-        return BoundSpace(
+        bound = BoundSpace(
             self,
             groups=_resolve(self.groups, [g.name for g in structure.groups], self.source),
             weight_bits=_resolve(self.weight_bits, structure.quantizable, self.source),
@@ -119,6 +124,12 @@ class SearchSpace:
                 self.adapter_slots, [s.name for s in structure.adapter_slots], self.source
             ),
         )
+        if self.shared_act_bits and not bound.shared_act_choices():
+            raise ConfigError(
+                f"{self.source}: quantization.shared_act_bits: the layers' act_bits have no "
+                "choice in common"
+            )
+        return bound
 
 
 @dataclass(frozen=True)
@@ -130,6 +141,14 @@ class BoundSpace:
     weight_bits: dict[str, tuple[Any, ...]]
     act_bits: dict[str, tuple[Any, ...]]
     adapters: dict[str, tuple[Any, ...]]
+
+    def shared_act_choices(self) -> tuple[int, ...]:
+        """With ``shared_act_bits``: the activation bit-widths every layer offers (in the
+        first layer's order); empty when they share none."""
+        tables = list(self.act_bits.values())
+        if not tables:
+            return ()
+        return tuple(a for a in tables[0] if all(a in t for t in tables[1:]))
 
     def n_choices(self) -> int:
         """How many distinct parameter settings the space has (a rough size)."""
@@ -243,9 +262,11 @@ def space_from_dict(raw: dict[str, Any], source: str = "space") -> SearchSpace:
     quant = f.sub_optional("quantization")
     wbits: tuple[Rule, ...] = ()
     abits: tuple[Rule, ...] = ()
+    shared = False
     if quant is not None:
         wbits = _rules(quant.sub_optional("weight_bits"), _in(WEIGHT_BITS), "bit-width")
         abits = _rules(quant.sub_optional("act_bits"), _in(ACT_BITS), "bit-width")
+        shared = quant.get("shared_act_bits", bool, False)
         quant.done()
     adapters = f.sub_optional("adapters")
     slots: tuple[Rule, ...] = ()
@@ -267,6 +288,7 @@ def space_from_dict(raw: dict[str, Any], source: str = "space") -> SearchSpace:
         recovery_steps=tuple(steps),
         description=description,
         source=source,
+        shared_act_bits=bool(shared),
     )
 
 
@@ -297,6 +319,29 @@ def find_space(name_or_path: str, spaces_dir: str | Path | None = None) -> Searc
     return load_space(candidate)
 
 
+_LayerParams = tuple[str, tuple[str, tuple[Any, ...]], tuple[str | None, tuple[Any, ...]]]
+
+
+def _layer_params(space: BoundSpace, shared: int | None) -> list[_LayerParams]:
+    """Per quantizable layer: its weight parameter (name, choices) and activation parameter
+    (name, choices; name None where the shared ``abits:*`` = ``shared`` decides). A layer at
+    a shared activation width below 32 draws its weights from its quantized choices only,
+    under another name (``wbits@a<bits>:<layer>``: Optuna keeps one choice list per name)."""
+    out: list[_LayerParams] = []
+    for n in dict.fromkeys([*space.weight_bits, *space.act_bits]):
+        wchoices = space.weight_bits.get(n, (32,))
+        achoices = space.act_bits.get(n, (32,))
+        wname = f"wbits:{n}"
+        if shared is not None and n in space.act_bits:
+            quantized = tuple(w for w in wchoices if w < 32)
+            if shared < 32 and quantized and quantized != wchoices:
+                wname, wchoices = f"wbits@a{shared}:{n}", quantized
+            out.append((n, (wname, wchoices), (None, achoices)))
+        else:
+            out.append((n, (wname, wchoices), (f"abits:{n}", achoices)))
+    return out
+
+
 def sample(space: BoundSpace, suggester: Suggester) -> Candidate:
     """One candidate, every choice made through ``suggester.suggest_categorical``.
 
@@ -308,11 +353,16 @@ def sample(space: BoundSpace, suggester: Suggester) -> Candidate:
         GroupPlan(n, float(suggester.suggest_categorical(f"keep:{n}", list(c))))
         for n, c in space.groups.items()
     )
-    layer_names = list(dict.fromkeys([*space.weight_bits, *space.act_bits]))
     layers = []
-    for n in layer_names:
-        w = int(suggester.suggest_categorical(f"wbits:{n}", list(space.weight_bits.get(n, (32,)))))
-        a = int(suggester.suggest_categorical(f"abits:{n}", list(space.act_bits.get(n, (32,)))))
+    shared = (
+        int(suggester.suggest_categorical("abits:*", list(space.shared_act_choices())))
+        if space.space.shared_act_bits
+        else None
+    )
+    for n, (wname, wchoices), (aname, achoices) in _layer_params(space, shared):
+        w = int(suggester.suggest_categorical(wname, list(wchoices)))
+        a = shared if aname is None else int(suggester.suggest_categorical(aname, list(achoices)))
+        assert a is not None
         if w < 32 or a < 32:
             layers.append(LayerPlan(n, w, a))
     dims = {
@@ -342,11 +392,24 @@ def params_of(space: BoundSpace, candidate: Candidate) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for n in space.groups:
         out[f"keep:{n}"] = candidate.keep_ratio(n)
-    layer_names = list(dict.fromkeys([*space.weight_bits, *space.act_bits]))
-    for n in layer_names:
+    tables: dict[str, Sequence[Any]] = {}
+    shared: int | None = None
+    if space.space.shared_act_bits:
+        acts = {candidate.layer(n).act_bits for n in space.act_bits}
+        if len(acts) != 1:
+            raise ConfigError(
+                f"{space.space.source}: the plan's activation bit-widths {sorted(acts)} are "
+                "not one shared choice (quantization.shared_act_bits)"
+            )
+        shared = out["abits:*"] = acts.pop()
+        tables["abits:*"] = space.shared_act_choices()
+    for n, (wname, wchoices), (aname, achoices) in _layer_params(space, shared):
         lp = candidate.layer(n)
-        out[f"wbits:{n}"] = lp.weight_bits
-        out[f"abits:{n}"] = lp.act_bits
+        out[wname] = lp.weight_bits
+        tables[wname] = wchoices
+        if aname is not None:
+            out[aname] = lp.act_bits
+            tables[aname] = achoices
     dims = candidate.adapter_dims()
     kinds = set(candidate.adapter_kinds().values())
     for n in space.adapters:
@@ -356,10 +419,8 @@ def params_of(space: BoundSpace, candidate: Candidate) -> dict[str, Any]:
     out["recovery_steps"] = (
         candidate.recovery_steps if candidate.groups else space.space.recovery_steps[0]
     )
-    tables: dict[str, Sequence[Any]] = {
+    tables |= {
         **{f"keep:{n}": c for n, c in space.groups.items()},
-        **{f"wbits:{n}": space.weight_bits.get(n, (32,)) for n in layer_names},
-        **{f"abits:{n}": space.act_bits.get(n, (32,)) for n in layer_names},
         **{f"adapter:{n}": c for n, c in space.adapters.items()},
         "adapter_kind": space.space.adapter_kinds,
         "importance": space.space.importance,
