@@ -12,7 +12,8 @@ the search's proxy, or every held-out speaker with ``--full``):
   first ``--distill`` plans (each costs minutes; the search's build cache keeps them).
 
 Also the elastic model's full width against the base (``full_subnet_dev_per_delta``). Each
-finished row is appended to ``<work>/elastic/rows-<key>.jsonl``: a rerun resumes.
+finished row is appended to ``<work>/elastic/rows-<key>.jsonl`` (the base's rows keyed by the
+base alone, so another supernet of it reuses its distilled rows): a rerun resumes.
 
     python benchmarks/elastic.py --base work/models/<base>/checkpoint.pt \\
         --elastic work/models/<base>-elastic-<hash>/checkpoint.pt [--distill 4] [--full]
@@ -36,6 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import parser, provenance, resolve_profile, write_result  # noqa: E402
 from voxfit.plan import AdapterPlan, Candidate, GroupPlan, LayerPlan  # noqa: E402
 from voxfit.search import SearchContext  # noqa: E402
+from voxfit.train import load_checkpoint  # noqa: E402
 
 
 def _plans(blocks: int, layers: tuple[str, ...]) -> list[tuple[str, Candidate]]:
@@ -85,34 +87,35 @@ def main(argv: list[str] | None = None) -> int:
     multiple = profile.channel_multiple
     base_ctx = SearchContext.prepare(work=args.work, checkpoint=args.base)
     el_ctx = SearchContext.prepare(work=args.work, checkpoint=args.elastic)
+    el_meta = dict(load_checkpoint(args.elastic).meta.get("elastic") or {})
     structure = base_ctx.base.structure()  # type: ignore[operator]
     blocks = sum(1 for g in structure.groups if g.name.endswith(".hidden"))
     plans = _plans(blocks, structure.quantizable)
 
-    key = hashlib.sha256(
-        json.dumps(
-            [
-                str(args.base.resolve()),
-                str(args.elastic.resolve()),
-                args.steps,
-                args.full,
-                args.seed,
-                multiple,
-            ]  # fmt: skip
-        ).encode()
-    ).hexdigest()[:12]
-    rows_file = args.work / "elastic" / f"rows-{key}.jsonl"
-    rows_file.parent.mkdir(parents=True, exist_ok=True)
+    def rows_file(*parts: Any) -> Path:
+        key = hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:12]
+        return args.work / "elastic" / f"rows-{key}.jsonl"
+
+    # rows from the base (the distilled ones cost minutes each) are kept apart from the
+    # elastic checkpoint's, so a later supernet of the same base reuses them as they were
+    files = {
+        "base": rows_file(str(args.base.resolve()), args.steps, args.full, args.seed, multiple),
+        "elastic": rows_file(
+            str(args.base.resolve()), str(args.elastic.resolve()), args.full, args.seed, multiple
+        ),
+    }
     done: dict[str, dict[str, Any]] = {}
-    if rows_file.exists():
-        for line in rows_file.read_text().splitlines():
-            if line.strip():
-                r = json.loads(line)
-                done[r["key"]] = r
+    for f in files.values():
+        f.parent.mkdir(parents=True, exist_ok=True)
+        if f.exists():
+            for line in f.read_text().splitlines():
+                if line.strip():
+                    r = json.loads(line)
+                    done[r["key"]] = r
 
     def keep(row: dict[str, Any]) -> None:
         done[row["key"]] = row
-        with rows_file.open("a") as f:
+        with files[row["from"]].open("a") as f:
             f.write(json.dumps(row) + "\n")
 
     def score(ctx: SearchContext, cand: Candidate, how: str) -> dict[str, Any]:
@@ -196,9 +199,12 @@ def main(argv: list[str] | None = None) -> int:
             statistics.median(r["distill_build_s"] for r in paired) if paired else None
         ),
         "rows": rows,
+        # how the supernet was trained (its checkpoint's meta)
+        "elastic_training": {k: el_meta.get(k) for k in ("steps", "minutes", "order")}
+        | {"epochs": (el_meta.get("train_config") or {}).get("epochs")},
         "provenance": provenance(
             {"torch": torch.__version__},
-            rows_file=str(rows_file),
+            rows_files={k: str(f) for k, f in files.items()},
             wall_s=time.monotonic() - t_start,
         ),  # fmt: skip
     }

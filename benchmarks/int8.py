@@ -125,6 +125,30 @@ def _profile(p: HardwareProfile, db: Path, trials: int) -> HardwareProfile:
     return replace(p, tuning=t, inputs=p.inputs[:1])
 
 
+def front_keys(path: Path) -> dict[str, Any]:
+    """``front_vs_ort_int8_base`` as the search benchmark measured it (``path``: its result):
+    onnxruntime's static int8 of the base / the fastest measured front point within the
+    accuracy bounds, median of alternating rounds, and where it came from."""
+    got = json.loads(path.read_text())
+    peer = got.get("peer")
+    if not peer or got.get("front_vs_ort_int8_base") is None:
+        raise SystemExit(f"{path}: no peer measurement (run benchmarks/search.py --peer-rounds N)")
+    point = got.get("peer_point") or {}
+    return {
+        "front_vs_ort_int8_base": got["front_vs_ort_int8_base"],
+        "front_vs_ort_int8_base_source": {
+            "file": str(path),
+            "date": (got.get("provenance") or {}).get("date"),
+            "rounds": len(peer.get("rounds") or ()),
+            "trial": peer.get("best_trial"),
+            "plan": point.get("plan"),
+            "dev_per_delta": point.get("dev_per_delta"),
+            "post_adapt_per_delta": point.get("post_adapt_per_delta"),
+            "vs_ort_int8_same_plan": peer.get("vs_ort_int8_same_plan"),
+        },
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = parser("int8", __doc__, profile=True, cost_models=True)
     ap.add_argument("--checkpoint", type=Path, default=None, help="a trained base (else random)")
@@ -136,8 +160,28 @@ def main(argv: list[str] | None = None) -> int:
         help="int8 weights no vpmaddubsw pair can saturate with (apply(pair_safe_int8=True))",
     )
     ap.add_argument("--repeats", type=int, default=50, help="onnxruntime timing runs")
+    ap.add_argument(
+        "--front",
+        type=Path,
+        default=None,
+        help="the search benchmark's result (benchmarks/search.py --peer-rounds N) whose "
+        "front_vs_ort_int8_base this file reports",
+    )
+    ap.add_argument(
+        "--front-only",
+        action="store_true",
+        help="only take the front keys from --front into the existing --out (no timing)",
+    )
     args = ap.parse_args(argv)
     console = Console()
+    if args.front_only:
+        if args.front is None or not args.out.exists():
+            ap.error("--front-only needs --front and an existing --out")
+        result = {**json.loads(args.out.read_text()), **front_keys(args.front)}
+        result.pop("front_vs_ort_int8_base_note", None)  # the note said it was not measured
+        write_result(args.out, result)
+        console.print(f"front_vs_ort_int8_base: {result['front_vs_ort_int8_base']}")
+        return 0
     t_start = time.monotonic()
     profile = resolve_profile(args.profile or "x86-avx2-2core")
     frames, threads = profile.primary_input.frames, profile.cores
@@ -256,9 +300,7 @@ def main(argv: list[str] | None = None) -> int:
         "tvm_int8_vs_ort_int8": med(lambda r: r["tvm_int8"] / r["ort_int8"]),
         "ort_int8_vs_fp32": med(lambda r: r["ort_fp32"] / r["ort_int8"]),
         "tvm_fp32_vs_ort_fp32": med(lambda r: r["tvm_fp32"] / r["ort_fp32"]),
-        "front_vs_ort_int8_base": None,
-        "front_vs_ort_int8_base_note": "not measured: needs the search benchmark re-run with "
-        "8-bit activations in the space",
+        **(front_keys(args.front) if args.front else {"front_vs_ort_int8_base": None}),
         "int8_retunes_per_calibration": retunes,
         "fp32_tasks_missing_from_shipped_db": shipped_missing,
         "int8_lowering": c.lowering,

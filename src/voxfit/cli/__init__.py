@@ -120,6 +120,9 @@ def train(
     elastic_minutes: Annotated[
         float | None, typer.Option(help="Cap on the elastic phase's wall time.")
     ] = None,
+    elastic_epochs: Annotated[
+        int | None, typer.Option(min=1, help="Override the elastic phase's epochs.")
+    ] = None,
     verbose: Verbose = False,
 ) -> None:
     """Train the base model (cached), then report dev PER and per-speaker adaptation gain;
@@ -171,6 +174,8 @@ def train(
         ecfg = ELASTIC_PRESETS[preset]
         if elastic_minutes is not None:
             ecfg = replace(ecfg, max_minutes=elastic_minutes)
+        if elastic_epochs is not None:
+            ecfg = replace(ecfg, epochs=elastic_epochs)
         path = train_elastic_cached(path, man, store, ElasticConfig(widths=widths), ecfg)
         console.print(f"elastic checkpoint: {path}")
     report = evaluate_cached(load_checkpoint(path), man, store, adapt_preset(preset))
