@@ -24,6 +24,17 @@ class _Random:
         return self.r.choice(choices)
 
 
+class _Replay:
+    """Answers each suggestion from ``answers`` (what params_of gave), checking it is offered."""
+
+    def __init__(self, answers: dict[str, Any]) -> None:
+        self.answers = answers
+
+    def suggest_categorical(self, name: str, choices: list[Any]) -> Any:
+        assert self.answers[name] in choices
+        return self.answers[name]
+
+
 def _raw() -> dict[str, Any]:
     return yaml.safe_load((SPACES / "tdnn-default.yaml").read_text())
 
@@ -80,15 +91,7 @@ def test_sample_round_trips_through_params(tdnn_structure) -> None:  # type: ign
         params = params_of(bound, cand)
         assert set(params) == set(fake.asked)
 
-        class Replay:
-            def __init__(self, answers: dict[str, Any]) -> None:
-                self.answers = answers
-
-            def suggest_categorical(self, name: str, choices: list[Any]) -> Any:
-                assert self.answers[name] in choices
-                return self.answers[name]
-
-        assert sample(bound, Replay(params)) == cand
+        assert sample(bound, _Replay(params)) == cand
         for g in cand.groups:
             assert g.keep_ratio in bound.groups[g.name]
     assert len(seen) == 30
@@ -224,15 +227,7 @@ def test_shared_activation_bits_are_one_choice_and_int8_takes_quantized_weights(
         params = params_of(bound, cand)
         assert set(params) == set(fake.asked)  # enqueueing replays the same names
 
-        class Replay:
-            def __init__(self, answers: dict[str, Any]) -> None:
-                self.answers = answers
-
-            def suggest_categorical(self, name: str, choices: list[Any]) -> Any:
-                assert self.answers[name] in choices
-                return self.answers[name]
-
-        assert sample(bound, Replay(params)) == cand
+        assert sample(bound, _Replay(params)) == cand
     assert acts_seen == {8, 32}
 
 
