@@ -104,7 +104,10 @@ def _peer_vs_best(
         return None
     builds = args.work / "search-builds" / "bench"
     onnx_path = export_peer(ctx.base, builds / "ort-int8-base.onnx", ctx.calibration)
-    own_path = _ort_int8_of(ctx, best, multiple, builds / f"ort-int8-{best.number}.onnx")
+    # the measuring loop exported every measured plan (the peer point is one) just before
+    own_path = builds / f"ort-int8-{best.number}.onnx"
+    if not own_path.exists():
+        _ort_int8_of(ctx, best, multiple, own_path)
     model = ctx.build(replace(best.plan, recovery_steps=0), multiple, best.seed)
     rounds = []
     spec = profile.primary_input
