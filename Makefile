@@ -47,13 +47,20 @@ STUDY ?= make-run
 STORAGE ?= sqlite:///$(WORK)/search/voxfit.db
 SEARCH_TRIALS ?= 40
 SEARCH_TIMEOUT ?= 15m
+# The search's candidates inherit their weights from an elastic (once-for-all) supernet of the
+# base, trained once for the space's widths (capped at ELASTIC_MINUTES, cached): a trial then
+# takes seconds of accuracy work instead of minutes of distillation. ELASTIC=0 searches the
+# plain base, each pruned candidate distilled (a study keeps the model it began with).
+ELASTIC ?= 1
+ELASTIC_MINUTES ?= 12
+SEARCH_MODEL_FLAGS = $(if $(filter 1,$(ELASTIC)),--elastic --elastic-minutes $(ELASTIC_MINUTES))
 
 # The main job: corpus, base model, a search on this CPU's local profile, the Pareto bundles,
 # the HTML report (the search prints the front). Re-running resumes the same study.
 run: sysdeps venv
 	$(BIN)/voxfit data make --preset $(PRESET) --out $(WORK)/corpus
 	$(BIN)/voxfit search --space $(SPACE) --profile $(PROFILE) --preset $(PRESET) \
-	  --model $(MODEL) --work $(WORK) \
+	  --model $(MODEL) --work $(WORK) $(SEARCH_MODEL_FLAGS) \
 	  --study $(STUDY) --storage $(STORAGE) --trials $(SEARCH_TRIALS) --timeout $(SEARCH_TIMEOUT)
 	$(BIN)/voxfit export --study $(STUDY) --storage $(STORAGE) --pareto --work $(WORK) \
 	  --out $(WORK)/bundles

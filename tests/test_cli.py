@@ -107,6 +107,10 @@ def test_search_takes_the_space_of_its_model_and_refuses_a_mismatch(tmp_path: Pa
     res = runner.invoke(app, ["search", "--model", "rnn", "--work", str(tmp_path)])
     assert isinstance(res.exception, ConfigError)  # no rnn-default space
     assert "rnn-default" in str(res.exception)
+    missing = tmp_path / "no-such" / "checkpoint.pt"
+    res = runner.invoke(app, ["search", "--checkpoint", str(missing), "--work", str(tmp_path)])
+    assert isinstance(res.exception, ConfigError)
+    assert f"--checkpoint: {missing} is not a file" in str(res.exception)
     assert not list(tmp_path.iterdir())  # nothing was made
 
 

@@ -179,3 +179,23 @@ def test_a_search_of_an_elastic_base_inherits_instead_of_distilling() -> None:
     inherited = for_base(s, plain)  # type: ignore[arg-type]
     assert inherited.space.space.recovery_steps == (0,)
     assert inherited.space.groups == bound.groups  # the widths to choose are the space's
+
+
+def test_a_space_without_narrower_widths_has_no_supernet(tmp_path: Path) -> None:
+    """`voxfit train --elastic` and `voxfit search --elastic` refuse, before any training, a
+    space that keeps every width (naming it) and a preset without an elastic recipe."""
+    from voxfit.compress import elastic_for_space
+    from voxfit.spaces import find_space, load_space
+
+    structure = _model("tdnn").structure()  # type: ignore[operator]
+    text = find_space("tdnn-default").source
+    full = tmp_path / "full-width.yaml"
+    raw = Path(text).read_text()
+    assert "[0.25, 0.5, 0.75, 1.0]" in raw
+    full.write_text(raw.replace("[0.25, 0.5, 0.75, 1.0]", "[1.0]"))
+    bound = load_space(full).bind(structure)
+    with pytest.raises(ConfigError, match=r"full-width\.yaml: no group has a width below 1\.0"):
+        elastic_for_space(tmp_path / "base.pt", None, None, bound, "tiny")  # type: ignore[arg-type]
+    narrow = find_space("tdnn-default").bind(structure)
+    with pytest.raises(ConfigError, match="--preset: no elastic recipe for 'huge'"):
+        elastic_for_space(tmp_path / "base.pt", None, None, narrow, "huge")  # type: ignore[arg-type]

@@ -112,3 +112,37 @@ def test_a_study_resumes_by_space_choices_not_prose(tdnn_structure, tmp_path: Pa
     old.set_user_attr("space_hash", original.stable_hash())
     with pytest.raises(ConfigError, match="file changed since the study began"):
         resume(reworded, "old")
+
+
+def test_a_study_resumes_only_on_the_model_it_began_with(tdnn_structure, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """A study begun on the plain base is not continued on its elastic supernet (or another
+    base): its trials would mix two models. The same checkpoint named from another working
+    directory goes on."""
+    from types import SimpleNamespace
+
+    import optuna
+
+    from voxfit.errors import ConfigError
+    from voxfit.hw_profiles import load_profile
+    from voxfit.search import OBJECTIVES, SearchSettings, prepare_study
+
+    url = f"sqlite:///{tmp_path}/s.db"
+    profile = load_profile(SPACES.parent / "hw_profiles" / "x86-avx2-2core.yaml")
+    space = load_space(SPACES / "tdnn-default.yaml")
+    study = optuna.create_study(storage=url, study_name="s", directions=["minimize"] * 4)
+    for k, v in {
+        "objectives": list(OBJECTIVES),
+        "profile": {"name": profile.name},
+        "space": space.name,
+        "space_choices_hash": space.choices_hash(),
+        "checkpoint": "work/models/tdnn-ae2e1c29e8d0/checkpoint.pt",
+    }.items():
+        study.set_user_attr(k, v)
+    s = SearchSettings(profile, space.bind(tdnn_structure), url, "s", 1)
+    elastic = SimpleNamespace(
+        checkpoint=Path("work/models/tdnn-ae2e1c29e8d0-elastic-27a9dd9c91a3/checkpoint.pt")
+    )
+    with pytest.raises(ConfigError, match="study 's' searches the model .*tdnn-ae2e1c29e8d0/"):
+        prepare_study(s, elastic)  # type: ignore[arg-type]
+    elsewhere = SimpleNamespace(checkpoint=Path("/srv/w/models/tdnn-ae2e1c29e8d0/checkpoint.pt"))
+    assert prepare_study(s, elsewhere).study_name == "s"  # type: ignore[arg-type]

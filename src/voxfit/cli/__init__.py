@@ -156,27 +156,14 @@ def train(
     path = train_cached(man, store, model, preset, cfg, out)
     console.print(f"checkpoint: {path}")
     if elastic:
-        from voxfit.compress import (
-            ELASTIC_PRESETS,
-            ElasticConfig,
-            train_elastic_cached,
-            widths_of_space,
-        )
+        from voxfit.compress import elastic_for_space
         from voxfit.spaces import find_space
 
         structure = load_checkpoint(path).model.structure()  # type: ignore[operator]
-        space = space or f"{model}-default"
-        widths = widths_of_space(find_space(space).bind(structure))
-        if not widths:
-            raise typer.BadParameter(
-                f"{space}: no group has a width below 1.0", param_hint="--space"
-            )
-        ecfg = ELASTIC_PRESETS[preset]
-        if elastic_minutes is not None:
-            ecfg = replace(ecfg, max_minutes=elastic_minutes)
-        if elastic_epochs is not None:
-            ecfg = replace(ecfg, epochs=elastic_epochs)
-        path = train_elastic_cached(path, man, store, ElasticConfig(widths=widths), ecfg)
+        bound = find_space(space or f"{model}-default").bind(structure)
+        path = elastic_for_space(
+            path, man, store, bound, preset, max_minutes=elastic_minutes, epochs=elastic_epochs
+        )
         console.print(f"elastic checkpoint: {path}")
     report = evaluate_cached(load_checkpoint(path), man, store, adapt_preset(preset))
     print_report(report)
@@ -379,9 +366,29 @@ def search(
             "profiles), so the front shows its speed-up over that peer.",
         ),
     ] = True,
+    checkpoint: Annotated[
+        Path | None,
+        typer.Option(
+            help="Search this trained model (`voxfit train` output, plain or elastic) "
+            "instead of the preset's base."
+        ),
+    ] = None,
+    elastic: Annotated[
+        bool,
+        typer.Option(
+            "--elastic",
+            help="Search an elastic supernet of the base over the space's widths (trained "
+            "once and cached): candidates inherit its weights instead of distilling.",
+        ),
+    ] = False,
+    elastic_minutes: Annotated[
+        float | None,
+        typer.Option(help="Cap on training the elastic supernet (with --elastic)."),
+    ] = None,
     verbose: Verbose = False,
 ) -> None:
     """Run (or resume) a multi-objective search for one hardware profile."""
+    from voxfit.compress import elastic_for_space, elastic_widths
     from voxfit.hw_profiles import find_profile, load_profile, pick_local_profile
     from voxfit.search import SearchContext, SearchSettings, front_table, run_search
     from voxfit.spaces import find_space
@@ -403,8 +410,20 @@ def search(
         raise ConfigError(f"--preset: {preset!r} is not tiny or default")
     # fail fast on a space that names layers the model lacks (before corpus and training)
     sp.bind(build_named(model, 2, preset).structure())  # type: ignore[operator]
-    ctx = SearchContext.prepare(preset=preset, model=model, work=work, manifest=manifest)
+    if checkpoint is not None and not checkpoint.is_file():
+        raise ConfigError(f"--checkpoint: {checkpoint} is not a file")
+    ctx = SearchContext.prepare(
+        preset=preset, model=model, work=work, manifest=manifest, checkpoint=checkpoint
+    )
     bound = sp.bind(ctx.base.structure())  # type: ignore[operator]
+    if elastic and elastic_widths(ctx.base) is None:
+        path = elastic_for_space(
+            ctx.checkpoint, ctx.manifest, ctx.store, bound, preset, max_minutes=elastic_minutes
+        )
+        console.print(f"elastic checkpoint: {path}")
+        ctx = SearchContext.prepare(
+            preset=preset, model=model, work=work, manifest=manifest, checkpoint=path
+        )
     name = study or f"{prof.name}-{sp.name}-{preset}"
     settings = SearchSettings(
         profile=prof,

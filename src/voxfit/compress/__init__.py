@@ -10,6 +10,7 @@ from voxfit.compress._distill import Recovery, distill
 from voxfit.compress._elastic import (
     ELASTIC_PRESETS,
     ElasticConfig,
+    elastic_for_space,
     elastic_widths,
     masked,
     recalibrate_batchnorm,
@@ -40,6 +41,7 @@ from voxfit.compress._sensitivity import SensitivityConfig, save_sensitivity, se
 __all__ = [
     "ELASTIC_PRESETS",
     "ElasticConfig",
+    "elastic_for_space",
     "elastic_widths",
     "masked",
     "recalibrate_batchnorm",

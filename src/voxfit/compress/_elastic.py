@@ -401,3 +401,39 @@ def train_elastic_cached(
     }
     save_checkpoint(path, model, ckpt.config, ckpt.inventory, meta)
     return path
+
+
+def elastic_for_space(
+    base_checkpoint: Path,
+    manifest: Manifest,
+    store: FeatureStore,
+    bound: Any,
+    preset: str,
+    *,
+    max_minutes: float | None = None,
+    epochs: int | None = None,
+) -> Path:
+    """The elastic supernet of ``base_checkpoint`` over the widths that ``bound`` (a bound
+    space) can choose, trained with the preset's elastic recipe (``max_minutes`` / ``epochs``
+    override it) or reused from the cache (:func:`train_elastic_cached`).
+
+    Raises:
+        ConfigError: the space chooses no width below 1.0, or the preset has no recipe.
+    """
+    from dataclasses import replace
+
+    widths = widths_of_space(bound)
+    if not widths:
+        raise ConfigError(f"{bound.space.source}: no group has a width below 1.0 to make elastic")
+    if preset not in ELASTIC_PRESETS:
+        raise ConfigError(
+            f"--preset: no elastic recipe for {preset!r} ({sorted(ELASTIC_PRESETS)})"
+        )
+    cfg = ELASTIC_PRESETS[preset]
+    if max_minutes is not None:
+        cfg = replace(cfg, max_minutes=max_minutes)
+    if epochs is not None:
+        cfg = replace(cfg, epochs=epochs)
+    return train_elastic_cached(
+        base_checkpoint, manifest, store, ElasticConfig(widths=widths), cfg
+    )

@@ -360,6 +360,11 @@ def prepare_study(s: SearchSettings, ctx: SearchContext) -> optuna.Study:
             f"study {s.study_name!r} was made for profile {attrs['profile'].get('name')}, "
             f"not {s.profile.name}: pick another --study name"
         )
+    if attrs.get("checkpoint") and _ckpt_id(attrs["checkpoint"]) != _ckpt_id(ctx.checkpoint):
+        raise ConfigError(
+            f"study {s.study_name!r} searches the model {attrs['checkpoint']}, not "
+            f"{ctx.checkpoint}: pick another --study name"
+        )
     with warnings.catch_warnings():  # optuna-dashboard shows these names, not "Objective 0"
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         study.set_metric_names(list(OBJECTIVES))
@@ -390,6 +395,12 @@ def prepare_study(s: SearchSettings, ctx: SearchContext) -> optuna.Study:
                     params_of(s.space, cand), user_attrs={"baseline": name}, skip_if_exists=True
                 )
     return study
+
+
+def _ckpt_id(path: str | Path) -> tuple[str, ...]:
+    """A checkpoint's identity across working directories: its folder (named by the content
+    hash of what trained it) and file name."""
+    return Path(path).parts[-2:]
 
 
 def _record_base(study: optuna.Study) -> None:
