@@ -97,3 +97,42 @@ def test_the_cli_publishes_a_work_folders_tuning(tmp_path: Path) -> None:
     assert res.exit_code == 0, res.output
     assert "1 tasks added with 1 records" in " ".join(res.output.split())
     assert len(_read(tmp_path / "s")[1]) == 1
+
+
+def test_improve_adds_only_records_faster_than_the_shipped_best(tmp_path: Path) -> None:
+    """A longer tuning of shipped tasks: its faster records join (the compile takes the
+    fastest), slower ones and tasks it did not beat stay out; the CLI takes any database."""
+    from voxfit.cli import app
+
+    user, shipped = tmp_path / "t128", tmp_path / "shipped"
+    _write(shipped, [_wl(1), _wl(2)], [_rec(0, [2e-3], "1-old"), _rec(1, [1e-3], "2-old")])
+    records = [_rec(0, [3e-3], "1-slower"), _rec(0, [1e-3], "1-faster")]
+    _write(user, [_wl(1), _wl(2)], [*records, _rec(1, [5e-3], "2-slower")])
+    r = publish(user, shipped, top_k=4, improve=True)
+    assert (r.workloads_added, r.records_added, r.already_there, r.improved) == (0, 1, 2, 1)
+    assert [(i, rec[0][0]) for i, rec in _read(shipped)[1]] == [
+        (0, "1-old"),
+        (1, "2-old"),
+        (0, "1-faster"),
+    ]
+    again = publish(user, shipped, top_k=4, improve=True)  # nothing beats the new best
+    assert (again.records_added, again.improved) == (0, 0)
+    plain = publish(user, tmp_path / "other", top_k=1)  # improve off: new tasks only
+    assert plain.records_added == 2
+    _write(user, [_wl(1)], [_rec(0, [5e-4], "1-fastest")])
+    res = CliRunner().invoke(
+        app,
+        [
+            "profile",
+            "publish-tuning",
+            "x86-avx2-2core",
+            "--from",
+            str(user),
+            "--into",
+            str(shipped),
+            "--improve",
+        ],  # fmt: skip
+    )
+    assert res.exit_code == 0, res.output
+    assert "1 of the 1 tasks it had records of given faster ones" in " ".join(res.output.split())
+    assert _read(shipped)[1][-1][1][0][0] == "1-fastest"

@@ -62,26 +62,46 @@ def profile_publish_tuning(
         typer.Option(help="Target database folder; default the profile's shipped one."),
     ] = None,
     top_k: Annotated[int, typer.Option(min=1, help="Best records kept per task.")] = 4,
+    from_dir: Annotated[
+        Path | None,
+        typer.Option(
+            "--from",
+            help="Publish this tuning database folder instead of the work folder's "
+            "(e.g. a benchmark's longer tuning).",
+        ),
+    ] = None,
+    improve: Annotated[
+        bool,
+        typer.Option(
+            "--improve",
+            help="Also add records faster than the best of tasks the target already has.",
+        ),
+    ] = False,
     cost_models: CostDir = Path("cost_models"),
 ) -> None:
     """Copy the best records of the tasks your work folder tuned into the profile's shipped
     database (cost_models/<profile>/tuning), so a fresh checkout compiles them warm; tasks
-    it has records of are left as they are."""
+    it has records of are left as they are (--improve: given the faster records)."""
     from voxfit.compile import default_tuning_dir, publish
     from voxfit.hw_profiles import find_profile, load_profile
 
     prof = load_profile(find_profile(profile))
-    src = default_tuning_dir(work, prof)
+    src = from_dir or default_tuning_dir(work, prof)
     if not (src / "database_workload.json").is_file():
         raise ConfigError(f"{src}: no tuning database here (run a search or a collection)")
     dst = into or prof.database_dir(cost_models)
     try:
-        r = publish(src, dst, top_k)
+        r = publish(src, dst, top_k, improve=improve)
     except ValueError as e:
         raise ConfigError(str(e)) from None
+    kept = (
+        f"{r.improved} of the {r.already_there} tasks it had records of given faster ones"
+        if improve
+        else f"{r.already_there} tasks it had records of left as they were"
+    )
     console.print(
         f"{dst}: {r.workloads_added} tasks added with {r.records_added} records (best "
-        f"{top_k} each); {r.already_there} tasks it had records of left as they were"
+        f"{top_k} each); {kept}"
     )
 
 

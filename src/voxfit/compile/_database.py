@@ -121,6 +121,7 @@ class PublishReport:
     workloads_added: int
     records_added: int
     already_there: int  # tasks the target database had records of: left as they were
+    improved: int = 0  # of those, tasks given faster records (``improve``)
 
 
 def _mean_secs(record_line: str) -> float:
@@ -130,10 +131,15 @@ def _mean_secs(record_line: str) -> float:
     return sum(ok) / len(ok) if ok and len(ok) == len(secs) else float("inf")
 
 
-def publish(user_dir: str | Path, into: str | Path, top_k: int = 4) -> PublishReport:
+def publish(
+    user_dir: str | Path, into: str | Path, top_k: int = 4, *, improve: bool = False
+) -> PublishReport:
     """Copy the best ``top_k`` records of every task ``user_dir``'s database tuned that
     ``into``'s database has no record of (e.g. a work folder's tuning into the repository's
     ``cost_models/<profile>/tuning``, so a fresh checkout compiles those tasks warm).
+    ``improve``: also add, for tasks ``into`` has, the records that run faster than its
+    best one (at most ``top_k``; e.g. a longer tuning of tasks shipped from a short one --
+    compilation takes the fastest record of a task).
 
     Both databases keep MetaSchedule's format (a workload line is copied as it is; records
     are re-indexed); ``into`` is rewritten atomically, ``user_dir`` is read under its lock.
@@ -152,12 +158,16 @@ def publish(user_dir: str | Path, into: str | Path, top_k: int = 4) -> PublishRe
         workloads, records, _, _ = _scan(src)
     dst.mkdir(parents=True, exist_ok=True)
     index = {line: i for i, line in enumerate(have_w)}
-    covered = {int(json.loads(r)[0]) for r in have_r}
+    have_best: dict[int, float] = {}
+    for r in have_r:
+        j = int(json.loads(r)[0])
+        have_best[j] = min(have_best.get(j, float("inf")), _mean_secs(r))
+    covered = set(have_best)
     by_task: dict[int, list[str]] = {}
     for r in records:
         by_task.setdefault(int(json.loads(r)[0]), []).append(r)
     new_w, new_r = list(have_w), list(have_r)
-    added_w = added_r = there = 0
+    added_w = added_r = there = improved = 0
     for i, lines in sorted(by_task.items()):
         best = sorted((r for r in lines if _mean_secs(r) < float("inf")), key=_mean_secs)
         if not best:
@@ -165,7 +175,12 @@ def publish(user_dir: str | Path, into: str | Path, top_k: int = 4) -> PublishRe
         j = index.get(workloads[i])
         if j is not None and j in covered:
             there += 1
-            continue
+            if not improve:
+                continue
+            best = [r for r in best if _mean_secs(r) < have_best[j]]
+            if not best:
+                continue
+            improved += 1
         if j is None:
             j = index[workloads[i]] = len(new_w)
             new_w.append(workloads[i])
@@ -176,4 +191,4 @@ def publish(user_dir: str | Path, into: str | Path, top_k: int = 4) -> PublishRe
     if added_w or added_r:
         _write_atomic(dst / WORKLOADS, new_w)
         _write_atomic(dst / RECORDS, new_r)
-    return PublishReport(added_w, added_r, there)
+    return PublishReport(added_w, added_r, there, improved)
