@@ -54,6 +54,9 @@ SEARCH_TIMEOUT ?= 15m
 ELASTIC ?= 1
 ELASTIC_MINUTES ?= 12
 SEARCH_MODEL_FLAGS = $(if $(filter 1,$(ELASTIC)),--elastic --elastic-minutes $(ELASTIC_MINUTES))
+# Bundles of at most this many front trials, evenly along the front (each takes about a
+# minute: TVM library, ONNX, conformance pairs); `voxfit export --pareto` alone does them all.
+BUNDLES ?= 4
 
 # The main job: corpus, base model, a search on this CPU's local profile, the Pareto bundles,
 # the HTML report (the search prints the front). Re-running resumes the same study.
@@ -62,8 +65,8 @@ run: sysdeps venv
 	$(BIN)/voxfit search --space $(SPACE) --profile $(PROFILE) --preset $(PRESET) \
 	  --model $(MODEL) --work $(WORK) $(SEARCH_MODEL_FLAGS) \
 	  --study $(STUDY) --storage $(STORAGE) --trials $(SEARCH_TRIALS) --timeout $(SEARCH_TIMEOUT)
-	$(BIN)/voxfit export --study $(STUDY) --storage $(STORAGE) --pareto --work $(WORK) \
-	  --out $(WORK)/bundles
+	$(BIN)/voxfit export --study $(STUDY) --storage $(STORAGE) --pareto --at-most $(BUNDLES) \
+	  --work $(WORK) --out $(WORK)/bundles
 	$(BIN)/voxfit report --study $(STUDY) --storage $(STORAGE) --out $(WORK)/reports/$(STUDY).html
 
 # A local PostgreSQL server under $(WORK)/postgres (started once, reused; 127.0.0.1 only,

@@ -17,6 +17,10 @@ base alone, so another supernet of it reuses its distilled rows): a rerun resume
 
     python benchmarks/elastic.py --base work/models/<base>/checkpoint.pt \\
         --elastic work/models/<base>-elastic-<hash>/checkpoint.pt [--distill 4] [--full]
+
+``--make-run-storage URL`` (and ``--make-run-study``, default ``make-run``) also records what
+``make run``'s 15-minute search on its elastic base finished (``make_run_trials``, target
+>= 30; its minutes, median trial, the sampled trials on its front, and the supernet it used).
 """
 
 from __future__ import annotations
@@ -72,6 +76,39 @@ def _plans(blocks: int, layers: tuple[str, ...]) -> list[tuple[str, Candidate]]:
     ]
 
 
+def _make_run(storage: str, study_name: str) -> dict[str, Any]:
+    """What a ``make run`` search finished, read from its study."""
+    import optuna
+    from optuna.trial import TrialState
+
+    from voxfit.search import front_table
+
+    st = optuna.load_study(study_name=study_name, storage=storage)
+    done = [t for t in st.trials if t.state == TrialState.COMPLETE]
+    if not done:
+        raise SystemExit(f"{storage}: study {study_name!r} has no complete trial")
+    front = front_table(st)
+    ckpt = Path(str(st.user_attrs.get("checkpoint", "")))
+    meta = dict(load_checkpoint(ckpt).meta.get("elastic") or {}) if ckpt.is_file() else {}
+    return {
+        "make_run_trials": len(done),
+        "make_run": {
+            "study": study_name,
+            "search_minutes": (
+                max(t.datetime_complete for t in done) - min(t.datetime_start for t in done)
+            ).total_seconds()
+            / 60,
+            "median_trial_s": statistics.median(
+                (t.datetime_complete - t.datetime_start).total_seconds() for t in done
+            ),
+            "front_size": len(front),
+            "front_sampled": sum(1 for r in front if not r["baseline"]),
+            "checkpoint": str(ckpt),
+            "elastic_training": {k: meta.get(k) for k in ("steps", "minutes")},
+        },
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = parser("elastic", __doc__, profile=True)
     ap.add_argument("--base", type=Path, required=True, help="the base checkpoint")
@@ -80,6 +117,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--distill", type=int, default=10, help="plans also distilled")
     ap.add_argument("--full", action="store_true", help="adapt every held-out speaker")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--make-run-storage", default=None, help="storage of make run's study")
+    ap.add_argument("--make-run-study", default="make-run")
     args = ap.parse_args(argv)
     console = Console()
     t_start = time.monotonic()
@@ -198,6 +237,7 @@ def main(argv: list[str] | None = None) -> int:
         "distill_build_s_median": (
             statistics.median(r["distill_build_s"] for r in paired) if paired else None
         ),
+        **(_make_run(args.make_run_storage, args.make_run_study) if args.make_run_storage else {}),
         "rows": rows,
         # how the supernet was trained (its checkpoint's meta)
         "elastic_training": {k: el_meta.get(k) for k in ("steps", "minutes", "order")}

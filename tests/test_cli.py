@@ -111,6 +111,9 @@ def test_search_takes_the_space_of_its_model_and_refuses_a_mismatch(tmp_path: Pa
     res = runner.invoke(app, ["search", "--checkpoint", str(missing), "--work", str(tmp_path)])
     assert isinstance(res.exception, ConfigError)
     assert f"--checkpoint: {missing} is not a file" in str(res.exception)
+    res = runner.invoke(app, ["export", "--trial", "3", "--at-most", "4", "--work", str(tmp_path)])
+    assert isinstance(res.exception, ConfigError)
+    assert "--at-most: only with --pareto" in str(res.exception)
     assert not list(tmp_path.iterdir())  # nothing was made
 
 

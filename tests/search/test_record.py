@@ -108,3 +108,17 @@ def test_record_round_trips_through_the_storage(tmp_path: Path) -> None:
     assert back.objective("size_mb") == 1.5
     assert back.complete
     assert len(OBJECTIVES) == 4
+
+
+def test_spread_keeps_both_ends_and_even_steps_between() -> None:
+    """`voxfit export --pareto --at-most N`: N front points evenly along it."""
+    from voxfit.search import spread
+
+    front = [{"trial": t} for t in (32, 35, 34, 27, 11, 18, 22, 3, 9, 21, 5, 26)]
+    assert [r["trial"] for r in spread(front, 4)] == [32, 11, 3, 26]  # indices 0, 4, 7, 11
+    assert [r["trial"] for r in spread(front, 2)] == [32, 26]
+    assert [r["trial"] for r in spread(front, 1)] == [32]
+    assert spread(front, 12) == front
+    assert spread(front[:3], 5) == front[:3]
+    with pytest.raises(ValueError, match="n: 0"):
+        spread(front, 0)

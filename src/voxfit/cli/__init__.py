@@ -478,6 +478,14 @@ def export_cmd(
     study: StudyName = None,
     trial: Annotated[list[int] | None, typer.Option(help="Trial number(s) to export.")] = None,
     pareto: Annotated[bool, typer.Option("--pareto", help="Every front trial.")] = False,
+    at_most: Annotated[
+        int | None,
+        typer.Option(
+            min=1,
+            help="With --pareto: at most N front trials, evenly spaced along the front by "
+            "latency (the fastest and the slowest included).",
+        ),
+    ] = None,
     out: Annotated[Path, typer.Option(help="Bundles go under OUT/<study>/.")] = Path(
         "work/bundles"
     ),
@@ -507,16 +515,21 @@ def export_cmd(
         front_table,
         load_private_key,
         profile_of,
+        spread,
     )
 
     _setup_logging(verbose)
+    if at_most is not None and not pareto:
+        raise ConfigError("--at-most: only with --pareto")
     key = load_private_key(sign_key) if sign_key is not None else None  # before any work
     st = _load_study(storage, study)
     if not trial and not pareto:
         raise ConfigError("say which trials: --trial N (repeatable) or --pareto")
     numbers = list(trial or [])
     if pareto:
-        numbers += [r["trial"] for r in front_table(st) if r["trial"] not in numbers]
+        rows = front_table(st)
+        rows = spread(rows, at_most) if at_most is not None else rows
+        numbers += [r["trial"] for r in rows if r["trial"] not in numbers]
     prof = profile_of(st)
     ctx = SearchContext.of_study(st, work)
     by_number = {t.number: t for t in st.get_trials(deepcopy=False)}

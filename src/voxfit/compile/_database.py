@@ -160,8 +160,8 @@ def publish(
     index = {line: i for i, line in enumerate(have_w)}
     have_best: dict[int, float] = {}
     for r in have_r:
-        j = int(json.loads(r)[0])
-        have_best[j] = min(have_best.get(j, float("inf")), _mean_secs(r))
+        task = int(json.loads(r)[0])
+        have_best[task] = min(have_best.get(task, float("inf")), _mean_secs(r))
     covered = set(have_best)
     by_task: dict[int, list[str]] = {}
     for r in records:

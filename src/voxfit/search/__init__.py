@@ -14,6 +14,7 @@ from voxfit.search._access import (
     peer_latency_ms,
     profile_of,
     records,
+    spread,
     study_frame,
 )
 from voxfit.search._audit import AuditCheck, AuditLog, audit_path, check_head, verify_log
@@ -104,6 +105,7 @@ __all__ = [
     "fingerprint",
     "front",
     "front_table",
+    "spread",
     "peer_latency_ms",
     "importance_figure",
     "keygen",

@@ -256,3 +256,20 @@ def peer_latency_ms(study: optuna.Study) -> float | None:
     if not peer or not base or not base.get("latency_ms"):
         return None
     return float(base["latency_ms"]) * float(peer["ratio_to_tvm_base"])
+
+
+def spread(rows: list[dict[str, Any]], n: int) -> list[dict[str, Any]]:
+    """At most ``n`` of ``rows`` (a front, fastest first), evenly spaced along it: the
+    fastest and the slowest always, the rest at even steps between them.
+
+    Raises:
+        ValueError: ``n`` < 1.
+    """
+    if n < 1:
+        raise ValueError(f"n: {n} must be >= 1")
+    if len(rows) <= n:
+        return list(rows)
+    if n == 1:
+        return [rows[0]]
+    picks = sorted({round(i * (len(rows) - 1) / (n - 1)) for i in range(n)})
+    return [rows[i] for i in picks]
