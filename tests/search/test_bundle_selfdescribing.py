@@ -249,3 +249,67 @@ def test_a_bundle_carries_no_recording_and_no_utterance_text(bundle: Path, utt: 
             text = f.read_text()
             assert Path(utt.path).name not in text, f
             assert utt.speaker not in text, f
+
+
+def test_runtimes_that_compute_otherwise_are_held_to_their_own_reference(
+    tmp_path: Path,
+) -> None:
+    """A plan whose 8-bit pairs the TVM kernels saturate (onnxruntime does not) and with 8-bit
+    activations over float weights (the library does not round that input): each runtime
+    gets the reference of what it computes, the torch model's stays what the search scored,
+    and a reference outside conformance/ is refused."""
+    import shutil
+
+    from voxfit.compress import fake_quant_off, pair_saturation_off
+
+    base = tiny_tdnn(len(PHONES) + 1)
+    layers = base.structure().quantizable
+    plan = Candidate(layers=(LayerPlan(layers[0], 8, 8), LayerPlan(layers[1], 32, 8)))
+    g = torch.Generator().manual_seed(0)
+    calib = [(3 * torch.randn(2, 120, 80, generator=g), torch.tensor([120, 90]))]
+    model = apply(base, plan, calibration=calib, int8_pair_saturation=True)
+    b = tmp_path / "trial-0"
+    b.mkdir()
+    export_onnx(model, b / "model.onnx")
+    write_self_description(
+        b,
+        model,
+        cand=plan,
+        inventory=PhoneInventory(PHONES),
+        feature_cfg=FeatureConfig(),
+        frames=FRAMES,
+        adapters={},
+        adapt=AdaptConfig(),
+        tvm_unrounded=[layers[1]],
+    )
+    write_manifest(b)
+    conf = b / "conformance"
+    refs = json.loads((conf / "expected.json").read_text())["references"]
+    assert refs["onnxruntime"]["file"] == "expected_log_probs_onnxruntime.npy"
+    assert refs["tvm"]["file"] == "expected_log_probs_tvm.npy"
+    assert layers[1] in refs["tvm"]["why"]
+    x = torch.from_numpy(np.load(conf / "input.npy"))
+    n = torch.from_numpy(np.load(conf / "input_lengths.npy"))
+    with torch.no_grad():
+        searched = model(x, n)[0].numpy()
+        with pair_saturation_off(model):
+            plain = model(x, n)[0].numpy()
+        with fake_quant_off(model, only=[layers[1]]):
+            unrounded = model(x, n)[0].numpy()
+    np.testing.assert_array_equal(np.load(conf / "expected_log_probs.npy"), searched)
+    np.testing.assert_array_equal(np.load(conf / "expected_log_probs_onnxruntime.npy"), plain)
+    np.testing.assert_array_equal(np.load(conf / "expected_log_probs_tvm.npy"), unrounded)
+    assert np.abs(unrounded - searched).max() > 1e-4  # rounding the input is seen
+    by = {c.runtime: c for c in check_bundle(b).conformance}
+    assert by["onnxruntime"].error is None, by["onnxruntime"].line()
+    assert by["onnxruntime"].max_abs_diff is not None
+    assert by["onnxruntime"].max_abs_diff <= 0.1
+    bad = tmp_path / "bad"
+    shutil.copytree(b, bad)
+    exp = json.loads((bad / "conformance" / "expected.json").read_text())
+    exp["references"]["tvm"]["file"] = "../model.onnx"
+    (bad / "conformance" / "expected.json").write_text(json.dumps(exp))
+    write_manifest(bad)
+    (problem,) = [c for c in check_bundle(bad).conformance if c.error]
+    assert problem.runtime == "conformance"
+    assert "references must name files in conformance/" in problem.error

@@ -33,6 +33,7 @@ from voxfit.compress._quant import (
     calibrate,
     fake_quant_off,
     pair_saturation_excess,
+    pair_saturation_off,
     quantize_weight,
 )
 from voxfit.compress._saliency import adaptation_saliency
@@ -68,6 +69,7 @@ __all__ = [
     "kept_channels",
     "magnitude_scores",
     "pair_saturation_excess",
+    "pair_saturation_off",
     "prune_to_plan",
     "quantize_weight",
     "taylor_scores",

@@ -67,15 +67,20 @@ def quantize_weight(w: torch.Tensor, bits: int, pair_safe: bool = False) -> torc
 
 
 @contextmanager
-def fake_quant_off(model: nn.Module) -> Iterator[None]:
-    """Within the block every ActivationQuantizer of ``model`` passes its input through.
+def fake_quant_off(model: nn.Module, only: Iterable[str] | None = None) -> Iterator[None]:
+    """Within the block every ActivationQuantizer of ``model`` (``only``: those of these
+    layers, their ``act_quant``) passes its input through.
 
     The weights stay as they are (already rounded by ``apply``), so the model computes what
     a deployment with float activations computes: the graph exporters (ONNX, torch.export)
     and the checks against their output use it. The bit-widths are restored on exit, also
     after an exception.
     """
-    quants = [m for m in model.modules() if isinstance(m, ActivationQuantizer)]
+    if only is None:
+        quants = [m for m in model.modules() if isinstance(m, ActivationQuantizer)]
+    else:
+        found = (getattr(model.get_submodule(n), "act_quant", None) for n in only)
+        quants = [q for q in found if isinstance(q, ActivationQuantizer)]
     saved = [q.bits for q in quants]
     for q in quants:
         q.bits = 32
@@ -148,9 +153,25 @@ def attach_pair_saturation(model: nn.Module, names: Iterable[str]) -> list[str]:
     return hooked
 
 
+@contextmanager
+def pair_saturation_off(model: nn.Module) -> Iterator[list[str]]:
+    """Within the block the layers :func:`attach_pair_saturation` hooked compute the plain
+    fake-quantized conv (what onnxruntime's int8 computes); yields their names."""
+    hooked = [n for n, m in model.named_modules() if getattr(m, "int8_pair_saturation", False)]
+    for n in hooked:
+        setattr(model.get_submodule(n), "int8_pair_saturation", False)  # noqa: B010
+    try:
+        yield hooked
+    finally:
+        for n in hooked:
+            setattr(model.get_submodule(n), "int8_pair_saturation", True)  # noqa: B010
+
+
 def _saturate_pairs(
     module: nn.Module, args: tuple[torch.Tensor, ...], output: torch.Tensor
 ) -> torch.Tensor | None:
+    if not getattr(module, "int8_pair_saturation", False):
+        return None
     quant = module.get_submodule("act_quant")
     if not isinstance(quant, ActivationQuantizer) or quant.bits != 8 or quant.calibrating:
         return None

@@ -362,6 +362,7 @@ def export_bundle(
         frames=spec.frames,
         adapters=arrays,
         adapt=ctx.adapt,
+        tvm_unrounded=_tvm_unrounded(model, cand, tvm_info.get("lowering")),
     )
 
     if polish is not None and polish["used"]:  # measured on this very model
@@ -447,6 +448,16 @@ def export_bundle(
     shutil.rmtree(bundle, ignore_errors=True)
     tmp.rename(bundle)
     return bundle
+
+
+def _tvm_unrounded(model: nn.Module, cand: Candidate, lowering: str | None) -> list[str]:
+    """Layers with quantized activations the TVM library computes in float32 without
+    rounding their input: all but the int8 convs, and those too unless the build made int8
+    compute of them (``lowering``)."""
+    from voxfit.compile import int8_convs
+
+    rounded = set(int8_convs(model)) if lowering and "int8 compute" in lowering else set()
+    return [x.name for x in cand.layers if x.act_bits < 32 and x.name not in rounded]
 
 
 def build_for_export(

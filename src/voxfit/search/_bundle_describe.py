@@ -24,7 +24,7 @@ import subprocess
 import sys
 import tempfile
 import wave
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -44,6 +44,7 @@ CONFORMANCE_SCHEMA_VERSION = 1
 # on a rounding boundary may land one step apart in another runtime, which moves a log-prob
 # by up to a few hundredths, so the bound is looser there.
 MIN_FRAME_AGREEMENT = 0.99
+DEFAULT_REF = "expected_log_probs.npy"
 MAX_ABS_DIFF = 1e-3
 MAX_ABS_DIFF_ACT_QUANT = 0.1
 # The numpy front end against voxfit's torch one (measured ~1e-5: float64 vs float32).
@@ -157,8 +158,15 @@ def write_self_description(
     frames: int,
     adapters: dict[str, np.ndarray],
     adapt: Any,
+    tvm_unrounded: Sequence[str] = (),
 ) -> dict[str, Any]:
-    """Write the files above into ``out``; returns the report's ``self_description``."""
+    """Write the files above into ``out``; returns the report's ``self_description``.
+
+    ``tvm_unrounded``: layers with quantized activations that the TVM library computes in
+    float32 without rounding its input (``lowering``: "run dequantized in float32"). Where a
+    runtime computes something other than the plan's torch model, the pair says so with a
+    reference of its own (``expected.json``'s ``references``): onnxruntime's int8 does not
+    saturate ``vpmaddubsw``'s int16 pairs, and TVM does not round those layers' inputs."""
     from voxfit.data import frontend_reference_source, frontend_spec, log_mel
     from voxfit.metrics import greedy_decode
     from voxfit.models import OUTPUT_LENGTHS, OUTPUT_STRIDE
@@ -225,12 +233,14 @@ def write_self_description(
     np.save(conf / "input_lengths.npy", lengths.numpy())
     np.save(conf / "expected_log_probs.npy", lp.numpy().astype(np.float32))
     np.save(conf / "expected_lengths.npy", out_lens.numpy().astype(np.int64))
+    references = _runtime_references(conf, model, feats, lengths, tvm_unrounded)
     (ids,) = greedy_decode(lp, out_lens)
     act_quant = any(x.act_bits < 32 for x in cand.layers)
     expected = {
         "schema_version": CONFORMANCE_SCHEMA_VERSION,
         "source": f"synthetic test signal, {len(pcm)} samples (no speech, no recording)",
         "reference": "the plan's torch model, fake quantization on (what the search measured)",
+        **({"references": references} if references else {}),
         "phones": inventory.decode(ids),
         "tolerance": {
             "min_frame_agreement": MIN_FRAME_AGREEMENT,
@@ -263,6 +273,44 @@ def write_self_description(
     }
 
 
+def _runtime_references(
+    conf: Path,
+    model: nn.Module,
+    feats: torch.Tensor,
+    lengths: torch.Tensor,
+    tvm_unrounded: Sequence[str],
+) -> dict[str, dict[str, str]]:
+    """Per-runtime references where a runtime computes other than the torch model."""
+    from voxfit.compress import fake_quant_off, pair_saturation_off
+
+    def run(name: str) -> None:
+        was_training = model.training
+        model.eval()
+        with torch.no_grad():
+            lp, _ = model(feats, lengths)
+        model.train(was_training)
+        np.save(conf / name, lp.numpy().astype(np.float32))
+
+    refs: dict[str, dict[str, str]] = {}
+    with pair_saturation_off(model) as hooked:
+        if hooked:
+            run("expected_log_probs_onnxruntime.npy")
+            refs["onnxruntime"] = {
+                "file": "expected_log_probs_onnxruntime.npy",
+                "why": f"onnxruntime's int8 does not saturate int16 pair sums ({len(hooked)} "
+                "layers of the torch model emulate the TVM kernels' vpmaddubsw)",
+            }
+    if tvm_unrounded:
+        with fake_quant_off(model, only=tvm_unrounded):
+            run("expected_log_probs_tvm.npy")
+        refs["tvm"] = {
+            "file": "expected_log_probs_tvm.npy",
+            "why": f"the library computes {len(tvm_unrounded)} layers with quantized "
+            "activations in float32 without rounding their input: " + ", ".join(tvm_unrounded),
+        }
+    return refs
+
+
 @dataclass(frozen=True, slots=True)
 class ConformanceCheck:
     """One runtime on the bundle's conformance pair; ``error`` when it failed or mismatched,
@@ -286,7 +334,12 @@ class ConformanceCheck:
 
 
 def _compare(
-    runtime: str, got: np.ndarray, want: np.ndarray, n: int, tol: dict[str, Any]
+    runtime: str,
+    got: np.ndarray,
+    want: np.ndarray,
+    n: int,
+    tol: dict[str, Any],
+    ref: str = "expected_log_probs.npy",
 ) -> ConformanceCheck:
     if got.shape != want.shape:
         return ConformanceCheck(runtime, error=f"output shape {got.shape}, expected {want.shape}")
@@ -296,7 +349,7 @@ def _compare(
     err = None
     if not np.isfinite(diff) or diff > tol["max_abs_diff"] or agree < tol["min_frame_agreement"]:
         err = (
-            f"conformance output differs from conformance/expected_log_probs.npy (frame "
+            f"conformance output differs from conformance/{ref} (frame "
             f"agreement {agree:.3f}, need >= {tol['min_frame_agreement']}; max |diff| "
             f"{diff:.3g}, allowed {tol['max_abs_diff']:g})"
         )
@@ -314,15 +367,24 @@ def check_conformance(bundle: Path, *, run_tvm: bool = True) -> list[Conformance
         tol = expected["tolerance"]
         x = np.load(conf / "input.npy", allow_pickle=False)
         lengths = np.load(conf / "input_lengths.npy", allow_pickle=False)
-        want = np.load(conf / "expected_log_probs.npy", allow_pickle=False)
         n = int(np.load(conf / "expected_lengths.npy", allow_pickle=False)[0])
-    except (OSError, ValueError, KeyError, TypeError, IndexError) as e:
+        refs = {
+            rt: str(expected.get("references", {}).get(rt, {}).get("file", DEFAULT_REF))
+            for rt in ("onnxruntime", "tvm")
+        }
+        if any(Path(f).name != f for f in refs.values()):
+            raise ValueError(f"references must name files in conformance/: {refs}")
+        want = {rt: np.load(conf / f, allow_pickle=False) for rt, f in refs.items()}
+    except (OSError, ValueError, KeyError, TypeError, IndexError, AttributeError) as e:
         return [
             ConformanceCheck("conformance", error=f"unreadable ({type(e).__name__}: {e})"[:300])
         ]
-    checks = [_check_frontend(bundle, x, tol), _check_onnx(bundle, x, lengths, want, n, tol)]
+    checks = [
+        _check_frontend(bundle, x, tol),
+        _check_onnx(bundle, x, lengths, want["onnxruntime"], n, tol, refs["onnxruntime"]),
+    ]
     if run_tvm:
-        checks.append(_check_tvm(bundle, x, want, n, tol))
+        checks.append(_check_tvm(bundle, x, want["tvm"], n, tol, refs["tvm"]))
     return checks
 
 
@@ -357,7 +419,13 @@ def _check_frontend(bundle: Path, x: np.ndarray, tol: dict[str, Any]) -> Conform
 
 
 def _check_onnx(
-    bundle: Path, x: np.ndarray, lengths: np.ndarray, want: np.ndarray, n: int, tol: dict[str, Any]
+    bundle: Path,
+    x: np.ndarray,
+    lengths: np.ndarray,
+    want: np.ndarray,
+    n: int,
+    tol: dict[str, Any],
+    ref: str = "expected_log_probs.npy",
 ) -> ConformanceCheck:
     from voxfit.compress import ort_session
 
@@ -372,11 +440,16 @@ def _check_onnx(
         got = sess.run(None, {"feats": x, "lengths": lengths})[0]
     except Exception as e:  # noqa: BLE001 - a model onnxruntime refuses is a problem line
         return ConformanceCheck("onnxruntime", error=f"model.onnx does not run: {str(e)[:200]}")
-    return _compare("onnxruntime", got, want, n, tol)
+    return _compare("onnxruntime", got, want, n, tol, ref)
 
 
 def _check_tvm(
-    bundle: Path, x: np.ndarray, want: np.ndarray, n: int, tol: dict[str, Any]
+    bundle: Path,
+    x: np.ndarray,
+    want: np.ndarray,
+    n: int,
+    tol: dict[str, Any],
+    ref: str = "expected_log_probs.npy",
 ) -> ConformanceCheck:
     from voxfit.hw_profiles import target_runs_here
 
@@ -403,4 +476,4 @@ def _check_tvm(
         )
     if "error" in r:
         return ConformanceCheck("tvm", error=f"{lib.name} does not run: {r['error'][:200]}")
-    return _compare("tvm", np.asarray(r["output"]), want, n, tol)
+    return _compare("tvm", np.asarray(r["output"]), want, n, tol, ref)
