@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -61,27 +62,38 @@ def test_a_study_with_other_objectives_is_not_resumed(tdnn_structure, tmp_path: 
     assert OBJECTIVES[-1] == "size_mb"
 
 
+def _begun_study(url: str, profile: str, space: SearchSpace, **more: Any) -> Any:
+    """Study "s" in ``url`` as a search of ``space`` for ``profile`` leaves it (``more``:
+    further attributes)."""
+    import optuna
+
+    from voxfit.search import OBJECTIVES
+
+    study = optuna.create_study(storage=url, study_name="s", directions=["minimize"] * 4)
+    for k, v in {
+        "objectives": list(OBJECTIVES),
+        "profile": {"name": profile},
+        "space": space.name,
+        "space_choices_hash": space.choices_hash(),
+        "space_choices": space.choices(),
+        **more,
+    }.items():
+        study.set_user_attr(k, v)
+    return study
+
+
 def test_a_study_resumes_by_space_choices_not_prose(tdnn_structure, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     """Only what a search can draw decides whether a study goes on with an edited space."""
     import optuna
 
     from voxfit.errors import ConfigError
     from voxfit.hw_profiles import load_profile
-    from voxfit.search import OBJECTIVES, SearchSettings, prepare_study
+    from voxfit.search import SearchSettings, prepare_study
 
     original = load_space(SPACES / "tdnn-default.yaml")
     url = f"sqlite:///{tmp_path}/s.db"
     profile = load_profile(SPACES.parent / "hw_profiles" / "x86-avx2-2core.yaml")
-    study = optuna.create_study(storage=url, study_name="s", directions=["minimize"] * 4)
-    for k, v in {
-        "objectives": list(OBJECTIVES),
-        "profile": {"name": profile.name},
-        "space": original.name,
-        "space_hash": original.stable_hash(),
-        "space_choices_hash": original.choices_hash(),
-        "space_choices": original.choices(),
-    }.items():
-        study.set_user_attr(k, v)
+    study = _begun_study(url, profile.name, original, space_hash=original.stable_hash())
 
     def space(text: str) -> SearchSpace:
         (tmp_path / "edited.yaml").write_text(text)
@@ -120,24 +132,16 @@ def test_a_study_resumes_only_on_the_model_it_began_with(tdnn_structure, tmp_pat
     directory goes on."""
     from types import SimpleNamespace
 
-    import optuna
-
     from voxfit.errors import ConfigError
     from voxfit.hw_profiles import load_profile
-    from voxfit.search import OBJECTIVES, SearchSettings, prepare_study
+    from voxfit.search import SearchSettings, prepare_study
 
     url = f"sqlite:///{tmp_path}/s.db"
     profile = load_profile(SPACES.parent / "hw_profiles" / "x86-avx2-2core.yaml")
     space = load_space(SPACES / "tdnn-default.yaml")
-    study = optuna.create_study(storage=url, study_name="s", directions=["minimize"] * 4)
-    for k, v in {
-        "objectives": list(OBJECTIVES),
-        "profile": {"name": profile.name},
-        "space": space.name,
-        "space_choices_hash": space.choices_hash(),
-        "checkpoint": "work/models/tdnn-ae2e1c29e8d0/checkpoint.pt",
-    }.items():
-        study.set_user_attr(k, v)
+    _begun_study(
+        url, profile.name, space, checkpoint="work/models/tdnn-ae2e1c29e8d0/checkpoint.pt"
+    )
     s = SearchSettings(profile, space.bind(tdnn_structure), url, "s", 1)
     elastic = SimpleNamespace(
         checkpoint=Path("work/models/tdnn-ae2e1c29e8d0-elastic-27a9dd9c91a3/checkpoint.pt")

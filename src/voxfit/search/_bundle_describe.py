@@ -333,14 +333,19 @@ class ConformanceCheck:
         return f"{self.runtime}: {agree}max |diff| {self.max_abs_diff:.2g}"
 
 
-def _compare(
-    runtime: str,
-    got: np.ndarray,
-    want: np.ndarray,
-    n: int,
-    tol: dict[str, Any],
-    ref: str = "expected_log_probs.npy",
-) -> ConformanceCheck:
+@dataclass(frozen=True, slots=True)
+class _Reference:
+    """What one runtime's output is held to: the log-probs (``file`` in conformance/), the
+    valid frames ``n`` and the tolerances."""
+
+    want: np.ndarray
+    n: int
+    tol: dict[str, Any]
+    file: str = DEFAULT_REF
+
+
+def _compare(runtime: str, got: np.ndarray, ref: _Reference) -> ConformanceCheck:
+    want, n, tol = ref.want, ref.n, ref.tol
     if got.shape != want.shape:
         return ConformanceCheck(runtime, error=f"output shape {got.shape}, expected {want.shape}")
     g, w = got[0, :n], want[0, :n]
@@ -349,7 +354,7 @@ def _compare(
     err = None
     if not np.isfinite(diff) or diff > tol["max_abs_diff"] or agree < tol["min_frame_agreement"]:
         err = (
-            f"conformance output differs from conformance/{ref} (frame "
+            f"conformance output differs from conformance/{ref.file} (frame "
             f"agreement {agree:.3f}, need >= {tol['min_frame_agreement']}; max |diff| "
             f"{diff:.3g}, allowed {tol['max_abs_diff']:g})"
         )
@@ -374,17 +379,20 @@ def check_conformance(bundle: Path, *, run_tvm: bool = True) -> list[Conformance
         }
         if any(Path(f).name != f for f in refs.values()):
             raise ValueError(f"references must name files in conformance/: {refs}")
-        want = {rt: np.load(conf / f, allow_pickle=False) for rt, f in refs.items()}
+        want = {
+            rt: _Reference(np.load(conf / f, allow_pickle=False), n, tol, f)
+            for rt, f in refs.items()
+        }
     except (OSError, ValueError, KeyError, TypeError, IndexError, AttributeError) as e:
         return [
             ConformanceCheck("conformance", error=f"unreadable ({type(e).__name__}: {e})"[:300])
         ]
     checks = [
         _check_frontend(bundle, x, tol),
-        _check_onnx(bundle, x, lengths, want["onnxruntime"], n, tol, refs["onnxruntime"]),
+        _check_onnx(bundle, x, lengths, want["onnxruntime"]),
     ]
     if run_tvm:
-        checks.append(_check_tvm(bundle, x, want["tvm"], n, tol, refs["tvm"]))
+        checks.append(_check_tvm(bundle, x, want["tvm"]))
     return checks
 
 
@@ -419,13 +427,7 @@ def _check_frontend(bundle: Path, x: np.ndarray, tol: dict[str, Any]) -> Conform
 
 
 def _check_onnx(
-    bundle: Path,
-    x: np.ndarray,
-    lengths: np.ndarray,
-    want: np.ndarray,
-    n: int,
-    tol: dict[str, Any],
-    ref: str = "expected_log_probs.npy",
+    bundle: Path, x: np.ndarray, lengths: np.ndarray, ref: _Reference
 ) -> ConformanceCheck:
     from voxfit.compress import ort_session
 
@@ -440,17 +442,10 @@ def _check_onnx(
         got = sess.run(None, {"feats": x, "lengths": lengths})[0]
     except Exception as e:  # noqa: BLE001 - a model onnxruntime refuses is a problem line
         return ConformanceCheck("onnxruntime", error=f"model.onnx does not run: {str(e)[:200]}")
-    return _compare("onnxruntime", got, want, n, tol, ref)
+    return _compare("onnxruntime", got, ref)
 
 
-def _check_tvm(
-    bundle: Path,
-    x: np.ndarray,
-    want: np.ndarray,
-    n: int,
-    tol: dict[str, Any],
-    ref: str = "expected_log_probs.npy",
-) -> ConformanceCheck:
+def _check_tvm(bundle: Path, x: np.ndarray, ref: _Reference) -> ConformanceCheck:
     from voxfit.hw_profiles import target_runs_here
 
     try:
@@ -476,4 +471,4 @@ def _check_tvm(
         )
     if "error" in r:
         return ConformanceCheck("tvm", error=f"{lib.name} does not run: {r['error'][:200]}")
-    return _compare("tvm", np.asarray(r["output"]), want, n, tol, ref)
+    return _compare("tvm", np.asarray(r["output"]), ref)
