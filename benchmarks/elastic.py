@@ -44,16 +44,18 @@ from voxfit.search import SearchContext  # noqa: E402
 from voxfit.train import load_checkpoint  # noqa: E402
 
 
+def hidden_widths(blocks: int, ratios: list[float]) -> tuple[GroupPlan, ...]:
+    """Every block's hidden width, ``ratios`` repeated over the blocks (1.0: not pruned)."""
+    return tuple(
+        GroupPlan(f"blocks.{i}.hidden", ratios[i % len(ratios)])
+        for i in range(blocks)
+        if ratios[i % len(ratios)] < 1.0
+    )
+
+
 def _plans(blocks: int, layers: tuple[str, ...]) -> list[tuple[str, Candidate]]:
     """Named plans spanning tdnn-default: uniform and mixed widths, low-bit weights."""
     adapters = tuple(AdapterPlan(f"blocks.{i}", 32, "residual") for i in range(blocks))
-
-    def widths(ratios: list[float]) -> tuple[GroupPlan, ...]:
-        return tuple(
-            GroupPlan(f"blocks.{i}.hidden", ratios[i % len(ratios)])
-            for i in range(blocks)
-            if ratios[i % len(ratios)] < 1.0
-        )
 
     def bits(b: int) -> tuple[LayerPlan, ...]:
         return tuple(LayerPlan(q, b if q != "head" else 8) for q in layers)
@@ -71,7 +73,7 @@ def _plans(blocks: int, layers: tuple[str, ...]) -> list[tuple[str, Candidate]]:
         ("mixed_25_50_100_w4", [0.25, 0.5, 1.0], bits(4)),
     ]
     return [
-        (name, Candidate(groups=widths(r), layers=lay, adapters=adapters))
+        (name, Candidate(groups=hidden_widths(blocks, r), layers=lay, adapters=adapters))
         for name, r, lay in table
     ]
 

@@ -31,9 +31,10 @@ from _common import parser, provenance, resolve_profile, write_result
 from voxfit.compile import saturates_int8_pairs
 from voxfit.compress import apply, export_onnx_static_int8
 from voxfit.latency import TvmLocalEstimator
-from voxfit.plan import Candidate, GroupPlan, LayerPlan
+from voxfit.plan import Candidate, LayerPlan
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from elastic import hidden_widths  # noqa: E402
 from int8 import _calibration, _profile  # noqa: E402
 from latency import time_ort  # noqa: E402
 
@@ -69,12 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     multiple = profile.channel_multiple
 
     def plan(ratios: list[float]) -> Candidate:
-        groups = tuple(
-            GroupPlan(f"blocks.{i}.hidden", ratios[i % len(ratios)])
-            for i in range(blocks)
-            if ratios[i % len(ratios)] < 1.0
-        )
-        return Candidate(groups=groups, layers=w8a8)
+        return Candidate(groups=hidden_widths(blocks, ratios), layers=w8a8)
 
     def build(cand: Candidate, saturation: bool = False) -> torch.nn.Module:
         return apply(

@@ -385,6 +385,7 @@ def compile_model(
                         "memory_plan_s",
                         "export_library_s",
                         "constant_bytes",
+                        "int8",
                     )
                     if k in r
                 },

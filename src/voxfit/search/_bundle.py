@@ -311,6 +311,8 @@ def export_bundle(
         )
         if not c.ok or c.lib is None:
             raise VoxfitError(f"TVM build for the bundle failed: {c.error}")
+        # whether the build made int8 compute of the int8 convs (else they run in float32)
+        int8_compute = (c.details.get("int8") or {}).get("compute") == "int8"
         lib = tmp / "tvm" / f"{spec.name}.so"
         shutil.move(str(c.lib), lib)
         shutil.rmtree(tmp / "tvm" / "build", ignore_errors=True)
@@ -362,7 +364,7 @@ def export_bundle(
         frames=spec.frames,
         adapters=arrays,
         adapt=ctx.adapt,
-        tvm_unrounded=_tvm_unrounded(model, cand, tvm_info.get("lowering")),
+        tvm_unrounded=_tvm_unrounded(model, cand, int8_compute),
     )
 
     if polish is not None and polish["used"]:  # measured on this very model
@@ -450,13 +452,13 @@ def export_bundle(
     return bundle
 
 
-def _tvm_unrounded(model: nn.Module, cand: Candidate, lowering: str | None) -> list[str]:
+def _tvm_unrounded(model: nn.Module, cand: Candidate, int8_compute: bool) -> list[str]:
     """Layers with quantized activations the TVM library computes in float32 without
     rounding their input: all but the int8 convs, and those too unless the build made int8
-    compute of them (``lowering``)."""
+    compute of them (``int8_compute``)."""
     from voxfit.compile import int8_convs
 
-    rounded = set(int8_convs(model)) if lowering and "int8 compute" in lowering else set()
+    rounded = set(int8_convs(model)) if int8_compute else set()
     return [x.name for x in cand.layers if x.act_bits < 32 and x.name not in rounded]
 
 

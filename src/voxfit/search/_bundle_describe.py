@@ -224,11 +224,7 @@ def write_self_description(
     _write_wav(conf / "audio.wav", pcm, feature_cfg.sample_rate_hz)
     feats = log_mel(torch.from_numpy(pcm.astype(np.float32) / 32768.0), feature_cfg)[None]
     lengths = torch.tensor([feats.shape[1]], dtype=torch.int64)
-    was_training = model.training
-    model.eval()
-    with torch.no_grad():
-        lp, out_lens = model(feats, lengths)
-    model.train(was_training)
+    lp, out_lens = _evaluated(model, feats, lengths)
     np.save(conf / "input.npy", feats.numpy().astype(np.float32))
     np.save(conf / "input_lengths.npy", lengths.numpy())
     np.save(conf / "expected_log_probs.npy", lp.numpy().astype(np.float32))
@@ -273,6 +269,19 @@ def write_self_description(
     }
 
 
+def _evaluated(
+    model: nn.Module, feats: torch.Tensor, lengths: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The model's output in eval mode, without gradients; its mode restored after."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            return model(feats, lengths)  # type: ignore[no-any-return]
+    finally:
+        model.train(was_training)
+
+
 def _runtime_references(
     conf: Path,
     model: nn.Module,
@@ -284,11 +293,7 @@ def _runtime_references(
     from voxfit.compress import fake_quant_off, pair_saturation_off
 
     def run(name: str) -> None:
-        was_training = model.training
-        model.eval()
-        with torch.no_grad():
-            lp, _ = model(feats, lengths)
-        model.train(was_training)
+        lp, _ = _evaluated(model, feats, lengths)
         np.save(conf / name, lp.numpy().astype(np.float32))
 
     refs: dict[str, dict[str, str]] = {}
