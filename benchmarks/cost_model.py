@@ -15,6 +15,13 @@ median) are measured once more before fitting, and the noisy rows the second pas
 measure again are left out. To refresh the shipped dataset and model, say so:
 ``--dataset-out cost_models/<profile>/dataset --model-out cost_models/<profile>/model``.
 
+One model learns every family measured on the profile (the task features are the same for
+any architecture): the held-out candidates are the ``--space``'s model's, and everything
+else in the dataset -- the other families' candidates too -- trains it. For the Conformer:
+
+    python benchmarks/cost_model.py --space conformer-default --n 60 --levelled 20 \
+        --out benchmarks/results/cost_model_conformer.json
+
     python benchmarks/cost_model.py --n 200 --levelled 100
 """
 
@@ -48,6 +55,7 @@ from voxfit.cost_models import (
     metrics_table,
     noisy_keys,
     random_calibration,
+    reference_key,
     sample_candidates,
     split,
     write_dataset,
@@ -146,9 +154,16 @@ def main(argv: list[str] | None = None) -> int:
     if args.dataset_out is not None:
         write_dataset(models, tasks, args.dataset_out)
     models = models[models["input"] == profile.primary_input.name]
-    timed = models.get("collect_s")  # rows from before it was recorded: NaN, skipped
+    # one cost model per profile learns every family measured on it; the held-out
+    # candidates are this space's model's, the rest of the dataset (other families) trains
+    own = models[models["reference"] == reference_key(base)]
+    if own.empty:
+        console.print(f"[red]no measured candidate of {reference_key(base)} to hold out")
+        return 1
+    timed = own.get("collect_s")  # rows from before it was recorded: NaN, skipped
     per_cand = float(timed.median()) if timed is not None and timed.notna().any() else None
-    train_ids, test_ids = split(models, args.test_frac, args.seed)
+    own_train, test_ids = split(own, args.test_frac, args.seed)
+    train_ids = set(models["cand"]) - test_ids
     tr = models[models["cand"].isin(train_ids)]
     te = models[models["cand"].isin(test_ids)]
     cm = fit(tr, tasks[tasks["cand"].isin(train_ids)], profile, seed=args.seed)
@@ -189,7 +204,7 @@ def main(argv: list[str] | None = None) -> int:
         # this run collected only what the dataset lacked; the whole dataset's collection
         # time, from the candidates that recorded theirs (median x candidates)
         "collect_s_per_candidate": per_cand,
-        "dataset_collect_minutes_est": per_cand * len(models) / 60 if per_cand else None,
+        "dataset_collect_minutes_est": per_cand * len(own) / 60 if per_cand else None,
         "collect": info,
         "remeasured_noisy": remeasured,
         "low_confidence_test": m["low_confidence"],
@@ -199,9 +214,13 @@ def main(argv: list[str] | None = None) -> int:
         "profile_hash": profile.stable_hash(),
         "input": profile.primary_input.name,
         "measured_ms_range": [
-            float(models["measured_ms"].min()),
-            float(models["measured_ms"].max()),
+            float(own["measured_ms"].min()),
+            float(own["measured_ms"].max()),
         ],
+        # the held-out candidates' model, its candidates, and every candidate of the profile
+        "held_out_model": reference_key(base),
+        "model_candidates": len(own),
+        "n_train_same_model": len(own_train),
         "dataset_candidates": len(models),
         "rows": frame.to_dict(orient="records"),
         "provenance": {

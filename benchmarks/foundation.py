@@ -3,11 +3,16 @@
 Runs (or reuses, by content hash) the same steps as `voxfit data make` and `voxfit train`,
 then writes ``benchmarks/results/foundation.json`` and prints the figures as a table.
 
+Each family's figures go under ``by_model`` (the other families' already there are kept);
+the TDNN's are also the file's top-level figures, as they were before other families.
+
     python benchmarks/foundation.py --preset default --model tdnn --work work
+    python benchmarks/foundation.py --preset default --model conformer --work work
 """
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import sys
@@ -63,7 +68,16 @@ def main(argv: list[str] | None = None) -> int:
             script_seconds=round(time.monotonic() - t0, 1),
         ),
     }
-    write_result(args.out, result)
+    try:
+        before = json.loads(args.out.read_text())
+    except (OSError, ValueError):
+        before = {}
+    by_model = dict(before.get("by_model") or {})
+    if "model" in before and before["model"] not in by_model:  # written before by_model
+        by_model[before["model"]] = {k: v for k, v in before.items() if k != "by_model"}
+    by_model[args.model] = result
+    top = result if args.model == "tdnn" else {k: v for k, v in before.items() if k != "by_model"}
+    write_result(args.out, {**top, "by_model": by_model})
     print(f"wrote {args.out}")
     return 0
 

@@ -120,6 +120,8 @@ def test_search_takes_the_space_of_its_model_and_refuses_a_mismatch(tmp_path: Pa
 @pytest.mark.slow
 def test_foundation_benchmark_writes_its_figures(tmp_path: Path, tiny_manifest: Manifest) -> None:
     out = tmp_path / "foundation.json"
+    # another family's figures, written by an earlier run, stay beside the new ones
+    out.write_text(json.dumps({"by_model": {"conformer": {"dev_per": 9.5}}}))
     work = _work_with_tiny_corpus(tmp_path, tiny_manifest)
     res = subprocess.run(
         [
@@ -151,6 +153,8 @@ def test_foundation_benchmark_writes_its_figures(tmp_path: Path, tiny_manifest: 
     assert figures["n_train_speakers"] == len(tiny_manifest.speakers("train"))
     assert figures["n_heldout_speakers"] == len(tiny_manifest.speakers("eval"))
     assert 0 < figures["adapter_param_fraction"] < 0.05
+    assert figures["by_model"]["conformer"] == {"dev_per": 9.5}
+    assert figures["by_model"]["tdnn"]["dev_per"] == figures["dev_per"]
 
 
 @pytest.mark.long

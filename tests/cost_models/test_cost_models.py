@@ -11,6 +11,8 @@ from torch import nn
 
 from voxfit.compress import apply
 from voxfit.cost_models import (
+    ADAPTERS,
+    KINDS,
     CostModel,
     Task,
     attribute_calls,
@@ -25,6 +27,7 @@ from voxfit.errors import ConfigError, ModelError
 from voxfit.hw_profiles import HardwareProfile, pick_local_profile
 from voxfit.models import build_model, default_config
 from voxfit.plan import AdapterPlan, Candidate, GroupPlan, LayerPlan
+from voxfit.structure import ModelStructure
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -64,9 +67,79 @@ def test_features_are_deterministic_and_follow_the_plan() -> None:
     assert head.features["c_out"] == 20
 
 
-def test_features_refuse_a_non_conv_backbone() -> None:
-    with pytest.raises(ModelError, match="conv backbones"):
-        decompose(_base("conformer"), 100)
+def test_any_declared_model_featurizes_by_module() -> None:
+    """The Conformer (no conv backbone): one task per module of quantizable layers, its kind
+    from what runs there, adapters with the module that ran before them."""
+    base = _base("conformer")  # tiny: d=32, FFN 48, 2 heads of 16
+    cand = Candidate(
+        groups=(GroupPlan("blocks.0.ff1", 0.5), GroupPlan("blocks.1.attn.heads", 0.5)),
+        layers=(LayerPlan("blocks.0.ff1.fc1", 4),),
+        adapters=(AdapterPlan("blocks.0", 8), AdapterPlan("blocks.1", 4, "lora")),
+    )
+    m = apply(base, cand, channel_multiple=8).train()
+    bn = m.get_submodule("blocks.0.conv.bn").running_mean.clone()
+    tasks = decompose(m, 100)
+    assert m.training  # the traced forward pass leaves the model as it was
+    assert torch.equal(m.get_submodule("blocks.0.conv.bn").running_mean, bn)
+    assert [t.features for t in tasks] == [t.features for t in decompose(m, 100)]
+    by = {t.name: t for t in tasks}
+    blocks = [f"blocks.{i}.{s}" for i in range(2) for s in ("ff1", "attn", "conv", "ff2")]
+    assert [t.name for t in tasks] == ["stem", *blocks, "head"]
+    kinds = {n: int(t.features["kind"]) for n, t in by.items()}
+    assert kinds["blocks.0.ff1"] == kinds["blocks.1.ff2"] == KINDS["ffn"]
+    assert kinds["blocks.0.attn"] == KINDS["attention"]
+    assert kinds["blocks.0.conv"] == KINDS["conv_module"]
+    assert (kinds["stem"], kinds["head"]) == (KINDS["stem"], KINDS["head"])
+    ff1 = by["blocks.0.ff1"].features
+    assert (ff1["c_in"], ff1["hidden"], ff1["c_out"], ff1["w_bits_min"]) == (32, 24, 32, 4)
+    assert ff1["t_in"] == ff1["t_out"] == 50  # after the stride-2 stem
+    assert ff1["mflops"] == pytest.approx(2 * 2 * 32 * 24 * 50 / 1e6)
+    # attention: q, k, v, o and the two matmuls of the scores; one head of 16 left in block 1
+    a0, a1 = by["blocks.0.attn"], by["blocks.1.attn"]
+    assert a0.n_anchors == 6
+    assert a1.features["hidden"] == 16
+    assert a1.features["mflops"] == pytest.approx((2 * 4 * 32 * 16 * 50 + 4 * 50 * 50 * 16) / 1e6)
+    assert by["blocks.0.conv"].features["kernel"] == 5
+    # the residual adapter of block 0 runs after ff2 (and the block's norm); LoRA on ff2.fc2
+    assert by["blocks.0.ff2"].features["adapter_dim"] == 8
+    assert by["blocks.0.ff2"].n_anchors == 4
+    assert by["blocks.1.ff2"].features["adapter_kind"] == ADAPTERS["lora"]
+    assert by["blocks.1.ff2"].n_anchors == 4
+    assert all(t.features["adapter_dim"] == 0 for n, t in by.items() if not n.endswith("ff2"))
+    # kernels attribute by matmul/conv anchors: the score softmax is the attention's
+    calls = []
+    for t in tasks:
+        for i in range(t.n_anchors):
+            calls.append((f"fused_matmul{i}_add" if t.name != "stem" else "fused_conv1d", 1.0))
+            calls.append(("fused_softmax" if t.name.endswith("attn") else "layer_norm", 0.5))
+    per, loose = attribute_calls([("transpose", 0.25), *calls], tasks)
+    assert per == pytest.approx({t.name: 1.5 * t.n_anchors for t in tasks})
+    assert loose == 0.25
+    with pytest.raises(ModelError, match="matmul/conv kernels"):
+        attribute_calls(calls[2:], tasks)
+
+
+def test_a_users_model_featurizes_and_a_broken_one_is_named() -> None:
+    from tests._user_model import build
+
+    tasks = decompose(build(n_outputs=20, size="tiny"), 100)
+    assert [t.name for t in tasks][0] == "stem"
+    assert tasks[-1].name == "head"
+    assert {int(t.features["kind"]) for t in tasks[1:-1]} == {KINDS["blocks"]}
+
+    class Broken(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.head = nn.Linear(80, 4)
+
+        def structure(self) -> ModelStructure:
+            return ModelStructure(groups=(), quantizable=("head",), adapter_slots=())
+
+        def forward(self, feats: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+            raise RuntimeError("no")
+
+    with pytest.raises(ModelError, match="Broken failed a forward pass of 100 frames"):
+        decompose(Broken(), 100)
 
 
 def _tasks() -> list[Task]:

@@ -17,7 +17,14 @@ from voxfit.cost_models._estimator import (
     load_predictor,
     predicted_estimator,
 )
-from voxfit.cost_models._features import FEATURES, Task, attribute_calls, decompose
+from voxfit.cost_models._features import (
+    ADAPTERS,
+    FEATURES,
+    KINDS,
+    Task,
+    attribute_calls,
+    decompose,
+)
 from voxfit.cost_models._model import (
     CostModel,
     Prediction,
@@ -43,7 +50,9 @@ from voxfit.cost_models._store import (
 )
 
 __all__ = [
+    "ADAPTERS",
     "FEATURES",
+    "KINDS",
     "CostModel",
     "CostModelPredictor",
     "MeasurementStore",
