@@ -32,6 +32,7 @@ Writes ``benchmarks/results/search.json`` (``--out``; for the Conformer, say
 
 from __future__ import annotations
 
+import json
 import sys
 import time
 from dataclasses import replace
@@ -222,6 +223,32 @@ def row(t: TrialRecord, fp32: TrialRecord, name: str) -> dict[str, Any]:
     }
 
 
+def _cost_model_figures(path: Path | None, space: str) -> dict[str, Any]:
+    """``cost_model_spearman`` / ``cost_model_within_10pct`` (and their file) from a
+    ``benchmarks/cost_model.py`` result; None each without one.
+
+    Raises:
+        SystemExit: the file is unreadable or is not a cost-model result.
+    """
+    keys = {"cost_model_spearman": "spearman", "cost_model_within_10pct": "within_10pct"}
+    if path is None:
+        return {**dict.fromkeys(keys), "cost_model_figures": None}
+    try:
+        figures = json.loads(path.read_text())
+        out = {k: float(figures[v]) for k, v in keys.items()}
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise SystemExit(f"{path}: not a cost_model.py result ({type(e).__name__}: {e})") from e
+    return {
+        **out,
+        "cost_model_figures": {
+            "file": str(path),
+            "held_out_model": figures.get("held_out_model"),
+            "n_test": figures.get("n_test"),
+            "space": space,
+        },
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = parser("search", __doc__, profile=True, space=True, preset=True, cost_models=True)
     ap.add_argument("--trials", type=int, default=24, help="trials per sampler (equal budget)")
@@ -263,9 +290,17 @@ def main(argv: list[str] | None = None) -> int:
         help="search this trained model (e.g. an elastic one from `voxfit train --elastic`) "
         "instead of the preset's cached base; its folder name joins the study names",
     )
+    ap.add_argument(
+        "--cost-model-figures",
+        type=Path,
+        default=None,
+        help="the cost-model benchmark's result for this space's model (e.g. "
+        "benchmarks/results/cost_model_conformer.json): its held-out figures join the result",
+    )
     args = ap.parse_args(argv)
     console = Console()
     t0 = time.monotonic()
+    cost_figures = _cost_model_figures(args.cost_model_figures, args.space)
     profile = resolve_profile(args.profile)
     measured_profile = profile
     if args.predicted:
@@ -418,6 +453,8 @@ def main(argv: list[str] | None = None) -> int:
         # onnxruntime's static int8 of the base / the fastest measured point within the
         # accuracy bounds, back to back (None: not run)
         "front_vs_ort_int8_base": peer["ratio"] if peer else None,
+        # the profile's cost model on this model's held-out candidates (--cost-model-figures)
+        **cost_figures,
         "peer": peer,
         "peer_point": row(peer_point, fp32, "peer_point") if peer else None,
         # each measured plan in onnxruntime int8 (ms), timed right after its TVM library
