@@ -125,7 +125,8 @@ def test_a_users_model_featurizes_and_a_broken_one_is_named() -> None:
     tasks = decompose(build(n_outputs=20, size="tiny"), 100)
     assert [t.name for t in tasks][0] == "stem"
     assert tasks[-1].name == "head"
-    assert {int(t.features["kind"]) for t in tasks[1:-1]} == {KINDS["blocks"]}
+    # conv blocks, but not the TDNN's: a model that learned only those has not seen them
+    assert {int(t.features["kind"]) for t in tasks[1:-1]} == {KINDS["conv_block"]}
 
     class Broken(nn.Module):
         def __init__(self) -> None:
@@ -272,6 +273,19 @@ def test_unseen_task_kinds_are_flagged_low_confidence(profile: HardwareProfile) 
     assert p.low_confidence
     assert any("never seen" in r for r in p.reasons)
     assert not cm.predict(_base(), profile, 100).low_confidence
+
+
+def test_a_model_that_learned_only_the_tdnn_flags_other_families(
+    profile: HardwareProfile,
+) -> None:
+    from tests._user_model import build
+
+    models, tasks = _synthetic(profile, 10, 2)
+    cm = fit(models, tasks, profile)
+    for other in (_base("conformer"), build(n_outputs=20, size="tiny")):
+        p = cm.predict(other, profile, 100)
+        assert p.low_confidence
+        assert any("task kind" in r and "never seen" in r for r in p.reasons), p.reasons
 
 
 def test_a_model_fitted_on_float32_weight_libraries_flags_packed_plans(

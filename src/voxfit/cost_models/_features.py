@@ -32,9 +32,19 @@ from voxfit.errors import ModelError
 from voxfit.models import LoRAAdapter, ResidualAdapter, StructuredModel
 from voxfit.plan import plan_of
 
-#: Segment kinds and adapter kinds as numbers (xgboost reads numbers). ``blocks``: a block
-#: of conv layers (the TDNN's, or any model's); the others are the generic path's.
-KINDS = {"stem": 0, "blocks": 1, "head": 2, "ffn": 3, "attention": 4, "conv_module": 5}
+#: Segment kinds and adapter kinds as numbers (xgboost reads numbers). ``blocks``: the conv
+#: backbone's residual blocks (the TDNN's); ``ffn`` to ``conv_block``: the modules of any
+#: other model (``conv_block``: plain convs, counted by their matmul/conv anchors), so a
+#: cost model that learned only the TDNN flags them as never seen instead of guessing.
+KINDS = {
+    "stem": 0,
+    "blocks": 1,
+    "head": 2,
+    "ffn": 3,
+    "attention": 4,
+    "conv_module": 5,
+    "conv_block": 6,
+}
 ADAPTERS = {"none": 0, "residual": 1, "lora": 2}
 
 FEATURES = (
@@ -270,7 +280,7 @@ def _kind(seg: str, members: Sequence[_Traced], heads: bool) -> str:
     convs = [r.module for r in members if isinstance(r.module, nn.Conv1d)]
     if any(c.groups > 1 and c.groups == c.in_channels for c in convs):
         return "conv_module"
-    return "blocks" if convs else "ffn"
+    return "conv_block" if convs else "ffn"
 
 
 def _decompose_traced(
