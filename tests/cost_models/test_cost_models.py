@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import json
 from dataclasses import replace
 from pathlib import Path
 
@@ -416,3 +417,42 @@ def test_tiny_collect_fit_predict(profile: HardwareProfile, tmp_path: Path) -> N
     acts = max(t.features["act_kb"] for t in decompose(base, p.inputs[0].frames))
     assert r.peak_memory_mb == pytest.approx((r.weight_bytes or 0) / 1e6 + acts / 1e3, rel=1e-3)
     assert acts > 0
+
+
+@pytest.mark.tvm
+@pytest.mark.slow
+def test_a_collected_conformer_has_every_task_timed(
+    profile: HardwareProfile, tmp_path: Path
+) -> None:
+    """Real TVM builds of tiny Conformer candidates (pruned heads and FFNs, 8-bit weights
+    packed, residual and LoRA adapters): the compiled kernels line up with the tasks."""
+    import yaml
+
+    from tests._tiny import CI_TINY_CONFORMER_SPACE
+    from voxfit.cost_models import collect, load_dataset
+    from voxfit.spaces import space_from_dict
+
+    p = replace(
+        profile,
+        cores=1,
+        inputs=profile.inputs[:1],
+        measurement=replace(profile.measurement, repeats=3, min_repeat_ms=5, warmup=1),
+        tuning=replace(profile.tuning, trials_per_task=0, database_dir=str(tmp_path / "db")),
+    )
+    base = _base("conformer")
+    bound = space_from_dict(yaml.safe_load(CI_TINY_CONFORMER_SPACE)).bind(base.structure())
+    store = tmp_path / "measurements"
+    out = collect(
+        base, bound, p, 3, work_dir=tmp_path / "w", store=store, cost_models_dir=tmp_path / "cm"
+    )
+    assert (out["stored"], out["failed"]) == (3, 0)
+    models, tasks = load_dataset(store)
+    assert len(tasks) == 3 * 10  # stem, 2 x (ff1, attn, conv, ff2), head
+    assert tasks["ms"].notna().all()
+    assert (tasks["ms"] > 0).all()
+    attn = tasks[tasks["kind"] == KINDS["attention"]]
+    assert len(attn) == 6
+    # the tasks own nearly all the kernel time (input layout before the stem aside)
+    assert (models["loose_ms"] < 0.1 * models["kernels_ms"]).all()
+    plans = [json.loads(x) for x in models["plan"]]
+    assert any(pl.get("adapters") for pl in plans)
