@@ -36,6 +36,7 @@ from voxfit.search._bundle import _adapter_arrays
 from voxfit.search._bundle_describe import (
     FEATURES_MAX_ABS_DIFF,
     MAX_ABS_DIFF,
+    MAX_PROB_DIFF_ACT_QUANT,
     write_self_description,
 )
 from voxfit.train import AdaptConfig
@@ -313,3 +314,32 @@ def test_runtimes_that_compute_otherwise_are_held_to_their_own_reference(
     (problem,) = [c for c in check_bundle(bad).conformance if c.error]
     assert problem.runtime == "conformance"
     assert "references must name files in conformance/" in problem.error
+
+
+def test_quantized_activation_plans_are_held_to_their_posteriors() -> None:
+    """Rounding flips move unlikely classes' log-probs by tenths and the posteriors by
+    hundredths: such a plan conforms; a wrong output does not, on either rule."""
+    from voxfit.search._bundle_describe import _compare, _Reference
+
+    rng = np.random.default_rng(0)
+    logits = rng.normal(0, 3, (1, 50, 20)).astype(np.float32)
+    logits[0, np.arange(50), rng.integers(0, 20, 50)] += 8.0  # a clear class per frame
+    want = torch.log_softmax(torch.from_numpy(logits), -1).numpy()
+    got = want.copy()
+    low = want < -5  # classes with p < 0.007 move by up to 0.15 nats
+    got[low] += rng.uniform(-0.15, 0.15, low.sum()).astype(np.float32)
+    quant = {"min_frame_agreement": 0.99, "max_prob_diff": MAX_PROB_DIFF_ACT_QUANT}
+    old = {"min_frame_agreement": 0.99, "max_abs_diff": 0.1}  # bundles written before
+    ok = _compare("onnxruntime", got, _Reference(want, 50, quant))
+    assert ok.error is None, ok.line()
+    assert ok.max_abs_diff is not None
+    assert ok.max_abs_diff > 0.1
+    assert ok.max_prob_diff is not None
+    assert ok.max_prob_diff < 0.01
+    assert "max |diff| 0.1" in str(_compare("onnxruntime", got, _Reference(want, 50, old)).error)
+    wrong = want[:, :, ::-1].copy()  # classes scrambled: an export that lost its head order
+    for tol in (quant, old):
+        assert _compare("onnxruntime", wrong, _Reference(want, 50, tol)).error
+    shifted = np.log(np.clip(np.exp(want) + 0.08 * (np.arange(20) == 3), 1e-9, None))
+    bad = _compare("onnxruntime", shifted.astype(np.float32), _Reference(want, 50, quant))
+    assert "max posterior |diff|" in str(bad.error)

@@ -39,14 +39,23 @@ from voxfit.plan import Candidate
 
 CONFORMANCE_SCHEMA_VERSION = 1
 # A runtime conforms when its argmax class equals the reference's on >= 99% of the valid
-# output frames and no valid log-prob differs by more than the tolerance. Float activations:
-# runtimes differ only in summation order (measured ~1e-5). Quantized activations: a value
-# on a rounding boundary may land one step apart in another runtime, which moves a log-prob
-# by up to a few hundredths, so the bound is looser there.
+# output frames and no valid output differs by more than the tolerance. Float activations:
+# runtimes differ only in summation order (measured ~1e-5), so every log-prob is held to
+# 1e-3. Quantized activations: a runtime's float arithmetic differs a little from torch's
+# (onnxruntime runs the BatchNorm folded into the conv), so a value near a rounding
+# boundary lands one step apart, and the flips spread layer by layer -- measured on a
+# make-run bundle (2026-12-04, trial 17, onnxruntime with every graph optimization off):
+# 0.008% of the first quantized layer's inputs one step off, 0.7% four layers later; the
+# log-probs then differ by 0.03 (median) to 0.15, largest where a class is unlikely
+# (log-prob < -5), while the posteriors differ by at most 0.016. So for those plans the
+# bound is on the posteriors (what a decoder uses), MAX_PROB_DIFF_ACT_QUANT; a broken
+# export (wrong weights, layout, a lost adapter) moves posteriors by tenths and argmaxes.
+# Bundles written before this rule hold ``max_abs_diff`` 0.1 (log-prob) and keep it.
 MIN_FRAME_AGREEMENT = 0.99
 DEFAULT_REF = "expected_log_probs.npy"
 MAX_ABS_DIFF = 1e-3
 MAX_ABS_DIFF_ACT_QUANT = 0.1
+MAX_PROB_DIFF_ACT_QUANT = 0.05
 # The numpy front end against voxfit's torch one (measured ~1e-5: float64 vs float32).
 FEATURES_MAX_ABS_DIFF = 1e-4
 
@@ -240,9 +249,14 @@ def write_self_description(
         "phones": inventory.decode(ids),
         "tolerance": {
             "min_frame_agreement": MIN_FRAME_AGREEMENT,
-            "max_abs_diff": MAX_ABS_DIFF_ACT_QUANT if act_quant else MAX_ABS_DIFF,
+            **(
+                {"max_prob_diff": MAX_PROB_DIFF_ACT_QUANT}
+                if act_quant
+                else {"max_abs_diff": MAX_ABS_DIFF}
+            ),
             "features_max_abs_diff": FEATURES_MAX_ABS_DIFF,
-            "note": "over valid output frames; max_abs_diff is in log-prob (nats)",
+            "note": "over valid output frames; max_abs_diff is in log-prob (nats), "
+            "max_prob_diff in posterior probability (exp of the log-probs)",
         },
     }
     (conf / "expected.json").write_text(json.dumps(expected, indent=2, ensure_ascii=False) + "\n")
@@ -326,6 +340,7 @@ class ConformanceCheck:
     frame_agreement: float | None = None
     error: str | None = None
     skipped: str | None = None
+    max_prob_diff: float | None = None
 
     def line(self) -> str:
         if self.skipped:
@@ -335,7 +350,8 @@ class ConformanceCheck:
         agree = (
             "" if self.frame_agreement is None else f"frame agreement {self.frame_agreement:.3f}, "
         )
-        return f"{self.runtime}: {agree}max |diff| {self.max_abs_diff:.2g}"
+        prob = "" if self.max_prob_diff is None else f", posteriors {self.max_prob_diff:.2g}"
+        return f"{self.runtime}: {agree}max |diff| {self.max_abs_diff:.2g}{prob}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -355,15 +371,20 @@ def _compare(runtime: str, got: np.ndarray, ref: _Reference) -> ConformanceCheck
         return ConformanceCheck(runtime, error=f"output shape {got.shape}, expected {want.shape}")
     g, w = got[0, :n], want[0, :n]
     diff = float(np.max(np.abs(g - w))) if n else 0.0
+    prob = float(np.max(np.abs(np.exp(g) - np.exp(w)))) if n else 0.0
     agree = float(np.mean(g.argmax(-1) == w.argmax(-1))) if n else 1.0
+    if "max_prob_diff" in tol:
+        value, bound, what = prob, tol["max_prob_diff"], "max posterior |diff|"
+    else:
+        value, bound, what = diff, tol["max_abs_diff"], "max |diff|"
     err = None
-    if not np.isfinite(diff) or diff > tol["max_abs_diff"] or agree < tol["min_frame_agreement"]:
+    if not np.isfinite(diff) or value > bound or agree < tol["min_frame_agreement"]:
         err = (
             f"conformance output differs from conformance/{ref.file} (frame "
-            f"agreement {agree:.3f}, need >= {tol['min_frame_agreement']}; max |diff| "
-            f"{diff:.3g}, allowed {tol['max_abs_diff']:g})"
+            f"agreement {agree:.3f}, need >= {tol['min_frame_agreement']}; {what} "
+            f"{value:.3g}, allowed {bound:g})"
         )
-    return ConformanceCheck(runtime, diff, agree, err)
+    return ConformanceCheck(runtime, diff, agree, err, max_prob_diff=prob)
 
 
 def check_conformance(bundle: Path, *, run_tvm: bool = True) -> list[ConformanceCheck]:
