@@ -362,20 +362,25 @@ def test_levelled_candidates_reach_the_corners_uniform_ones_miss() -> None:
     assert corners >= 3 * max(1, ((u <= 0.35) | (u >= 0.9)).sum()), corners
 
 
+def _untuned(profile: HardwareProfile, tmp_path: Path) -> HardwareProfile:
+    """One core, one input, short timing, untuned kernels: collection in CI's time (tuned
+    collection is benchmarks/cost_model.py)."""
+    return replace(
+        profile,
+        cores=1,
+        inputs=profile.inputs[:1],
+        measurement=replace(profile.measurement, repeats=3, min_repeat_ms=5, warmup=1),
+        tuning=replace(profile.tuning, trials_per_task=0, database_dir=str(tmp_path / "db")),
+    )
+
+
 @pytest.mark.tvm
 @pytest.mark.slow
 def test_tiny_collect_fit_predict(profile: HardwareProfile, tmp_path: Path) -> None:
     from voxfit.cost_models import collect, load_dataset
     from voxfit.spaces import find_space
 
-    p = replace(
-        profile,
-        cores=1,
-        inputs=profile.inputs[:1],
-        measurement=replace(profile.measurement, repeats=3, min_repeat_ms=5, warmup=1),
-        # untuned kernels keep CI short; tuned collection is benchmarks/cost_model.py
-        tuning=replace(profile.tuning, trials_per_task=0, database_dir=str(tmp_path / "db")),
-    )
+    p = _untuned(profile, tmp_path)
     base = _base()
     bound = find_space(ROOT / "spaces" / "tdnn-default.yaml").bind(base.structure())
     store = tmp_path / "work" / "measurements"
@@ -432,13 +437,7 @@ def test_a_collected_conformer_has_every_task_timed(
     from voxfit.cost_models import collect, load_dataset
     from voxfit.spaces import space_from_dict
 
-    p = replace(
-        profile,
-        cores=1,
-        inputs=profile.inputs[:1],
-        measurement=replace(profile.measurement, repeats=3, min_repeat_ms=5, warmup=1),
-        tuning=replace(profile.tuning, trials_per_task=0, database_dir=str(tmp_path / "db")),
-    )
+    p = _untuned(profile, tmp_path)
     base = _base("conformer")
     bound = space_from_dict(yaml.safe_load(CI_TINY_CONFORMER_SPACE)).bind(base.structure())
     store = tmp_path / "measurements"

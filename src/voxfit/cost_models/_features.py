@@ -120,6 +120,27 @@ def _t_out(t: int, conv: nn.Conv1d) -> int:
     return int(math.floor((t + 2 * int(p) - d * (k - 1) - 1) / s + 1))
 
 
+def _costs(
+    adapter: str,
+    adapter_dim: int,
+    w_bits: Sequence[int],
+    a_bits: Sequence[int],
+    flops: float,
+    weights: float,
+    acts: float,
+) -> dict[str, float]:
+    """A task's adapter, bits and cost features (both decompositions share them)."""
+    return {
+        "adapter_kind": float(ADAPTERS[adapter]),
+        "adapter_dim": float(adapter_dim),
+        "w_bits_min": float(min(w_bits)),
+        "a_bits_min": float(min(a_bits)),
+        "mflops": flops / 1e6,
+        "weight_kb": weights / 1e3,
+        "act_kb": acts / 1e3,
+    }
+
+
 def decompose(model: nn.Module, frames: int) -> list[Task]:
     """The model's tasks in execution order, for an input of ``frames`` feature frames.
 
@@ -179,13 +200,7 @@ def decompose(model: nn.Module, frames: int) -> list[Task]:
             "t_in": float(t_in),
             "t_out": float(t),
             "n_convs": float(len(members)),
-            "adapter_kind": float(ADAPTERS[akind]),
-            "adapter_dim": float(adim),
-            "w_bits_min": float(min(w_bits)),
-            "a_bits_min": float(min(a_bits)),
-            "mflops": flops / 1e6,
-            "weight_kb": weights / 1e3,
-            "act_kb": acts / 1e3,
+            **_costs(akind, adim, w_bits, a_bits, flops, weights, acts),
         }
         tasks.append(Task(seg, feats))
     return tasks
@@ -364,13 +379,7 @@ def _decompose_traced(
             "t_in": float(first.t_in),
             "t_out": float(last.t_out),
             "n_convs": float(n_anchors),
-            "adapter_kind": float(ADAPTERS[akind]),
-            "adapter_dim": float(adim),
-            "w_bits_min": float(min(w_bits)),
-            "a_bits_min": float(min(a_bits)),
-            "mflops": flops / 1e6,
-            "weight_kb": weights / 1e3,
-            "act_kb": acts / 1e3,
+            **_costs(akind, adim, w_bits, a_bits, flops, weights, acts),
         }
         tasks.append(Task(seg, feats, anchors=n_anchors, anchor_ops=ANY_ANCHORS))
     return tasks
