@@ -19,8 +19,8 @@ One model learns every family measured on the profile (the task features are the
 any architecture): the held-out candidates are the ``--space``'s model's, and everything
 else in the dataset -- the other families' candidates too -- trains it. For the Conformer:
 
-    python benchmarks/cost_model.py --space conformer-default --n 60 --levelled 20 \
-        --out benchmarks/results/cost_model_conformer.json
+    python benchmarks/cost_model.py --profile x86-avx2-2core --space conformer-default \
+        --n 30 --levelled 10 --out benchmarks/results/cost_model_conformer.json
 
     python benchmarks/cost_model.py --n 200 --levelled 100
 """

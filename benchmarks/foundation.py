@@ -72,11 +72,12 @@ def main(argv: list[str] | None = None) -> int:
         before = json.loads(args.out.read_text())
     except (OSError, ValueError):
         before = {}
+    flat = {k: v for k, v in before.items() if k != "by_model"}  # the top-level figures
     by_model = dict(before.get("by_model") or {})
-    if "model" in before and before["model"] not in by_model:  # written before by_model
-        by_model[before["model"]] = {k: v for k, v in before.items() if k != "by_model"}
+    if "model" in flat and flat["model"] not in by_model:  # written before by_model
+        by_model[flat["model"]] = flat
     by_model[args.model] = result
-    top = result if args.model == "tdnn" else {k: v for k, v in before.items() if k != "by_model"}
+    top = result if args.model == "tdnn" else flat
     write_result(args.out, {**top, "by_model": by_model})
     print(f"wrote {args.out}")
     return 0
