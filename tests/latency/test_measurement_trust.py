@@ -26,7 +26,7 @@ from tests._tiny import tiny_tdnn
 from voxfit.compile import CompileResult, TvmWorker, compile_model
 from voxfit.hw_profiles import HardwareProfile, RpcSpec, pick_local_profile
 from voxfit.latency import LatencyResult, TvmLocalEstimator, TvmRpcEstimator
-from voxfit.latency._estimators import repeat_while_noisy
+from voxfit.latency._estimators import _load_note, repeat_while_loaded, repeat_while_noisy
 from voxfit.latency._farm import Farm, local_farm
 from voxfit.latency._tvm_timing import _stats
 from voxfit.models import ModelConfig, build_model
@@ -99,6 +99,60 @@ def test_errors_and_unknown_spreads() -> None:
     calls, measure = _fake(_try(None))  # one sample: its spread is unknown, accepted
     r = repeat_while_noisy(measure, 0.1, 2)
     assert (len(calls), r["noisy"]) == (1, False)
+
+
+def _paired(ref_ms: float, relative: float) -> dict[str, Any]:
+    return _try(0.02, relative * ref_ms, reference_ms=ref_ms, relative=relative)
+
+
+def test_a_paired_try_under_load_is_timed_again_and_a_quiet_one_kept() -> None:
+    quiet: dict[str, float] = {}
+    calls, measure = _fake(_paired(1.30, 0.70))
+    r = repeat_while_loaded(measure, quiet, "utt", max_repeats=2)
+    assert (len(calls), r["loaded_tries"], r["loaded"], quiet["utt"]) == (1, 0, False, 1.30)
+    # the reference ran 20% slow: timed again; the quiet try's relative is kept
+    calls, measure = _fake(_paired(1.56, 0.82), _paired(1.33, 0.71), _paired(1.30, 0.5))
+    r = repeat_while_loaded(measure, quiet, "utt", max_repeats=2)
+    assert (len(calls), r["relative"], r["loaded_tries"], r["loaded"]) == (2, 0.71, 1, False)
+    assert "timed 1 more time," in _load_note(r)
+    # 5% slow is within the margin: no repeat
+    calls, measure = _fake(_paired(1.365, 0.9))
+    assert repeat_while_loaded(measure, quiet, "utt", max_repeats=2)["loaded_tries"] == 0
+    assert len(calls) == 1
+
+
+def test_load_that_does_not_pass_keeps_the_quietest_try_and_flags_it() -> None:
+    quiet = {"utt": 1.0}
+    calls, measure = _fake(_paired(1.5, 0.9), _paired(1.3, 0.8), _paired(1.4, 0.7))
+    r = repeat_while_loaded(measure, quiet, "utt", max_repeats=2)
+    assert len(calls) == 3  # 1 + max_repeats, never more
+    assert (r["reference_ms"], r["relative"], r["loaded"], r["loaded_tries"]) == (
+        1.3,
+        0.8,
+        True,
+        3,
+    )
+    assert _load_note(r).startswith("under load")
+    # a quieter reference than ever seen lowers the baseline for the next timings
+    calls, measure = _fake(_paired(0.9, 0.6))
+    repeat_while_loaded(measure, quiet, "utt", max_repeats=2)
+    assert quiet["utt"] == 0.9
+    assert len(calls) == 1
+    # other inputs have their own baseline
+    calls, measure = _fake(_paired(0.3, 0.6))
+    assert not repeat_while_loaded(measure, quiet, "chunk", max_repeats=2)["loaded"]
+
+
+def test_the_load_guard_passes_unpaired_timings_and_errors_through() -> None:
+    quiet: dict[str, float] = {}
+    calls, measure = _fake(_try(0.02, 3.0), _try(0.02, 1.0))
+    assert repeat_while_loaded(measure, quiet, "utt", 2) == _try(0.02, 3.0)
+    calls, measure = _fake({"error": "device gone"})
+    assert repeat_while_loaded(measure, quiet, "utt", 2) == {"error": "device gone"}
+    quiet = {"utt": 1.0}
+    calls, measure = _fake(_paired(1.5, 0.9), {"error": "device gone"})
+    r = repeat_while_loaded(measure, quiet, "utt", 2)
+    assert (len(calls), r["relative"], r["loaded"]) == (2, 0.9, True)
 
 
 def test_stats_record_the_coefficient_of_variation() -> None:
