@@ -13,7 +13,9 @@ from torch import nn
 from voxfit.compress import apply
 from voxfit.cost_models import (
     ADAPTERS,
+    FEATURES,
     KINDS,
+    MIXING,
     CostModel,
     Task,
     attribute_calls,
@@ -22,6 +24,7 @@ from voxfit.cost_models import (
     fit,
     metrics,
     predicted_estimator,
+    refeaturize,
     roofline_ms,
 )
 from voxfit.errors import ConfigError, ModelError
@@ -66,6 +69,115 @@ def test_features_are_deterministic_and_follow_the_plan() -> None:
         (2 * 16 * 48 * 5 * 50 + 2 * 48 * 16 * 1 * 50) / 1e6  # tiny: 5-tap convs
     )
     assert head.features["c_out"] == 20
+
+
+def _mix(tasks: list[Task]) -> list[tuple[float, ...]]:
+    return [tuple(t.features[f] for f in MIXING) for t in tasks]
+
+
+def test_mixing_features_count_int8_layers_and_the_switches_around_them() -> None:
+    base = _base()  # tiny TDNN: stem, blocks.0 (conv1, conv2), blocks.1 (conv1, conv2), head
+    calib = [(torch.randn(2, 100, 80), torch.tensor([100, 80]))]
+    plan = Candidate(
+        layers=(
+            LayerPlan("blocks.0.conv2", 8, 8),  # int8 between float layers
+            LayerPlan("blocks.1.conv1", 8, 8),
+            LayerPlan("blocks.1.conv2", 4, 8),
+            LayerPlan("head", 8),  # packed, computed in float
+        )
+    )
+    ts = decompose(apply(base, plan, channel_multiple=8, calibration=calib), 100)
+    stem, b0, b1, head = ts
+    # (n_int8, n_packed, mflops_int8, switch_in, switch_inner, switch_out)
+    conv2 = 2 * 48 * 32 * 1 * 50 / 1e6
+    assert _mix(ts)[0] == (0.0, 0.0, 0.0, 0.0, 0.0, 0.0)  # float after the float input
+    assert _mix(ts)[1] == pytest.approx((1.0, 0.0, conv2, 0.0, 1.0, 0.0))
+    assert b1.features["n_int8"] == 2.0
+    assert (b1.features["switch_in"], b1.features["switch_inner"]) == (0.0, 0.0)
+    assert b1.features["switch_out"] == 1.0  # the head computes in float
+    assert (head.features["n_packed"], head.features["switch_in"]) == (1.0, 1.0)
+    # a float model has none of it; an all-int8 one switches only at the ends
+    assert all(x == (0.0,) * 6 for x in _mix(decompose(apply(base, Candidate()), 100)))
+    s = base.structure()  # type: ignore[operator]
+    int8 = Candidate(layers=tuple(LayerPlan(q, 8, 8) for q in s.quantizable))
+    m = _mix(decompose(apply(base, int8, calibration=calib), 100))
+    assert [x[3] for x in m] == [1.0, 0.0, 0.0, 0.0]
+    assert [x[5] for x in m] == [0.0, 0.0, 0.0, 1.0]
+    assert sum(x[4] for x in m) == 0.0
+    # the Conformer's modules get them too
+    conf = _base("conformer")
+    lin = Candidate(layers=(LayerPlan(conf.structure().quantizable[0], 8, 8),))  # type: ignore[operator]
+    ct = decompose(apply(conf, lin, calibration=calib), 100)
+    assert sum(t.features["n_int8"] for t in ct) == 1.0
+    assert ct[0].features["switch_in"] == 1.0
+
+
+def test_rows_stored_before_the_mixing_features_are_refeaturized(
+    profile: HardwareProfile,
+) -> None:
+    base = build_model(default_config("tdnn", 55, "tiny")).eval()
+    calib = [(torch.randn(2, 100, 80), torch.tensor([100, 80]))]
+    plan = Candidate(
+        groups=(GroupPlan("blocks.0.hidden", 0.5),),
+        layers=(LayerPlan("blocks.0.conv1", 8, 8), LayerPlan("head", 4)),
+    )
+    ts = decompose(
+        apply(base, plan, channel_multiple=profile.channel_multiple, calibration=calib), 100
+    )
+    from voxfit.cost_models import reference_key
+
+    models = pd.DataFrame(
+        [
+            {
+                "cand": "c0",
+                "input": "utterance_1s",
+                "frames": 100,
+                "plan": json.dumps(plan.to_dict()),
+                "reference": reference_key(base),
+            },
+            {  # a model that is not built in: its rows cannot be recomputed
+                "cand": "c1",
+                "input": "utterance_1s",
+                "frames": 100,
+                "plan": json.dumps(Candidate().to_dict()),
+                "reference": "UsersNet-123",
+            },
+        ]
+    )
+    old = [f for f in FEATURES if f not in MIXING]
+    tasks = pd.DataFrame(
+        [{"cand": c, "input": "utterance_1s", "task": t.name, **{f: t.features[f] for f in old}}
+         for c in ("c0", "c1") for t in ts]
+    )  # fmt: skip
+    out = refeaturize(models, tasks, profile)
+    assert set(out["cand"]) == {"c0"}
+    assert out[list(MIXING)].to_numpy().tolist() == [list(x) for x in _mix(ts)]
+    assert list(tasks.columns) == ["cand", "input", "task", *old]  # the input is not changed
+    assert refeaturize(models, out, profile) is out  # nothing stale: nothing recomputed
+
+
+def test_a_model_fitted_before_the_mixing_features_still_predicts(
+    profile: HardwareProfile, tmp_path: Path
+) -> None:
+    import voxfit.cost_models._model as model_module
+
+    models, tasks = _synthetic(profile, 30, 0)
+    old = tuple(f for f in FEATURES if f not in MIXING)
+    real = model_module.FEATURES
+    model_module.FEATURES = old  # fitted the way it was
+    try:
+        cm = fit(models, tasks, profile)
+    finally:
+        model_module.FEATURES = real
+    cm.save(tmp_path)
+    again = CostModel.load(tmp_path)
+    assert list(again.card["features"]) == list(old)
+    ts = decompose(apply(_base(), Candidate(), channel_multiple=8), 100)
+    assert again.predict_tasks(ts).ms == pytest.approx(cm.predict_tasks(ts).ms)
+    card = (tmp_path / "card.yaml").read_text().replace("- act_kb", "- act_kb\n- gpu_clock")
+    (tmp_path / "card.yaml").write_text(card)
+    with pytest.raises(ConfigError, match="unknown features"):
+        CostModel.load(tmp_path)
 
 
 def test_any_declared_model_featurizes_by_module() -> None:

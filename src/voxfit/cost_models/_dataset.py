@@ -23,7 +23,7 @@ from typing import Any
 from torch import nn
 
 from voxfit._progress import progress_bar
-from voxfit.cost_models._features import FEATURES, attribute_calls, decompose
+from voxfit.cost_models._features import FEATURES, MIXING, attribute_calls, decompose
 from voxfit.cost_models._store import MeasurementStore, dataset_dir, load_dataset
 from voxfit.errors import ConfigError
 from voxfit.hw_profiles import HardwareProfile, InputSpec
@@ -107,6 +107,72 @@ def rows_of(
         for t in tasks
     ]
     return row, task_rows
+
+
+def reference_models(keys: Collection[str], n_outputs: int = 55) -> dict[str, nn.Module]:
+    """The built-in models (every family and size preset, ``n_outputs`` output units) whose
+    :func:`reference_key` is among ``keys``: the shapes a stored row was measured with."""
+    from voxfit.models import FAMILIES, build_model, default_config
+
+    out: dict[str, nn.Module] = {}
+    for family in FAMILIES:
+        for preset in ("default", "tiny"):
+            m = build_model(default_config(family, n_outputs, preset)).eval()  # type: ignore[arg-type]
+            if reference_key(m) in keys:
+                out[reference_key(m)] = m
+    return out
+
+
+def refeaturize(models: Any, tasks: Any, profile: HardwareProfile) -> Any:
+    """``tasks`` with every current feature: rows collected before the int8/float mixing
+    features existed get them recomputed from their candidate's plan, applied to the
+    built-in model their reference names (the shapes are the base's; the weights do not
+    matter). Rows of a model that is not built in are dropped, with a warning.
+
+    Returns:
+        The task rows (a new frame; ``tasks`` is not changed).
+    """
+    import logging
+
+    import pandas as pd
+
+    from voxfit.compress import apply
+
+    if tasks.empty or all(f in tasks and tasks[f].notna().all() for f in MIXING):
+        return tasks
+    out = tasks.copy()
+    for f in MIXING:
+        if f not in out:
+            out[f] = float("nan")
+    stale = out[list(MIXING)].isna().any(axis=1)
+    keys = set(zip(out.loc[stale, "cand"], out.loc[stale, "input"], strict=True))
+    rows = models.drop_duplicates(["cand", "input"], keep="last").set_index(["cand", "input"])
+    bases = reference_models({str(rows.loc[k, "reference"]) for k in keys if k in rows.index})
+    drop: list[Any] = []
+    for cand, inp in sorted(keys):
+        sel = stale & (out["cand"] == cand) & (out["input"] == inp)
+        row: Any = rows.loc[(cand, inp)] if (cand, inp) in rows.index else None
+        base = bases.get(str(row["reference"])) if row is not None else None
+        if base is None:
+            drop.extend(out.index[sel])
+            continue
+        plan = Candidate.from_dict(json.loads(row["plan"]))
+        calib = random_calibration(int(row["frames"]), 0, n_mels_of(base))
+        model = apply(base, plan, channel_multiple=profile.channel_multiple, calibration=calib)
+        by_task = {t.name: t.features for t in decompose(model, int(row["frames"]))}
+        for i in out.index[sel]:
+            feats = by_task.get(str(out.at[i, "task"]))
+            if feats is None:
+                drop.append(i)
+                continue
+            for k in MIXING:
+                out.at[i, k] = feats[k]
+    if drop:
+        logging.getLogger(__name__).warning(
+            "%d task rows of models that are not built in lack the mixing features: left out",
+            len(drop),
+        )
+    return pd.DataFrame(out.drop(index=drop))
 
 
 def random_calibration(frames: int, seed: int, n_mels: int = 80) -> list[Any]:

@@ -65,7 +65,19 @@ FEATURES = (
     "mflops",
     "weight_kb",
     "act_kb",
+    # how the task's layers mix int8 and float compute (see _mixing): a library that
+    # switches between them pays a conversion at each switch, in whichever task's kernels
+    # run next to it, so the neighbours' layers count too
+    "n_int8",
+    "n_packed",
+    "mflops_int8",
+    "switch_in",
+    "switch_inner",
+    "switch_out",
 )
+#: the features a dataset collected before the mixing features lacks (recomputed from the
+#: rows' plans by :func:`voxfit.cost_models.refeaturize`)
+MIXING = FEATURES[FEATURES.index("n_int8") :]
 INPUT_SEGMENT = "input"
 
 
@@ -165,6 +177,7 @@ def decompose(model: nn.Module, frames: int) -> list[Task]:
     for name, conv in convs:
         segments.setdefault(segment_of(name), []).append((name, conv))
     tasks = []
+    layers: list[list[_Layer]] = []
     t = frames
     for seg, members in segments.items():
         t_in = t
@@ -172,9 +185,11 @@ def decompose(model: nn.Module, frames: int) -> list[Task]:
         weights = 0.0
         acts = 0.0
         stride = 1
-        for _, conv in members:
+        layers.append([])
+        for name, conv in members:
             t_next = _t_out(t, conv)
             cin, cout, k = conv.in_channels, conv.out_channels, conv.kernel_size[0]
+            layers[-1].append(_layer(bits.get(name, (32, 32)), 2.0 * cin * cout * k * t_next))
             flops += 2.0 * cin * cout * k * t_next
             weights += 4.0 * (cin * cout * k + cout)
             acts += 4.0 * (cin * t + cout * t_next)
@@ -203,6 +218,8 @@ def decompose(model: nn.Module, frames: int) -> list[Task]:
             **_costs(akind, adim, w_bits, a_bits, flops, weights, acts),
         }
         tasks.append(Task(seg, feats))
+    for task, mix in zip(tasks, _mixing(layers), strict=True):
+        task.features.update(mix)
     return tasks
 
 
@@ -298,6 +315,45 @@ def _kind(seg: str, members: Sequence[_Traced], heads: bool) -> str:
     return "conv_block" if convs else "ffn"
 
 
+@dataclass(frozen=True)
+class _Layer:
+    """One quantizable layer as the mixing features see it."""
+
+    int8: bool  # 8-bit (or fewer) activations: int8 compute where the target has it
+    packed: bool  # packed weights computed in float (unpacked in the kernel)
+    flops: float
+
+
+def _layer(bits: tuple[int, int], flops: float) -> _Layer:
+    w, a = bits
+    return _Layer(a <= 8, w < 32 and a > 8, flops)
+
+
+def _mixing(per_task: Sequence[Sequence[_Layer]]) -> list[dict[str, float]]:
+    """Per task (in execution order): its int8 layers, packed float layers, int8 MFLOPs, and
+    the int8/float switches at its input (against the previous task's last layer; the
+    model's input is float), between its layers, and at its output (against the next
+    task's first layer; the model's output is float)."""
+    flat = [x.int8 for layers in per_task for x in layers]
+    out, i = [], 0
+    for layers in per_task:
+        kinds = [x.int8 for x in layers]
+        before = flat[i - 1] if i > 0 else False
+        after = flat[i + len(layers)] if i + len(layers) < len(flat) else False
+        i += len(layers)
+        out.append(
+            {
+                "n_int8": float(sum(kinds)),
+                "n_packed": float(sum(x.packed for x in layers)),
+                "mflops_int8": sum(x.flops for x in layers if x.int8) / 1e6,
+                "switch_in": float(bool(kinds) and kinds[0] != before),
+                "switch_inner": float(sum(a != b for a, b in zip(kinds, kinds[1:], strict=False))),
+                "switch_out": float(bool(kinds) and kinds[-1] != after),
+            }
+        )
+    return out
+
+
 def _decompose_traced(
     model: nn.Module, frames: int, bits: dict[str, tuple[int, int]]
 ) -> list[Task]:
@@ -345,7 +401,15 @@ def _decompose_traced(
     if missing:
         raise ModelError(f"cost-model features: layer(s) {missing} never ran in a forward pass")
     tasks = []
+    layers: list[list[_Layer]] = []
     for seg, members in segments.items():
+        layers.append(
+            [
+                _layer(bits.get(r.name, (32, 32)), r.costs()[0])
+                for r in members
+                if r.name in quantizable
+            ]
+        )
         runs = members + extra.get(seg, [])
         if not members:  # non-quantizable layers before any quantizable one
             members = runs
@@ -382,6 +446,8 @@ def _decompose_traced(
             **_costs(akind, adim, w_bits, a_bits, flops, weights, acts),
         }
         tasks.append(Task(seg, feats, anchors=n_anchors, anchor_ops=ANY_ANCHORS))
+    for task, mix in zip(tasks, _mixing(layers), strict=True):
+        task.features.update(mix)
     return tasks
 
 
@@ -425,8 +491,8 @@ def attribute_calls(
     return out, loose
 
 
-def feature_rows(tasks: Sequence[Task]) -> list[list[float]]:
-    return [[t.features[f] for f in FEATURES] for t in tasks]
+def feature_rows(tasks: Sequence[Task], names: Sequence[str] = FEATURES) -> list[list[float]]:
+    return [[t.features[f] for f in names] for t in tasks]
 
 
 def describe(tasks: Sequence[Task]) -> list[dict[str, Any]]:

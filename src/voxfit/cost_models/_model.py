@@ -206,8 +206,9 @@ class CostModel(CardHost):
     def predict_tasks(self, tasks: Sequence[Task]) -> Prediction:
         import xgboost as xgb
 
-        x = np.asarray(feature_rows(tasks), dtype=np.float32)
-        per = np.exp(self.booster.predict(xgb.DMatrix(x, feature_names=list(FEATURES))))
+        names = list(self.card["features"])  # a model fitted before newer features: its own
+        x = np.asarray(feature_rows(tasks, names), dtype=np.float32)
+        per = np.exp(self.booster.predict(xgb.DMatrix(x, feature_names=names)))
         coef = self.card["overhead"]["coef"]
         overhead = float(np.dot(coef, _overhead_x(tasks)))
         reasons = []
@@ -291,8 +292,9 @@ class CostModel(CardHost):
         digest = hashlib.sha256((d / MODEL_FILE).read_bytes()).hexdigest()
         if digest != card.get("model_sha256"):
             raise ConfigError(f"{d / MODEL_FILE}: sha256 does not match {CARD_FILE}")
-        if list(card["features"]) != list(FEATURES):
-            raise ConfigError(f"{d / CARD_FILE}: features: trained on other features")
+        unknown = sorted(set(card["features"]) - set(FEATURES))
+        if unknown:
+            raise ConfigError(f"{d / CARD_FILE}: features: trained on unknown features {unknown}")
         booster = xgb.Booster()
         booster.load_model(str(d / MODEL_FILE))
         return cls(booster, card, d)
@@ -421,6 +423,9 @@ def fit(
             f"cost-model fit: dataset rows from other profile versions ({', '.join(other)}); "
             f"{profile.name} is {profile.stable_hash()}"
         )
+    from voxfit.cost_models._dataset import refeaturize
+
+    tasks = refeaturize(models, tasks, profile)
     reference = reference_ms(models)
     labelled = tasks.dropna(subset=["ms"])
     labels, loose = _task_labels(models, labelled, reference)
@@ -493,14 +498,20 @@ def evaluate(
 
     Returns (metrics with a ``roofline`` entry, per-candidate frame of predictions).
     """
+    from voxfit.cost_models._dataset import refeaturize
     from voxfit.cost_models._features import Task
 
+    names = list(cm.card["features"])
+    if set(names) - set(tasks):
+        tasks = refeaturize(models, tasks, profile)
     rows = []
     by_key = {k: g for k, g in tasks.groupby(["cand", "input"])}
     measured = normalized_ms(models, cm.card.get("reference_ms") or {})
     for i, m in models.iterrows():
+        if (m["cand"], m["input"]) not in by_key:
+            continue  # its task rows were left out (a model that is not built in)
         g = by_key[(m["cand"], m["input"])]
-        ts = [Task(r["task"], {f: float(r[f]) for f in FEATURES}) for _, r in g.iterrows()]
+        ts = [Task(r["task"], {f: float(r[f]) for f in names}) for _, r in g.iterrows()]
         p = cm.predict_tasks(ts)
         rows.append(
             {

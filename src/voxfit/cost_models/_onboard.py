@@ -40,7 +40,7 @@ from voxfit.cost_models._dataset import (
     rows_of,
     sample_candidates,
 )
-from voxfit.cost_models._features import FEATURES, Task
+from voxfit.cost_models._features import FEATURES, MIXING, Task
 from voxfit.cost_models._model import CostModel, fitted_model_dir, load_for, metrics
 from voxfit.cost_models._store import (
     MeasurementStore,
@@ -321,6 +321,7 @@ def labelled(
     if models.empty:
         return [], {}
     models = models[(models["input"] == input_name) & models["relative"].notna()]
+    tasks = _with_mixing(models, tasks)
     ref_ms = {
         f"{input_name}@{k}": float(g["reference_ms"].median())
         for k, g in models.groupby("reference")
@@ -338,8 +339,27 @@ def labelled(
     return out, ref_ms
 
 
+def _with_mixing(models: pd.DataFrame, tasks: pd.DataFrame) -> pd.DataFrame:
+    """Task rows with the mixing features (recomputed for rows stored before them; the
+    rows' profile is looked up by name, and a profile that cannot be found leaves them
+    without, for a model that does not use them)."""
+    from voxfit.cost_models._dataset import refeaturize
+    from voxfit.hw_profiles import find_profile, load_profile
+
+    if models.empty or all(f in tasks and tasks[f].notna().all() for f in MIXING):
+        return tasks
+    try:
+        profile = load_profile(find_profile(str(models["profile"].iloc[0])))
+    except ConfigError:
+        return tasks
+    return refeaturize(models, tasks, profile)
+
+
 def _tasks_of(frame: pd.DataFrame) -> list[Task]:
-    return [Task(str(r["task"]), {f: float(r[f]) for f in FEATURES}) for _, r in frame.iterrows()]
+    return [
+        Task(str(r["task"]), {f: float(r[f]) for f in FEATURES if f in r and pd.notna(r[f])})
+        for _, r in frame.iterrows()
+    ]
 
 
 def compare(
