@@ -159,16 +159,9 @@ def test_rows_stored_before_the_mixing_features_are_refeaturized(
 def test_a_model_fitted_before_the_mixing_features_still_predicts(
     profile: HardwareProfile, tmp_path: Path
 ) -> None:
-    import voxfit.cost_models._model as model_module
-
     models, tasks = _synthetic(profile, 30, 0)
     old = tuple(f for f in FEATURES if f not in MIXING)
-    real = model_module.FEATURES
-    model_module.FEATURES = old  # fitted the way it was
-    try:
-        cm = fit(models, tasks, profile)
-    finally:
-        model_module.FEATURES = real
+    cm = fit(models, tasks, profile, features=old)  # fitted the way it was
     cm.save(tmp_path)
     again = CostModel.load(tmp_path)
     assert list(again.card["features"]) == list(old)

@@ -403,8 +403,12 @@ def fit(
     *,
     seed: int = 0,
     host: HostInfo | None = None,
+    features: Sequence[str] = FEATURES,
 ) -> CostModel:
     """Fit on every candidate in ``models`` that has per-task times.
+
+    ``features``: the task features it learns from (default all; a subset reproduces a
+    model fitted before later ones existed).
 
     ``host`` is recorded on the card as the host the labels hold on; default this machine.
     Measurement rows do not record their host, so a dataset collected elsewhere should be
@@ -424,8 +428,10 @@ def fit(
             f"{profile.name} is {profile.stable_hash()}"
         )
     from voxfit.cost_models._dataset import refeaturize
+    from voxfit.cost_models._features import MIXING
 
-    tasks = refeaturize(models, tasks, profile)
+    if set(features) & set(MIXING):
+        tasks = refeaturize(models, tasks, profile)
     reference = reference_ms(models)
     labelled = tasks.dropna(subset=["ms"])
     labels, loose = _task_labels(models, labelled, reference)
@@ -434,7 +440,11 @@ def fit(
     used = models[[k in keys for k in zip(models["cand"], models["input"], strict=True)]]
     if used.empty:
         raise ConfigError("cost-model fit: no candidate has per-task times (collect locally)")
-    x = labelled[list(FEATURES)].to_numpy(dtype=np.float32)
+    names = list(features)
+    unknown = sorted(set(names) - set(FEATURES))
+    if unknown:
+        raise ConfigError(f"cost-model fit: unknown features {unknown}")
+    x = labelled[names].to_numpy(dtype=np.float32)
     y = np.log(np.maximum(labelled["label"].to_numpy(dtype=float), 1e-4))
     params = {
         "objective": "reg:squarederror",
@@ -447,7 +457,7 @@ def fit(
     }
     booster = xgb.train(
         params,
-        xgb.DMatrix(x, label=y, feature_names=list(FEATURES)),
+        xgb.DMatrix(x, label=y, feature_names=names),
         num_boost_round=int(_XGB_PARAMS["n_estimators"]),
     )
     # overhead: the share of the whole-model time no task owns
@@ -458,7 +468,7 @@ def fit(
         rows_x.append(_overhead_x(by_key[key]))
         rows_y.append(loose[key])
     coef, *_ = np.linalg.lstsq(np.asarray(rows_x), np.asarray(rows_y), rcond=None)
-    ranges = {f: [float(labelled[f].min()), float(labelled[f].max())] for f in FEATURES}
+    ranges = {f: [float(labelled[f].min()), float(labelled[f].max())] for f in names}
     seen = sorted(
         {(int(k), int(a)) for k, a in zip(labelled["kind"], labelled["adapter_kind"], strict=True)}
     )
@@ -474,7 +484,7 @@ def fit(
         "tvm_version": sorted(set(used["tvm_version"])),
         # where the labels' speed holds: another kind of CPU is another device for latency
         "host": (describe_host() if host is None else host).as_dict(),
-        "features": list(FEATURES),
+        "features": names,
         "ranges": ranges,
         "seen_kinds": [list(k) for k in seen],
         "overhead": {"terms": ["1", "n_adapters"], "coef": [float(c) for c in coef]},
