@@ -60,7 +60,7 @@ from voxfit.cost_models import (
     split,
     write_dataset,
 )
-from voxfit.hw_profiles import find_profile, load_profile, pick_local_profile
+from voxfit.hw_profiles import describe_host, find_profile, load_profile, pick_local_profile
 from voxfit.models import build_model, default_config
 from voxfit.spaces import find_space
 
@@ -107,6 +107,12 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="also write the merged dataset here as parquet (e.g. the shipped one, on purpose)",
     )
+    ap.add_argument(
+        "--no-shipped",
+        action="store_true",
+        help="leave the shipped dataset out (e.g. rows from another host, or from libraries "
+        "that predate today's lowering): only <work>/measurements/<profile>",
+    )
     args = ap.parse_args(argv)
     console = Console()
     profile = (
@@ -120,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
 
     t0 = time.monotonic()
     store = measurements_dir(profile, args.work)
-    sources = (dataset_dir(profile, args.cost_models), store)
+    sources = (store,) if args.no_shipped else (dataset_dir(profile, args.cost_models), store)
 
     measured: set[tuple[str, str]] = set()
 
@@ -229,6 +235,9 @@ def main(argv: list[str] | None = None) -> int:
             "python": platform.python_version(),
             "date": datetime.now(UTC).isoformat(timespec="seconds"),
             "trials_per_task": profile.tuning.trials_per_task,
+            "host": describe_host().as_dict(),
+            "shipped_dataset": not args.no_shipped,
+            "features": list(cm.card["features"]),
         },
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -154,6 +154,10 @@ def test_rows_stored_before_the_mixing_features_are_refeaturized(
     assert out[list(MIXING)].to_numpy().tolist() == [list(x) for x in _mix(ts)]
     assert list(tasks.columns) == ["cand", "input", "task", *old]  # the input is not changed
     assert refeaturize(models, out, profile) is out  # nothing stale: nothing recomputed
+    # a store where newer rows have them and older ones not: the older ones are filled
+    partial = out.assign(**{f: float("nan") for f in MIXING})
+    again = refeaturize(models, partial, profile)
+    assert again[list(MIXING)].to_numpy().tolist() == out[list(MIXING)].to_numpy().tolist()
 
 
 def test_a_model_fitted_before_the_mixing_features_still_predicts(

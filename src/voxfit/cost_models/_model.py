@@ -31,7 +31,7 @@ import numpy as np
 import pandas as pd
 from torch import nn
 
-from voxfit.cost_models._features import FEATURES, Task, decompose, feature_rows
+from voxfit.cost_models._features import FEATURES, MIXING, Task, decompose, feature_rows
 from voxfit.errors import ConfigError
 from voxfit.hw_profiles import HardwareProfile, HostInfo, check_recorded_host, describe_host
 
@@ -428,7 +428,6 @@ def fit(
             f"{profile.name} is {profile.stable_hash()}"
         )
     from voxfit.cost_models._dataset import refeaturize
-    from voxfit.cost_models._features import MIXING
 
     if set(features) & set(MIXING):
         tasks = refeaturize(models, tasks, profile)
@@ -512,7 +511,7 @@ def evaluate(
     from voxfit.cost_models._features import Task
 
     names = list(cm.card["features"])
-    if set(names) - set(tasks):
+    if set(names) & set(MIXING):  # rows stored before them get them (the rest as they are)
         tasks = refeaturize(models, tasks, profile)
     rows = []
     by_key = {k: g for k, g in tasks.groupby(["cand", "input"])}
