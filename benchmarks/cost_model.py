@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import statistics
 import sys
 import time
 from datetime import UTC, datetime
@@ -43,6 +44,8 @@ from voxfit import __version__
 from voxfit.compile import default_tuning_dir
 from voxfit.compress import apply
 from voxfit.cost_models import (
+    FEATURES,
+    MIXING,
     collect,
     dataset_dir,
     decompose,
@@ -112,6 +115,13 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="leave the shipped dataset out (e.g. rows from another host, or from libraries "
         "that predate today's lowering): only <work>/measurements/<profile>",
+    )
+    ap.add_argument(
+        "--splits",
+        type=int,
+        default=0,
+        help="also repeat the split, fit and held-out figures over this many split seeds (0.."
+        "N-1), with every feature and without the int8/float mixing ones (`splits` in --out)",
     )
     args = ap.parse_args(argv)
     console = Console()
@@ -198,8 +208,37 @@ def main(argv: list[str] | None = None) -> int:
         cm.predict_tasks(decompose(model, profile.primary_input.frames))
     predict_ms = (time.perf_counter() - t1) * 1e3 / len(compressed)
 
+    # the held-out figures over several splits, with and without the mixing features: one
+    # split of ~50 candidates moves the share within 10% by +-10 points
+    splits: dict[str, Any] | None = None
+    if args.splits:
+        without = tuple(f for f in FEATURES if f not in MIXING)
+        per: dict[str, list[dict[str, float]]] = {"all_features": [], "without_mixing": []}
+        for s in range(args.splits):
+            _, ids = split(own, args.test_frac, s)
+            trs, tes = models[~models["cand"].isin(ids)], models[models["cand"].isin(ids)]
+            for name, feats in (("all_features", FEATURES), ("without_mixing", without)):
+                c = fit(
+                    trs, tasks[tasks["cand"].isin(trs["cand"])], profile, seed=s, features=feats
+                )
+                ms, _ = evaluate(c, tes, tasks[tasks["cand"].isin(ids)], profile)
+                per[name].append({k: float(ms[k]) for k in KEYS})
+        splits = {
+            name: {
+                **{f"{k}_mean": statistics.fmean(r[k] for r in rows) for k in KEYS},
+                "per_split": rows,
+            }
+            for name, rows in per.items()
+        }
+        for name, v in splits.items():
+            console.print(
+                f"{args.splits} splits, {name}: within 10% {v['within_10pct_mean']:.0%}, "
+                f"Spearman {v['spearman_mean']:.3f}, MAPE {v['mape_mean']:.1%}"
+            )
+
     result = {
         **{k: m[k] for k in KEYS},
+        "splits": splits,
         "n_train": len(tr),
         "n_test": len(te),
         "roofline": {k: m["roofline"][k] for k in KEYS},
@@ -225,6 +264,8 @@ def main(argv: list[str] | None = None) -> int:
         ],
         # the held-out candidates' model, its candidates, and every candidate of the profile
         "held_out_model": reference_key(base),
+        "split_seed": args.seed,
+        "test_frac": args.test_frac,
         "model_candidates": len(own),
         "n_train_same_model": len(own_train),
         "dataset_candidates": len(models),

@@ -6,6 +6,7 @@ and what ``voxfit cost-model fit`` fits to :func:`fitted_model_dir` unless told 
 """
 
 from voxfit.cost_models._dataset import (
+    PROFILE_CALLS,
     collect,
     random_calibration,
     refeaturize,
@@ -54,6 +55,7 @@ from voxfit.cost_models._store import (
 
 __all__ = [
     "ADAPTERS",
+    "PROFILE_CALLS",
     "FEATURES",
     "KINDS",
     "MIXING",

@@ -171,7 +171,7 @@ def make_latency(s: SearchSettings, reference: nn.Module | None) -> PromotingEst
     one named, else the shipped one, else the one ``voxfit device onboard`` or ``cost-model
     fit`` saved in the work folder) promoting to the profile's measurer; ``reference`` (the
     base) is timed alongside each measurement."""
-    from voxfit.cost_models import fitted_model_dir, load_predictor, model_dir
+    from voxfit.cost_models import PROFILE_CALLS, fitted_model_dir, load_predictor, model_dir
     from voxfit.latency import make_estimator
 
     predictor = None
@@ -195,7 +195,7 @@ def make_latency(s: SearchSettings, reference: nn.Module | None) -> PromotingEst
         "tuning_dir": default_tuning_dir(s.work, s.profile),  # shared by everything in work
     }
     if s.profile.measurement.method == "local":
-        kw["profile_calls"] = 3  # per-task times: rows for the cost model's dataset
+        kw["profile_calls"] = PROFILE_CALLS  # per-task times: rows for the cost model's dataset
     return make_estimator(
         s.profile,
         s.work / "search-builds" / s.profile.name,
