@@ -70,6 +70,41 @@ from voxfit.spaces import find_space
 KEYS = ("within_10pct", "within_5pct", "spearman", "kendall", "mape", "rmse_ms")
 
 
+def repeatability(store: Path) -> dict[str, Any] | None:
+    """How far two timings of one candidate's library (the last two in ``store``) lie apart:
+    its time relative to the base, and each block's share of it (the per-task split from the
+    instrumented runs the labels come from): median and 90th percentile of |a/b - 1|."""
+    import numpy as np
+
+    runs: dict[str, list[dict[str, Any]]] = {}
+    for f in sorted(store.glob("*.json")):
+        d = json.loads(f.read_text())
+        if d["model"].get("relative") is not None:
+            runs.setdefault(d["model"]["cand"], []).append(d)
+    whole: list[float] = []
+    shares: list[float] = []
+    for ds in runs.values():
+        if len(ds) < 2:
+            continue
+        a, b = sorted(ds, key=lambda d: d["model"]["date"])[-2:]
+        whole.append(abs(a["model"]["relative"] / b["model"]["relative"] - 1))
+        ta = {t["task"]: t["ms"] for t in a["tasks"] if t.get("ms")}
+        tb = {t["task"]: t["ms"] for t in b["tasks"] if t.get("ms")}
+        sa, sb = sum(ta.values()), sum(tb.values())
+        shares += [
+            abs(ta[k] / sa / (tb[k] / sb) - 1) for k in ta if k.startswith("blocks") and k in tb
+        ]
+    if not whole:
+        return None
+    return {
+        "candidates": len(whole),
+        "relative_diff_median": float(np.median(whole)),
+        "relative_diff_p90": float(np.quantile(whole, 0.9)),
+        "block_share_diff_median": float(np.median(shares)),
+        "block_share_diff_p90": float(np.quantile(shares, 0.9)),
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument(
@@ -239,6 +274,8 @@ def main(argv: list[str] | None = None) -> int:
     result = {
         **{k: m[k] for k in KEYS},
         "splits": splits,
+        # candidates the store holds twice: how well their labels repeat
+        "repeatability": repeatability(Path(store)),
         "n_train": len(tr),
         "n_test": len(te),
         "roofline": {k: m["roofline"][k] for k in KEYS},

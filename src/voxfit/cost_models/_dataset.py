@@ -109,11 +109,11 @@ def rows_of(
     return row, task_rows
 
 
-#: instrumented runs whose per-kernel medians split a candidate's time over its tasks: the
-#: same library re-measured with 5 runs gave block shares 5% apart (median), 21% at the 90th
-#: percentile (40 candidates of tdnn-default timed twice on the shared 2-core host); a run
-#: costs one inference (~1-3 ms), so many are cheap
-PROFILE_CALLS = 25
+#: instrumented runs whose per-kernel medians split a candidate's time over its tasks. The
+#: same library timed twice splits its blocks' shares a median 5% apart (21% at the 90th
+#: percentile) with 5 runs and 6.5% (19.5%) with 25 (tdnn-default on the shared 2-core
+#: host), so more runs do not steady the split: 5
+PROFILE_CALLS = 5
 
 
 def reference_models(keys: Collection[str], n_outputs: int = 55) -> dict[str, nn.Module]:
