@@ -157,6 +157,9 @@ class _TvmEstimator:
 
     method: Method
     export_library = True  # the RPC path uploads the file; local measurement needs none
+    # re-time paired timings taken under load (repeat_while_loaded): one machine only -- the
+    # servers behind an RPC key may differ in speed, so a slower one is not "loaded"
+    load_guard = False
 
     def __init__(
         self,
@@ -296,14 +299,13 @@ class _TvmEstimator:
                 results.append(LatencyResult(**base, measure_s=took, error=str(e)))
                 continue
             m = self.profile.measurement
-            r = repeat_while_loaded(
-                partial(
-                    repeat_while_noisy, partial(self._measure, c, ref), m.max_cv, m.max_repeats
-                ),
-                self._quiet_ms,
-                c.input,
-                m.max_repeats,
+            timing = partial(
+                repeat_while_noisy, partial(self._measure, c, ref), m.max_cv, m.max_repeats
             )
+            if self.load_guard:
+                r = repeat_while_loaded(timing, self._quiet_ms, c.input, m.max_repeats)
+            else:
+                r = timing()
             took = time.monotonic() - t0
             if "error" in r:
                 results.append(LatencyResult(**base, measure_s=took, error=r["error"]))
@@ -467,6 +469,7 @@ class TvmLocalEstimator(_TvmEstimator):
 
     method: Method = "local"
     export_library = False
+    load_guard = True
 
     def __init__(
         self, profile: HardwareProfile, work_dir: str | Path, *, profile_calls: int = 0, **kw: Any
