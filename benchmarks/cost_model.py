@@ -46,6 +46,7 @@ from voxfit.compress import apply
 from voxfit.cost_models import (
     FEATURES,
     MIXING,
+    MeasurementStore,
     collect,
     dataset_dir,
     decompose,
@@ -58,6 +59,7 @@ from voxfit.cost_models import (
     metrics_table,
     noisy_keys,
     random_calibration,
+    refeaturize,
     reference_key,
     sample_candidates,
     split,
@@ -77,7 +79,7 @@ def repeatability(store: Path) -> dict[str, Any] | None:
     import numpy as np
 
     runs: dict[str, list[dict[str, Any]]] = {}
-    for f in sorted(store.glob("*.json")):
+    for f in MeasurementStore(store).files():
         d = json.loads(f.read_text())
         if d["model"].get("relative") is not None:
             runs.setdefault(d["model"]["cand"], []).append(d)
@@ -202,6 +204,8 @@ def main(argv: list[str] | None = None) -> int:
         run_collect(noisy)
     collect_minutes = (time.monotonic() - t0) / 60
     models, tasks = drop_keys(*load_dataset(*sources), noisy - measured)
+    # rows stored before the mixing features get them once, not in every fit and evaluation
+    tasks = refeaturize(models, tasks, profile)
     if args.dataset_out is not None:
         write_dataset(models, tasks, args.dataset_out)
     models = models[models["input"] == profile.primary_input.name]

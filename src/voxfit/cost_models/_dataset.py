@@ -130,6 +130,11 @@ def reference_models(keys: Collection[str], n_outputs: int = 55) -> dict[str, nn
     return out
 
 
+def lacks_mixing(tasks: Any) -> bool:
+    """Whether any of the task rows lacks a mixing feature (stored before they existed)."""
+    return not tasks.empty and not all(f in tasks and tasks[f].notna().all() for f in MIXING)
+
+
 def refeaturize(models: Any, tasks: Any, profile: HardwareProfile) -> Any:
     """``tasks`` with every current feature: rows collected before the int8/float mixing
     features existed get them recomputed from their candidate's plan, applied to the
@@ -145,7 +150,7 @@ def refeaturize(models: Any, tasks: Any, profile: HardwareProfile) -> Any:
 
     from voxfit.compress import apply
 
-    if tasks.empty or all(f in tasks and tasks[f].notna().all() for f in MIXING):
+    if not lacks_mixing(tasks):
         return tasks
     out = tasks.copy()
     for f in MIXING:

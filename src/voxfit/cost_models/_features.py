@@ -403,13 +403,7 @@ def _decompose_traced(
     tasks = []
     layers: list[list[_Layer]] = []
     for seg, members in segments.items():
-        layers.append(
-            [
-                _layer(bits.get(r.name, (32, 32)), r.costs()[0])
-                for r in members
-                if r.name in quantizable
-            ]
-        )
+        layers.append([_layer(bits.get(r.name, (32, 32)), r.costs()[0]) for r in members])
         runs = members + extra.get(seg, [])
         if not members:  # non-quantizable layers before any quantizable one
             members = runs

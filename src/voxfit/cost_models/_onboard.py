@@ -40,7 +40,7 @@ from voxfit.cost_models._dataset import (
     rows_of,
     sample_candidates,
 )
-from voxfit.cost_models._features import FEATURES, MIXING, Task
+from voxfit.cost_models._features import FEATURES, Task
 from voxfit.cost_models._model import CostModel, fitted_model_dir, load_for, metrics
 from voxfit.cost_models._store import (
     MeasurementStore,
@@ -343,10 +343,10 @@ def _with_mixing(models: pd.DataFrame, tasks: pd.DataFrame) -> pd.DataFrame:
     """Task rows with the mixing features (recomputed for rows stored before them; the
     rows' profile is looked up by name, and a profile that cannot be found leaves them
     without, for a model that does not use them)."""
-    from voxfit.cost_models._dataset import refeaturize
+    from voxfit.cost_models._dataset import lacks_mixing, refeaturize
     from voxfit.hw_profiles import find_profile, load_profile
 
-    if models.empty or all(f in tasks and tasks[f].notna().all() for f in MIXING):
+    if models.empty or not lacks_mixing(tasks):
         return tasks
     try:
         profile = load_profile(find_profile(str(models["profile"].iloc[0])))
