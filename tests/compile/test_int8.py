@@ -12,8 +12,8 @@ from torch import nn
 
 from tests._tiny import tiny_tdnn
 from voxfit.compile import TvmWorker, compile_model
-from voxfit.compile._compile import _Deploy, int8_convs, lowering_of
-from voxfit.compile._qops import QConv1d
+from voxfit.compile._compile import _Deploy, int8_layers, lowering_of
+from voxfit.compile._qops import QConv1d, QLinear
 from voxfit.compress import apply
 from voxfit.errors import ModelError
 from voxfit.hw_profiles import load_profile
@@ -41,7 +41,7 @@ def _x(frames: int) -> torch.Tensor:
 
 def test_deploy_graph_has_one_int8_op_per_quantized_conv_and_computes_the_same() -> None:
     q = _quantized(weight_bits=4)
-    names = list(int8_convs(q))
+    names = list(int8_layers(q))
     assert len(names) == len(q.structure().quantizable) - 1  # all but the float head
     d = _Deploy(q)
     assert d.int8_layers == names
@@ -60,7 +60,7 @@ def test_deploy_graph_has_one_int8_op_per_quantized_conv_and_computes_the_same()
 
 def test_weight_only_plans_keep_float_compute() -> None:
     q = _quantized(act_bits=32)
-    assert int8_convs(q) == {}
+    assert int8_layers(q) == {}
     assert not _Deploy(q).int8_layers
     # float compute; their weights stay packed (tests/compile/test_packed.py)
     n = len(q.structure().quantizable) - 1
@@ -75,13 +75,25 @@ def test_depthwise_convs_and_lora_targets_keep_float_compute() -> None:
     q = apply(
         conf, Candidate(layers=tuple(LayerPlan(n, 8, 8) for n in s.quantizable)), calibration=cal
     )
-    lowered = int8_convs(q)
+    lowered = int8_layers(q)
     dw = [n for n in s.quantizable if n.endswith(".dw")]
     assert dw
     assert not set(dw) & set(lowered)  # grouped: no int8 lowering, and no export failure
-    assert list(lowered) == ["stem"]  # the conformer's only ungrouped conv; the rest is linear
+    # the stem (the conformer's only ungrouped conv) and every linear layer lower
+    assert sorted(lowered) == sorted(n for n in s.quantizable if n not in dw)
     d = _Deploy(q)  # exports what it can lower and nothing else
     assert d.int8_layers == list(lowered)
+    assert all(isinstance(d.model.get_submodule(n), QLinear) for n in lowered if n != "stem")
+    x = _x(64)
+    with torch.no_grad():  # the int8 ops compute what the fake-quantized layers compute
+        ref = q(x, torch.tensor([64]))[0].numpy()
+        np.testing.assert_allclose(d(x).numpy(), ref, rtol=1e-5, atol=1e-5)
+    slot = next(x for x in s.adapter_slots if x.lora_target)
+    cand = Candidate(
+        layers=tuple(LayerPlan(n, 8, 8) for n in s.quantizable),
+        adapters=(AdapterPlan(slot.name, 4, "lora"),),
+    )
+    assert slot.lora_target not in int8_layers(apply(conf, cand, calibration=cal))
 
     tdnn = build_model(default_config("tdnn", 12, "tiny")).eval()
     t = tdnn.structure()
@@ -91,8 +103,8 @@ def test_depthwise_convs_and_lora_targets_keep_float_compute() -> None:
         adapters=(AdapterPlan(lora.name, 4, "lora"),),
     )
     q2 = apply(tdnn, cand, calibration=cal)
-    assert lora.lora_target not in int8_convs(q2)  # its LoRA hook would be lost
-    assert len(int8_convs(q2)) == len(t.quantizable) - 1
+    assert lora.lora_target not in int8_layers(q2)  # its LoRA hook would be lost
+    assert len(int8_layers(q2)) == len(t.quantizable) - 1
 
 
 def test_off_grid_weights_are_refused_naming_the_layer() -> None:
@@ -127,7 +139,7 @@ def test_int8_compute_in_tvm_matches_the_fake_quantized_model(tmp_path: Path) ->
         avx512 = load_profile(ROOT / "hw_profiles" / "x86-avx512-2core.yaml")
         avx512 = replace(avx512, inputs=avx512.inputs[:1], tuning=p.tuning)
         (f,) = compile_model(q, avx512, w, tmp_path / "f", tune=False, export=False)
-    n = len(int8_convs(q))
+    n = len(int8_layers(q))
     if p.name.startswith("x86-avx2"):
         assert r.lowering.startswith(f"{n} layers int8 compute (u8 x s8 -> s32")
         # one int8 kernel per conv shape (quantize, tensorized conv, dequantize epilogue),
@@ -139,6 +151,38 @@ def test_int8_compute_in_tvm_matches_the_fake_quantized_model(tmp_path: Path) ->
     assert f.lowering.startswith(f"{n} int8 layers run dequantized in float32, inputs not")
     assert "(avx512bw target" in f.lowering
     assert not any("dequantize" in t for t in f.task_names)
+    with torch.no_grad():
+        ref = q(_x(r.frames), torch.tensor([r.frames]))[0].numpy()
+    np.testing.assert_allclose(out["output"], ref, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.tvm
+@pytest.mark.slow
+def test_int8_linear_layers_compile_to_int8_kernels_that_match_the_model(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    conf = build_model(default_config("conformer", 12, "tiny")).eval()
+    s = conf.structure()
+    g = torch.Generator().manual_seed(0)
+    cal = [(torch.randn(2, 64, 80, generator=g), torch.tensor([64, 64])) for _ in range(2)]
+    # depthwise convs keep float activations (an int8 plan's dw would run unrounded)
+    layers = tuple(LayerPlan(n, 8, 32 if n.endswith(".dw") else 8) for n in s.quantizable)
+    q = apply(conf, Candidate(layers=layers), calibration=cal)
+    p = load_profile(ROOT / "hw_profiles" / "x86-avx2-2core.yaml")
+    p = replace(
+        p,
+        cores=1,
+        inputs=p.inputs[:1],
+        tuning=replace(p.tuning, database_dir=str(tmp_path / "db")),
+    )
+    with TvmWorker(1) as w:
+        (r,) = compile_model(q, p, w, tmp_path / "out", tune=False)
+        assert r.ok, r.error
+        out = w.call("run_local", timeout_s=120, lib=str(r.lib), input=_x(r.frames).numpy())
+    n = len(int8_layers(q))
+    assert r.lowering.startswith(f"{n} layers int8 compute (u8 x s8 -> s32")
+    # one kernel per linear layer: quantize, u8 x s8 matmul, dequantize, what follows fused
+    assert any("matmul_u8s8" in t for t in r.task_names), r.task_names
+    assert not any(t.startswith("quantize") for t in r.task_names), r.task_names
     with torch.no_grad():
         ref = q(_x(r.frames), torch.tensor([r.frames]))[0].numpy()
     np.testing.assert_allclose(out["output"], ref, rtol=1e-4, atol=1e-4)

@@ -184,3 +184,129 @@ def test_the_torch_model_computes_the_kernels_pair_saturation() -> None:
     np.testing.assert_array_equal(exact + excess[0].numpy().astype(np.int64), sat)
     # pairs that cannot saturate (7-bit weights) add nothing, and cost nothing
     assert pair_saturation_excess(q, torch.from_numpy(w // 2).float(), x_zero, 1, PAD, D) is None
+
+
+def _linear_module(w: np.ndarray, x_scale: float, x_zero: float) -> tvm.IRModule:
+    """A ``(1, T, C)`` -> ``(1, T, OUT)`` int8 Linear (``w``: (OUT, C)) and the SiLU after it."""
+    rng = np.random.default_rng(0)
+    corr = (int(x_zero) * w.astype(np.int64).sum(axis=1)).astype("int32")
+    scale = (np.float32(x_scale) * rng.uniform(1e-3, 1e-2, OUT)).astype("float32")
+    bias = rng.standard_normal(OUT).astype("float32")
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType((1, T, C), "float32"))
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            y = bb.emit_te(
+                _int8.qlinear_int8,
+                x,
+                relax.const(np.array([x_scale], "float32")),
+                relax.const(np.array([x_zero], "float32")),
+                relax.const(_int8.pack_int8(w[:, :, None], 8)),
+                relax.const(corr),
+                relax.const(scale),
+                relax.const(bias),
+                OUT,
+                primfunc_name_hint=_int8.LINEAR_TASK,
+                primfunc_attrs={"op_pattern": 4},
+            )
+            z = bb.emit(relax.op.nn.silu(y))
+            out = bb.emit_output(z)
+        bb.emit_func_output(out)
+    return bb.get()
+
+
+@pytest.mark.tvm
+def test_tensorized_linear_is_exact_fuses_its_activation_and_uses_the_intrinsic() -> None:
+    target = tvm.target.Target(AVX2)
+    _int8.register()
+    rng = np.random.default_rng(4)
+    w = rng.integers(-127, 128, (OUT, C)).astype(np.int8)
+    x_scale, x_zero = 0.01, 5.0
+    mod = fuse(_linear_module(w, x_scale, x_zero), target)
+    tasks = ms.relax_integration.extract_tasks(mod, target)
+    # quantize, matmul, dequantize and the SiLU after it: one kernel
+    assert [t.task_name for t in tasks] == [f"fused_{_int8.LINEAR_TASK}_silu"]
+    assert _int8.is_int8_task(tasks[0].task_name)
+    # the design space the tuner gives int8 tasks holds a tensorized schedule; it is the
+    # database's record here (tuning it is the conv test's part)
+    func = tasks[0].dispatched[0]
+    ctx = ms.TuneContext(mod=func, target=target, space_generator=_int8.space_for(8))
+    sch = next(s for s in ctx.generate_design_space() if _int8.AVX2_INTRIN in str(s.trace))
+    for post in ctx.space_generator.postprocs:  # what the tuner does to each candidate
+        assert post.apply(sch)
+    assert f'tensor_intrin="{_int8.AVX2_INTRIN}"' in str(sch.trace)
+    db = ms.database.MemoryDatabase()
+    db.commit_tuning_record(
+        ms.database.TuningRecord(
+            sch.trace,
+            db.commit_workload(func),
+            [1.0],
+            target,
+            ms.arg_info.ArgInfo.from_entry_func(func),
+        )
+    )
+    sch = ms.tir_integration.compile_tir(db, func, target)
+    assert sch is not None
+    ir = tvm.tirx.build(sch.mod, target=target).inspect_source("ll")
+    assert "llvm.x86.avx2.pmadd.ub.sw" in ir
+
+    vm = relax.VirtualMachine(_compile_fused(db, mod, target), tvm.cpu())
+    x = (np.random.default_rng(5).standard_normal((1, T, C)) * 1.5).astype("float32")
+    got = vm["main"](tvm.runtime.tensor(x)).numpy()[0]  # (T, OUT)
+    xq = np.clip(np.round(x[0] / np.float32(x_scale)) + x_zero, 0, 255).astype(np.int64)
+    xp = np.zeros((T, 12), np.int64)
+    xp[:, :C] = xq
+    wp = np.zeros((OUT, 12), np.int64)
+    wp[:, :C] = w
+    prod = xp[:, None, :] * wp[None]  # (T, OUT, 12)
+    pairs = prod[..., 0::2] + prod[..., 1::2]
+    sat = np.clip(pairs, -32768, 32767).sum(axis=-1)
+    assert (sat != pairs.sum(axis=-1)).any()  # the input reaches saturation
+    rng = np.random.default_rng(0)
+    scale = (np.float32(x_scale) * rng.uniform(1e-3, 1e-2, OUT)).astype("float32")
+    bias = rng.standard_normal(OUT).astype("float32")
+    corr = int(x_zero) * w.astype(np.int64).sum(axis=1)
+    y = (sat - corr[None]).astype("float32") * scale[None] + bias[None]
+    want = y / (1 + np.exp(-y))
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_a_torch_linear_computes_the_linear_kernels_pair_saturation() -> None:
+    """attach_pair_saturation on a Linear (features last, any leading axes): the model then
+    computes vpmaddubsw's saturating accumulation, which the tensorized linear kernel
+    computes bit-exactly (above); without it, the exact one."""
+    import torch
+    from torch import nn
+
+    from voxfit.compress import attach_pair_saturation
+    from voxfit.compress._quant import attach_activation_quantizers
+
+    rng = np.random.default_rng(4)
+    w = rng.integers(-127, 128, (OUT, C)).astype(np.int8)
+    w[:, 0] = -127  # on the 8-bit grid as apply leaves it: each row's max |w| is 127
+    w_scale = rng.uniform(1e-3, 1e-2, OUT).astype("float32")
+    model = nn.Sequential(nn.Linear(C, OUT))
+    with torch.no_grad():
+        model[0].weight.copy_(torch.from_numpy(w.astype("float32") * w_scale[:, None]))
+        model[0].bias.zero_()
+    attach_activation_quantizers(model, {"0": 8})
+    quant = model[0].act_quant
+    quant.lo, quant.hi = torch.tensor(-0.05), torch.tensor(2.5)  # inputs reach 255
+    x = torch.from_numpy(
+        (np.random.default_rng(5).standard_normal((2, T, C)) * 1.5).astype("float32")
+    )
+    scale, zero = (float(v) for v in quant.grid())
+    xq = torch.clamp(torch.round(x / scale) + zero, 0, 255).numpy().astype(np.int64)
+    prod = (xq - int(zero))[..., None, :] * w.astype(np.int64)[None, None]  # (2, T, OUT, C)
+    raw = xq[..., None, :] * w.astype(np.int64)[None, None]
+    pairs = raw[..., 0::2] + raw[..., 1::2]
+    excess = (np.clip(pairs, -32768, 32767) - pairs).sum(axis=-1)
+    assert (excess != 0).sum() > 10  # the input does reach saturation
+    exact = prod.sum(axis=-1)
+    with torch.no_grad():
+        plain = model(x).numpy()
+        assert attach_pair_saturation(model, ["0"]) == ["0"]
+        sat = model(x).numpy()
+    unit = np.float32(scale) * w_scale  # one accumulator step, per output
+    np.testing.assert_allclose(plain / unit, exact, atol=2e-2)
+    np.testing.assert_allclose(sat / unit, exact + excess, atol=2e-2)

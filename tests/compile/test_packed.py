@@ -13,7 +13,7 @@ from torch import nn
 
 from tests._tiny import tiny_tdnn
 from voxfit.compile import TvmWorker, compile_model
-from voxfit.compile._compile import _Deploy, int8_convs, lowering_of, packed_convs
+from voxfit.compile._compile import _Deploy, int8_layers, lowering_of, packed_convs
 from voxfit.compile._qops import WConv1d
 from voxfit.compress import apply
 from voxfit.errors import ModelError
@@ -54,7 +54,7 @@ def test_weight_only_convs_become_packed_ops_that_compute_the_same(bits: int) ->
     q = _weight_only(bits)
     names = list(packed_convs(q))
     assert len(names) == len(q.structure().quantizable) - 1  # all but the float head
-    assert int8_convs(q) == {}
+    assert int8_layers(q) == {}
     d = _Deploy(q)
     assert d.packed_layers == names
     for n in names:

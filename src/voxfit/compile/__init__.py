@@ -12,7 +12,7 @@ from voxfit.compile._compile import (
     compile_model,
     default_tuning_dir,
     export_program,
-    int8_convs,
+    int8_layers,
     saturates_int8_pairs,
     seed_database_dir,
 )
@@ -41,6 +41,6 @@ __all__ = [
     "publish",
     "repair",
     "runner_spec",
-    "int8_convs",
+    "int8_layers",
     "saturates_int8_pairs",
 ]

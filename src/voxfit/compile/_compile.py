@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from voxfit.compile._qops import lower_int8_convs, lower_weight_convs
+from voxfit.compile._qops import lower_int8_layers, lower_weight_convs
 from voxfit.compile._runner import runner_spec
 from voxfit.compile._worker import TvmWorker
 from voxfit.errors import ConfigError
@@ -105,9 +105,9 @@ class _Deploy(nn.Module):
         super().__init__()
         self.model = copy.deepcopy(model).eval()
         _fold_batchnorm(self.model)
-        # 8-bit-activation convs become one int8 op each (voxfit::qconv1d), which the TVM
-        # importer lowers to int8 compute where the target can run it
-        self.int8_layers = lower_int8_convs(self.model, int8_convs(model))
+        # 8-bit-activation convs and linears become one int8 op each (voxfit::qconv1d,
+        # voxfit::qlinear), which the TVM importer lowers to int8 compute where it can run
+        self.int8_layers = lower_int8_layers(self.model, int8_layers(model))
         # 4/8/16-bit weights with float activations: one op each, whose weights the TVM
         # importer keeps packed in the library and unpacks inside the kernel
         self.packed_layers = lower_weight_convs(self.model, packed_convs(model) if pack else {})
@@ -147,22 +147,26 @@ def export_program(
     return dst
 
 
-def int8_convs(model: nn.Module) -> dict[str, int]:
+def int8_layers(model: nn.Module) -> dict[str, int]:
     """The plan's layers that lower to int8 compute (name -> weight bits): ungrouped,
-    zero-padded Conv1d layers with calibrated 8-bit activations, 4- or 8-bit weights and no
-    LoRA adapter on them. Others (linear layers, depthwise convs, LoRA targets) keep float
-    compute with their quantized values."""
+    zero-padded Conv1d layers and Linear layers with calibrated 8-bit activations, 4- or
+    8-bit weights and no LoRA adapter on them. Others (depthwise convs, LoRA targets) keep
+    float compute with their quantized values."""
     from voxfit.models import ActivationQuantizer
     from voxfit.plan import plan_of
 
     def lowers(layer: nn.Module) -> bool:
+        if not isinstance(getattr(layer, "act_quant", None), ActivationQuantizer):
+            return False
+        if hasattr(layer, "lora"):
+            return False
+        if isinstance(layer, nn.Linear):
+            return True
         return (
             isinstance(layer, nn.Conv1d)
             and layer.groups == 1
             and layer.padding_mode == "zeros"
             and isinstance(layer.padding, tuple)
-            and isinstance(getattr(layer, "act_quant", None), ActivationQuantizer)
-            and not hasattr(layer, "lora")
         )
 
     return {
@@ -175,12 +179,12 @@ def int8_convs(model: nn.Module) -> dict[str, int]:
 def packed_convs(model: nn.Module) -> dict[str, int]:
     """The plan's layers whose weights stay packed in the TVM library (name -> weight bits):
     ungrouped, zero-padded Conv1d layers with 4-, 8- or 16-bit weights that do not lower to
-    int8 ops (:func:`int8_convs`) and carry no LoRA adapter (its branch reads the float
+    int8 ops (:func:`int8_layers`) and carry no LoRA adapter (its branch reads the float
     weight's input through a hook). Other low-bit layers keep their quantized values in
     float32."""
     from voxfit.plan import plan_of
 
-    int8 = int8_convs(model)
+    int8 = int8_layers(model)
 
     def packs(layer: nn.Module) -> bool:
         return (
@@ -205,9 +209,10 @@ def lowering_of(
 ) -> str:
     """How the plan's low bit-widths are compiled (said in every result, per the design).
 
-    Layers with 8-bit activations and <= 8-bit weights (convolutions) are exported as int8
-    ops (see :func:`int8_convs`); the TVM build says whether they ran as int8 compute on the
-    target (``int8_built``: the build's ``int8`` report, which then describes them). Layers
+    Layers with 8-bit activations and <= 8-bit weights (convolutions, linear layers) are
+    exported as int8 ops (see :func:`int8_layers`); the TVM build says whether they ran as
+    int8 compute on the target (``int8_built``: the build's ``int8`` report, which then
+    describes them). Layers
     with 4/8/16-bit weights and float activations keep their weights packed in the library
     and unpack them inside the kernel (:func:`packed_convs`). Every other low-bit layer keeps
     its quantized weight *values* and computes in float32: it buys neither size nor latency.
@@ -215,7 +220,7 @@ def lowering_of(
     from voxfit.plan import plan_of
 
     layers = plan_of(model).layers
-    int8 = int8_convs(model)
+    int8 = int8_layers(model)
     packed = packed_convs(model) if pack else {}
     done = set(int8) | set(packed)
     low = sorted(

@@ -1,7 +1,7 @@
 """torch.export program -> Relax, and the target it compiles for (TVM side, in the worker).
 
 The import skips torch's decomposition re-trace where the graph allows (:func:`load_program`),
-lowers ``voxfit::qconv1d`` ops to int8 compute where the target runs it
+lowers ``voxfit::qconv1d`` and ``voxfit::qlinear`` ops to int8 compute where the target runs it
 (:func:`int8_support`), and fixes the one aten op TVM's converter gets wrong for our models.
 Runs only inside the TVM worker process (see ``_worker``).
 """
@@ -16,7 +16,11 @@ import tvm
 from tvm import relax
 
 from voxfit._warnings import quiet_export
-from voxfit.compile._qops import OP_NAME, W_OP_NAME  # importing registers the ops
+from voxfit.compile._qops import (  # importing registers the ops
+    LINEAR_OP_NAME,
+    OP_NAME,
+    W_OP_NAME,
+)
 from voxfit.errors import ModelError
 
 log = logging.getLogger(__name__)
@@ -63,7 +67,7 @@ def load_program(
 
     Returns:
         The module, the import used, why ``"auto"`` fell back (None if it did not), and how
-        many ``voxfit::qconv1d`` ops it converted.
+        many ``voxfit::qconv1d`` / ``voxfit::qlinear`` ops it converted.
 
     Raises:
         Exception: whatever TVM's importer raises for a forced import.
@@ -73,7 +77,12 @@ def load_program(
 
     ep = torch.export.load(path)
     qconv = _QConv1dConverter(ep, int8, lanes)
-    fixes = {"div.Tensor_mode": _div_mode, OP_NAME: qconv, W_OP_NAME: _WConv1dConverter(ep)}
+    fixes = {
+        "div.Tensor_mode": _div_mode,
+        OP_NAME: qconv,
+        LINEAR_OP_NAME: qconv.linear,
+        W_OP_NAME: _WConv1dConverter(ep),
+    }
     why = None
     if how == "auto":
         why = _needs_decomposition(ep)
@@ -283,6 +292,40 @@ class _QConv1dConverter:
             )
         )
         return bb.emit(relax.op.add(y, b))  # type: ignore[no-any-return]
+
+    def linear(self, node: Any, importer: Any) -> relax.Var:
+        """``voxfit::qlinear`` -> Relax: with int8 compute one kernel
+        (:func:`~voxfit.compile._int8.qlinear_int8`: quantize, u8 x s8 -> s32, dequantize;
+        tensorized where the target has the lanes, 4-bit weights as int8 values), else a
+        float32 matmul of the dequantized weights (the input is not rounded)."""
+        bb = importer.block_builder
+        x = importer.env[node.args[0]]
+        w, w_scale, bias = (_tensor_of(self.ep, n) for n in node.args[1:4])
+        x_scale, x_zero = node.args[4:6]
+        self.count += 1
+        if not self.int8:
+            wf = (w.astype("float32") * w_scale.astype("float32")[:, None]).T
+            y = bb.emit(relax.op.matmul(x, relax.const(np.ascontiguousarray(wf))))
+            return bb.emit(relax.op.add(y, relax.const(bias.astype("float32"))))  # type: ignore[no-any-return]
+        if int(w.shape[1]) * 255 * 128 >= 2**31:
+            raise ModelError(f"qlinear: {w.shape[1]} inputs could overflow int32")
+        from voxfit.compile import _int8
+
+        corr = (int(x_zero) * w.astype("int64").sum(axis=1)).astype("int32")
+        scale = (np.float32(x_scale) * w_scale.astype("float32")).astype("float32")
+        return bb.emit_te(  # type: ignore[no-any-return]
+            _int8.qlinear_int8,
+            x,
+            relax.const(np.array([x_scale], "float32")),
+            relax.const(np.array([x_zero], "float32")),
+            relax.const(_int8.pack_int8(w.astype("int8")[:, :, None], self.lanes or 8)),
+            relax.const(corr),
+            relax.const(scale),
+            relax.const(bias.astype("float32")),
+            int(w.shape[0]),
+            primfunc_name_hint=_int8.LINEAR_TASK,
+            primfunc_attrs={"op_pattern": 4},  # the elementwise ops after it fuse in
+        )
 
 
 def pack_weight(w: np.ndarray, bits: int) -> np.ndarray:

@@ -23,7 +23,13 @@ TIR, so two calibrations of one plan are the same MetaSchedule workload (one set
 records). :func:`space_for` gives MetaSchedule the schedule rules that tensorize step 2
 (``MultiLevelTilingWithIntrin``) for targets that have the instruction.
 
-Task names carry :data:`TASK` so the tuner knows which tasks take :func:`space_for`.
+A Linear layer (``voxfit::qlinear``: the Conformer's projections and FFNs) is the same
+reduction with one tap over a time-major input: :func:`qlinear_int8` reads ``(1, T, C)``
+and writes ``(1, T, O)``, so no layout change surrounds it.
+
+Task names carry :data:`TASK` or :data:`LINEAR_TASK` (:func:`is_int8_task`) so the tuner
+knows which tasks take :func:`space_for`; the linear one names itself a matmul, as the
+cost model's anchors count a model's matmul and conv kernels.
 
 ``vpmaddubsw`` adds two u8 x s8 products into a saturating int16, as onnxruntime's MLAS
 U8S8 kernels do on these CPUs: exact unless a pair of adjacent products (input channels
@@ -42,8 +48,16 @@ import numpy as np
 import tvm
 from tvm.script import tirx as T
 
+from voxfit.errors import ModelError
+
 AVX2_INTRIN = "voxfit_dot_8x4_u8i8i32_avx2"
 TASK = "conv1d_u8s8"
+LINEAR_TASK = "matmul_u8s8"
+
+
+def is_int8_task(name: str) -> bool:
+    """Whether a tuning task (by name) is a tensorizable int8 conv or linear kernel."""
+    return TASK in name or LINEAR_TASK in name
 
 
 @T.prim_func(s_tir=True)
@@ -187,6 +201,66 @@ def qconv1d_int8(
         ),
         name="dequantize",
     )
+
+
+def quantize_rows(x: Any, scale: Any, zero: Any, channels: int) -> Any:
+    """float time-major ``(1, T, C)`` or ``(T, C)`` -> uint8 ``(T, C4)``: as
+    :func:`quantize_time_major` without time padding (one tap)."""
+    from tvm import te, tirx
+
+    *lead, t_in, c_in = x.shape
+
+    def f(t: Any, c: Any) -> Any:
+        v = tirx.nearbyint((x[0, t, c] if lead else x[t, c]) / scale[0]) + zero[0]
+        q = tirx.max(tirx.min(v, 255.0), 0.0).astype("uint8")
+        return tirx.if_then_else(c < c_in, q, tirx.const(0, "uint8"))
+
+    return te.compute(
+        (t_in, channels),
+        f,
+        name="quantize_u8",
+        attrs={"meta_schedule.inline_rule": "disable"},
+    )
+
+
+def qlinear_int8(
+    x: Any,
+    x_scale: Any,
+    x_zero: Any,
+    wp: Any,
+    corr: Any,
+    scale: Any,
+    bias: Any,
+    out_features: int,
+) -> Any:
+    """One kernel for an int8 Linear layer: float ``x`` ``(1, T, C)`` (or ``(T, C)``) in,
+    float ``(1, T, out_features)`` (or ``(T, out_features)``) out; ``wp`` is the weight
+    packed as a one-tap conv's (:func:`pack_int8` of ``(O, C, 1)``)."""
+    from tvm import te
+
+    shape = [int(d) for d in x.shape]
+    if len(shape) not in (2, 3) or (len(shape) == 3 and shape[0] != 1):
+        raise ModelError(f"qlinear: input {shape}: int8 compute takes (T, C) or (1, T, C)")
+    o8, _, c4, lanes, _ = wp.shape
+    xq = quantize_rows(x, x_scale, x_zero, c4 * 4)
+    rows = xq.shape[0]
+    rc = te.reduce_axis((0, c4), name="rc")
+    rj = te.reduce_axis((0, 4), name="rj")
+    acc = te.compute(
+        (rows, o8, lanes),
+        lambda t, oo, i: te.sum(
+            xq[t, rc * 4 + rj].astype("int32") * wp[oo, 0, rc, i, rj].astype("int32"),
+            axis=[rc, rj],
+        ),
+        name=LINEAR_TASK,
+    )
+
+    def out(t: Any, o: Any) -> Any:
+        return (acc[t, o // lanes, o % lanes] - corr[o]).astype("float32") * scale[o] + bias[o]
+
+    if len(x.shape) == 3:
+        return te.compute((1, rows, out_features), lambda _, t, o: out(t, o), name="dequantize")
+    return te.compute((rows, out_features), out, name="dequantize")
 
 
 def space_for(lanes: int) -> Any:

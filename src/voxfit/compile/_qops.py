@@ -12,7 +12,10 @@ float16. TVM's importer keeps them packed in the library (two 4-bit values per b
 unpacks them inside the convolution kernel, so the library is as small as the plan says and
 the measured latency includes the unpacking.
 
-In torch both compute exactly what the fake-quantized layer computes, so the exported program
+``voxfit::qlinear``: the same for a Linear layer (8-bit activations, 4- or 8-bit weights,
+the input's last axis the features): the Conformer's projections and FFNs.
+
+In torch all three compute exactly what the fake-quantized layer computes, so the exported program
 runs and evaluates like the model.
 """
 
@@ -25,6 +28,7 @@ from torch import nn
 from voxfit.errors import ModelError
 
 OP_NAME = "qconv1d.default"  # how TVM's importer keys a custom op (node.target.__name__)
+LINEAR_OP_NAME = "qlinear.default"
 W_OP_NAME = "wconv1d.default"
 
 
@@ -69,14 +73,42 @@ def _qconv1d_shape(
     return _conv1d_out(x, weight, stride, padding, dilation)
 
 
-def _weight_grid(conv: nn.Conv1d, bits: int, name: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """The conv's weight as stored in the deploy graph, and its per-output-channel scale:
+@torch.library.custom_op("voxfit::qlinear", mutates_args=())
+def qlinear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    w_scale: torch.Tensor,
+    bias: torch.Tensor,
+    x_scale: float,
+    x_zero: int,
+) -> torch.Tensor:
+    """linear(dequant(quant_u8(x)), weight * w_scale) + bias; ``weight`` is int8 (O, C)."""
+    q = torch.clamp(torch.round(x / x_scale) + x_zero, 0, 255)
+    w = weight.to(torch.float32) * w_scale[:, None]
+    return F.linear((q - x_zero) * x_scale, w, bias)
+
+
+@qlinear.register_fake
+def _qlinear_shape(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    w_scale: torch.Tensor,
+    bias: torch.Tensor,
+    x_scale: float,
+    x_zero: int,
+) -> torch.Tensor:
+    return x.new_empty((*x.shape[:-1], weight.shape[0]))
+
+
+def _weight_grid(conv: nn.Module, bits: int, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The layer's weight as stored in the deploy graph, and its per-output-channel scale:
     the int8 grid at 4 and 8 bits (scale = max|w| / qmax), float16 (scale 1) at 16.
 
     Raises:
         ModelError: the weights are not already on that grid (``compress.apply`` quantizes
             them last), or ``bits`` has no stored form.
     """
+    assert isinstance(conv.weight, torch.Tensor)
     w = conv.weight.detach().float()
     if bits == 16:
         half = w.to(torch.float16)
@@ -116,17 +148,21 @@ class _StoredConv(nn.Module):
         self.register_buffer("bias", b.clone())
 
 
+def _input_grid(lo: float, hi: float) -> tuple[float, int]:
+    """The uint8 input grid (scale, zero point) of an activation range: the same grid as the
+    ActivationQuantizer's (float32 arithmetic)."""
+    lo_t = torch.clamp(torch.tensor(lo, dtype=torch.float32), max=0.0)
+    hi_t = torch.clamp(torch.tensor(hi, dtype=torch.float32), min=0.0)
+    x_scale = (hi_t - lo_t).clamp_min(1e-8) / 255.0
+    return float(x_scale), int(torch.round(-lo_t / x_scale))
+
+
 class QConv1d(_StoredConv):
     """The deploy form of a fake-quantized Conv1d (weights on a ``bits`` grid, uint8 input)."""
 
     def __init__(self, conv: nn.Conv1d, bits: int, lo: float, hi: float, name: str) -> None:
         super().__init__(conv, bits, name, "lower to int8")
-        # the same grid as the ActivationQuantizer's (float32 arithmetic)
-        lo_t = torch.clamp(torch.tensor(lo, dtype=torch.float32), max=0.0)
-        hi_t = torch.clamp(torch.tensor(hi, dtype=torch.float32), min=0.0)
-        x_scale = (hi_t - lo_t).clamp_min(1e-8) / 255.0
-        self.x_scale = float(x_scale)
-        self.x_zero = int(torch.round(-lo_t / x_scale))
+        self.x_scale, self.x_zero = _input_grid(lo, hi)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.ops.voxfit.qconv1d(  # type: ignore[no-any-return]
@@ -142,26 +178,57 @@ class QConv1d(_StoredConv):
         )
 
 
-def lower_int8_convs(model: nn.Module, layers: dict[str, int]) -> list[str]:
-    """Replace each named calibrated Conv1d of ``model`` (in place) by a :class:`QConv1d`
-    with ``layers[name]`` weight bits (``compile.int8_convs`` picks them); returns the names.
+class QLinear(nn.Module):
+    """The deploy form of a fake-quantized Linear (weights on a ``bits`` grid, uint8 input)."""
+
+    def __init__(self, linear: nn.Linear, bits: int, lo: float, hi: float, name: str) -> None:
+        super().__init__()
+        q, scale = _weight_grid(linear, bits, name)
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.weight: torch.Tensor
+        self.w_scale: torch.Tensor
+        self.bias: torch.Tensor
+        self.register_buffer("weight", q)
+        self.register_buffer("w_scale", scale.clone())
+        b = linear.bias.detach().float() if linear.bias is not None else torch.zeros(q.shape[0])
+        self.register_buffer("bias", b.clone())
+        self.x_scale, self.x_zero = _input_grid(lo, hi)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.voxfit.qlinear(  # type: ignore[no-any-return]
+            x, self.weight, self.w_scale, self.bias, self.x_scale, self.x_zero
+        )
+
+
+def lower_int8_layers(model: nn.Module, layers: dict[str, int]) -> list[str]:
+    """Replace each named calibrated Conv1d or Linear of ``model`` (in place) by a
+    :class:`QConv1d` / :class:`QLinear` with ``layers[name]`` weight bits
+    (``compile.int8_layers`` picks them); returns the names.
 
     Raises:
-        ModelError: a named layer is not a calibrated, fake-quantized Conv1d.
+        ModelError: a named layer is not a calibrated, fake-quantized Conv1d or Linear.
     """
     from voxfit.models import ActivationQuantizer
 
     done = []
     for name, bits in layers.items():
-        conv = model.get_submodule(name)
-        quant = getattr(conv, "act_quant", None)
-        if not isinstance(conv, nn.Conv1d) or not isinstance(quant, ActivationQuantizer):
-            raise ModelError(f"{name}: not a Conv1d with an 8-bit activation quantizer")
+        layer = model.get_submodule(name)
+        quant = getattr(layer, "act_quant", None)
+        if not isinstance(layer, (nn.Conv1d, nn.Linear)) or not isinstance(
+            quant, ActivationQuantizer
+        ):
+            raise ModelError(f"{name}: not a Conv1d or Linear with an 8-bit activation quantizer")
         if not torch.isfinite(quant.lo):
             raise ModelError(f"{name}: 8-bit activations were never calibrated")
+        lo, hi = float(quant.lo), float(quant.hi)
+        deploy: nn.Module = (
+            QConv1d(layer, bits, lo, hi, name)
+            if isinstance(layer, nn.Conv1d)
+            else QLinear(layer, bits, lo, hi, name)
+        )
         parent_name, _, attr = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, attr, QConv1d(conv, bits, float(quant.lo), float(quant.hi), name))
+        setattr(parent, attr, deploy)
         done.append(name)
     return done
 

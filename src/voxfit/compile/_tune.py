@@ -20,7 +20,7 @@ import tvm
 from tvm.s_tir import meta_schedule as ms
 
 from voxfit.compile._import import is_gpu
-from voxfit.compile._int8 import TASK, lanes_for, space_for
+from voxfit.compile._int8 import is_int8_task, lanes_for, space_for
 from voxfit.compile._lease import lease_bounded
 from voxfit.compile._runner import RunnerKind
 
@@ -283,7 +283,7 @@ def tune(
     builder = _make_pool_builder(cores, builder_timeout_s)
     ctxs, weights = [], []
     lanes = lanes_for(target)
-    int8 = [t for t in tasks if lanes and TASK in t.task_name]
+    int8 = [t for t in tasks if lanes and is_int8_task(t.task_name)]
     for group, space in (
         (int8, space_for(lanes) if int8 else None),
         ([t for t in tasks if not any(t is i for i in int8)], "post-order-apply"),

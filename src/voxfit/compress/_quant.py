@@ -134,8 +134,8 @@ INT16 = (-32768.0, 32767.0)
 
 
 def attach_pair_saturation(model: nn.Module, names: Iterable[str]) -> list[str]:
-    """Make each named Conv1d with 8-bit weights and an 8-bit activation quantizer compute
-    what an int8 kernel built on a u8 x s8 pair instruction computes (AVX2 without VNNI:
+    """Make each named Conv1d or Linear with 8-bit weights and an 8-bit activation quantizer
+    compute what an int8 kernel built on a u8 x s8 pair instruction computes (AVX2 without VNNI:
     ``vpmaddubsw`` sums the two products of adjacent input channels of one tap into a
     saturating int16, ``vpmaddwd`` adds those pairs exactly). A forward hook adds the
     saturation's effect to the float conv's output; it is off while the quantizer is
@@ -144,7 +144,7 @@ def attach_pair_saturation(model: nn.Module, names: Iterable[str]) -> list[str]:
     hooked = []
     for name in names:
         layer = model.get_submodule(name)
-        if isinstance(layer, nn.Conv1d) and isinstance(
+        if isinstance(layer, (nn.Conv1d, nn.Linear)) and isinstance(
             getattr(layer, "act_quant", None), ActivationQuantizer
         ):
             layer.register_forward_hook(_saturate_pairs)
@@ -175,18 +175,31 @@ def _saturate_pairs(
     quant = module.get_submodule("act_quant")
     if not isinstance(quant, ActivationQuantizer) or quant.bits != 8 or quant.calibrating:
         return None
-    assert isinstance(module, nn.Conv1d)
     scale, zero = quant.grid()
+    linear = isinstance(module, nn.Linear)
     with torch.no_grad():
-        q = torch.clamp(torch.round(args[0] / scale) + zero, 0, 255)
-        w_scale = module.weight.abs().amax(dim=(1, 2)) / 127.0
-        wq = torch.round(module.weight / w_scale.clamp_min(1e-30)[:, None, None])
-        excess = pair_saturation_excess(
-            q, wq, float(zero), module.stride[0], _int(module.padding), module.dilation[0]
-        )
+        x = args[0]
+        # a Linear is a one-tap conv over its input's other axes (features last)
+        x = x.reshape(1, -1, x.shape[-1]).transpose(1, 2) if linear else x
+        weight = module.weight
+        assert isinstance(weight, torch.Tensor)
+        weight = weight[:, :, None] if linear else weight
+        q = torch.clamp(torch.round(x / scale) + zero, 0, 255)
+        w_scale = weight.abs().amax(dim=(1, 2)) / 127.0
+        wq = torch.round(weight / w_scale.clamp_min(1e-30)[:, None, None])
+        if linear:
+            excess = pair_saturation_excess(q, wq, float(zero), 1, 0, 1)
+        else:
+            assert isinstance(module, nn.Conv1d)
+            excess = pair_saturation_excess(
+                q, wq, float(zero), module.stride[0], _int(module.padding), module.dilation[0]
+            )
     if excess is None:
         return None
-    return output + excess * (scale * w_scale)[None, :, None]
+    delta = excess * (scale * w_scale)[None, :, None]
+    if linear:
+        return output + delta.transpose(1, 2).reshape(output.shape)
+    return output + delta
 
 
 def _int(padding: object) -> int:

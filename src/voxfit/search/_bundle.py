@@ -454,11 +454,11 @@ def export_bundle(
 
 def _tvm_unrounded(model: nn.Module, cand: Candidate, int8_compute: bool) -> list[str]:
     """Layers with quantized activations the TVM library computes in float32 without
-    rounding their input: all but the int8 convs, and those too unless the build made int8
+    rounding their input: all but the int8 layers, and those too unless the build made int8
     compute of them (``int8_compute``)."""
-    from voxfit.compile import int8_convs
+    from voxfit.compile import int8_layers
 
-    rounded = set(int8_convs(model)) if int8_compute else set()
+    rounded = set(int8_layers(model)) if int8_compute else set()
     return [x.name for x in cand.layers if x.act_bits < 32 and x.name not in rounded]
 
 
