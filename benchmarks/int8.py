@@ -1,6 +1,7 @@
 """Int8 that pays: TVM's tensorized int8 base model against its fp32 and onnxruntime's int8.
 
-The base model at 8-bit weights and activations (every conv, ``w8a8``) and the fp32 base,
+The base model at 8-bit weights and activations (every conv and linear layer, ``w8a8``;
+a depthwise conv keeps float input: no int8 kernel for it) and the fp32 base,
 compiled for the profile: the fp32 base as a search compiles it (the shipped database, its
 tasks tuned 32 + 96 trials), the int8 convs tensorized with ``voxfit.compile._int8`` and
 their tasks tuned ``--trials`` trials (default the same 128) into this benchmark's own
@@ -13,6 +14,10 @@ had to tune), and the int8 output against the fake-quantized torch model.
 
     python benchmarks/int8.py [--checkpoint work/models/.../checkpoint.pt] [--rounds 7]
     python benchmarks/int8.py --pair-safe --out benchmarks/results/int8_pair_safe.json
+    python benchmarks/int8.py --checkpoint <a Conformer> --trials 64 \
+        --out benchmarks/results/int8_conformer.json
+
+Any model family: a non-TDNN checkpoint works under ``<work>/int8/<profile>/<model class>``.
 
 ``--pair-safe`` quantizes the int8 layers' weights so that no pair of products can saturate
 ``vpmaddubsw``'s int16 (``apply(pair_safe_int8=True)``): the library then computes exactly
@@ -42,7 +47,7 @@ from voxfit.compile import TvmWorker, compile_model, saturates_int8_pairs
 from voxfit.compress import apply, export_onnx, export_onnx_static_int8, ort_session
 from voxfit.hw_profiles import HardwareProfile
 from voxfit.latency import LatencyResult, TvmLocalEstimator
-from voxfit.models import build_model, default_config
+from voxfit.models import TdnnCtc, build_model, default_config
 from voxfit.plan import Candidate, LayerPlan
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -58,7 +63,12 @@ def _w8a8(
     base: nn.Module, multiple: int, seed: int, pair_safe: bool = False, saturation: bool = False
 ) -> nn.Module:
     s = base.structure()  # type: ignore[operator]
-    plan = Candidate(layers=tuple(LayerPlan(q, 8, 8) for q in s.quantizable))
+
+    def act(name: str) -> int:  # grouped (depthwise) convs have no int8 kernel: float input
+        layer = base.get_submodule(name)
+        return 32 if isinstance(layer, nn.Conv1d) and layer.groups > 1 else 8
+
+    plan = Candidate(layers=tuple(LayerPlan(q, 8, act(q)) for q in s.quantizable))
     return apply(
         base,
         plan,
@@ -106,6 +116,8 @@ def _kind(kernel: str) -> str:
         return "quantize"
     if "conv1d" in kernel:
         return "conv"
+    if "matmul" in kernel:
+        return "linear (matmul)"
     return "other (norm, activation, softmax, layout)"
 
 
@@ -187,14 +199,16 @@ def main(argv: list[str] | None = None) -> int:
     frames, threads = profile.primary_input.frames, profile.cores
     torch.set_num_threads(threads)
     work = args.work / "int8" / profile.name
-    db = work / f"tuning-t{args.trials}"
     if args.checkpoint:
         from voxfit.train import load_checkpoint
 
         base = load_checkpoint(args.checkpoint).model
+        if not isinstance(base, TdnnCtc):  # the TDNN's folder as it always was
+            work = work / type(base).__name__
     else:
         torch.manual_seed(0)
         base = build_model(default_config("tdnn", N_OUTPUTS, "default")).eval()
+    db = work / f"tuning-t{args.trials}"
     multiple = profile.channel_multiple
     fp32 = apply(base, Candidate(), channel_multiple=multiple)
     int8 = _w8a8(base, multiple, seed=0, pair_safe=args.pair_safe)
@@ -295,7 +309,8 @@ def main(argv: list[str] | None = None) -> int:
         "checkpoint": str(args.checkpoint) if args.checkpoint else None,
         "pair_safe_int8": args.pair_safe,
         "int8_trials_per_task": args.trials,
-        "fp32_tuning": "the shipped database (the base's tasks: 32 + 96 trials)",
+        "model": type(base).__name__,
+        "fp32_tuning": "the shipped database",
         "tvm_int8_vs_fp32": med(lambda r: r["tvm_fp32"] / r["tvm_int8"]),
         "tvm_int8_vs_ort_int8": med(lambda r: r["tvm_int8"] / r["ort_int8"]),
         "ort_int8_vs_fp32": med(lambda r: r["ort_fp32"] / r["ort_int8"]),

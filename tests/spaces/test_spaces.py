@@ -67,10 +67,15 @@ def test_the_conformer_space_prunes_whole_heads_and_builds() -> None:
     bound = find_space("conformer-default", SPACES).bind(base.structure())
     assert bound.groups["stream"] == (1.0,)  # the adapters' stream is kept whole
     assert set(bound.space.adapter_kinds) == {"residual", "lora"}
+    # int8 compute is offered for the stem and the Linear layers, never the depthwise convs
+    assert bound.act_bits["blocks.0.ff1.fc1"] == (8, 32)
+    assert bound.act_bits["stem"] == (8, 32)
+    assert bound.act_bits["blocks.0.conv.dw"] == (32,)
     x, n = torch.randn(1, 100, 80), torch.tensor([100])
+    cal = [(torch.randn(2, 100, 80), torch.tensor([100, 80]))]
     heads = set()
     for cand in sample_candidates(bound, 6, seed=1, levelled=2):
-        m = apply(base, cand, channel_multiple=8)
+        m = apply(base, cand, channel_multiple=8, calibration=cal)
         for blk in m.blocks:  # type: ignore[union-attr]
             width = blk.attn.q.out_features
             assert width % 36 == 0  # whole heads of 36 channels
