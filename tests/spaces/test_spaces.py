@@ -74,7 +74,18 @@ def test_the_conformer_space_prunes_whole_heads_and_builds() -> None:
     x, n = torch.randn(1, 100, 80), torch.tensor([100])
     cal = [(torch.randn(2, 100, 80), torch.tensor([100, 80]))]
     heads = set()
+    # one shared width for the layers with a choice; the depthwise convs keep their one
+    assert bound.shared_act_choices() == (8, 32)
+    acts_seen = set()
     for cand in sample_candidates(bound, 6, seed=1, levelled=2):
+        acts = {x.name: x.act_bits for x in cand.layers}
+        shared = {a for n, a in acts.items() if not n.endswith(".dw")}
+        assert len(shared) <= 1
+        assert all(a == 32 for n, a in acts.items() if n.endswith(".dw"))
+        if shared == {8}:  # int8 compute: every linear layer's weights quantized
+            assert len([n for n in acts if not n.endswith(".dw")]) == len(bound.act_bits) - 4
+        acts_seen |= shared or {32}
+        assert params_of(bound, cand) is not None
         m = apply(base, cand, channel_multiple=8, calibration=cal)
         for blk in m.blocks:  # type: ignore[union-attr]
             width = blk.attn.q.out_features
@@ -84,6 +95,7 @@ def test_the_conformer_space_prunes_whole_heads_and_builds() -> None:
         assert lp.shape == (1, 50, 55)
         assert torch.isfinite(lp).all()
     assert heads >= {2, 4}  # the space's corners are reached
+    assert acts_seen == {8, 32}
 
 
 def test_sample_round_trips_through_params(tdnn_structure) -> None:  # type: ignore[no-untyped-def]

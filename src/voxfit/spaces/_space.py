@@ -70,8 +70,9 @@ class SearchSpace:
     recovery_steps: tuple[int, ...] = (0,)
     description: str = ""
     source: str = field(default="space", compare=False)
-    # one activation bit-width for every layer that offers one (``abits:*``), and at 8 bits
-    # only quantized weights (int8 compute pays only in unbroken int8 chains)
+    # one activation bit-width for every layer that offers a choice of them (``abits:*``;
+    # a layer with one choice keeps it), and at 8 bits only quantized weights (int8 compute
+    # pays only in unbroken int8 chains)
     shared_act_bits: bool = False
 
     def to_dict(self) -> dict[str, Any]:
@@ -127,7 +128,7 @@ class SearchSpace:
         if self.shared_act_bits and not bound.shared_act_choices():
             raise ConfigError(
                 f"{self.source}: quantization.shared_act_bits: the layers' act_bits have no "
-                "choice in common"
+                "choice in common (or no layer has a choice)"
             )
         return bound
 
@@ -143,9 +144,10 @@ class BoundSpace:
     adapters: dict[str, tuple[Any, ...]]
 
     def shared_act_choices(self) -> tuple[int, ...]:
-        """With ``shared_act_bits``: the activation bit-widths every layer offers (in the
-        first layer's order); empty when they share none."""
-        tables = list(self.act_bits.values())
+        """With ``shared_act_bits``: the activation bit-widths every layer with a choice of
+        them offers (in the first such layer's order; layers with one choice keep it); empty
+        when they share none, or no layer has a choice."""
+        tables = [t for t in self.act_bits.values() if len(t) > 1]
         if not tables:
             return ()
         return tuple(a for a in tables[0] if all(a in t for t in tables[1:]))
@@ -332,7 +334,7 @@ def _layer_params(space: BoundSpace, shared: int | None) -> list[_LayerParams]:
         wchoices = space.weight_bits.get(n, (32,))
         achoices = space.act_bits.get(n, (32,))
         wname = f"wbits:{n}"
-        if shared is not None and n in space.act_bits:
+        if shared is not None and len(achoices) > 1:
             quantized = tuple(w for w in wchoices if w < 32)
             if shared < 32 and quantized and quantized != wchoices:
                 wname, wchoices = f"wbits@a{shared}:{n}", quantized
@@ -395,7 +397,7 @@ def params_of(space: BoundSpace, candidate: Candidate) -> dict[str, Any]:
     tables: dict[str, Sequence[Any]] = {}
     shared: int | None = None
     if space.space.shared_act_bits:
-        acts = {candidate.layer(n).act_bits for n in space.act_bits}
+        acts = {candidate.layer(n).act_bits for n, c in space.act_bits.items() if len(c) > 1}
         if len(acts) != 1:
             raise ConfigError(
                 f"{space.space.source}: the plan's activation bit-widths {sorted(acts)} are "
