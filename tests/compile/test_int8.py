@@ -178,7 +178,15 @@ def test_int8_linear_layers_compile_to_int8_kernels_that_match_the_model(tmp_pat
         (r,) = compile_model(q, p, w, tmp_path / "out", tune=False)
         assert r.ok, r.error
         out = w.call("run_local", timeout_s=120, lib=str(r.lib), input=_x(r.frames).numpy())
+        # a target without int8 kernels here: float32 matmuls of the dequantized weights
+        # (compiled only: an AVX-512 library would not run on an AVX2 host)
+        avx512 = load_profile(ROOT / "hw_profiles" / "x86-avx512-2core.yaml")
+        avx512 = replace(avx512, inputs=avx512.inputs[:1], tuning=p.tuning)
+        (f,) = compile_model(q, avx512, w, tmp_path / "f", tune=False, export=False)
+        assert f.ok, f.error
     n = len(int8_layers(q))
+    assert f.lowering.startswith(f"{n} int8 layers run dequantized in float32, inputs not")
+    assert not any("u8s8" in t for t in f.task_names), f.task_names
     assert r.lowering.startswith(f"{n} layers int8 compute (u8 x s8 -> s32")
     # one kernel per linear layer: quantize, u8 x s8 matmul, dequantize, what follows fused
     assert any("matmul_u8s8" in t for t in r.task_names), r.task_names

@@ -564,3 +564,29 @@ def test_a_collected_conformer_has_every_task_timed(
     assert (models["loose_ms"] < 0.1 * models["kernels_ms"]).all()
     plans = [json.loads(x) for x in models["plan"]]
     assert any(pl.get("adapters") for pl in plans)
+
+
+def test_int8_compute_is_trusted_only_on_task_kinds_it_was_seen_on(
+    profile: HardwareProfile,
+) -> None:
+    """A model that saw int8 compute on one kind of task (a TDNN block's conv) does not
+    vouch for it on another (a Conformer's linear layers; here the stem and head)."""
+    models, tasks = _synthetic(profile, 10, 2)
+    block = int(tasks["kind"].value_counts().idxmax())  # the blocks' kind: most rows
+    tasks.loc[tasks["kind"] == block, "a_bits_min"] = 8.0  # int8 seen on blocks only
+    cm = fit(models, tasks, profile)
+    assert cm.card["seen_int8_kinds"] == [block]
+    cm.card["library_weights"] = "packed"
+    s = _base().structure()
+    w8a8 = apply(
+        _base(),
+        Candidate(layers=tuple(LayerPlan(n, 8, 8) for n in s.quantizable)),
+        calibration=[(torch.randn(2, 100, 80), torch.tensor([100, 80]))],
+    )
+    p = cm.predict(w8a8, profile, 100)
+    flagged = [r for r in p.reasons if "never seen with int8 compute" in r]
+    assert p.low_confidence
+    assert flagged
+    assert not any(f"kind {block} never seen with int8" in r for r in flagged)
+    del cm.card["seen_int8_kinds"]  # a card from before the check: not checked
+    assert not any("never seen with int8" in r for r in cm.predict(w8a8, profile, 100).reasons)

@@ -213,12 +213,15 @@ class CostModel(CardHost):
         overhead = float(np.dot(coef, _overhead_x(tasks)))
         reasons = []
         seen = {tuple(k) for k in self.card["seen_kinds"]}
+        seen_int8 = self.card.get("seen_int8_kinds")
         packed = self.card.get("library_weights") == "packed"
         for t in tasks:
             kind = (int(t.features["kind"]), int(t.features["adapter_kind"]))
             if kind not in seen:
                 reasons.append(f"{t.name}: task kind {kind} never seen in training")
             w, a = int(t.features["w_bits_min"]), int(t.features["a_bits_min"])
+            if seen_int8 is not None and a <= 8 and kind[0] not in seen_int8:
+                reasons.append(f"{t.name}: task kind {kind[0]} never seen with int8 compute")
             if not packed and w < 32 and (w, a) != (8, 8):
                 # libraries now keep these weights packed and unpack them in the kernel
                 # (1.4x the float32 time for w8 on AVX2: benchmarks/results/artifacts.json)
@@ -471,6 +474,8 @@ def fit(
     seen = sorted(
         {(int(k), int(a)) for k, a in zip(labelled["kind"], labelled["adapter_kind"], strict=True)}
     )
+    int8 = labelled["a_bits_min"] <= 8
+    seen_int8 = sorted({int(k) for k in labelled.loc[int8, "kind"]})
     card = {
         "schema_version": CARD_SCHEMA_VERSION,
         "profile": profile.name,
@@ -486,6 +491,9 @@ def fit(
         "features": names,
         "ranges": ranges,
         "seen_kinds": [list(k) for k in seen],
+        # task kinds it saw with int8 compute: a TDNN conv's int8 time says nothing of a
+        # Conformer linear's (absent from older cards: not checked)
+        "seen_int8_kinds": seen_int8,
         "overhead": {"terms": ["1", "n_adapters"], "coef": [float(c) for c in coef]},
         # labels are latencies at the speed where the reference model takes these ms
         "reference_ms": reference,
