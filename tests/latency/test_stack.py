@@ -196,3 +196,45 @@ def test_measurements_at_the_reference_speed_reach_a_learning_predictor(
     # without a reference there is no drift-free time to learn from
     _stack(profile, pred).estimate(nn.Identity(), profile.inputs[:1])
     assert len(pred.seen) == 1
+
+
+class _Drifting(_Measurer):
+    """Times a candidate at a fixed 0.5 of the base while the host's speed swings."""
+
+    def __init__(self, profile: HardwareProfile, base_ms: list[float]) -> None:
+        super().__init__(profile)
+        self.base_ms = list(base_ms)
+
+    def estimate(
+        self, model: nn.Module, inputs: tuple[InputSpec, ...] | None = None
+    ) -> list[LatencyResult]:
+        ref = self.base_ms.pop(0)
+        return [
+            dataclasses.replace(r, median_ms=0.5 * ref, reference_ms=ref, relative=0.5)
+            for r in super().estimate(model, inputs)
+        ]
+
+
+def test_without_a_predictor_paired_measurements_share_the_quietest_base_scale(
+    profile: HardwareProfile,
+) -> None:
+    # the base ran 2 ms when quiet, 3 ms in a slow minute: the raw medians swing 1.5x
+    est = PromotingEstimator(profile, None, _Drifting(profile, [3.0, 2.0, 3.0, 2.2]))
+    first = profile.inputs[:1]
+    out = [est.estimate(tiny_tdnn(varied_bn=False), first)[0] for _ in range(4)]
+    assert [r.median_ms for r in out] == [1.5, 1.0, 1.5, 1.1]
+    assert all(r.basis == "base" for r in out)
+    # the first on the only base time seen yet, then all on the quietest (2 ms)
+    assert [r.value_ms for r in out] == pytest.approx([1.5, 1.0, 1.0, 1.0])
+
+    class _Unpaired(_Measurer):
+        def estimate(
+            self, model: nn.Module, inputs: tuple[InputSpec, ...] | None = None
+        ) -> list[LatencyResult]:
+            out = super().estimate(model, inputs)
+            return [dataclasses.replace(r, reference_ms=None, relative=None) for r in out]
+
+    r = PromotingEstimator(profile, None, _Unpaired(profile)).estimate(
+        tiny_tdnn(varied_bn=False), first
+    )[0]
+    assert (r.basis, r.value_ms) == ("raw", 4.0)  # no base timed alongside: the raw median

@@ -68,9 +68,10 @@ class LatencyResult:
     loaded: bool = False
     # a prediction the predictor does not trust (a task kind or size it never saw)
     low_confidence: bool = False
-    # the machine speed ``value_ms`` is at: ``raw`` (this moment's) or ``reference`` (the
-    # cost model's reference speed; see PromotingEstimator)
-    basis: Literal["raw", "reference"] = "raw"
+    # the machine speed ``value_ms`` is at: ``raw`` (this moment's), ``reference`` (the
+    # cost model's reference speed) or ``base`` (the quietest time of the base model timed
+    # alongside; see PromotingEstimator)
+    basis: Literal["raw", "reference", "base"] = "raw"
     at_reference_ms: float | None = None
     # for a measurement promoted from a prediction: that prediction
     predicted: LatencyResult | None = field(default=None, compare=False)

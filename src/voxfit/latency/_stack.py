@@ -189,7 +189,9 @@ class PromotingEstimator:
     (``predicted``) and, when it timed ``reference`` alongside and the predictor knows
     that reference's typical time, its latency at the predictor's reference speed
     (``at_reference_ms``, ``basis='reference'``): predicted and measured candidates then
-    share one scale however the host's speed drifts.
+    share one scale however the host's speed drifts. Without a predictor, a measurement
+    with a reference timed alongside is put on the quietest reference time seen so far
+    (``basis='base'``): measured candidates share one scale too.
 
     Lifecycle: construct once per search, :meth:`estimate` per candidate, :meth:`close`.
     """
@@ -210,6 +212,7 @@ class PromotingEstimator:
         self.measurer = measurer
         self.rule = rule
         self.reference = reference
+        self._quietest: dict[str, float] = {}  # per input: the quietest base time (ms)
 
     @property
     def method(self) -> str:
@@ -226,12 +229,27 @@ class PromotingEstimator:
             self.measurer.close()
 
     def _on_reference(self, r: LatencyResult) -> LatencyResult:
-        if r.relative is None or self.reference is None or self.predictor is None:
+        if r.relative is None:
+            return r
+        if self.predictor is None:
+            return self._on_quietest_base(r)
+        if self.reference is None:
             return r
         ref = self.predictor.predictor.reference_ms(r.input, self.reference)
         if ref is None:
             return r
         return replace(r, at_reference_ms=r.relative * ref, basis="reference")
+
+    def _on_quietest_base(self, r: LatencyResult) -> LatencyResult:
+        """Without a predictor: the time relative to the base model timed alongside, put on
+        the quietest base time this estimator has seen for the input (``basis='base'``), so
+        a burst of load from other tenants does not move a candidate on the search's scale
+        (the raw median would: a base timed during a slow minute looked 1.4x slower)."""
+        if r.relative is None or r.reference_ms is None or not r.reference_ms > 0:
+            return r
+        quietest = min(self._quietest.get(r.input, r.reference_ms), r.reference_ms)
+        self._quietest[r.input] = quietest
+        return replace(r, at_reference_ms=r.relative * quietest, basis="base")
 
     def estimate(
         self,

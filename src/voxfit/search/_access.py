@@ -176,8 +176,8 @@ def study_frame(study: optuna.Study) -> pd.DataFrame:
     Columns: ``number``, the objectives (``latency_ms``, ``post_adapt_per``, ``dev_per``,
     ``size_mb``), ``feasible`` (every constraint <= 0), ``on_front`` (:func:`front`),
     ``baseline`` (``""`` for searched trials), ``latency_source`` (measured/predicted),
-    ``latency_basis`` (reference/raw), ``predicted_ms``, ``measured_ms`` (raw median),
-    ``measured_ref_ms`` (at the cost model's reference speed), ``low_confidence``,
+    ``latency_basis`` (reference/base/raw), ``predicted_ms``, ``measured_ms`` (raw median),
+    ``measured_ref_ms`` (at the basis's speed), ``low_confidence``,
     ``peak_memory_mb``, ``pre_adapt_per``, ``plan_hash``, ``duration_s``, then every trial
     parameter under its own name (``keep:<group>``, ``wbits:<layer>``, ...). Missing
     attributes are NaN/None, never errors.

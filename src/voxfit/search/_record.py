@@ -37,8 +37,10 @@ class LatencyRecord:
     """How a trial's latency objective was obtained (times in ms, at ``basis``'s speed).
 
     ``basis``: ``reference`` (at the cost model's reference machine speed: a prediction, or a
-    measurement put on that speed by the base model timed alongside) or ``raw`` (the median
-    at the moment's speed). ``source``: ``measured`` or ``predicted``.
+    measurement put on that speed by the base model timed alongside), ``base`` (no cost
+    model: relative to the base model timed alongside, at the quietest base time the search
+    process saw) or ``raw`` (the median at the moment's speed). ``source``: ``measured`` or
+    ``predicted``.
     """
 
     objective_ms: float | None = None
