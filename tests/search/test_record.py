@@ -122,3 +122,37 @@ def test_spread_keeps_both_ends_and_even_steps_between() -> None:
     assert spread(front[:3], 5) == front[:3]
     with pytest.raises(ValueError, match="n: 0"):
         spread(front, 0)
+
+
+def test_a_resumed_search_continues_on_the_recorded_quietest_base_scale() -> None:
+    from dataclasses import replace
+
+    from voxfit.hw_profiles import pick_local_profile
+    from voxfit.latency import LatencyResult, PromotingEstimator
+    from voxfit.search._study import resume_scale
+
+    profile = pick_local_profile(Path(__file__).resolve().parents[2] / "hw_profiles")
+    spec = profile.primary_input
+
+    class _Measurer:  # a candidate at 0.5 of the base, timed in a slow minute (base 3 ms)
+        def estimate(self, model: object, inputs: object = None) -> list[LatencyResult]:
+            r = LatencyResult(profile.name, spec.name, spec.frames, "local", median_ms=1.5)
+            return [replace(r, reference_ms=3.0, relative=0.5)]
+
+        def close(self) -> None:
+            pass
+
+    st = optuna.create_study(directions=["minimize"] * 4)
+    for base_ms, basis in ((2.4, "base"), (2.1, "base"), (1.0, "raw")):
+        lat = LatencyRecord(
+            objective_ms=1.0, basis=basis, source="measured", base_ms=base_ms, input=spec.name
+        )
+        rec = TrialRecord(number=0, state="COMPLETE", plan=PLAN, latency=lat).to_attr()
+        st.add_trial(_trial([1.0, 1.0, 1.0, 1.0], None, record=rec))
+    est = PromotingEstimator(profile, None, _Measurer())  # type: ignore[arg-type]
+    resume_scale(st, est)
+    (r,) = est.estimate(None, (spec,))  # type: ignore[arg-type]
+    # on the quietest base time the earlier trials recorded on this scale (a raw one says
+    # nothing of it), not this slow minute's 3 ms
+    assert r.basis == "base"
+    assert r.value_ms == pytest.approx(0.5 * 2.1)

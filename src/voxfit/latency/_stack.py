@@ -240,6 +240,13 @@ class PromotingEstimator:
             return r
         return replace(r, at_reference_ms=r.relative * ref, basis="reference")
 
+    def seed_quietest(self, input_name: str, base_ms: float) -> None:
+        """Start the ``base`` scale of ``input_name`` no higher than ``base_ms`` (a resumed
+        search: the quietest base time its earlier trials recorded, so they and the new ones
+        share one scale)."""
+        if base_ms > 0:
+            self._quietest[input_name] = min(self._quietest.get(input_name, base_ms), base_ms)
+
     def _on_quietest_base(self, r: LatencyResult) -> LatencyResult:
         """Without a predictor: the time relative to the base model timed alongside, put on
         the quietest base time this estimator has seen for the input (``basis='base'``), so

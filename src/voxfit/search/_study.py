@@ -205,6 +205,18 @@ def make_latency(s: SearchSettings, reference: nn.Module | None) -> PromotingEst
     )
 
 
+def resume_scale(study: optuna.Study, latency: PromotingEstimator) -> None:
+    """Seed the latency stack's ``base`` scale with the quietest base time the study's
+    finished trials recorded (a resumed search or another worker continues on their scale)."""
+    for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
+        try:
+            lat = record_of(t).latency
+        except ConfigError:
+            continue
+        if lat.basis == "base" and lat.base_ms:
+            latency.seed_quietest(lat.input, lat.base_ms)
+
+
 def _keep_measurement(
     s: SearchSettings, model: nn.Module, cand: Candidate, r: LatencyResult, ref: nn.Module | None
 ) -> None:
@@ -536,6 +548,7 @@ def run_search(s: SearchSettings, ctx: SearchContext) -> optuna.Study:
     audit = AuditLog.of_study(s.work, s.study_name)
     audit.search_started(study, ctx, s.storage)  # what of users' data this search uses
     latency = make_latency(s, ctx.base)
+    resume_scale(study, latency)
     if latency.predictor is not None:
         card = latency.predictor.predictor.card
         study.set_user_attr(

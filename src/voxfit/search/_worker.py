@@ -303,6 +303,7 @@ def run_worker(
         for_base,
         make_latency,
         make_objective,
+        resume_scale,
         space_change,
     )
     from voxfit.spaces import space_from_dict
@@ -348,6 +349,7 @@ def run_worker(
     audit = AuditLog.of_study(work, study_name)
     audit.search_started(study, ctx, storage)
     latency = make_latency(settings, ctx.base)
+    resume_scale(study, latency)
     objective = make_objective(ctx, settings, latency)
 
     def finished(s: optuna.Study, t: FrozenTrial) -> None:
