@@ -97,11 +97,18 @@ def test_search_export_verify_report(setup: dict[str, Path]) -> None:
     # baselines first, then sampled candidates; every trial records plan, metrics, latency
     recs = [record_of(t) for t in trials]
     assert [r.baseline for r in recs[:3]] == ["fp32", "int8", "prune50"]
+    quietest = float("inf")
     for t, r in zip(trials, recs, strict=True):
         assert set(t.user_attrs) <= {"record", "baseline"}  # one record, nothing loose
         assert r.version == 1
         assert r.latency.source == "measured"  # no cost model for this profile: all measured
-        assert t.values[0] == r.latency.measured_ms
+        # the ratio to the base timed alongside, at the quietest base time seen so far
+        lat = r.latency
+        assert lat.basis == "base"
+        assert lat.relative_to_base is not None
+        assert lat.base_ms is not None
+        quietest = min(quietest, lat.base_ms)
+        assert t.values[0] == lat.objective_ms == pytest.approx(lat.relative_to_base * quietest)
         assert t.values[3] == r.size_mb  # size is an objective
         assert r.accuracy.dev_per is not None
         assert r.accuracy.post_adapt_per is not None
