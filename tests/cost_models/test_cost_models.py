@@ -415,17 +415,22 @@ def test_a_model_fitted_on_float32_weight_libraries_flags_packed_plans(
     assert not cm.predict(w8, profile, 100).low_confidence
 
 
+def _w8a8() -> nn.Module:
+    """The synthetic base with 8-bit weights and activations in every layer (calibrated)."""
+    s = _base().structure()
+    return apply(
+        _base(),
+        Candidate(layers=tuple(LayerPlan(n, 8, 8) for n in s.quantizable)),
+        calibration=[(torch.randn(2, 100, 80), torch.tensor([100, 80]))],
+    )
+
+
 def test_a_model_that_never_saw_int8_compute_flags_int8_plans(profile: HardwareProfile) -> None:
     models, tasks = _synthetic(profile, 10, 2)
     cm = fit(models, tasks, profile)
     assert cm.card["ranges"]["a_bits_min"] == [32.0, 32.0]
     cm.card["library_weights"] = "packed"  # only the activations are new
-    s = _base().structure()
-    w8a8 = apply(
-        _base(),
-        Candidate(layers=tuple(LayerPlan(n, 8, 8) for n in s.quantizable)),
-        calibration=[(torch.randn(2, 100, 80), torch.tensor([100, 80]))],
-    )
+    w8a8 = _w8a8()
     p = cm.predict(w8a8, profile, 100)
     assert p.low_confidence
     assert any("a_bits_min=8 outside the training range [32, 32]" in r for r in p.reasons)
@@ -577,12 +582,7 @@ def test_int8_compute_is_trusted_only_on_task_kinds_it_was_seen_on(
     cm = fit(models, tasks, profile)
     assert cm.card["seen_int8_kinds"] == [block]
     cm.card["library_weights"] = "packed"
-    s = _base().structure()
-    w8a8 = apply(
-        _base(),
-        Candidate(layers=tuple(LayerPlan(n, 8, 8) for n in s.quantizable)),
-        calibration=[(torch.randn(2, 100, 80), torch.tensor([100, 80]))],
-    )
+    w8a8 = _w8a8()
     p = cm.predict(w8a8, profile, 100)
     flagged = [r for r in p.reasons if "never seen with int8 compute" in r]
     assert p.low_confidence
