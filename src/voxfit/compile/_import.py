@@ -196,17 +196,42 @@ def _quantize_u8(x: Any, scale: Any, zero: Any, pad: int) -> Any:
     kernel does not depend on the calibration (one tuning workload for all of them)."""
     from tvm import te, tirx
 
+    from voxfit.compile._int8 import round_u8
+
     n, c, t_in = x.shape
 
     def f(b: Any, ch: Any, t: Any) -> Any:
-        v = tirx.nearbyint(x[b, ch, t - pad] / scale[0]) + zero[0]
-        q = tirx.max(tirx.min(v, 255.0), 0.0).astype("uint8")
+        q = round_u8(x[b, ch, t - pad], scale, zero)
         if not pad:
             return q
         inside = tirx.all(t >= pad, t < t_in + pad)
         return tirx.if_then_else(inside, q, zero[0].astype("uint8"))
 
     return te.compute((n, c, t_in + 2 * pad), f, name="quantize_u8")
+
+
+def _int8_constants(
+    op: str, w: np.ndarray, w_scale: np.ndarray, x_scale: float, x_zero: float
+) -> tuple[tuple[relax.Constant, relax.Constant], np.ndarray, np.ndarray]:
+    """The constants of an int8 layer (``w``: its int8 grid, output channels first): the
+    input grid as (1,) tensors (kernel arguments, not literals: one tuning workload for
+    every calibration), the zero-point correction ``z * sum(w)`` per output channel and the
+    dequantization scale per output channel.
+
+    Raises:
+        ModelError: the int32 accumulator could overflow (too many inputs per output).
+    """
+    if int(np.prod(w.shape[1:])) * 255 * 128 >= 2**31:
+        dims = "x".join(str(d) for d in w.shape[1:])
+        raise ModelError(f"{op}: {dims} inputs per output could overflow int32")
+    x_q = (
+        relax.const(np.array([x_scale], "float32")),
+        relax.const(np.array([x_zero], "float32")),
+    )
+    flat = w.astype("int64").reshape(w.shape[0], -1)
+    corr = (int(x_zero) * flat.sum(axis=1)).astype("int32")
+    scale = (np.float32(x_scale) * w_scale.astype("float32")).astype("float32")
+    return x_q, corr, scale
 
 
 class _QConv1dConverter:
@@ -233,14 +258,7 @@ class _QConv1dConverter:
             # the scale is max|w| / qmax, so the largest grid value is qmax: 7 or 127
             bits = 4 if np.abs(w).max() <= 7 else 8
             return packed_conv1d(bb, x, w, w_scale, bias, bits, stride, padding, dilation)
-        if int(np.prod(w.shape[1:])) * 255 * 128 >= 2**31:
-            raise ModelError(f"qconv1d: {w.shape[1]}x{w.shape[2]} taps could overflow int32")
-        x_q = (
-            relax.const(np.array([x_scale], "float32")),
-            relax.const(np.array([x_zero], "float32")),
-        )
-        corr = (int(x_zero) * w.astype("int64").sum(axis=(1, 2))).astype("int32")
-        scale = (np.float32(x_scale) * w_scale.astype("float32")).astype("float32")
+        x_q, corr, scale = _int8_constants("qconv1d", w, w_scale, x_scale, x_zero)
         if self.lanes and int(np.abs(w).max()) > 7:  # 8-bit weights: the tensorized kernel
             from voxfit.compile import _int8
 
@@ -307,17 +325,13 @@ class _QConv1dConverter:
             wf = (w.astype("float32") * w_scale.astype("float32")[:, None]).T
             y = bb.emit(relax.op.matmul(x, relax.const(np.ascontiguousarray(wf))))
             return bb.emit(relax.op.add(y, relax.const(bias.astype("float32"))))  # type: ignore[no-any-return]
-        if int(w.shape[1]) * 255 * 128 >= 2**31:
-            raise ModelError(f"qlinear: {w.shape[1]} inputs could overflow int32")
         from voxfit.compile import _int8
 
-        corr = (int(x_zero) * w.astype("int64").sum(axis=1)).astype("int32")
-        scale = (np.float32(x_scale) * w_scale.astype("float32")).astype("float32")
+        x_q, corr, scale = _int8_constants("qlinear", w, w_scale, x_scale, x_zero)
         return bb.emit_te(  # type: ignore[no-any-return]
             _int8.qlinear_int8,
             x,
-            relax.const(np.array([x_scale], "float32")),
-            relax.const(np.array([x_zero], "float32")),
+            *x_q,
             relax.const(_int8.pack_int8(w.astype("int8")[:, :, None], self.lanes or 8)),
             relax.const(corr),
             relax.const(scale),

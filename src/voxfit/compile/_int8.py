@@ -137,6 +137,15 @@ def pack_int8(w: np.ndarray, lanes: int) -> np.ndarray:
     return np.ascontiguousarray(blocks.transpose(0, 4, 2, 1, 3))
 
 
+def round_u8(value: Any, scale: Any, zero: Any) -> Any:
+    """A float TIR value on the uint8 grid: ``round_half_even(value / scale) + zero`` clamped
+    to [0, 255] (torch's fake quantization; ``scale`` and ``zero`` are (1,) tensors)."""
+    from tvm import tirx
+
+    v = tirx.nearbyint(value / scale[0]) + zero[0]
+    return tirx.max(tirx.min(v, 255.0), 0.0).astype("uint8")
+
+
 def quantize_time_major(x: Any, scale: Any, zero: Any, pad: int, channels: int) -> Any:
     """float NCW (1, C, T) -> uint8 (T + 2 pad, C4): ``round_half_even(x / scale) + zero``
     clamped to [0, 255] (torch's fake quantization), the time padding at the zero point,
@@ -147,8 +156,7 @@ def quantize_time_major(x: Any, scale: Any, zero: Any, pad: int, channels: int) 
     _, c_in, t_in = x.shape
 
     def f(t: Any, c: Any) -> Any:
-        v = tirx.nearbyint(x[0, c, t - pad] / scale[0]) + zero[0]
-        q = tirx.max(tirx.min(v, 255.0), 0.0).astype("uint8")
+        q = round_u8(x[0, c, t - pad], scale, zero)
         inside = tirx.all(t >= pad, t < t_in + pad)
         z = zero[0].astype("uint8")
         return tirx.if_then_else(c < c_in, tirx.if_then_else(inside, q, z), tirx.const(0, "uint8"))
@@ -211,8 +219,7 @@ def quantize_rows(x: Any, scale: Any, zero: Any, channels: int) -> Any:
     *lead, t_in, c_in = x.shape
 
     def f(t: Any, c: Any) -> Any:
-        v = tirx.nearbyint((x[0, t, c] if lead else x[t, c]) / scale[0]) + zero[0]
-        q = tirx.max(tirx.min(v, 255.0), 0.0).astype("uint8")
+        q = round_u8(x[0, t, c] if lead else x[t, c], scale, zero)
         return tirx.if_then_else(c < c_in, q, tirx.const(0, "uint8"))
 
     return te.compute(
@@ -258,7 +265,7 @@ def qlinear_int8(
     def out(t: Any, o: Any) -> Any:
         return (acc[t, o // lanes, o % lanes] - corr[o]).astype("float32") * scale[o] + bias[o]
 
-    if len(x.shape) == 3:
+    if len(shape) == 3:
         return te.compute((1, rows, out_features), lambda _, t, o: out(t, o), name="dequantize")
     return te.compute((rows, out_features), out, name="dequantize")
 

@@ -100,7 +100,9 @@ def _qlinear_shape(
     return x.new_empty((*x.shape[:-1], weight.shape[0]))
 
 
-def _weight_grid(conv: nn.Module, bits: int, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+def _weight_grid(
+    layer: nn.Conv1d | nn.Linear, bits: int, name: str
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The layer's weight as stored in the deploy graph, and its per-output-channel scale:
     the int8 grid at 4 and 8 bits (scale = max|w| / qmax), float16 (scale 1) at 16.
 
@@ -108,8 +110,7 @@ def _weight_grid(conv: nn.Module, bits: int, name: str) -> tuple[torch.Tensor, t
         ModelError: the weights are not already on that grid (``compress.apply`` quantizes
             them last), or ``bits`` has no stored form.
     """
-    assert isinstance(conv.weight, torch.Tensor)
-    w = conv.weight.detach().float()
+    w = layer.weight.detach().float()
     if bits == 16:
         half = w.to(torch.float16)
         off = (half.float() - w).abs().max().item()
@@ -127,25 +128,33 @@ def _weight_grid(conv: nn.Module, bits: int, name: str) -> tuple[torch.Tensor, t
     return grid.reshape(w.shape).to(torch.int8), scale
 
 
-class _StoredConv(nn.Module):
-    """A Conv1d's geometry and its weight, scale and bias as buffers of a deploy op."""
+class _StoredWeights(nn.Module):
+    """A layer's weight (on its ``bits`` grid), per-output-channel scale and bias as buffers
+    of a deploy op."""
 
-    def __init__(self, conv: nn.Conv1d, bits: int, name: str, what: str) -> None:
+    def __init__(self, layer: nn.Conv1d | nn.Linear, bits: int, name: str) -> None:
         super().__init__()
-        if conv.groups != 1 or not isinstance(conv.padding, tuple):
-            raise ModelError(f"{name}: only ungrouped, explicitly padded Conv1d {what}")
-        q, scale = _weight_grid(conv, bits, name)
-        self.stride = int(conv.stride[0])
-        self.padding = int(conv.padding[0])
-        self.dilation = int(conv.dilation[0])
+        q, scale = _weight_grid(layer, bits, name)
         self.weight: torch.Tensor
         self.w_scale: torch.Tensor
         self.bias: torch.Tensor
         self.register_buffer("weight", q)
         self.register_buffer("w_scale", scale.clone())
         out = q.shape[0]
-        b = conv.bias.detach().float() if conv.bias is not None else torch.zeros(out)
+        b = layer.bias.detach().float() if layer.bias is not None else torch.zeros(out)
         self.register_buffer("bias", b.clone())
+
+
+class _StoredConv(_StoredWeights):
+    """A Conv1d's geometry and its weight, scale and bias as buffers of a deploy op."""
+
+    def __init__(self, conv: nn.Conv1d, bits: int, name: str, what: str) -> None:
+        if conv.groups != 1 or not isinstance(conv.padding, tuple):
+            raise ModelError(f"{name}: only ungrouped, explicitly padded Conv1d {what}")
+        super().__init__(conv, bits, name)
+        self.stride = int(conv.stride[0])
+        self.padding = int(conv.padding[0])
+        self.dilation = int(conv.dilation[0])
 
 
 def _input_grid(lo: float, hi: float) -> tuple[float, int]:
@@ -178,20 +187,12 @@ class QConv1d(_StoredConv):
         )
 
 
-class QLinear(nn.Module):
+class QLinear(_StoredWeights):
     """The deploy form of a fake-quantized Linear (weights on a ``bits`` grid, uint8 input)."""
 
     def __init__(self, linear: nn.Linear, bits: int, lo: float, hi: float, name: str) -> None:
-        super().__init__()
-        q, scale = _weight_grid(linear, bits, name)
+        super().__init__(linear, bits, name)
         self.in_features, self.out_features = linear.in_features, linear.out_features
-        self.weight: torch.Tensor
-        self.w_scale: torch.Tensor
-        self.bias: torch.Tensor
-        self.register_buffer("weight", q)
-        self.register_buffer("w_scale", scale.clone())
-        b = linear.bias.detach().float() if linear.bias is not None else torch.zeros(q.shape[0])
-        self.register_buffer("bias", b.clone())
         self.x_scale, self.x_zero = _input_grid(lo, hi)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -187,13 +187,11 @@ def _saturate_pairs(
         q = torch.clamp(torch.round(x / scale) + zero, 0, 255)
         w_scale = weight.abs().amax(dim=(1, 2)) / 127.0
         wq = torch.round(weight / w_scale.clamp_min(1e-30)[:, None, None])
-        if linear:
-            excess = pair_saturation_excess(q, wq, float(zero), 1, 0, 1)
+        if isinstance(module, nn.Conv1d):
+            geometry = (module.stride[0], _int(module.padding), module.dilation[0])
         else:
-            assert isinstance(module, nn.Conv1d)
-            excess = pair_saturation_excess(
-                q, wq, float(zero), module.stride[0], _int(module.padding), module.dilation[0]
-            )
+            geometry = (1, 0, 1)  # one tap
+        excess = pair_saturation_excess(q, wq, float(zero), *geometry)
     if excess is None:
         return None
     delta = excess * (scale * w_scale)[None, :, None]

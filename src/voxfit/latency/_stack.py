@@ -254,9 +254,8 @@ class PromotingEstimator:
         (the raw median would: a base timed during a slow minute looked 1.4x slower)."""
         if r.relative is None or r.reference_ms is None or not r.reference_ms > 0:
             return r
-        quietest = min(self._quietest.get(r.input, r.reference_ms), r.reference_ms)
-        self._quietest[r.input] = quietest
-        return replace(r, at_reference_ms=r.relative * quietest, basis="base")
+        self.seed_quietest(r.input, r.reference_ms)
+        return replace(r, at_reference_ms=r.relative * self._quietest[r.input], basis="base")
 
     def estimate(
         self,

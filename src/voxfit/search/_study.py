@@ -36,7 +36,7 @@ from voxfit.errors import ConfigError, VoxfitError
 from voxfit.hw_profiles import HardwareProfile, check_recorded_host
 from voxfit.latency import LatencyResult, PromotingEstimator, always, front_rule
 from voxfit.plan import AdapterPlan, Candidate, GroupPlan, LayerPlan
-from voxfit.search._access import complete, front, open_storage
+from voxfit.search._access import complete, front, open_storage, records
 from voxfit.search._audit import AuditLog
 from voxfit.search._context import SearchContext
 from voxfit.search._record import (
@@ -208,11 +208,8 @@ def make_latency(s: SearchSettings, reference: nn.Module | None) -> PromotingEst
 def resume_scale(study: optuna.Study, latency: PromotingEstimator) -> None:
     """Seed the latency stack's ``base`` scale with the quietest base time the study's
     finished trials recorded (a resumed search or another worker continues on their scale)."""
-    for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
-        try:
-            lat = record_of(t).latency
-        except ConfigError:
-            continue
+    for rec in records(study, (TrialState.COMPLETE,)):
+        lat = rec.latency
         if lat.basis == "base" and lat.base_ms:
             latency.seed_quietest(lat.input, lat.base_ms)
 
