@@ -37,7 +37,11 @@ def _build(mod: tvm.IRModule, target: tvm.target.Target, _params: object) -> obj
 
 
 def register_builder() -> None:
-    """Runs in this process and in each builder worker so ``f_build`` can name the function."""
+    """Runs in this process and in each builder worker so ``f_build`` can name the function
+    and builds lower ``exp`` as the final build does (:mod:`._fastmath`)."""
+    from voxfit.compile import _fastmath
+
+    _fastmath.register()
     tvm.register_global_func(BUILD_FUNC, override=True)(_build)
 
 

@@ -59,8 +59,10 @@ def serve(conn: Connection, env: dict[str, str], parent: int | None = None) -> N
     # build just kept here (compile._executables).
     import tvm
 
-    from voxfit.compile import _build, _import
+    from voxfit.compile import _build, _fastmath, _import
     from voxfit.latency import _tvm_timing
+
+    _fastmath.register()
 
     def _ping(req: dict[str, Any]) -> dict[str, Any]:
         time.sleep(float(req.get("sleep_s", 0.0)))  # a busy worker, for tests
