@@ -421,9 +421,7 @@ def search(
             ctx.checkpoint, ctx.manifest, ctx.store, bound, preset, max_minutes=elastic_minutes
         )
         console.print(f"elastic checkpoint: {path}")
-        ctx = SearchContext.prepare(
-            preset=preset, model=model, work=work, manifest=manifest, checkpoint=path
-        )
+        ctx = ctx.with_checkpoint(path)
     name = study or f"{prof.name}-{sp.name}-{preset}"
     settings = SearchSettings(
         profile=prof,

@@ -114,6 +114,23 @@ class SearchContext:
             builds=work / "models" / "builds",
         )
 
+    def with_checkpoint(self, checkpoint: str | Path) -> SearchContext:
+        """This context for another trained model of the same corpus (the elastic supernet
+        of its base): corpus, features and calibration batches are kept, not re-made.
+
+        Raises:
+            ConfigError: the checkpoint's phone inventory is not this context's.
+        """
+        from voxfit.train import load_checkpoint
+
+        ckpt = load_checkpoint(Path(checkpoint))
+        if ckpt.inventory != self.inventory:
+            raise ConfigError(
+                f"{checkpoint}: its phone inventory differs from {self.checkpoint}'s: "
+                "not a model of this corpus"
+            )
+        return replace(self, base=ckpt.model.eval(), checkpoint=Path(checkpoint), _saliency=None)
+
     def saliency(self) -> dict[str, torch.Tensor]:
         from voxfit.compress import adaptation_saliency
 
