@@ -38,8 +38,13 @@ def test_lanes_follow_the_target() -> None:
     assert _int8.lanes_for(tvm.target.Target(AVX2)) == 8
     plain = {"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcpu": "x86-64"}
     assert _int8.lanes_for(tvm.target.Target(plain)) == 0
+    # Arm: sdot where the core has the dot-product extension (the A55 does, the A53/A72 not)
     arm = {"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mcpu": "cortex-a55"}
-    assert _int8.lanes_for(tvm.target.Target(arm)) == 0
+    assert _int8.lanes_for(tvm.target.Target(arm)) == _int8.SIGNED_LANES == 4
+    for cpu in ("cortex-a53", "cortex-a72"):
+        assert _int8.lanes_for(tvm.target.Target({**arm, "mcpu": cpu, "mattr": ["+neon"]})) == 0
+    assert _int8.act_offset(4) == 128
+    assert _int8.act_offset(8) == 0
 
 
 def _module(w: np.ndarray, x_scale: float, x_zero: float, seed: int = 0) -> tvm.IRModule:
@@ -187,10 +192,29 @@ def test_the_torch_model_computes_the_kernels_pair_saturation() -> None:
     assert pair_saturation_excess(q, torch.from_numpy(w // 2).float(), x_zero, 1, PAD, D) is None
 
 
-def _linear_module(w: np.ndarray, x_scale: float, x_zero: float) -> tvm.IRModule:
+def _tensorized_sample(func: Any, target: tvm.target.Target, lanes: int) -> Any:
+    """A schedule of ``func`` from the tuner's int8 design space that the postprocessors
+    tensorized with the lanes' intrinsic (the tuner drops the samples whose tile sizes they
+    cannot tensorize; seeded, so the test is deterministic), or None."""
+    intrin = _int8.intrin_for(lanes)
+    for seed in range(16):
+        ctx = ms.TuneContext(
+            mod=func, target=target, space_generator=_int8.space_for(lanes), rand_state=seed
+        )
+        for sch in ctx.generate_design_space():
+            if intrin not in str(sch.trace):
+                continue
+            done = all(post.apply(sch) for post in ctx.space_generator.postprocs)
+            if done and f'tensor_intrin="{intrin}"' in str(sch.trace):
+                return sch
+    return None
+
+
+def _linear_module(w: np.ndarray, x_scale: float, x_zero: float, lanes: int = 8) -> tvm.IRModule:
     """A ``(1, T, C)`` -> ``(1, T, OUT)`` int8 Linear (``w``: (OUT, C)) and the SiLU after it."""
     rng = np.random.default_rng(0)
-    corr = (int(x_zero) * w.astype(np.int64).sum(axis=1)).astype("int32")
+    zero = int(x_zero) - _int8.act_offset(lanes)
+    corr = (zero * w.astype(np.int64).sum(axis=1)).astype("int32")
     scale = (np.float32(x_scale) * rng.uniform(1e-3, 1e-2, OUT)).astype("float32")
     bias = rng.standard_normal(OUT).astype("float32")
     bb = relax.BlockBuilder()
@@ -202,7 +226,7 @@ def _linear_module(w: np.ndarray, x_scale: float, x_zero: float) -> tvm.IRModule
                 x,
                 relax.const(np.array([x_scale], "float32")),
                 relax.const(np.array([x_zero], "float32")),
-                relax.const(_int8.pack_int8(w[:, :, None], 8)),
+                relax.const(_int8.pack_int8(w[:, :, None], lanes)),
                 relax.const(corr),
                 relax.const(scale),
                 relax.const(bias),
@@ -233,19 +257,7 @@ def test_tensorized_linear_is_exact_fuses_its_activation_and_uses_the_intrinsic(
     # the database's record here (tuning it is the conv test's part)
     func = tasks[0].dispatched[0]
 
-    def tensorized(seed: int) -> Any:
-        ctx = ms.TuneContext(
-            mod=func, target=target, space_generator=_int8.space_for(8), rand_state=seed
-        )
-        for sch in ctx.generate_design_space():
-            if _int8.AVX2_INTRIN not in str(sch.trace):
-                continue
-            done = all(post.apply(sch) for post in ctx.space_generator.postprocs)
-            if done and f'tensor_intrin="{_int8.AVX2_INTRIN}"' in str(sch.trace):
-                return sch
-        return None
-
-    sch = next((s for s in map(tensorized, range(16)) if s is not None), None)
+    sch = _tensorized_sample(func, target, 8)
     assert sch is not None, "no sample of the int8 design space tensorized"
     db = ms.database.MemoryDatabase()
     db.commit_tuning_record(
@@ -322,3 +334,33 @@ def test_a_torch_linear_computes_the_linear_kernels_pair_saturation() -> None:
     unit = np.float32(scale) * w_scale  # one accumulator step, per output
     np.testing.assert_allclose(plain / unit, exact, atol=2e-2)
     np.testing.assert_allclose(sat / unit, exact + excess, atol=2e-2)
+
+
+A55 = {
+    "kind": "llvm",
+    "mtriple": "aarch64-linux-gnu",
+    "mcpu": "cortex-a55",
+    "mattr": ["+neon", "+dotprod"],
+    "num-cores": 2,
+}
+
+
+def test_arm_dotprod_targets_tensorize_int8_linears_with_sdot() -> None:
+    """On an Arm core with the dot-product extension the int8 kernel quantizes activations
+    to int8 (the uint8 grid minus 128, folded into the zero-point correction) and the tuner's
+    design space holds schedules whose inner block is TVM's ``sdot`` intrinsic; the compiled
+    code runs the instruction. (What it computes is checked on an emulated aarch64 device:
+    tests/latency/test_qemu_aarch64.py.)"""
+    target = tvm.target.Target(A55)
+    w = np.random.default_rng(4).integers(-127, 128, (OUT, C)).astype(np.int8)
+    mod = fuse(_linear_module(w, 0.01, 5.0, lanes=4), target)
+    tasks = ms.relax_integration.extract_tasks(mod, target)
+    assert [t.task_name for t in tasks] == [f"fused_{_int8.LINEAR_TASK}_silu"]
+    func = tasks[0].dispatched[0]
+    assert "int8" in str(func)
+    assert "uint8" not in str(func)
+    sch = _tensorized_sample(func, target, 4)
+    assert sch is not None, "no sample of the int8 design space tensorized with sdot"
+    assert f'tensor_intrin="{_int8.SDOT_INTRIN}"' in str(sch.trace)
+    ir = tvm.tirx.build(sch.mod, target=target).inspect_source("ll")
+    assert "llvm.aarch64.neon.sdot" in ir

@@ -180,3 +180,77 @@ def test_the_qemu_profile_tunes_on_the_emulated_device_and_matches_torch(
         f"qemu aarch64: server up {up_s:.1f} s, {res.n_tasks} tasks tuned in {tune_s:.1f} s "
         f"(tune {res.tune_s:.1f} s), run on device {run_s:.1f} s"
     )
+
+
+def test_int8_compute_with_sdot_on_the_emulated_device_equals_the_model(
+    tmp_path: Path, qemu_env: QemuEnv
+) -> None:
+    """A tiny Conformer with every Linear and the stem at 8-bit weights and activations,
+    built for an aarch64 target with the dot-product extension: its int8 kernels are tuned on
+    the emulated device with ``sdot`` schedules, and their output there equals the
+    fake-quantized torch model's (``sdot`` accumulates exactly in int32, so the model needs
+    no saturation emulation on this target)."""
+    from voxfit.compile import int8_layers, saturates_int8_pairs
+    from voxfit.compile._int8 import SDOT_INTRIN
+    from voxfit.compress import apply
+    from voxfit.models import build_model, default_config
+    from voxfit.plan import Candidate, LayerPlan
+
+    shipped = load_profile(ROOT / "hw_profiles" / "arm-aarch64-qemu.yaml")
+    assert shipped.measurement.rpc is not None
+    key = shipped.measurement.rpc.device_key
+    torch.manual_seed(0)
+    conf = build_model(default_config("conformer", 12, "tiny")).eval()
+    layers = tuple(
+        LayerPlan(n, 8, 32 if n.endswith(".dw") else 8) for n in conf.structure().quantizable
+    )
+    g = torch.Generator().manual_seed(0)
+    cal = [(torch.randn(2, 64, 80, generator=g), torch.tensor([64, 64])) for _ in range(2)]
+    q = apply(conf, Candidate(layers=layers), calibration=cal, channel_multiple=4)
+    db = tmp_path / "tuning"
+    with (
+        local_farm(key, servers=0, log_dir=tmp_path / "farm") as farm,
+        qemu_rpc_server(
+            qemu_env, farm.host, farm.tracker_port, key, log_file=tmp_path / "qemu.log"
+        ),
+        TvmWorker(1) as w,
+    ):
+        rpc = replace(shipped.measurement.rpc, tracker_port=farm.tracker_port)
+        p = replace(
+            shipped,
+            target={**shipped.target, "mattr": ["+neon", "+dotprod"]},
+            measurement=replace(shipped.measurement, rpc=rpc),
+            tuning=replace(
+                shipped.tuning,
+                trials_per_task=2,
+                trials_per_iter=2,
+                database_dir=str(tmp_path / "nothing-shipped"),
+            ),
+        )
+        assert not saturates_int8_pairs(p)
+        (res,) = compile_model(q, p, w, tmp_path / "out", tuning_dir=db)
+        assert res.ok, res.error
+        x = torch.randn(1, res.frames, 80, generator=torch.Generator().manual_seed(1))
+        out = w.call(
+            "run_rpc",
+            timeout_s=600,
+            lib=str(res.lib),
+            input=x.numpy(),
+            rpc={
+                "tracker_host": farm.host,
+                "tracker_port": farm.tracker_port,
+                "device_key": key,
+                "connect_timeout_s": rpc.connect_timeout_s,
+                "session_timeout_s": 300.0,
+            },
+        )
+    assert "error" not in out, out.get("error")
+    n = len(int8_layers(q))
+    assert res.lowering.startswith(f"{n} layers int8 compute (s8 x s8 -> s32; "), res.lowering
+    assert any("matmul_u8s8" in t for t in res.task_names), res.task_names
+    # the tuned int8 kernels run the Arm dot-product intrinsic
+    records = (db / RECORDS).read_text()
+    assert SDOT_INTRIN in records
+    with torch.no_grad():
+        ref = q(x, torch.tensor([res.frames]))[0].numpy()
+    np.testing.assert_allclose(out["output"], ref, rtol=1e-4, atol=1e-4)

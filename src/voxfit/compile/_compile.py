@@ -241,7 +241,7 @@ def lowering_of(
 def _int8_said(int8: dict[str, Any]) -> str:
     n, note = int8["layers"], int8["note"]
     if int8["compute"] == "int8":
-        return f"{n} layers int8 compute (u8 x s8 -> s32; {note})"
+        return f"{n} layers int8 compute ({int8.get('product', 'u8 x s8')} -> s32; {note})"
     return f"{n} int8 layers run dequantized in float32, inputs not rounded ({note})"
 
 

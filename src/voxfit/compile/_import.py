@@ -150,18 +150,27 @@ def int8_support(target: tvm.target.Target) -> tuple[bool, str, int]:
 
     x86 targets with AVX2 (and without AVX-512) run 8-bit-weight convs tensorized
     (``_int8``: ``vpmaddubsw`` + ``vpmaddwd``, 8 int32 lanes); 4-bit weights with 8-bit
-    inputs stay plain int8 TIR that LLVM vectorizes. On AVX-512/VNNI targets MetaSchedule's
-    default rules would tensorize the plain int8 convs to TVM's own intrinsics, which need
-    pre-packed weights (and 0.27's VNNI one does not compile with its LLVM 22), and the Arm
-    and CUDA int8 rules are not verified here: those targets compute the dequantized
-    weights in float32 and the result says so.
+    inputs stay plain int8 TIR that LLVM vectorizes. Arm targets with ``dotprod`` (the
+    Cortex-A55) run every int8 conv and linear with ``sdot`` (4 lanes, activations as int8:
+    the uint8 grid minus 128; 4-bit weights as int8 values). On AVX-512/VNNI targets
+    MetaSchedule's default rules would tensorize the plain int8 convs to TVM's own
+    intrinsics, which need pre-packed weights (and 0.27's VNNI one does not compile with its
+    LLVM 22), and Arm without ``dotprod`` and CUDA are not built: those targets compute the
+    dequantized weights in float32 and the result says so.
     """
     from tvm.target.codegen import target_has_features
 
     from voxfit.compile._int8 import lanes_for
 
-    if target.kind.name != "llvm" or not str(target.attrs.get("mtriple", "")).startswith("x86_64"):
-        return False, f"int8 compute is built for x86 CPU targets only, not {target.kind.name}", 0
+    triple = str(target.attrs.get("mtriple", ""))
+    if target.kind.name == "llvm" and triple.startswith("aarch64"):
+        lanes = lanes_for(target)
+        if lanes:
+            return True, f"8-bit weights tensorized: sdot, {lanes} lanes (int8 activations)", lanes
+        return False, "Arm target without the dotprod feature: int8 compute not built", 0
+    if target.kind.name != "llvm" or not triple.startswith("x86_64"):
+        what = triple or target.kind.name
+        return False, f"int8 compute is built for x86 and Arm CPUs only, not {what}", 0
     for feat in ("avx512bw", "avx512vnni", "avxvnni"):
         if target_has_features(feat, target):
             return (
@@ -211,12 +220,13 @@ def _quantize_u8(x: Any, scale: Any, zero: Any, pad: int) -> Any:
 
 
 def _int8_constants(
-    op: str, w: np.ndarray, w_scale: np.ndarray, x_scale: float, x_zero: float
+    op: str, w: np.ndarray, w_scale: np.ndarray, x_scale: float, x_zero: float, offset: int = 0
 ) -> tuple[tuple[relax.Constant, relax.Constant], np.ndarray, np.ndarray]:
     """The constants of an int8 layer (``w``: its int8 grid, output channels first): the
     input grid as (1,) tensors (kernel arguments, not literals: one tuning workload for
-    every calibration), the zero-point correction ``z * sum(w)`` per output channel and the
-    dequantization scale per output channel.
+    every calibration), the zero-point correction ``(z - offset) * sum(w)`` per output
+    channel (``offset``: what the kernel subtracts from the uint8 grid, ``_int8.act_offset``)
+    and the dequantization scale per output channel.
 
     Raises:
         ModelError: the int32 accumulator could overflow (too many inputs per output).
@@ -229,7 +239,7 @@ def _int8_constants(
         relax.const(np.array([x_zero], "float32")),
     )
     flat = w.astype("int64").reshape(w.shape[0], -1)
-    corr = (int(x_zero) * flat.sum(axis=1)).astype("int32")
+    corr = ((int(x_zero) - offset) * flat.sum(axis=1)).astype("int32")
     scale = (np.float32(x_scale) * w_scale.astype("float32")).astype("float32")
     return x_q, corr, scale
 
@@ -258,10 +268,13 @@ class _QConv1dConverter:
             # the scale is max|w| / qmax, so the largest grid value is qmax: 7 or 127
             bits = 4 if np.abs(w).max() <= 7 else 8
             return packed_conv1d(bb, x, w, w_scale, bias, bits, stride, padding, dilation)
-        x_q, corr, scale = _int8_constants("qconv1d", w, w_scale, x_scale, x_zero)
-        if self.lanes and int(np.abs(w).max()) > 7:  # 8-bit weights: the tensorized kernel
-            from voxfit.compile import _int8
+        from voxfit.compile import _int8
 
+        # 8-bit weights: the tensorized kernel; on Arm 4-bit ones too (as int8 values: the
+        # plain int8 conv's default Arm schedules are not verified)
+        if self.lanes and (int(np.abs(w).max()) > 7 or self.lanes == _int8.SIGNED_LANES):
+            offset = _int8.act_offset(self.lanes)
+            x_q, corr, scale = _int8_constants("qconv1d", w, w_scale, x_scale, x_zero, offset)
             return bb.emit_te(  # type: ignore[no-any-return]
                 _int8.qconv1d_int8,
                 x,
@@ -278,6 +291,7 @@ class _QConv1dConverter:
                 # a conv to FuseOps (kOutEWiseFusable): the elementwise ops after it fuse
                 primfunc_attrs={"op_pattern": 4},
             )
+        x_q, corr, scale = _int8_constants("qconv1d", w, w_scale, x_scale, x_zero)
         q = bb.emit_te(_quantize_u8, x, *x_q, int(padding), primfunc_name_hint="quantize")
         padding = 0
         if int(np.abs(w).max()) <= 7:  # 4-bit weights: two per byte, unpacked in the kernel
@@ -327,12 +341,14 @@ class _QConv1dConverter:
             return bb.emit(relax.op.add(y, relax.const(bias.astype("float32"))))  # type: ignore[no-any-return]
         from voxfit.compile import _int8
 
-        x_q, corr, scale = _int8_constants("qlinear", w, w_scale, x_scale, x_zero)
+        lanes = self.lanes or 8  # no instruction: plain int8 TIR in the AVX2 layout
+        offset = _int8.act_offset(lanes)
+        x_q, corr, scale = _int8_constants("qlinear", w, w_scale, x_scale, x_zero, offset)
         return bb.emit_te(  # type: ignore[no-any-return]
             _int8.qlinear_int8,
             x,
             *x_q,
-            relax.const(_int8.pack_int8(w.astype("int8")[:, :, None], self.lanes or 8)),
+            relax.const(_int8.pack_int8(w.astype("int8")[:, :, None], lanes)),
             relax.const(corr),
             relax.const(scale),
             relax.const(bias.astype("float32")),

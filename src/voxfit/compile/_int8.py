@@ -51,6 +51,10 @@ from tvm.script import tirx as T
 from voxfit.errors import ModelError
 
 AVX2_INTRIN = "voxfit_dot_8x4_u8i8i32_avx2"
+# TVM's own Arm dot-product intrinsic (tvm.s_tir.tensor_intrin.arm_cpu): 4 lanes of
+# ``sdot``, signed x signed, so activations are quantized to int8 (uint8 - 128) there
+SDOT_INTRIN = "dot_4x4_i8i8s32_sdot"
+SIGNED_LANES = 4  # the lane count whose instruction takes int8 activations (sdot)
 TASK = "conv1d_u8s8"
 LINEAR_TASK = "matmul_u8s8"
 
@@ -110,19 +114,59 @@ def register() -> None:
         TensorIntrin.register(AVX2_INTRIN, _dot_8x4_desc, _dot_8x4_avx2)
 
 
+def load_cpu_tensor_intrins(triple: str) -> None:
+    """Register TVM's tensor intrinsics for one CPU family (x86 or Arm), not the package.
+
+    ``TuneContext`` imports ``tvm.s_tir.tensor_intrin`` whole, which builds the CUDA, ROCm,
+    Hexagon and RISC-V intrinsic tables too: ~100 s on this machine for nothing a CPU
+    schedule uses. Installing the package without running its ``__init__`` and importing
+    just the x86 (VNNI/AVX-512) or Arm (dot-product) table keeps tensorization working.
+    """
+    import importlib
+    import os
+    import sys
+    import types
+
+    name = "tvm.s_tir.tensor_intrin"
+    if name not in sys.modules:
+        import tvm.s_tir
+
+        pkg = types.ModuleType(name)
+        pkg.__path__ = [os.path.join(os.path.dirname(tvm.s_tir.__file__), "tensor_intrin")]
+        sys.modules[name] = pkg
+    arm = triple.startswith(("aarch64", "arm"))
+    importlib.import_module(f"{name}.{'arm_cpu' if arm else 'x86'}")
+
+
 def lanes_for(target: tvm.target.Target) -> int:
-    """int32 lanes of the target's u8 x s8 dot-product instruction (0: none built here)."""
+    """int32 lanes of the target's 8-bit dot-product instruction (0: none built here): 8 for
+    AVX2 (``vpmaddubsw`` + ``vpmaddwd``, u8 x s8), 4 for Arm's ``sdot`` (s8 x s8; the
+    ``dotprod`` feature, e.g. Cortex-A55)."""
     from tvm.target.codegen import target_has_features
 
-    if target.kind.name != "llvm" or not str(target.attrs.get("mtriple", "")).startswith("x86_64"):
+    if target.kind.name != "llvm":
         return 0
-    return 8 if target_has_features("avx2", target) else 0
+    triple = str(target.attrs.get("mtriple", ""))
+    if triple.startswith("x86_64"):
+        return 8 if target_has_features("avx2", target) else 0
+    if triple.startswith("aarch64"):
+        return SIGNED_LANES if target_has_features("dotprod", target) else 0
+    return 0
 
 
 def intrin_for(lanes: int) -> str:
     """The registered tensor intrinsic of a lane count (:func:`lanes_for`)."""
+    if lanes == SIGNED_LANES:
+        load_cpu_tensor_intrins("aarch64")
+        return SDOT_INTRIN
     register()
     return {8: AVX2_INTRIN}[lanes]
+
+
+def act_offset(lanes: int) -> int:
+    """What the kernel subtracts from the uint8 activation grid: 128 where the instruction
+    multiplies signed bytes (``sdot``), else 0."""
+    return 128 if lanes == SIGNED_LANES else 0
 
 
 def pack_int8(w: np.ndarray, lanes: int) -> np.ndarray:
@@ -137,29 +181,36 @@ def pack_int8(w: np.ndarray, lanes: int) -> np.ndarray:
     return np.ascontiguousarray(blocks.transpose(0, 4, 2, 1, 3))
 
 
-def round_u8(value: Any, scale: Any, zero: Any) -> Any:
+def round_u8(value: Any, scale: Any, zero: Any, offset: int = 0) -> Any:
     """A float TIR value on the uint8 grid: ``round_half_even(value / scale) + zero`` clamped
-    to [0, 255] (torch's fake quantization; ``scale`` and ``zero`` are (1,) tensors)."""
+    to [0, 255] (torch's fake quantization; ``scale`` and ``zero`` are (1,) tensors); with
+    ``offset`` 128 the same grid minus 128 as int8 (for signed dot products)."""
     from tvm import tirx
 
-    v = tirx.nearbyint(value / scale[0]) + zero[0]
-    return tirx.max(tirx.min(v, 255.0), 0.0).astype("uint8")
+    v = tirx.max(tirx.min(tirx.nearbyint(value / scale[0]) + zero[0], 255.0), 0.0)
+    if offset:
+        return (v - float(offset)).astype("int8")
+    return v.astype("uint8")
 
 
-def quantize_time_major(x: Any, scale: Any, zero: Any, pad: int, channels: int) -> Any:
+def quantize_time_major(
+    x: Any, scale: Any, zero: Any, pad: int, channels: int, offset: int = 0
+) -> Any:
     """float NCW (1, C, T) -> uint8 (T + 2 pad, C4): ``round_half_even(x / scale) + zero``
     clamped to [0, 255] (torch's fake quantization), the time padding at the zero point,
-    the channels from C to C4 at 0 (their weights are 0). MetaSchedule may compute it
-    inside the conv's loops but never inlines it: the intrinsic reads it as a buffer."""
+    the channels from C to C4 at 0 (their weights are 0); int8 minus ``offset`` where that
+    is 128 (:func:`act_offset`). MetaSchedule may compute it inside the conv's loops but
+    never inlines it: the intrinsic reads it as a buffer."""
     from tvm import te, tirx
 
     _, c_in, t_in = x.shape
+    dtype = "int8" if offset else "uint8"
 
     def f(t: Any, c: Any) -> Any:
-        q = round_u8(x[0, c, t - pad], scale, zero)
+        q = round_u8(x[0, c, t - pad], scale, zero, offset)
         inside = tirx.all(t >= pad, t < t_in + pad)
-        z = zero[0].astype("uint8")
-        return tirx.if_then_else(c < c_in, tirx.if_then_else(inside, q, z), tirx.const(0, "uint8"))
+        z = (zero[0] - float(offset)).astype(dtype)
+        return tirx.if_then_else(c < c_in, tirx.if_then_else(inside, q, z), tirx.const(0, dtype))
 
     return te.compute(
         (t_in + 2 * pad, channels),
@@ -187,7 +238,7 @@ def qconv1d_int8(
     from tvm import te
 
     o8, k, c4, lanes, _ = wp.shape
-    xq = quantize_time_major(x, x_scale, x_zero, padding, c4 * 4)
+    xq = quantize_time_major(x, x_scale, x_zero, padding, c4 * 4, act_offset(int(lanes)))
     t_pad = xq.shape[0]
     t_out = (t_pad - dilation * (k - 1) - 1) // stride + 1
     rk = te.reduce_axis((0, k), name="rk")
@@ -211,16 +262,17 @@ def qconv1d_int8(
     )
 
 
-def quantize_rows(x: Any, scale: Any, zero: Any, channels: int) -> Any:
-    """float time-major ``(1, T, C)`` or ``(T, C)`` -> uint8 ``(T, C4)``: as
-    :func:`quantize_time_major` without time padding (one tap)."""
+def quantize_rows(x: Any, scale: Any, zero: Any, channels: int, offset: int = 0) -> Any:
+    """float time-major ``(1, T, C)`` or ``(T, C)`` -> uint8 ``(T, C4)`` (int8 with
+    ``offset``): as :func:`quantize_time_major` without time padding (one tap)."""
     from tvm import te, tirx
 
     *lead, t_in, c_in = x.shape
+    dtype = "int8" if offset else "uint8"
 
     def f(t: Any, c: Any) -> Any:
-        q = round_u8(x[0, t, c] if lead else x[t, c], scale, zero)
-        return tirx.if_then_else(c < c_in, q, tirx.const(0, "uint8"))
+        q = round_u8(x[0, t, c] if lead else x[t, c], scale, zero, offset)
+        return tirx.if_then_else(c < c_in, q, tirx.const(0, dtype))
 
     return te.compute(
         (t_in, channels),
@@ -249,7 +301,7 @@ def qlinear_int8(
     if len(shape) not in (2, 3) or (len(shape) == 3 and shape[0] != 1):
         raise ModelError(f"qlinear: input {shape}: int8 compute takes (T, C) or (1, T, C)")
     o8, _, c4, lanes, _ = wp.shape
-    xq = quantize_rows(x, x_scale, x_zero, c4 * 4)
+    xq = quantize_rows(x, x_scale, x_zero, c4 * 4, act_offset(int(lanes)))
     rows = xq.shape[0]
     rc = te.reduce_axis((0, c4), name="rc")
     rj = te.reduce_axis((0, 4), name="rj")

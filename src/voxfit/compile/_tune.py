@@ -10,7 +10,6 @@ no cross-linked library here.
 
 from __future__ import annotations
 
-import os
 import socket
 import threading
 from pathlib import Path
@@ -20,7 +19,7 @@ import tvm
 from tvm.s_tir import meta_schedule as ms
 
 from voxfit.compile._import import is_gpu
-from voxfit.compile._int8 import is_int8_task, lanes_for, space_for
+from voxfit.compile._int8 import is_int8_task, lanes_for, load_cpu_tensor_intrins, space_for
 from voxfit.compile._lease import lease_bounded
 from voxfit.compile._runner import RunnerKind
 
@@ -90,32 +89,6 @@ def _make_pool_builder(max_workers: int, timeout_s: float) -> ms.builder.Builder
             pool.shutdown()
 
     return PoolBuilder()  # type: ignore[no-any-return]
-
-
-def _light_tensor_intrin(target: tvm.target.Target) -> None:
-    """Register only the tensor intrinsics a CPU target can use before MetaSchedule runs.
-
-    ``TuneContext`` imports ``tvm.s_tir.tensor_intrin`` whole, which builds the CUDA, ROCm,
-    Hexagon and RISC-V intrinsic tables too: ~100 s on this machine for nothing a CPU
-    schedule uses. Installing the package without running its ``__init__`` and importing
-    just the x86 (VNNI/AVX-512) or Arm (dot-product) tables keeps tensorization working.
-    """
-    import sys
-    import types
-
-    name = "tvm.s_tir.tensor_intrin"
-    if name in sys.modules or is_gpu(target):
-        return
-    import tvm.s_tir
-
-    pkg = types.ModuleType(name)
-    pkg.__path__ = [os.path.join(os.path.dirname(tvm.s_tir.__file__), "tensor_intrin")]
-    sys.modules[name] = pkg
-    triple = str(target.attrs.get("mtriple", ""))
-    if triple.startswith(("aarch64", "arm")):
-        import tvm.s_tir.tensor_intrin.arm_cpu  # noqa: F401
-    else:
-        import tvm.s_tir.tensor_intrin.x86  # noqa: F401
 
 
 def _probe_tracker(host: str, port: int, timeout_s: float) -> None:
@@ -283,7 +256,7 @@ def tune(
     """
     if not tasks or trials_per_task <= 0 or is_gpu(target):
         return 0
-    _light_tensor_intrin(target)
+    load_cpu_tensor_intrins(str(target.attrs.get("mtriple", "")))
     builder = _make_pool_builder(cores, builder_timeout_s)
     ctxs, weights = [], []
     lanes = lanes_for(target)
