@@ -18,6 +18,7 @@ import time
 from contextlib import suppress
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -27,7 +28,7 @@ from tests._cli import run_voxfit
 from tests._tiny import tiny_tdnn
 from voxfit.compile import TvmWorker, compile_model
 from voxfit.compile._database import RECORDS, WORKLOADS
-from voxfit.hw_profiles import load_profile
+from voxfit.hw_profiles import HardwareProfile, load_profile
 from voxfit.latency._farm import local_farm
 from voxfit.latency._qemu import (
     QemuEnv,
@@ -108,6 +109,42 @@ def test_qemu_server_command_registers_and_stops_on_ctrl_c(
         assert not _alive(server)
 
 
+def _run_on_device(w: TvmWorker, lib: Path, x: torch.Tensor, farm: Any, rpc: Any) -> Any:
+    """The library's output for ``x`` on the device the farm's tracker leases."""
+    return w.call(
+        "run_rpc",
+        timeout_s=600,
+        lib=str(lib),
+        input=x.numpy(),
+        rpc={
+            "tracker_host": farm.host,
+            "tracker_port": farm.tracker_port,
+            "device_key": rpc.device_key,
+            "connect_timeout_s": rpc.connect_timeout_s,
+            "session_timeout_s": 300.0,
+        },
+    )
+
+
+def _on_farm(
+    shipped: HardwareProfile, farm: Any, tmp_path: Path, **target: Any
+) -> HardwareProfile:
+    """The shipped qemu profile on the farm's tracker, 2 trials per task, nothing shipped."""
+    assert shipped.measurement.rpc is not None
+    rpc = replace(shipped.measurement.rpc, tracker_port=farm.tracker_port)
+    return replace(
+        shipped,
+        target={**shipped.target, **target},
+        measurement=replace(shipped.measurement, rpc=rpc),
+        tuning=replace(
+            shipped.tuning,
+            trials_per_task=2,
+            trials_per_iter=2,
+            database_dir=str(tmp_path / "nothing-shipped"),
+        ),
+    )
+
+
 def test_the_qemu_profile_tunes_on_the_emulated_device_and_matches_torch(
     tmp_path: Path, qemu_env: QemuEnv
 ) -> None:
@@ -127,17 +164,7 @@ def test_the_qemu_profile_tunes_on_the_emulated_device_and_matches_torch(
             TvmWorker(1) as w,
         ):
             up_s = time.monotonic() - t0
-            rpc = replace(shipped.measurement.rpc, tracker_port=farm.tracker_port)
-            p = replace(
-                shipped,
-                measurement=replace(shipped.measurement, rpc=rpc),
-                tuning=replace(
-                    shipped.tuning,
-                    trials_per_task=2,
-                    trials_per_iter=2,
-                    database_dir=str(tmp_path / "nothing-shipped"),
-                ),
-            )
+            p = _on_farm(shipped, farm, tmp_path)
             t0 = time.monotonic()
             (res,) = compile_model(m, p, w, tmp_path / "out", tuning_dir=db)
             tune_s = time.monotonic() - t0
@@ -149,19 +176,7 @@ def test_the_qemu_profile_tunes_on_the_emulated_device_and_matches_torch(
 
             x = torch.randn(1, res.frames, 80, generator=torch.Generator().manual_seed(1))
             t0 = time.monotonic()
-            out = w.call(
-                "run_rpc",
-                timeout_s=600,
-                lib=str(res.lib),
-                input=x.numpy(),
-                rpc={
-                    "tracker_host": farm.host,
-                    "tracker_port": farm.tracker_port,
-                    "device_key": key,
-                    "connect_timeout_s": rpc.connect_timeout_s,
-                    "session_timeout_s": 300.0,
-                },
-            )
+            out = _run_on_device(w, res.lib, x, farm, p.measurement.rpc)
             run_s = time.monotonic() - t0
     assert "error" not in out, out.get("error")
     assert out["device_key"] == key
@@ -215,35 +230,13 @@ def test_int8_compute_with_sdot_on_the_emulated_device_equals_the_model(
         ),
         TvmWorker(1) as w,
     ):
-        rpc = replace(shipped.measurement.rpc, tracker_port=farm.tracker_port)
-        p = replace(
-            shipped,
-            target={**shipped.target, "mattr": ["+neon", "+dotprod"]},
-            measurement=replace(shipped.measurement, rpc=rpc),
-            tuning=replace(
-                shipped.tuning,
-                trials_per_task=2,
-                trials_per_iter=2,
-                database_dir=str(tmp_path / "nothing-shipped"),
-            ),
-        )
+        p = _on_farm(shipped, farm, tmp_path, mattr=["+neon", "+dotprod"])
         assert not saturates_int8_pairs(p)
         (res,) = compile_model(q, p, w, tmp_path / "out", tuning_dir=db)
         assert res.ok, res.error
         x = torch.randn(1, res.frames, 80, generator=torch.Generator().manual_seed(1))
-        out = w.call(
-            "run_rpc",
-            timeout_s=600,
-            lib=str(res.lib),
-            input=x.numpy(),
-            rpc={
-                "tracker_host": farm.host,
-                "tracker_port": farm.tracker_port,
-                "device_key": key,
-                "connect_timeout_s": rpc.connect_timeout_s,
-                "session_timeout_s": 300.0,
-            },
-        )
+        assert res.lib is not None
+        out = _run_on_device(w, res.lib, x, farm, p.measurement.rpc)
     assert "error" not in out, out.get("error")
     n = len(int8_layers(q))
     assert res.lowering.startswith(f"{n} layers int8 compute (s8 x s8 -> s32; "), res.lowering
