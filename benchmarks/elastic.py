@@ -1,7 +1,7 @@
 """Elastic (once-for-all) candidates against today's distilled ones.
 
-For ``--plans`` plans spanning the space (every block's hidden width at 25%, 50%, 75%,
-mixed widths, 4- and 8-bit weights; 32-unit residual adapters in every block, as a search
+For 10 plans spanning the space (every block's elastic widths at 25%, 50%, 75%, mixed
+widths, 4- and 8-bit weights; 32-unit residual adapters in every block, as a search
 candidate that keeps personalization), each candidate is built two ways and scored with the
 search's accuracy (dev PER; PER of held-out speakers after adapting the plan's adapters:
 the search's proxy, or every held-out speaker with ``--full``):
@@ -17,6 +17,10 @@ base alone, so another supernet of it reuses its distilled rows): a rerun resume
 
     python benchmarks/elastic.py --base work/models/<base>/checkpoint.pt \\
         --elastic work/models/<base>-elastic-<hash>/checkpoint.pt [--distill 4] [--full]
+
+Either family: a TDNN's widths are its blocks' hidden widths; a Conformer's are its FFNs',
+attention heads' and conv module's channels, each at the smallest width the supernet
+trained that is at least the plan's ratio (heads and conv channels stop at 50%).
 
 ``--make-run-storage URL`` (and ``--make-run-study``, default ``make-run``) also records what
 ``make run``'s 15-minute search on its elastic base finished (``make_run_trials``, target
@@ -53,9 +57,27 @@ def hidden_widths(blocks: int, ratios: list[float]) -> tuple[GroupPlan, ...]:
     )
 
 
-def _plans(blocks: int, layers: tuple[str, ...]) -> list[tuple[str, Candidate]]:
-    """Named plans spanning tdnn-default: uniform and mixed widths, low-bit weights."""
-    adapters = tuple(AdapterPlan(f"blocks.{i}", 32, "residual") for i in range(blocks))
+def block_widths(widths: dict[str, list[float]], ratios: list[float]) -> tuple[GroupPlan, ...]:
+    """``ratios`` repeated over the blocks, for every per-block group the supernet made
+    elastic (a TDNN's hidden width; a Conformer's FFNs, heads and conv channels), each at the
+    smallest width it trained that is at least the ratio (a Conformer's heads stop at 50%)."""
+    out = []
+    for name, choices in widths.items():
+        if not name.startswith("blocks."):
+            continue  # the residual stream is not a per-block width
+        want = ratios[int(name.split(".")[1]) % len(ratios)]
+        ratio = min((w for w in choices if w >= want - 1e-9), default=1.0)
+        if ratio < 1.0:
+            out.append(GroupPlan(name, ratio))
+    return tuple(out)
+
+
+def _plans(
+    widths: dict[str, list[float]], slots: tuple[str, ...], layers: tuple[str, ...]
+) -> list[tuple[str, Candidate]]:
+    """Named plans spanning the space: uniform and mixed widths, low-bit weights, a 32-unit
+    residual adapter in every slot."""
+    adapters = tuple(AdapterPlan(s, 32, "residual") for s in slots)
 
     def bits(b: int) -> tuple[LayerPlan, ...]:
         return tuple(LayerPlan(q, b if q != "head" else 8) for q in layers)
@@ -73,7 +95,7 @@ def _plans(blocks: int, layers: tuple[str, ...]) -> list[tuple[str, Candidate]]:
         ("mixed_25_50_100_w4", [0.25, 0.5, 1.0], bits(4)),
     ]
     return [
-        (name, Candidate(groups=hidden_widths(blocks, r), layers=lay, adapters=adapters))
+        (name, Candidate(groups=block_widths(widths, r), layers=lay, adapters=adapters))
         for name, r, lay in table
     ]
 
@@ -128,10 +150,14 @@ def main(argv: list[str] | None = None) -> int:
     multiple = profile.channel_multiple
     base_ctx = SearchContext.prepare(work=args.work, checkpoint=args.base)
     el_ctx = SearchContext.prepare(work=args.work, checkpoint=args.elastic)
-    el_meta = dict(load_checkpoint(args.elastic).meta.get("elastic") or {})
+    el_ckpt = load_checkpoint(args.elastic)
+    el_meta = dict(el_ckpt.meta.get("elastic") or {})
     structure = base_ctx.base.structure()  # type: ignore[operator]
-    blocks = sum(1 for g in structure.groups if g.name.endswith(".hidden"))
-    plans = _plans(blocks, structure.quantizable)
+    widths = el_ckpt.meta.get("elastic_widths")
+    if not widths:
+        raise SystemExit(f"{args.elastic}: not an elastic checkpoint (no elastic_widths)")
+    slots = tuple(a.name for a in structure.adapter_slots)
+    plans = _plans(widths, slots, structure.quantizable)
 
     def rows_file(*parts: Any) -> Path:
         key = hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:12]
