@@ -11,9 +11,11 @@ from __future__ import annotations
 import json
 import math
 import os
+import queue
 import signal
 import subprocess
 import sys
+import threading
 import time
 from contextlib import suppress
 from dataclasses import replace
@@ -79,6 +81,27 @@ def _alive(pgid: int) -> bool:
     return True
 
 
+def _line_reader(stream: Any) -> Any:
+    """``next_line(timeout_s)``: the stream's next line, or a test failure after the timeout
+    (a bare ``readline`` on a server that never prints would hang the whole run)."""
+    lines: queue.Queue[str] = queue.Queue()
+
+    def pump() -> None:
+        for line in stream:
+            lines.put(line)
+        lines.put("")  # end of stream
+
+    threading.Thread(target=pump, daemon=True).start()
+
+    def next_line(timeout_s: float) -> str:
+        try:
+            return lines.get(timeout=timeout_s)
+        except queue.Empty:
+            pytest.fail(f"no output from the qemu-server command in {timeout_s:.0f} s")
+
+    return next_line
+
+
 def test_qemu_server_command_registers_and_stops_on_ctrl_c(
     tmp_path: Path, qemu_env: QemuEnv, request: pytest.FixtureRequest
 ) -> None:
@@ -93,14 +116,16 @@ def test_qemu_server_command_registers_and_stops_on_ctrl_c(
         ) as cli:
             assert cli.stdout is not None
             request.addfinalizer(lambda: _killpg(cli.pid))
-            first = cli.stdout.readline()
+            next_line = _line_reader(cli.stdout)
+            first = next_line(120)  # qemu starting Python on a loaded host
             assert "started the qemu-aarch64 RPC server" in first
             assert f"tracker 127.0.0.1:{farm.tracker_port}" in first
-            assert "registered" in cli.stdout.readline()
+            assert "registered" in next_line(120)
             wait_registered(cli, farm.host, farm.tracker_port, farm.key, 10)
             os.killpg(cli.pid, signal.SIGINT)  # Ctrl-C reaches the terminal's process group
             assert cli.wait(30) == 0
-            assert "stopping" in cli.stdout.read()
+            rest = iter(lambda: next_line(10), "")
+            assert any("stopping" in line for line in rest)
         # the server's whole process group is gone (killed ones are reaped a moment later)
         server = int(first.split("(pid ")[1].split(",")[0])
         deadline = time.monotonic() + 15
