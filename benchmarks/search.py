@@ -94,14 +94,14 @@ def _peer_vs_best(
     ctx: SearchContext,
     profile: Any,
     best: TrialRecord,
-    fp32: TrialRecord,
+    fp32_model: Any,
     multiple: int,
     console: Console,
 ) -> dict[str, Any] | None:
     """onnxruntime's static int8 of the base (and of ``best``'s own plan) vs ``best``'s TVM
-    library, in alternating rounds, with the fp32 baseline's TVM library timed in each round
-    too (``fp32_speedup``: the median of fp32 / best per round, robust to the host's swings
-    that a single re-measure of each is not)."""
+    library, in alternating rounds, with the fp32 baseline's model (built once, by the
+    caller) timed in each round too (``fp32_speedup``: the median of fp32 / best per
+    round, robust to the host's swings that a single re-measure of each is not)."""
     import statistics
 
     from voxfit.compile import default_tuning_dir
@@ -118,9 +118,6 @@ def _peer_vs_best(
     if not own_path.exists():
         _ort_int8_of(ctx, best, multiple, own_path)
     model = ctx.build(replace(best.plan, recovery_steps=0), multiple, best.seed)
-    assert fp32.plan is not None
-    assert fp32.seed is not None
-    fp32_model = ctx.build(replace(fp32.plan, recovery_steps=0), multiple, fp32.seed)
     rounds = []
     spec = profile.primary_input
     with TvmLocalEstimator(
@@ -473,7 +470,7 @@ def main(argv: list[str] | None = None) -> int:
     ]
     peer_point = min(fastest, key=lambda x: x[0])[1] if fastest else best
     peer = _peer_vs_best(
-        args, ctx, measured_profile, peer_point, fp32, profile.channel_multiple, console
+        args, ctx, measured_profile, peer_point, fp32_model, profile.channel_multiple, console
     )
     if peer and peer_point.number == best.number:
         best_row["speedup_vs_fp32_peer_rounds"] = peer["fp32_speedup"]
