@@ -218,9 +218,22 @@ def main(argv: list[str] | None = None) -> int:
 
     prof = _profile(profile, db, args.trials)
     shipped = replace(profile, inputs=profile.inputs[:1])
+    fp32_db = None  # the fp32 base runs on the shipped database, untuned beyond it
+    fp32_tuning = "the shipped database (the base's tasks: 32 + 96 trials)"
+    if not profile.database_dir(args.cost_models).is_dir():  # a profile that ships none
+        fp32_db = work / f"tuning-fp32-t{args.trials}"
+        shipped = _profile(profile, fp32_db, args.trials)
+        fp32_tuning = f"no shipped database: its tasks tuned {args.trials} trials here"
     with (
         TvmLocalEstimator(prof, work / "builds", tuning_dir=db, profile_calls=5) as est_int8,
-        TvmLocalEstimator(shipped, work / "builds-fp32", tune=False, profile_calls=5) as est_fp32,
+        TvmLocalEstimator(
+            shipped,
+            work / "builds-fp32",
+            cost_models_dir=args.cost_models,
+            tuning_dir=fp32_db,
+            tune=fp32_db is not None,
+            profile_calls=5,
+        ) as est_fp32,
     ):
         console.print("compiling (int8 tasks tune on the first run)")
         (first,) = est_int8.estimate(int8)
@@ -310,7 +323,7 @@ def main(argv: list[str] | None = None) -> int:
         "pair_safe_int8": args.pair_safe,
         "int8_trials_per_task": args.trials,
         "model": type(base).__name__,
-        "fp32_tuning": "the shipped database",
+        "fp32_tuning": fp32_tuning,
         "tvm_int8_vs_fp32": med(lambda r: r["tvm_fp32"] / r["tvm_int8"]),
         "tvm_int8_vs_ort_int8": med(lambda r: r["tvm_int8"] / r["ort_int8"]),
         "ort_int8_vs_fp32": med(lambda r: r["ort_fp32"] / r["ort_int8"]),

@@ -45,6 +45,18 @@ def test_lanes_follow_the_target() -> None:
         assert _int8.lanes_for(tvm.target.Target({**arm, "mcpu": cpu, "mattr": ["+neon"]})) == 0
     assert _int8.act_offset(4) == 128
     assert _int8.act_offset(8) == 0
+    # AVX-512: 16 lanes; vpdpbusd where the CPU has VNNI (exact), else the saturating pair
+    for cpu, intrin in (
+        ("skylake-avx512", _int8.AVX512_INTRIN),
+        ("cascadelake", _int8.VNNI_INTRIN),
+    ):
+        target = tvm.target.Target({**AVX2, "mcpu": cpu})
+        assert _int8.lanes_for(target) == 16
+        assert _int8.intrin_of(target) == intrin
+    assert _int8.intrin_of(tvm.target.Target(AVX2)) == _int8.AVX2_INTRIN
+    assert _int8.saturates_pairs(_int8.AVX512_INTRIN)
+    assert not _int8.saturates_pairs(_int8.VNNI_INTRIN)
+    assert not _int8.saturates_pairs(_int8.SDOT_INTRIN)
 
 
 def _module(w: np.ndarray, x_scale: float, x_zero: float, seed: int = 0) -> tvm.IRModule:
@@ -192,14 +204,14 @@ def test_the_torch_model_computes_the_kernels_pair_saturation() -> None:
     assert pair_saturation_excess(q, torch.from_numpy(w // 2).float(), x_zero, 1, PAD, D) is None
 
 
-def _tensorized_sample(func: Any, target: tvm.target.Target, lanes: int) -> Any:
+def _tensorized_sample(func: Any, target: tvm.target.Target) -> Any:
     """A schedule of ``func`` from the tuner's int8 design space that the postprocessors
     tensorized with the lanes' intrinsic (the tuner drops the samples whose tile sizes they
     cannot tensorize; seeded, so the test is deterministic), or None."""
-    intrin = _int8.intrin_for(lanes)
+    intrin = _int8.intrin_of(target)
     for seed in range(16):
         ctx = ms.TuneContext(
-            mod=func, target=target, space_generator=_int8.space_for(lanes), rand_state=seed
+            mod=func, target=target, space_generator=_int8.space_for(intrin), rand_state=seed
         )
         for sch in ctx.generate_design_space():
             if intrin not in str(sch.trace):
@@ -257,7 +269,7 @@ def test_tensorized_linear_is_exact_fuses_its_activation_and_uses_the_intrinsic(
     # the database's record here (tuning it is the conv test's part)
     func = tasks[0].dispatched[0]
 
-    sch = _tensorized_sample(func, target, 8)
+    sch = _tensorized_sample(func, target)
     assert sch is not None, "no sample of the int8 design space tensorized"
     db = ms.database.MemoryDatabase()
     db.commit_tuning_record(
@@ -359,8 +371,74 @@ def test_arm_dotprod_targets_tensorize_int8_linears_with_sdot() -> None:
     func = tasks[0].dispatched[0]
     assert "int8" in str(func)
     assert "uint8" not in str(func)
-    sch = _tensorized_sample(func, target, 4)
+    sch = _tensorized_sample(func, target)
     assert sch is not None, "no sample of the int8 design space tensorized with sdot"
     assert f'tensor_intrin="{_int8.SDOT_INTRIN}"' in str(sch.trace)
     ir = tvm.tirx.build(sch.mod, target=target).inspect_source("ll")
     assert "llvm.aarch64.neon.sdot" in ir
+
+
+def _host_has(flag: str) -> bool:
+    try:
+        return flag in Path("/proc/cpuinfo").read_text().split()
+    except OSError:
+        return False
+
+
+@pytest.mark.tvm
+@pytest.mark.parametrize(
+    ("mcpu", "needle", "flag", "saturates"),
+    [
+        ("skylake-avx512", "llvm.x86.avx512.pmaddubs.w.512", "avx512bw", True),
+        ("cascadelake", "llvm.x86.avx512.vpdpbusd.512", "avx512_vnni", False),
+    ],
+)
+def test_avx512_targets_tensorize_int8_linears(
+    mcpu: str, needle: str, flag: str, saturates: bool
+) -> None:
+    """AVX-512 targets run int8 Linears on 16 int32 lanes: the AVX-512BW pair (saturating as
+    AVX2's) or VNNI's ``vpdpbusd`` (exact); the compiled code runs the instruction, and on a
+    host that has it (only there: the code would not run elsewhere) the result is the
+    integer arithmetic's, bit for bit in the accumulator."""
+    target = tvm.target.Target({**AVX2, "mcpu": mcpu})
+    rng = np.random.default_rng(4)
+    w = rng.integers(-127, 128, (OUT, C)).astype(np.int8)
+    x_scale, x_zero = 0.01, 5.0
+    mod = fuse(_linear_module(w, x_scale, x_zero, lanes=16), target)
+    tasks = ms.relax_integration.extract_tasks(mod, target)
+    assert [t.task_name for t in tasks] == [f"fused_{_int8.LINEAR_TASK}_silu"]
+    func = tasks[0].dispatched[0]
+    sch = _tensorized_sample(func, target)
+    assert sch is not None, f"no sample of the int8 design space tensorized for {mcpu}"
+    assert f'tensor_intrin="{_int8.intrin_of(target)}"' in str(sch.trace)
+    ir = tvm.tirx.build(sch.mod, target=target).inspect_source("ll")
+    assert needle in ir
+    if not _host_has(flag):
+        return
+    db = ms.database.MemoryDatabase()
+    db.commit_tuning_record(
+        ms.database.TuningRecord(
+            sch.trace,
+            db.commit_workload(func),
+            [1.0],
+            target,
+            ms.arg_info.ArgInfo.from_entry_func(func),
+        )
+    )
+    vm = relax.VirtualMachine(_compile_fused(db, mod, target), tvm.cpu())
+    x = (np.random.default_rng(5).standard_normal((1, T, C)) * 1.5).astype("float32")
+    got = vm["main"](tvm.runtime.tensor(x)).numpy()[0]  # (T, OUT)
+    xq = np.clip(np.round(x[0] / np.float32(x_scale)) + x_zero, 0, 255).astype(np.int64)
+    prod = xq[:, None, :] * w.astype(np.int64)[None]  # (T, OUT, C)
+    prod = np.concatenate([prod, np.zeros((T, OUT, 2), np.int64)], axis=-1)  # C -> 12
+    pairs = prod[..., 0::2] + prod[..., 1::2]
+    exact = pairs.sum(axis=-1)
+    sat = np.clip(pairs, -32768, 32767).sum(axis=-1)
+    assert (sat != exact).any()  # the input reaches vpmaddubsw's saturation
+    acc = sat if saturates else exact
+    rng = np.random.default_rng(0)
+    scale = (np.float32(x_scale) * rng.uniform(1e-3, 1e-2, OUT)).astype("float32")
+    bias = rng.standard_normal(OUT).astype("float32")
+    corr = int(x_zero) * w.astype(np.int64).sum(axis=1)
+    y = (acc - corr[None]).astype("float32") * scale[None] + bias[None]
+    np.testing.assert_allclose(got, y / (1 + np.exp(-y)), rtol=1e-5, atol=1e-5)

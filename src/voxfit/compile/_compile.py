@@ -401,10 +401,12 @@ def compile_model(
 
 def saturates_int8_pairs(profile: HardwareProfile) -> bool:
     """Whether the int8 convs built for ``profile`` sum u8 x s8 products in saturating int16
-    pairs (AVX2 without AVX-512/VNNI: ``vpmaddubsw``), so a compressed model computes what
-    they compute only with ``compress.apply(..., int8_pair_saturation=True)``. Imports TVM
-    (its target parser knows each CPU's features)."""
+    pairs (``vpmaddubsw``: AVX2, and AVX-512BW without VNNI), so a compressed model computes
+    what they compute only with ``compress.apply(..., int8_pair_saturation=True)``. Imports
+    TVM (its target parser knows each CPU's features)."""
     from voxfit.compile._import import int8_support, make_target
+    from voxfit.compile._int8 import intrin_of, saturates_pairs
 
-    ok, _, lanes = int8_support(make_target(profile.to_dict()))
-    return ok and lanes == 8
+    target = make_target(profile.to_dict())
+    ok, _, lanes = int8_support(target)
+    return ok and bool(lanes) and saturates_pairs(intrin_of(target))

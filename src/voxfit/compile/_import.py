@@ -148,19 +148,15 @@ def int8_support(target: tvm.target.Target) -> tuple[bool, str, int]:
     """Whether int8 ops compile to int8 compute on ``target``, what to say about it, and
     the dot-product lanes its 8-bit-weight convs are tensorized to (0: none).
 
-    x86 targets with AVX2 (and without AVX-512) run 8-bit-weight convs tensorized
-    (``_int8``: ``vpmaddubsw`` + ``vpmaddwd``, 8 int32 lanes); 4-bit weights with 8-bit
-    inputs stay plain int8 TIR that LLVM vectorizes. Arm targets with ``dotprod`` (the
-    Cortex-A55) run every int8 conv and linear with ``sdot`` (4 lanes, activations as int8:
-    the uint8 grid minus 128; 4-bit weights as int8 values). On AVX-512/VNNI targets
-    MetaSchedule's default rules would tensorize the plain int8 convs to TVM's own
-    intrinsics, which need pre-packed weights (and 0.27's VNNI one does not compile with its
-    LLVM 22), and Arm without ``dotprod`` and CUDA are not built: those targets compute the
-    dequantized weights in float32 and the result says so.
+    x86 targets with AVX2 run 8-bit-weight convs and Linears tensorized (``_int8``:
+    ``vpmaddubsw`` + ``vpmaddwd``, 8 int32 lanes); with AVX-512BW the same on 16 lanes, or
+    ``vpdpbusd`` where the target has AVX-512 VNNI; 4-bit weights with 8-bit inputs stay
+    plain int8 TIR that LLVM vectorizes. Arm targets with ``dotprod`` (the Cortex-A55) run
+    every int8 conv and linear with ``sdot`` (4 lanes, activations as int8: the uint8 grid
+    minus 128; 4-bit weights as int8 values). Arm without ``dotprod`` and CUDA are not
+    built: those targets compute the dequantized weights in float32 and the result says so.
     """
-    from tvm.target.codegen import target_has_features
-
-    from voxfit.compile._int8 import lanes_for
+    from voxfit.compile._int8 import VNNI_INTRIN, intrin_of, lanes_for
 
     triple = str(target.attrs.get("mtriple", ""))
     if target.kind.name == "llvm" and triple.startswith("aarch64"):
@@ -171,18 +167,16 @@ def int8_support(target: tvm.target.Target) -> tuple[bool, str, int]:
     if target.kind.name != "llvm" or not triple.startswith("x86_64"):
         what = triple or target.kind.name
         return False, f"int8 compute is built for x86 and Arm CPUs only, not {what}", 0
-    for feat in ("avx512bw", "avx512vnni", "avxvnni"):
-        if target_has_features(feat, target):
-            return (
-                False,
-                f"{feat} target: MetaSchedule would tensorize int8 to intrinsics that need "
-                "pre-packed weights (not built)",
-                0,
-            )
     lanes = lanes_for(target)
-    if lanes:
-        return True, f"8-bit weights tensorized: vpmaddubsw + vpmaddwd, {lanes} lanes", lanes
-    return True, "not tensorized: no AVX2 on this target (plain int8 TIR)", 0
+    if not lanes:
+        return True, "not tensorized: no AVX2 on this target (plain int8 TIR)", 0
+    how = {
+        8: "vpmaddubsw + vpmaddwd",
+        16: "vpdpbusd (AVX-512 VNNI)"
+        if intrin_of(target) == VNNI_INTRIN
+        else "vpmaddubsw + vpmaddwd (AVX-512BW)",
+    }[lanes]
+    return True, f"8-bit weights tensorized: {how}, {lanes} lanes", lanes
 
 
 def _tensor_of(ep: Any, node: Any) -> np.ndarray:

@@ -10,7 +10,8 @@ the x86 and Arm dot-product instructions can run:
 2. the reduction ``acc[t, o8, i] = sum_{k, c4, j} xq[t*s + k*d, 4*c4 + j] *
    w[o8, k, c4, i, j]`` over weights packed at build time as ``(O/L, K, C/4, L, 4)`` int8
    (:func:`pack_int8`), whose innermost ``(L, 4)`` block is one instruction's operand: the
-   lane count ``L`` is 8 for AVX2 (``vpmaddubsw`` + ``vpmaddwd``), 16 for AVX-512BW;
+   lane count ``L`` is 8 for AVX2 (``vpmaddubsw`` + ``vpmaddwd``), 16 for AVX-512BW
+   (the same pair, or ``vpdpbusd`` with VNNI), 4 for Arm's ``sdot``;
 3. the dequantize epilogue: ``(acc - zero * sum(w)) * scale + bias``, written back in
    NCW, where FuseOps appends the elementwise ops after the conv (folded BatchNorm, ReLU,
    the residual add).
@@ -51,6 +52,10 @@ from tvm.script import tirx as T
 from voxfit.errors import ModelError
 
 AVX2_INTRIN = "voxfit_dot_8x4_u8i8i32_avx2"
+# AVX-512BW: the same two instructions on 16 int32 lanes (saturating pairs, as AVX2)
+AVX512_INTRIN = "voxfit_dot_16x4_u8i8i32_avx512"
+# AVX-512 VNNI: ``vpdpbusd`` sums four u8 x s8 products into each int32 lane, exactly
+VNNI_INTRIN = "voxfit_dot_16x4_u8i8i32_vnni"
 # TVM's own Arm dot-product intrinsic (tvm.s_tir.tensor_intrin.arm_cpu): 4 lanes of
 # ``sdot``, signed x signed, so activations are quantized to int8 (uint8 - 128) there
 SDOT_INTRIN = "dot_4x4_i8i8s32_sdot"
@@ -106,12 +111,82 @@ def _dot_8x4_avx2(
         )
 
 
+@T.prim_func(s_tir=True)
+def _dot_16x4_desc(
+    A: T.Buffer((4,), "uint8", offset_factor=1),
+    B: T.Buffer((16, 4), "int8", offset_factor=1),
+    C: T.Buffer((16,), "int32", offset_factor=1),
+) -> None:
+    with T.sblock("root"):
+        T.reads(C[0:16], A[0:4], B[0:16, 0:4])
+        T.writes(C[0:16])
+        for i in T.serial(0, 16):
+            for k in T.serial(0, 4):
+                with T.sblock("update"):
+                    vi, vk = T.axis.remap("SR", [i, k])
+                    C[vi] = C[vi] + T.cast(A[vk], "int32") * T.cast(B[vi, vk], "int32")
+
+
+@T.prim_func(s_tir=True)
+def _dot_16x4_avx512(
+    A: T.Buffer((4,), "uint8", offset_factor=1),
+    B: T.Buffer((16, 4), "int8", offset_factor=1),
+    C: T.Buffer((16,), "int32", offset_factor=1),
+) -> None:
+    with T.sblock("root"):
+        T.reads(C[0:16], A[0:4], B[0:16, 0:4])
+        T.writes(C[0:16])
+        a_i32 = T.reinterpret(A.vload([0], "uint8x4"), dtype="int32")
+        a_u8x64 = T.reinterpret(T.broadcast(a_i32, 16), dtype="uint8x64")
+        b_i8x64 = B.vload([0, 0], dtype="int8x64")
+        pairs = T.call_llvm_pure_intrin(
+            T.llvm_lookup_intrinsic_id("llvm.x86.avx512.pmaddubs.w.512"),
+            a_u8x64,
+            b_i8x64,
+            dtype="int16x32",
+        )
+        C[T.ramp(T.int32(0), 1, 16)] += T.call_llvm_pure_intrin(
+            T.llvm_lookup_intrinsic_id("llvm.x86.avx512.pmaddw.d.512"),
+            pairs,
+            T.int16x32(1),
+            dtype="int32x16",
+        )
+
+
+@T.prim_func(s_tir=True)
+def _dot_16x4_vnni(
+    A: T.Buffer((4,), "uint8", offset_factor=1),
+    B: T.Buffer((16, 4), "int8", offset_factor=1),
+    C: T.Buffer((16,), "int32", offset_factor=1),
+) -> None:
+    # LLVM 22's vpdpbusd takes its byte operands as <64 x i8> (TVM 0.27's own VNNI
+    # intrinsic passes <16 x i32> and fails to compile)
+    with T.sblock("root"):
+        T.reads(C[0:16], A[0:4], B[0:16, 0:4])
+        T.writes(C[0:16])
+        a_i32 = T.reinterpret(A.vload([0], "uint8x4"), dtype="int32")
+        a_u8x64 = T.reinterpret(T.broadcast(a_i32, 16), dtype="uint8x64")
+        b_i8x64 = B.vload([0, 0], dtype="int8x64")
+        C[T.ramp(T.int32(0), 1, 16)] = T.call_llvm_pure_intrin(
+            T.llvm_lookup_intrinsic_id("llvm.x86.avx512.vpdpbusd.512"),
+            C.vload([0], dtype="int32x16"),
+            a_u8x64,
+            b_i8x64,
+            dtype="int32x16",
+        )
+
+
 def register() -> None:
-    """Register the AVX2 intrinsic with TVM (idempotent; the builder workers call it too)."""
+    """Register the x86 intrinsics with TVM (idempotent; the builder workers call it too)."""
     from tvm.s_tir import TensorIntrin
 
-    if TensorIntrin.get(AVX2_INTRIN, allow_missing=True) is None:
-        TensorIntrin.register(AVX2_INTRIN, _dot_8x4_desc, _dot_8x4_avx2)
+    for name, desc, impl in (
+        (AVX2_INTRIN, _dot_8x4_desc, _dot_8x4_avx2),
+        (AVX512_INTRIN, _dot_16x4_desc, _dot_16x4_avx512),
+        (VNNI_INTRIN, _dot_16x4_desc, _dot_16x4_vnni),
+    ):
+        if TensorIntrin.get(name, allow_missing=True) is None:
+            TensorIntrin.register(name, desc, impl)
 
 
 def load_cpu_tensor_intrins(triple: str) -> None:
@@ -139,8 +214,9 @@ def load_cpu_tensor_intrins(triple: str) -> None:
 
 
 def lanes_for(target: tvm.target.Target) -> int:
-    """int32 lanes of the target's 8-bit dot-product instruction (0: none built here): 8 for
-    AVX2 (``vpmaddubsw`` + ``vpmaddwd``, u8 x s8), 4 for Arm's ``sdot`` (s8 x s8; the
+    """int32 lanes of the target's 8-bit dot-product instruction (0: none built here): 16
+    for AVX-512BW (``vpdpbusd`` with VNNI, else ``vpmaddubsw`` + ``vpmaddwd``), 8 for AVX2
+    (``vpmaddubsw`` + ``vpmaddwd``), all u8 x s8; 4 for Arm's ``sdot`` (s8 x s8; the
     ``dotprod`` feature, e.g. Cortex-A55)."""
     from tvm.target.codegen import target_has_features
 
@@ -148,19 +224,34 @@ def lanes_for(target: tvm.target.Target) -> int:
         return 0
     triple = str(target.attrs.get("mtriple", ""))
     if triple.startswith("x86_64"):
+        if target_has_features("avx512bw", target):
+            return 16
         return 8 if target_has_features("avx2", target) else 0
     if triple.startswith("aarch64"):
         return SIGNED_LANES if target_has_features("dotprod", target) else 0
     return 0
 
 
-def intrin_for(lanes: int) -> str:
-    """The registered tensor intrinsic of a lane count (:func:`lanes_for`)."""
+def intrin_of(target: tvm.target.Target) -> str:
+    """The registered tensor intrinsic the target's int8 kernels run ("" for none)."""
+    from tvm.target.codegen import target_has_features
+
+    lanes = lanes_for(target)
     if lanes == SIGNED_LANES:
         load_cpu_tensor_intrins("aarch64")
         return SDOT_INTRIN
+    if not lanes:
+        return ""
     register()
-    return {8: AVX2_INTRIN}[lanes]
+    if lanes == 16:
+        return VNNI_INTRIN if target_has_features("avx512vnni", target) else AVX512_INTRIN
+    return AVX2_INTRIN
+
+
+def saturates_pairs(intrin: str) -> bool:
+    """Whether the intrinsic adds u8 x s8 products in saturating int16 pairs first
+    (``vpmaddubsw``: AVX2 and AVX-512BW without VNNI)."""
+    return intrin in (AVX2_INTRIN, AVX512_INTRIN)
 
 
 def act_offset(lanes: int) -> int:
@@ -322,11 +413,12 @@ def qlinear_int8(
     return te.compute((rows, out_features), out, name="dequantize")
 
 
-def space_for(lanes: int) -> Any:
+def space_for(intrin: str) -> Any:
     """MetaSchedule's design space for int8 conv tasks: TVM's default LLVM rules with
     ``MultiLevelTilingWithIntrin`` for the target's dot-product intrinsic ahead of plain
     tiling (as TVM's own VNNI rule set), and the postprocessor that replaces the tiled
-    inner block with the intrinsic. Blocks the intrinsic does not fit tile as before."""
+    inner block with the intrinsic (:func:`intrin_of`). Blocks the intrinsic does not fit
+    tile as before."""
     from tvm.s_tir import meta_schedule as ms
     from tvm.s_tir.meta_schedule import postproc as pp
     from tvm.s_tir.meta_schedule import schedule_rule as sr
@@ -336,7 +428,7 @@ def space_for(lanes: int) -> Any:
     rules.insert(
         at,
         sr.MultiLevelTilingWithIntrin(
-            intrin_for(lanes),
+            intrin,
             structure="SSRSRS",
             max_innermost_factor=64,
             reuse_write=sr.ReuseType(req="may", levels=[1, 2], scope="global"),
@@ -351,4 +443,21 @@ def space_for(lanes: int) -> Any:
     ]
     return ms.space_generator.PostOrderApply(
         sch_rules=rules, postprocs=postprocs, mutator_probs="llvm"
+    )
+
+
+def plain_space() -> Any:
+    """MetaSchedule's design space for every other CPU task: TVM's default LLVM rules.
+
+    Named rather than left to the target: for AVX-512 and VNNI targets MetaSchedule would
+    add its own x86 dot-product intrinsics, which match no layout of ours and whose VNNI one
+    does not compile with TVM 0.27's LLVM (the same rules as an AVX2 target gets)."""
+    from tvm.s_tir import meta_schedule as ms
+    from tvm.s_tir.meta_schedule import postproc as pp
+    from tvm.s_tir.meta_schedule import schedule_rule as sr
+
+    return ms.space_generator.PostOrderApply(
+        sch_rules=list(sr.ScheduleRule.create("llvm")),
+        postprocs=list(pp.Postproc.create("llvm")),
+        mutator_probs="llvm",
     )

@@ -19,7 +19,13 @@ import tvm
 from tvm.s_tir import meta_schedule as ms
 
 from voxfit.compile._import import is_gpu
-from voxfit.compile._int8 import is_int8_task, lanes_for, load_cpu_tensor_intrins, space_for
+from voxfit.compile._int8 import (
+    intrin_of,
+    is_int8_task,
+    load_cpu_tensor_intrins,
+    plain_space,
+    space_for,
+)
 from voxfit.compile._lease import lease_bounded
 from voxfit.compile._runner import RunnerKind
 
@@ -259,11 +265,15 @@ def tune(
     load_cpu_tensor_intrins(str(target.attrs.get("mtriple", "")))
     builder = _make_pool_builder(cores, builder_timeout_s)
     ctxs, weights = [], []
-    lanes = lanes_for(target)
-    int8 = [t for t in tasks if lanes and is_int8_task(t.task_name)]
+    intrin = intrin_of(target)
+    int8 = [t for t in tasks if intrin and is_int8_task(t.task_name)]
+    x86 = str(target.attrs.get("mtriple", "")).startswith("x86_64")
     for group, space in (
-        (int8, space_for(lanes) if int8 else None),
-        ([t for t in tasks if not any(t is i for i in int8)], "post-order-apply"),
+        (int8, space_for(intrin) if int8 else None),
+        (
+            [t for t in tasks if not any(t is i for i in int8)],
+            plain_space() if x86 else "post-order-apply",
+        ),
     ):
         if not group:
             continue
