@@ -148,15 +148,16 @@ def _peer_vs_best(
                 f"{o['median_ms']:.3f} ms, onnxruntime int8 of the best's plan "
                 f"{own['median_ms']:.3f} ms"
             )
+    fp32_ratios = [x["fp32_ms"] / x["best_ms"] for x in rounds if x["fp32_ms"]]
     return {
         "ratio": statistics.median(x["ort_int8_base_ms"] / x["best_ms"] for x in rounds),
         # the same pruned plan in onnxruntime int8 / in our TVM library
         "vs_ort_int8_same_plan": statistics.median(
             x["ort_int8_best_plan_ms"] / x["best_ms"] for x in rounds
         ),
-        "fp32_speedup": statistics.median(
-            x["fp32_ms"] / x["best_ms"] for x in rounds if x["fp32_ms"]
-        ),
+        # None where the fp32 library failed in every round (statistics.median of nothing
+        # raises, and the peer figures above stand without it)
+        "fp32_speedup": statistics.median(fp32_ratios) if fp32_ratios else None,
         "rounds": rounds,
         "best_trial": best.number,
         "threads": profile.cores,
