@@ -222,6 +222,21 @@ def _tensorized_sample(func: Any, target: tvm.target.Target) -> Any:
     return None
 
 
+def _database_of(sch: Any, func: Any, target: tvm.target.Target) -> Any:
+    """A database whose one record is ``sch`` for ``func`` (what the build then applies)."""
+    db = ms.database.MemoryDatabase()
+    db.commit_tuning_record(
+        ms.database.TuningRecord(
+            sch.trace,
+            db.commit_workload(func),
+            [1.0],
+            target,
+            ms.arg_info.ArgInfo.from_entry_func(func),
+        )
+    )
+    return db
+
+
 def _linear_module(w: np.ndarray, x_scale: float, x_zero: float, lanes: int = 8) -> tvm.IRModule:
     """A ``(1, T, C)`` -> ``(1, T, OUT)`` int8 Linear (``w``: (OUT, C)) and the SiLU after it."""
     rng = np.random.default_rng(0)
@@ -271,16 +286,7 @@ def test_tensorized_linear_is_exact_fuses_its_activation_and_uses_the_intrinsic(
 
     sch = _tensorized_sample(func, target)
     assert sch is not None, "no sample of the int8 design space tensorized"
-    db = ms.database.MemoryDatabase()
-    db.commit_tuning_record(
-        ms.database.TuningRecord(
-            sch.trace,
-            db.commit_workload(func),
-            [1.0],
-            target,
-            ms.arg_info.ArgInfo.from_entry_func(func),
-        )
-    )
+    db = _database_of(sch, func, target)
     sch = ms.tir_integration.compile_tir(db, func, target)
     assert sch is not None
     ir = tvm.tirx.build(sch.mod, target=target).inspect_source("ll")
@@ -415,16 +421,7 @@ def test_avx512_targets_tensorize_int8_linears(
     assert needle in ir
     if not _host_has(flag):
         return
-    db = ms.database.MemoryDatabase()
-    db.commit_tuning_record(
-        ms.database.TuningRecord(
-            sch.trace,
-            db.commit_workload(func),
-            [1.0],
-            target,
-            ms.arg_info.ArgInfo.from_entry_func(func),
-        )
-    )
+    db = _database_of(sch, func, target)
     vm = relax.VirtualMachine(_compile_fused(db, mod, target), tvm.cpu())
     x = (np.random.default_rng(5).standard_normal((1, T, C)) * 1.5).astype("float32")
     got = vm["main"](tvm.runtime.tensor(x)).numpy()[0]  # (T, OUT)

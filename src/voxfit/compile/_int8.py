@@ -69,88 +69,57 @@ def is_int8_task(name: str) -> bool:
     return TASK in name or LINEAR_TASK in name
 
 
-@T.prim_func(s_tir=True)
-def _dot_8x4_desc(
-    A: T.Buffer((4,), "uint8", offset_factor=1),
-    B: T.Buffer((8, 4), "int8", offset_factor=1),
-    C: T.Buffer((8,), "int32", offset_factor=1),
-) -> None:
-    with T.sblock("root"):
-        T.reads(C[0:8], A[0:4], B[0:8, 0:4])
-        T.writes(C[0:8])
-        for i in T.serial(0, 8):
-            for k in T.serial(0, 4):
-                with T.sblock("update"):
-                    vi, vk = T.axis.remap("SR", [i, k])
-                    C[vi] = C[vi] + T.cast(A[vk], "int32") * T.cast(B[vi, vk], "int32")
+def _dot_desc(lanes: int) -> Any:
+    """What an ``L x 4`` u8 x s8 dot-product intrinsic computes: ``C[i] += sum_k A[k] *
+    B[i, k]`` for ``L`` int32 lanes (the block MetaSchedule matches the kernel against)."""
+
+    @T.prim_func(s_tir=True)
+    def desc(
+        A: T.Buffer((4,), "uint8", offset_factor=1),
+        B: T.Buffer((lanes, 4), "int8", offset_factor=1),
+        C: T.Buffer((lanes,), "int32", offset_factor=1),
+    ) -> None:
+        with T.sblock("root"):
+            T.reads(C[0:lanes], A[0:4], B[0:lanes, 0:4])
+            T.writes(C[0:lanes])
+            for i in T.serial(0, lanes):
+                for k in T.serial(0, 4):
+                    with T.sblock("update"):
+                        vi, vk = T.axis.remap("SR", [i, k])
+                        C[vi] = C[vi] + T.cast(A[vk], "int32") * T.cast(B[vi, vk], "int32")
+
+    return desc
 
 
-@T.prim_func(s_tir=True)
-def _dot_8x4_avx2(
-    A: T.Buffer((4,), "uint8", offset_factor=1),
-    B: T.Buffer((8, 4), "int8", offset_factor=1),
-    C: T.Buffer((8,), "int32", offset_factor=1),
-) -> None:
-    with T.sblock("root"):
-        T.reads(C[0:8], A[0:4], B[0:8, 0:4])
-        T.writes(C[0:8])
-        a_i32 = T.reinterpret(A.vload([0], "uint8x4"), dtype="int32")
-        a_u8x32 = T.reinterpret(T.broadcast(a_i32, 8), dtype="uint8x32")
-        b_i8x32 = B.vload([0, 0], dtype="int8x32")
-        pairs = T.call_llvm_pure_intrin(
-            T.llvm_lookup_intrinsic_id("llvm.x86.avx2.pmadd.ub.sw"),
-            a_u8x32,
-            b_i8x32,
-            dtype="int16x16",
-        )
-        C[T.ramp(T.int32(0), 1, 8)] += T.call_llvm_pure_intrin(
-            T.llvm_lookup_intrinsic_id("llvm.x86.avx2.pmadd.wd"),
-            pairs,
-            T.int16x16(1),
-            dtype="int32x8",
-        )
+def _dot_pmadd(lanes: int, pmaddubsw: str, pmaddwd: str) -> Any:
+    """``vpmaddubsw`` (u8 x s8 products summed in saturating int16 pairs) then ``vpmaddwd``
+    against ones (the pairs summed into int32), added to ``L`` int32 lanes: AVX2 (8 lanes)
+    or AVX-512BW (16), by the two LLVM intrinsics' names."""
+    n = lanes * 4
 
+    @T.prim_func(s_tir=True)
+    def impl(
+        A: T.Buffer((4,), "uint8", offset_factor=1),
+        B: T.Buffer((lanes, 4), "int8", offset_factor=1),
+        C: T.Buffer((lanes,), "int32", offset_factor=1),
+    ) -> None:
+        with T.sblock("root"):
+            T.reads(C[0:lanes], A[0:4], B[0:lanes, 0:4])
+            T.writes(C[0:lanes])
+            a_i32 = T.reinterpret(A.vload([0], "uint8x4"), dtype="int32")
+            a_u8 = T.reinterpret(T.broadcast(a_i32, lanes), dtype=f"uint8x{n}")
+            b_i8 = B.vload([0, 0], dtype=f"int8x{n}")
+            pairs = T.call_llvm_pure_intrin(
+                T.llvm_lookup_intrinsic_id(pmaddubsw), a_u8, b_i8, dtype=f"int16x{n // 2}"
+            )
+            C[T.ramp(T.int32(0), 1, lanes)] += T.call_llvm_pure_intrin(
+                T.llvm_lookup_intrinsic_id(pmaddwd),
+                pairs,
+                T.broadcast(T.int16(1), n // 2),
+                dtype=f"int32x{lanes}",
+            )
 
-@T.prim_func(s_tir=True)
-def _dot_16x4_desc(
-    A: T.Buffer((4,), "uint8", offset_factor=1),
-    B: T.Buffer((16, 4), "int8", offset_factor=1),
-    C: T.Buffer((16,), "int32", offset_factor=1),
-) -> None:
-    with T.sblock("root"):
-        T.reads(C[0:16], A[0:4], B[0:16, 0:4])
-        T.writes(C[0:16])
-        for i in T.serial(0, 16):
-            for k in T.serial(0, 4):
-                with T.sblock("update"):
-                    vi, vk = T.axis.remap("SR", [i, k])
-                    C[vi] = C[vi] + T.cast(A[vk], "int32") * T.cast(B[vi, vk], "int32")
-
-
-@T.prim_func(s_tir=True)
-def _dot_16x4_avx512(
-    A: T.Buffer((4,), "uint8", offset_factor=1),
-    B: T.Buffer((16, 4), "int8", offset_factor=1),
-    C: T.Buffer((16,), "int32", offset_factor=1),
-) -> None:
-    with T.sblock("root"):
-        T.reads(C[0:16], A[0:4], B[0:16, 0:4])
-        T.writes(C[0:16])
-        a_i32 = T.reinterpret(A.vload([0], "uint8x4"), dtype="int32")
-        a_u8x64 = T.reinterpret(T.broadcast(a_i32, 16), dtype="uint8x64")
-        b_i8x64 = B.vload([0, 0], dtype="int8x64")
-        pairs = T.call_llvm_pure_intrin(
-            T.llvm_lookup_intrinsic_id("llvm.x86.avx512.pmaddubs.w.512"),
-            a_u8x64,
-            b_i8x64,
-            dtype="int16x32",
-        )
-        C[T.ramp(T.int32(0), 1, 16)] += T.call_llvm_pure_intrin(
-            T.llvm_lookup_intrinsic_id("llvm.x86.avx512.pmaddw.d.512"),
-            pairs,
-            T.int16x32(1),
-            dtype="int32x16",
-        )
+    return impl
 
 
 @T.prim_func(s_tir=True)
@@ -180,13 +149,15 @@ def register() -> None:
     """Register the x86 intrinsics with TVM (idempotent; the builder workers call it too)."""
     from tvm.s_tir import TensorIntrin
 
-    for name, desc, impl in (
-        (AVX2_INTRIN, _dot_8x4_desc, _dot_8x4_avx2),
-        (AVX512_INTRIN, _dot_16x4_desc, _dot_16x4_avx512),
-        (VNNI_INTRIN, _dot_16x4_desc, _dot_16x4_vnni),
-    ):
+    pmadd = {
+        AVX2_INTRIN: (8, "llvm.x86.avx2.pmadd.ub.sw", "llvm.x86.avx2.pmadd.wd"),
+        AVX512_INTRIN: (16, "llvm.x86.avx512.pmaddubs.w.512", "llvm.x86.avx512.pmaddw.d.512"),
+    }
+    for name, (lanes, ubsw, wd) in pmadd.items():
         if TensorIntrin.get(name, allow_missing=True) is None:
-            TensorIntrin.register(name, desc, impl)
+            TensorIntrin.register(name, _dot_desc(lanes), _dot_pmadd(lanes, ubsw, wd))
+    if TensorIntrin.get(VNNI_INTRIN, allow_missing=True) is None:
+        TensorIntrin.register(VNNI_INTRIN, _dot_desc(16), _dot_16x4_vnni)
 
 
 def load_cpu_tensor_intrins(triple: str) -> None:
