@@ -17,7 +17,7 @@ from voxfit.compile._compile import _Deploy, int8_layers, lowering_of
 from voxfit.compile._qops import QConv1d, QLinear
 from voxfit.compress import apply
 from voxfit.errors import ModelError
-from voxfit.hw_profiles import load_profile
+from voxfit.hw_profiles import host_cpu_flags, load_profile
 from voxfit.models import build_model, default_config
 from voxfit.plan import AdapterPlan, Candidate, LayerPlan
 
@@ -138,7 +138,7 @@ def _compile_avx2_and_avx512(
         (f,) = compile_model(q, avx512, w, tmp_path / "f", tune=False)
         assert f.ok, f.error
         out512 = None
-        if "avx512bw" in Path("/proc/cpuinfo").read_text().split():
+        if "avx512bw" in host_cpu_flags():
             out512 = w.call("run_local", timeout_s=120, lib=str(f.lib), input=_x(f.frames).numpy())
     return r, out, f, out512
 

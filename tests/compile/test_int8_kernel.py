@@ -18,6 +18,7 @@ from tvm.s_tir import meta_schedule as ms  # noqa: E402
 from voxfit.compile import _int8  # noqa: E402
 from voxfit.compile._build import _compile_fused, fuse  # noqa: E402
 from voxfit.compile._tune import tune  # noqa: E402
+from voxfit.hw_profiles import host_cpu_flags  # noqa: E402
 
 AVX2 = {"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcpu": "haswell", "num-cores": 1}
 C, OUT, K, D, PAD, T = 10, 12, 3, 2, 2, 24  # channels not multiples of 4 / 8: padded
@@ -384,13 +385,6 @@ def test_arm_dotprod_targets_tensorize_int8_linears_with_sdot() -> None:
     assert "llvm.aarch64.neon.sdot" in ir
 
 
-def _host_has(flag: str) -> bool:
-    try:
-        return flag in Path("/proc/cpuinfo").read_text().split()
-    except OSError:
-        return False
-
-
 @pytest.mark.tvm
 @pytest.mark.parametrize(
     ("mcpu", "needle", "flag", "saturates"),
@@ -419,7 +413,7 @@ def test_avx512_targets_tensorize_int8_linears(
     assert f'tensor_intrin="{_int8.intrin_of(target)}"' in str(sch.trace)
     ir = tvm.tirx.build(sch.mod, target=target).inspect_source("ll")
     assert needle in ir
-    if not _host_has(flag):
+    if flag not in host_cpu_flags():
         return
     db = _database_of(sch, func, target)
     vm = relax.VirtualMachine(_compile_fused(db, mod, target), tvm.cpu())

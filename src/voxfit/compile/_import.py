@@ -156,7 +156,7 @@ def int8_support(target: tvm.target.Target) -> tuple[bool, str, int]:
     minus 128; 4-bit weights as int8 values). Arm without ``dotprod`` and CUDA are not
     built: those targets compute the dequantized weights in float32 and the result says so.
     """
-    from voxfit.compile._int8 import VNNI_INTRIN, intrin_of, lanes_for
+    from voxfit.compile._int8 import AVX2_INTRIN, AVX512_INTRIN, VNNI_INTRIN, intrin_of, lanes_for
 
     triple = str(target.attrs.get("mtriple", ""))
     if target.kind.name == "llvm" and triple.startswith("aarch64"):
@@ -171,11 +171,10 @@ def int8_support(target: tvm.target.Target) -> tuple[bool, str, int]:
     if not lanes:
         return True, "not tensorized: no AVX2 on this target (plain int8 TIR)", 0
     how = {
-        8: "vpmaddubsw + vpmaddwd",
-        16: "vpdpbusd (AVX-512 VNNI)"
-        if intrin_of(target) == VNNI_INTRIN
-        else "vpmaddubsw + vpmaddwd (AVX-512BW)",
-    }[lanes]
+        AVX2_INTRIN: "vpmaddubsw + vpmaddwd",
+        AVX512_INTRIN: "vpmaddubsw + vpmaddwd (AVX-512BW)",
+        VNNI_INTRIN: "vpdpbusd (AVX-512 VNNI)",
+    }[intrin_of(target)]
     return True, f"8-bit weights tensorized: {how}, {lanes} lanes", lanes
 
 
