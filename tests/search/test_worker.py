@@ -72,7 +72,7 @@ def _report(p: subprocess.Popen[str], timeout_s: float = 180) -> dict[str, objec
 
 def test_the_budget_counts_logical_trials(tmp_path: Path) -> None:
     """A retried trial counts once (its latest attempt), queued and running trials count
-    as in flight, over-budget trials not at all."""
+    as in flight, a trial stopped early as done, over-budget trials not at all."""
     study = _new_study(f"sqlite:///{tmp_path}/s.db", "count", 5)
     dist = {"x": optuna.distributions.FloatDistribution(0, 1)}
 
@@ -89,10 +89,11 @@ def test_the_budget_counts_logical_trials(tmp_path: Path) -> None:
     add(TrialState.RUNNING)  # 3
     add(TrialState.WAITING)  # 4
     add(TrialState.PRUNED, user_attrs={"over_budget": True})  # 5
-    assert sorted(logical_trials(study.get_trials())) == [0, 1, 3, 4]
+    add(TrialState.PRUNED, user_attrs={"record": {"stopped": "dominated"}})  # 6: stopped early
+    assert sorted(logical_trials(study.get_trials())) == [0, 1, 3, 4, 6]
     c = count_budget(study, 5)
     assert (c.done, c.running, c.waiting, c.complete, c.retried, c.duplicated) == (
-        2,
+        3,
         1,
         1,
         2,

@@ -366,6 +366,15 @@ def search(
             "profiles), so the front shows its speed-up over that peer.",
         ),
     ] = True,
+    early_stop: Annotated[
+        bool,
+        typer.Option(
+            "--early-stop/--no-early-stop",
+            help="Stop a trial before adaptation when even its best case (cost-model "
+            "latency, PER before adaptation less the study's largest gain) is dominated by "
+            "the front (PRUNED; needs a cost model).",
+        ),
+    ] = False,
     checkpoint: Annotated[
         Path | None,
         typer.Option(
@@ -390,7 +399,7 @@ def search(
     """Run (or resume) a multi-objective search for one hardware profile."""
     from voxfit.compress import elastic_for_space, elastic_widths
     from voxfit.hw_profiles import find_profile, load_profile, pick_local_profile
-    from voxfit.search import SearchContext, SearchSettings, front_table, run_search
+    from voxfit.search import EarlyStop, SearchContext, SearchSettings, front_table, run_search
     from voxfit.spaces import find_space
     from voxfit.structure import is_factory
 
@@ -437,6 +446,7 @@ def search(
         cost_models_dir=cost_models,
         cost_model=cost_model,
         measure_peer=peer,
+        early_stop=EarlyStop() if early_stop else None,
     )
     st = run_search(settings, ctx)
     _print_front(front_table(st), f"Pareto front of {name} ({prof.name})")

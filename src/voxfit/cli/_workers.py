@@ -77,7 +77,8 @@ def worker(
     total = f"{f.done}/{f.budget} done, {f.running} running" if f else ""
     console.print(
         f"worker {r.worker}: ran {r.ran} trials ({len(r.completed)} complete, "
-        f"{len(r.failed)} failed, {len(r.retries_run)} retries); study {study}: {total} "
+        f"{len(r.stopped_early)} stopped early, {len(r.failed)} failed, "
+        f"{len(r.retries_run)} retries); study {study}: {total} "
         f"({r.stopped})",
         highlight=False,
         soft_wrap=True,

@@ -257,21 +257,33 @@ class PromotingEstimator:
         self.seed_quietest(r.input, r.reference_ms)
         return replace(r, at_reference_ms=r.relative * self._quietest[r.input], basis="base")
 
+    def predict(
+        self, model: nn.Module, inputs: tuple[InputSpec, ...] | None = None
+    ) -> list[LatencyResult] | None:
+        """The predictions alone, one per input (None: this stack has no predictor)."""
+        if self.predictor is None:
+            return None
+        return list(self.predictor.estimate(model, tuple(inputs or self.profile.inputs)))
+
     def estimate(
         self,
         model: nn.Module,
         inputs: tuple[InputSpec, ...] | None = None,
         *,
         promote: PromotionRule | None = None,
+        predicted: Sequence[LatencyResult] | None = None,
     ) -> list[LatencyResult]:
         """One result per input: the prediction, or a measurement promoted from it.
 
         ``promote`` replaces the constructor's rule for this call (e.g. :func:`front_rule`
-        of the current front, or :func:`always` for a baseline).
+        of the current front, or :func:`always` for a baseline); ``predicted``: what
+        :meth:`predict` already returned for these inputs (not predicted again).
         """
         specs = tuple(inputs or self.profile.inputs)
         if self.predictor is None:
             preds: list[LatencyResult | None] = [None] * len(specs)
+        elif predicted is not None and len(predicted) == len(specs):
+            preds = list(predicted)
         else:
             preds = list(self.predictor.estimate(model, specs))
         if self.measurer is None:

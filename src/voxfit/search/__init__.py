@@ -27,6 +27,7 @@ from voxfit.search._bundle import (
 )
 from voxfit.search._bundle_describe import ConformanceCheck
 from voxfit.search._context import SearchContext
+from voxfit.search._early import EarlyStop
 from voxfit.search._figures import (
     LABELS,
     NOTES,
@@ -89,6 +90,7 @@ __all__ = [
     "BudgetCount",
     "BundleCheck",
     "ConformanceCheck",
+    "EarlyStop",
     "LatencyRecord",
     "SearchContext",
     "SearchSettings",

@@ -9,6 +9,7 @@ import logging
 import os
 import pickle
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -230,23 +231,34 @@ class SearchContext:
         digest = hashlib.sha256(json.dumps(sets, sort_keys=True).encode()).hexdigest()
         return {"speakers": speakers, "sets": sets, "sha256": digest}
 
-    def accuracy(self, model: nn.Module, *, full: bool = False) -> dict[str, Any]:
+    def accuracy(
+        self,
+        model: nn.Module,
+        *,
+        full: bool = False,
+        before_check: Callable[[float, float], None] | None = None,
+    ) -> dict[str, Any]:
         """Dev PER, and PER before/after adapting to held-out speakers (the proxy unless
-        ``full``: every held-out speaker with the product's adaptation settings)."""
+        ``full``: every held-out speaker with the product's adaptation settings).
+        ``before_check(dev_per, pre_adapt_per)`` runs before any adaptation and may raise
+        to stop there (early stopping)."""
         from voxfit.metrics import phone_error_rate
         from voxfit.train import adaptation_proxy, measure_adaptation
 
         t0 = time.monotonic()
         dev = phone_error_rate(model, self.manifest.split("dev"), self.store, self.inventory)
         dev_s = time.monotonic() - t0
+        check = None if before_check is None else (lambda pre: before_check(dev, pre))
         if full:
             res = measure_adaptation(
-                model, self.manifest, self.store, self.inventory, self.adapt, slots=[]
-            )
+                model, self.manifest, self.store, self.inventory, self.adapt, slots=[],
+                before_check=check,
+            )  # fmt: skip
         else:
             res = adaptation_proxy(
-                model, self.manifest, self.store, self.inventory, self.adapt, self.proxy, slots=[]
-            )
+                model, self.manifest, self.store, self.inventory, self.adapt, self.proxy,
+                slots=[], before_check=check,
+            )  # fmt: skip
         return {
             "dev_per": dev,
             "pre_adapt_per": res.per_before,

@@ -21,6 +21,8 @@ from optuna.trial import FrozenTrial, TrialState
 from voxfit.plan import Candidate
 
 RECORD_KEY = "record"
+# a worker's trial started after the study's budget was full: PRUNED, never counted
+OVER_BUDGET_KEY = "over_budget"
 RECORD_VERSION = 1
 # The objective values of a trial, in order (all minimized).
 OBJECTIVES = ("latency_ms", "post_adapt_per", "dev_per", "size_mb")
@@ -94,7 +96,8 @@ class TrialRecord:
     ``plan`` is None for a trial that failed before its plan was drawn, or whose recorded
     plan does not load (``plan_dict`` keeps what was recorded). ``values`` are
     the objectives (:data:`OBJECTIVES`) of a COMPLETE trial, else None. ``failure`` is the
-    one-line reason of a FAILED trial.
+    one-line reason of a FAILED trial; ``stopped`` why a PRUNED one stopped early (its
+    accuracy then has dev and pre-adaptation PER only, its latency is the prediction).
     """
 
     number: int
@@ -114,6 +117,8 @@ class TrialRecord:
     peak_memory_mb: float | None = None
     timings: Mapping[str, float] = field(default_factory=dict)
     failure: str | None = None
+    stopped: str | None = None
+    stop_bound: tuple[float, ...] | None = None  # the objectives' best case that was dominated
     duration_s: float | None = None
     trial_params: Mapping[str, Any] = field(default_factory=dict)
 
@@ -149,6 +154,8 @@ class TrialRecord:
             "peak_memory_mb": self.peak_memory_mb,
             "timings": dict(self.timings),
             "failure": self.failure,
+            "stopped": self.stopped,
+            "stop_bound": list(self.stop_bound) if self.stop_bound is not None else None,
         }
 
 
@@ -211,6 +218,8 @@ def record_of(t: FrozenTrial) -> TrialRecord:
         peak_memory_mb=raw.get("peak_memory_mb"),
         timings=dict(raw.get("timings") or {}),
         failure=raw.get("failure"),
+        stopped=raw.get("stopped"),
+        stop_bound=tuple(raw["stop_bound"]) if raw.get("stop_bound") else None,
     )
 
 

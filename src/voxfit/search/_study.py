@@ -18,6 +18,7 @@ failed and retried once when the study resumes, and completed trials are never r
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import importlib.metadata as md
 import json
 import logging
@@ -39,8 +40,16 @@ from voxfit.plan import AdapterPlan, Candidate, GroupPlan, LayerPlan
 from voxfit.search._access import complete, front, open_storage, records
 from voxfit.search._audit import AuditLog
 from voxfit.search._context import SearchContext
+from voxfit.search._early import (
+    EarlyStop,
+    StoppedEarly,
+    dominating_point,
+    largest_relative_gain,
+    optimistic_bound,
+)
 from voxfit.search._record import (
     OBJECTIVES,
+    OVER_BUDGET_KEY,
     RECORD_KEY,
     AccuracyRecord,
     LatencyRecord,
@@ -52,7 +61,16 @@ from voxfit.spaces import BoundSpace, SearchSpace, params_of, sample
 log = logging.getLogger(__name__)
 SAMPLERS = ("tpe", "nsga2", "random")
 DEFAULT_SAMPLER = "tpe"
-_FINISHED = (TrialState.COMPLETE, TrialState.FAIL)
+# PRUNED: stopped early (over-budget trials of workers are PRUNED too, and never count)
+_FINISHED = (TrialState.COMPLETE, TrialState.FAIL, TrialState.PRUNED)
+
+
+def finished_trials(study: optuna.Study) -> int:
+    """Trials that count against the budget: complete, failed, stopped early."""
+    return sum(
+        not t.user_attrs.get(OVER_BUDGET_KEY)
+        for t in study.get_trials(deepcopy=False, states=_FINISHED)
+    )
 
 
 def make_sampler(name: str, seed: int) -> optuna.samplers.BaseSampler:
@@ -124,6 +142,9 @@ class SearchSettings:
     enqueue_baselines: bool = True
     # time onnxruntime's static int8 of the base once per study (local profiles): the peer
     measure_peer: bool = True
+    # stop a trial before adaptation when its optimistic bound is dominated (None: never;
+    # needs a cost model: the bound uses its latency prediction)
+    early_stop: EarlyStop | None = None
 
 
 def _versions() -> dict[str, str]:
@@ -254,12 +275,33 @@ def make_objective(
                 cand, s.profile.channel_multiple, seed, int8_pair_saturation=saturation
             )
             build_s = time.monotonic() - t0
-            acc = ctx.accuracy(model)
             size_mb = packed_size_bytes(model) / 1e6
-            quality = (acc["post_adapt_per"], acc["dev_per"], size_mb)
             forced = "baseline" in trial.user_attrs
+            spec = (s.profile.primary_input,)
+            early = None if forced else s.early_stop
+            predicted = latency.predict(model, spec) if early is not None else None
+            check = None
+            if early is not None and predicted and predicted[0].ok and predicted[0].value_ms:
+                check = _early_check(trial.study, early, predicted[0], size_mb)
+            try:
+                acc = ctx.accuracy(model, before_check=check)
+            except StoppedEarly as e:
+                assert predicted is not None
+                rec = replace(
+                    rec,
+                    accuracy=AccuracyRecord(dev_per=e.bound[2], pre_adapt_per=e.pre_adapt_per),
+                    latency=_latency_record(predicted[0], s.profile),
+                    size_mb=size_mb,
+                    params=count_parameters(model),
+                    stopped=str(e),
+                    stop_bound=e.bound,
+                    timings={"build_s": build_s, "total_s": time.monotonic() - t0},
+                )
+                trial.set_user_attr(RECORD_KEY, rec.to_attr())
+                raise optuna.TrialPruned(str(e)) from None
+            quality = (acc["post_adapt_per"], acc["dev_per"], size_mb)
             rule = always if forced else front_rule(quality, _front(trial.study), s.margin)
-            (r,) = latency.estimate(model, (s.profile.primary_input,), promote=rule)
+            (r,) = latency.estimate(model, spec, promote=rule, predicted=predicted)
             if not r.ok:
                 raise VoxfitError(f"latency: {r.error}")
             _keep_measurement(s, model, cand, r, ctx.base)
@@ -292,6 +334,8 @@ def make_objective(
             )
             trial.set_user_attr(RECORD_KEY, rec.to_attr())
             return (lat.objective_ms, acc["post_adapt_per"], acc["dev_per"], size_mb)
+        except optuna.TrialPruned:
+            raise
         except Exception as e:
             reason = f"{type(e).__name__}: {e}".splitlines()[0][:500]
             trial.set_user_attr(RECORD_KEY, replace(rec, failure=reason).to_attr())
@@ -299,6 +343,28 @@ def make_objective(
             raise
 
     return objective
+
+
+def _early_check(
+    study: optuna.Study, cfg: EarlyStop, predicted: LatencyResult, size_mb: float
+) -> Callable[[float, float], None]:
+    """What :meth:`SearchContext.accuracy` calls before adapting: raises
+    :class:`StoppedEarly` when the trial's optimistic bound is dominated by the front."""
+
+    def check(dev_per: float, pre_adapt_per: float) -> None:
+        recs = complete(study)
+        gain = largest_relative_gain(recs)
+        if gain is None or sum(r.complete for r in recs) < cfg.min_complete:
+            return
+        bound = optimistic_bound(
+            float(predicted.value_ms or 0.0), predicted.low_confidence, pre_adapt_per,
+            dev_per, size_mb, gain, cfg,
+        )  # fmt: skip
+        by = dominating_point(bound, _front(study))
+        if by is not None:
+            raise StoppedEarly(bound, by, pre_adapt_per)
+
+    return check
 
 
 def _best_line(study: optuna.Study, budget_ms: float) -> str:
@@ -542,6 +608,8 @@ def run_search(s: SearchSettings, ctx: SearchContext) -> optuna.Study:
     # the budget and margin workers that join this study read (voxfit worker)
     study.set_user_attr("n_trials", s.n_trials)
     study.set_user_attr("margin", s.margin)
+    early = dataclasses.asdict(s.early_stop) if s.early_stop is not None else None
+    study.set_user_attr("early_stop", early)
     audit = AuditLog.of_study(s.work, s.study_name)
     audit.search_started(study, ctx, s.storage)  # what of users' data this search uses
     latency = make_latency(s, ctx.base)
@@ -561,7 +629,7 @@ def run_search(s: SearchSettings, ctx: SearchContext) -> optuna.Study:
         measure_peer(s, ctx, study)
 
     def finished() -> int:
-        return len(study.get_trials(deepcopy=False, states=_FINISHED))
+        return finished_trials(study)
 
     try:
         with progress_bar(info=True) as bar:
@@ -583,6 +651,10 @@ def run_search(s: SearchSettings, ctx: SearchContext) -> optuna.Study:
                 )
                 bar.update(task, completed=min(finished(), s.n_trials), info=msg)
 
+            def budget_met(st: optuna.Study, _t: FrozenTrial) -> None:
+                if finished() >= s.n_trials:
+                    st.stop()
+
             remaining = s.n_trials - finished()
             if remaining > 0:
                 study.optimize(
@@ -590,8 +662,8 @@ def run_search(s: SearchSettings, ctx: SearchContext) -> optuna.Study:
                     timeout=s.timeout_s,
                     catch=(Exception,),
                     callbacks=[
-                        optuna.study.MaxTrialsCallback(s.n_trials, states=_FINISHED),
                         on_trial,
+                        budget_met,
                     ],
                     gc_after_trial=True,
                 )

@@ -44,6 +44,7 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from voxfit.errors import ConfigError
+from voxfit.search._record import OVER_BUDGET_KEY
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +59,6 @@ __all__ = [
 ]
 
 BUDGET_KEY = "n_trials"
-OVER_BUDGET_KEY = "over_budget"
 Objective = Callable[[optuna.Trial], Any]
 
 
@@ -84,7 +84,8 @@ class BudgetCount:
     """Logical trials of a study by the state of their latest attempt."""
 
     budget: int
-    done: int  # COMPLETE, or FAIL (an objective error, or a retry that also died)
+    done: int  # COMPLETE, FAIL (an objective error, or a retry that also died), or PRUNED
+    # (stopped early)
     running: int
     waiting: int
     complete: int = 0
@@ -107,7 +108,7 @@ def count_budget(study: optuna.Study, budget: int) -> BudgetCount:
     last = [g[-1].state for g in groups.values()]
     return BudgetCount(
         budget=budget,
-        done=sum(s in (TrialState.COMPLETE, TrialState.FAIL) for s in last),
+        done=sum(s in (TrialState.COMPLETE, TrialState.FAIL, TrialState.PRUNED) for s in last),
         running=sum(s == TrialState.RUNNING for s in last),
         waiting=sum(s == TrialState.WAITING for s in last),
         complete=sum(s == TrialState.COMPLETE for s in last),
@@ -125,7 +126,13 @@ def _over_budget(trial: optuna.Trial, budget: int) -> bool:
     frozen = trial.study._storage.get_trial(trial._trial_id)
     if "fixed_params" in frozen.system_attrs or "failed_trial" in frozen.system_attrs:
         return False
-    counted = (TrialState.COMPLETE, TrialState.FAIL, TrialState.RUNNING, TrialState.WAITING)
+    counted = (
+        TrialState.COMPLETE,
+        TrialState.FAIL,
+        TrialState.PRUNED,  # stopped early (over-budget ones are not in the groups)
+        TrialState.RUNNING,
+        TrialState.WAITING,
+    )
     mine = (trial.number, trial._trial_id)
     groups = logical_trials(trial.study.get_trials(deepcopy=False)).items()
     before = sum(
@@ -163,13 +170,14 @@ class WorkerReport:
     failed: list[int] = field(default_factory=list)
     retries_run: list[int] = field(default_factory=list)  # retried trials it ran
     over_budget: list[int] = field(default_factory=list)
+    stopped_early: list[int] = field(default_factory=list)  # PRUNED before adaptation
     waited_s: float = 0.0
     final: BudgetCount | None = None
     stopped: str = ""  # "budget met", "timeout"
 
     @property
     def ran(self) -> int:
-        return len(self.completed) + len(self.failed)
+        return len(self.completed) + len(self.stopped_early) + len(self.failed)
 
 
 def worker_id() -> str:
@@ -217,7 +225,12 @@ def work_until_budget(
         if t.state == TrialState.PRUNED and t.user_attrs.get(OVER_BUDGET_KEY):
             report.over_budget.append(t.number)
             return
-        (report.completed if t.state == TrialState.COMPLETE else report.failed).append(t.number)
+        if t.state == TrialState.COMPLETE:
+            report.completed.append(t.number)
+        elif t.state == TrialState.PRUNED:
+            report.stopped_early.append(t.number)
+        else:
+            report.failed.append(t.number)
         if t.system_attrs.get("failed_trial") is not None:
             report.retries_run.append(t.number)
         if on_trial is not None:
@@ -297,6 +310,7 @@ def run_worker(
     from voxfit.search._access import open_storage, profile_of
     from voxfit.search._audit import AuditLog, redact_url
     from voxfit.search._context import SearchContext
+    from voxfit.search._early import EarlyStop
     from voxfit.search._study import (
         DEFAULT_SAMPLER,
         SearchSettings,
@@ -339,6 +353,7 @@ def run_worker(
         sampler=str(attrs.get("sampler", DEFAULT_SAMPLER)),
         seed=int(attrs.get("seed", 0)),
         margin=float(margin if margin is not None else attrs.get("margin", 0.10)),
+        early_stop=EarlyStop(**attrs["early_stop"]) if attrs.get("early_stop") else None,
         work=work,
         cost_models_dir=cost_models_dir,
         cost_model=cost_model,

@@ -12,7 +12,7 @@ the same gain of the uncompressed base model.
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from torch import nn
@@ -95,6 +95,7 @@ def measure_adaptation(
     speakers: Sequence[str] | None = None,
     max_eval_utts: int | None = None,
     slots: Sequence[str] | None = None,
+    before_check: Callable[[float], None] | None = None,
 ) -> AdaptationResult:
     """Adapt to each held-out speaker and measure PER before/after on their eval set.
 
@@ -103,14 +104,21 @@ def measure_adaptation(
         max_eval_utts: evaluate on the first N eval utterances only (default: all).
         slots: for a model without adapters, where to insert ``cfg.bottleneck`` adapters
             (default: every slot; ``[]``: none, so "after" equals "before").
+        before_check: called with the mean PER before adaptation, once every speaker's is
+            measured and before any adapts (it may raise to stop there: early stopping).
     """
     adapt_sets, eval_sets = manifest.by_speaker("adapt"), manifest.by_speaker("eval")
     chosen = list(speakers) if speakers is not None else heldout_speakers(manifest)
     t0 = time.monotonic()
     result = AdaptationResult()
+    evals_of = {
+        spk: eval_sets[spk][:max_eval_utts] if max_eval_utts else eval_sets[spk] for spk in chosen
+    }
+    befores = {spk: phone_error_rate(model, evals_of[spk], store, inventory) for spk in chosen}
+    if before_check is not None and chosen:
+        before_check(sum(befores.values()) / len(chosen))
     for spk in chosen:
-        evals = eval_sets[spk][:max_eval_utts] if max_eval_utts else eval_sets[spk]
-        before = phone_error_rate(model, evals, store, inventory)
+        evals, before = evals_of[spk], befores[spk]
         adapted = adapt_speaker(model, adapt_sets[spk], store, inventory, cfg, slots)
         after = phone_error_rate(adapted, evals, store, inventory)
         result.speakers.append(
@@ -136,6 +144,7 @@ def adaptation_proxy(
     proxy: ProxyConfig,
     *,
     slots: Sequence[str] | None = None,
+    before_check: Callable[[float], None] | None = None,
 ) -> AdaptationResult:
     """The cheap estimate of :func:`measure_adaptation` (same adapters, fewer of everything)."""
     from dataclasses import replace
@@ -150,4 +159,5 @@ def adaptation_proxy(
         speakers=proxy_speakers(manifest, proxy.n_speakers),
         max_eval_utts=proxy.max_eval_utts,
         slots=slots,
+        before_check=before_check,
     )
