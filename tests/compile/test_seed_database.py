@@ -84,3 +84,36 @@ def test_an_unknown_seed_profile_is_one_line(tmp_path: Path) -> None:
     bad = replace(p, tuning=replace(p.tuning, seed_from="no-such-profile"))
     with pytest.raises(ConfigError, match=r"tuning\.seed_from: unknown profile 'no-such-profile'"):
         seed_database_dir(bad, tmp_path)
+
+
+def test_a_device_without_avx2_loads_a_seed_that_holds_int8_schedules(tmp_path: Path) -> None:
+    """The seed's int8 tasks were tensorized with the AVX2 intrinsic; a fresh worker
+    compiling for the no-AVX device (whose int8 layers are not tensorized) must still read
+    them."""
+    from voxfit.compress import apply
+    from voxfit.plan import Candidate, LayerPlan
+
+    m = tiny_tdnn()
+    s = m.structure()
+    layers = [LayerPlan(q, 8, 8) for q in s.quantizable[:-1]] + [
+        LayerPlan(s.quantizable[-1], 32, 32)
+    ]
+    g = torch.Generator().manual_seed(0)
+    cal = [(torch.randn(2, 64, 80, generator=g), torch.tensor([64, 64]))]
+    model = apply(m, Candidate(layers=tuple(layers)), calibration=cal)
+    cost = tmp_path / "cost_models"
+    source = _small("x86-avx2-2core", cost)
+    shipped = source.database_dir(cost)  # type: ignore[attr-defined]
+    device = replace(_small("x86-64-sse-rpc", cost), measurement=source.measurement)  # type: ignore[attr-defined]  # fmt: skip
+    with TvmWorker(1) as w:
+        (r0,) = compile_model(model, source, w, tmp_path / "a", cost_models_dir=cost,
+                              tuning_dir=shipped, export=False)  # type: ignore[arg-type]  # fmt: skip
+        assert r0.ok, r0.error
+    assert "avx2" in (shipped / RECORDS).read_text()  # the seed holds tensorized schedules
+    with TvmWorker(1) as w:  # a process that never compiled for AVX2
+        (r1,) = compile_model(model, device, w, tmp_path / "b", cost_models_dir=cost,
+                              tuning_dir=tmp_path / "tuning-device", export=False)  # type: ignore[arg-type]  # fmt: skip
+    assert r1.ok, r1.error  # (it failed: "TensorIntrin 'voxfit_dot_8x4_u8i8i32_avx2' is not
+    # registered" while reading the seed)
+    assert r1.details["int8"]["compute"] == "int8"  # plain int8 TIR: nothing to tensorize with
+    assert len(r1.details["seeded_tasks"]) > 0

@@ -20,7 +20,7 @@ from tvm.s_tir import meta_schedule as ms
 from voxfit.compile._database import check, locked
 from voxfit.compile._executables import keep_executable
 from voxfit.compile._import import int8_support, is_gpu, load_program, make_target
-from voxfit.compile._int8 import SIGNED_LANES, intrin_of
+from voxfit.compile._int8 import SIGNED_LANES, load_cpu_tensor_intrins
 from voxfit.compile._layered import open_layered
 from voxfit.compile._tune import DeviceLost, tune
 
@@ -157,8 +157,8 @@ def build(req: dict[str, Any]) -> dict[str, Any]:
     target = make_target(profile)
     t0 = time.monotonic()
     int8_ok, int8_note, lanes = int8_support(target)
-    if lanes:  # the tuner and the database's traces tensorize with it
-        intrin_of(target)
+    if not is_gpu(target):  # the tuner and the databases' traces (a seed's too) tensorize
+        load_cpu_tensor_intrins(str(target.attrs.get("mtriple", "")))
     mod, how, why, n_int8 = load_program(req["program"], int8=int8_ok, lanes=lanes)
     fused = fuse(mod, target)
     tasks = ms.relax_integration.extract_tasks(fused, target)

@@ -161,7 +161,8 @@ def register() -> None:
 
 
 def load_cpu_tensor_intrins(triple: str) -> None:
-    """Register TVM's tensor intrinsics for one CPU family (x86 or Arm), not the package.
+    """Register TVM's tensor intrinsics for one CPU family (x86 or Arm; ours for x86 too),
+    not the package.
 
     ``TuneContext`` imports ``tvm.s_tir.tensor_intrin`` whole, which builds the CUDA, ROCm,
     Hexagon and RISC-V intrinsic tables too: ~100 s on this machine for nothing a CPU
@@ -182,6 +183,10 @@ def load_cpu_tensor_intrins(triple: str) -> None:
         sys.modules[name] = pkg
     arm = triple.startswith(("aarch64", "arm"))
     importlib.import_module(f"{name}.{'arm_cpu' if arm else 'x86'}")
+    if not arm:
+        # ours too, whatever this target runs: a database seeded from an AVX2 profile holds
+        # traces that tensorize with them, and loading a trace replays it
+        register()
 
 
 def lanes_for(target: tvm.target.Target) -> int:
