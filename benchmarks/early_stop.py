@@ -1,7 +1,8 @@
 """Does early stopping across objectives pay? The same search with and without it, equal time.
 
 For each seed, two studies of one space on one (elastic) checkpoint run for ``--minutes``
-each, back to back (the order alternates with the seed, so drift favours neither): one runs
+each, back to back (the order alternates with the seed, so drift favours neither; each arm
+tunes into its own folder, so neither inherits the other's tuning): one runs
 every trial to the end, the other stops a trial before its adaptation when its optimistic
 bound is dominated by the front (``voxfit search --early-stop``; voxfit.search._early).
 Reported per arm: trials finished (complete + stopped), trials stopped and the seconds a
@@ -65,7 +66,9 @@ def _study(args: Any, profile: Any, bound: Any, ctx: Any, arm: str, seed: int) -
             timeout_s=args.minutes * 60,
             sampler=args.sampler,
             seed=seed,
-            work=args.work,
+            # each arm its own builds and tuning records (from the shipped database): an arm
+            # run second must not find the tasks the first one tuned
+            work=args.work / "early-stop" / f"{arm}-s{seed}",
             cost_models_dir=args.cost_models,
             measure_peer=False,
             early_stop=EarlyStop() if arm == "early_stop" else None,

@@ -614,6 +614,9 @@ def run_search(s: SearchSettings, ctx: SearchContext) -> optuna.Study:
     audit.search_started(study, ctx, s.storage)  # what of users' data this search uses
     latency = make_latency(s, ctx.base)
     resume_scale(study, latency)
+    if s.early_stop is not None and latency.predictor is None:
+        log.warning("early stopping needs a cost model (its bound uses the latency prediction): "
+                    "%s has none, so no trial stops early", s.profile.name)  # fmt: skip
     if latency.predictor is not None:
         card = latency.predictor.predictor.card
         study.set_user_attr(
