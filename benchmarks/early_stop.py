@@ -23,6 +23,7 @@ time). Resumable: finished studies in ``--storage`` are reused.
 
 from __future__ import annotations
 
+import dataclasses
 import statistics
 import time
 from pathlib import Path
@@ -97,7 +98,7 @@ def _hv_curve(study: optuna.Study, ref: np.ndarray) -> list[tuple[float, float]]
     out, seen = [], []
     for when, r in done:
         if r.complete and r.feasible:
-            seen.append(r.values)
+            seen.append(r)
             out.append(((when - t0).total_seconds(), hypervolume(_points(seen), ref)))
     return out
 
@@ -192,7 +193,7 @@ def main(argv: list[str] | None = None) -> int:
         "minutes_per_arm": args.minutes,
         "sampler": args.sampler,
         "reference_point": ref.tolist(),
-        "early_stop": EarlyStop().__repr__(),
+        "early_stop": dataclasses.asdict(EarlyStop()),
         "runs": [],
     }
     curves = {}
