@@ -10,6 +10,10 @@ stopped trial took against a complete one, and the hypervolume of the feasible f
 the end and over time (one reference point for both arms: 1.1x the worst feasible value
 of each objective over both; the objectives as the searches recorded them).
 
+What early stopping could buy at best (``oracle``, per arm): the sampled trials that, with
+their own final values, were already dominated by the front of the trials before them --
+with four objectives most trials join the front, so few are.
+
 Then the stops are audited: every stopped trial is run to the end afterwards (the same
 build, the adaptation proxy, the cost model's latency) and ``false_stops`` counts those
 that would have joined their study's final front; ``bound_misses`` counts those whose
@@ -40,6 +44,7 @@ from voxfit.search import (
     SearchContext,
     SearchSettings,
     complete,
+    open_storage,
     record_of,
     run_search,
 )
@@ -52,7 +57,7 @@ def _study(args: Any, profile: Any, bound: Any, ctx: Any, arm: str, seed: int) -
     tag = Path(args.checkpoint).parent.name
     name = f"early-{profile.name}-{bound.space.name}-{arm}-s{seed}-{tag}"
     try:  # a finished arm is reused (its time is spent)
-        st = optuna.load_study(study_name=name, storage=args.storage)
+        st = optuna.load_study(study_name=name, storage=open_storage(args.storage))
         if st.user_attrs.get("arm_done"):
             return st
     except KeyError:
@@ -101,6 +106,30 @@ def _hv_curve(study: optuna.Study, ref: np.ndarray) -> list[tuple[float, float]]
             seen.append(r)
             out.append(((when - t0).total_seconds(), hypervolume(_points(seen), ref)))
     return out
+
+
+def _oracle(study: optuna.Study) -> dict[str, Any]:
+    """The most any early-stopping rule could stop in ``study``: its sampled trials that,
+    with their own final values (perfect foresight), were already dominated by the front of
+    the trials complete before them; and how much of the study its final front holds."""
+    from voxfit.latency import dominates
+    from voxfit.search import front
+
+    recs = sorted(complete(study), key=lambda r: r.number)  # one process: number = order
+    stoppable = [
+        r.number
+        for i, r in enumerate(recs)
+        if not r.baseline and any(dominates(f.values, r.values) for f in front(recs[:i]))
+    ]
+    return {
+        "sampled": sum(not r.baseline for r in recs),
+        "oracle_stoppable": len(stoppable),
+        "oracle_trials": stoppable,
+        "final_front": len(front(recs)),
+        "complete": len(recs),
+        "median_adapt_s": statistics.median(r.timings.get("adapt_s", 0.0) for r in recs),
+        "median_trial_s": statistics.median(r.duration_s or 0.0 for r in recs),
+    }
 
 
 def _audit(study: optuna.Study, ctx: SearchContext, profile: Any, args: Any) -> dict[str, Any]:
@@ -219,10 +248,11 @@ def main(argv: list[str] | None = None) -> int:
             if dur[TrialState.PRUNED]
             else None,
             "hypervolume": hypervolume(pts[arm, seed], ref),
-            "front_size": len(pts[arm, seed]),
+            "feasible": len(pts[arm, seed]),
         }
         if arm == "early_stop" and args.audit:
             run["audit"] = _audit(st, ctx, profile, args)
+        run["oracle"] = _oracle(st)
         result["runs"].append(run)
         curves[f"{arm} s{seed}"] = _hv_curve(st, ref)
     ratios = []
@@ -237,7 +267,8 @@ def main(argv: list[str] | None = None) -> int:
     plot(curves, args.out.with_suffix(".html"))
     print({k: v for k, v in result.items() if k not in ("runs", "hv_curves")})
     for r in result["runs"]:
-        print({k: v for k, v in r.items() if k != "audit"}, r.get("audit", {}).get("false_stops"))
+        print({k: v for k, v in r.items() if k not in ("audit", "oracle")})
+        print(" oracle:", {k: v for k, v in r["oracle"].items() if k != "oracle_trials"})
     return 0
 
 
