@@ -128,7 +128,6 @@ def _oracle(study: optuna.Study) -> dict[str, Any]:
         "final_front": len(front(recs)),
         "complete": len(recs),
         "median_adapt_s": statistics.median(r.timings.get("adapt_s", 0.0) for r in recs),
-        "median_trial_s": statistics.median(r.duration_s or 0.0 for r in recs),
     }
 
 

@@ -26,8 +26,6 @@ from voxfit.errors import VoxfitError
 from voxfit.latency import dominates
 from voxfit.search._record import TrialRecord
 
-STOPPED_KEY = "stopped_early"
-
 
 @dataclass(frozen=True, slots=True)
 class EarlyStop:

@@ -23,6 +23,9 @@ from voxfit.plan import Candidate
 RECORD_KEY = "record"
 # a worker's trial started after the study's budget was full: PRUNED, never counted
 OVER_BUDGET_KEY = "over_budget"
+# the states of a trial that counts against the budget: complete, failed, or stopped early
+# (PRUNED; over-budget trials are PRUNED too, and never count)
+FINISHED_STATES = (TrialState.COMPLETE, TrialState.FAIL, TrialState.PRUNED)
 RECORD_VERSION = 1
 # The objective values of a trial, in order (all minimized).
 OBJECTIVES = ("latency_ms", "post_adapt_per", "dev_per", "size_mb")

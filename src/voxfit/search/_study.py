@@ -48,6 +48,7 @@ from voxfit.search._early import (
     optimistic_bound,
 )
 from voxfit.search._record import (
+    FINISHED_STATES,
     OBJECTIVES,
     OVER_BUDGET_KEY,
     RECORD_KEY,
@@ -61,15 +62,13 @@ from voxfit.spaces import BoundSpace, SearchSpace, params_of, sample
 log = logging.getLogger(__name__)
 SAMPLERS = ("tpe", "nsga2", "random")
 DEFAULT_SAMPLER = "tpe"
-# PRUNED: stopped early (over-budget trials of workers are PRUNED too, and never count)
-_FINISHED = (TrialState.COMPLETE, TrialState.FAIL, TrialState.PRUNED)
 
 
 def finished_trials(study: optuna.Study) -> int:
     """Trials that count against the budget: complete, failed, stopped early."""
     return sum(
         not t.user_attrs.get(OVER_BUDGET_KEY)
-        for t in study.get_trials(deepcopy=False, states=_FINISHED)
+        for t in study.get_trials(deepcopy=False, states=FINISHED_STATES)
     )
 
 
@@ -252,7 +251,11 @@ def _keep_measurement(
 
 
 def _front(study: optuna.Study) -> list[tuple[float, ...]]:
-    return [tuple(r.values) for r in front(complete(study)) if r.values is not None]
+    return _front_of(complete(study))
+
+
+def _front_of(recs: list[TrialRecord]) -> list[tuple[float, ...]]:
+    return [tuple(r.values) for r in front(recs) if r.values is not None]
 
 
 def make_objective(
@@ -352,15 +355,15 @@ def _early_check(
     :class:`StoppedEarly` when the trial's optimistic bound is dominated by the front."""
 
     def check(dev_per: float, pre_adapt_per: float) -> None:
-        recs = complete(study)
+        recs = complete(study)  # one read of the study for the gain and the front
         gain = largest_relative_gain(recs)
-        if gain is None or sum(r.complete for r in recs) < cfg.min_complete:
+        if gain is None or len(recs) < cfg.min_complete:
             return
         bound = optimistic_bound(
             float(predicted.value_ms or 0.0), predicted.low_confidence, pre_adapt_per,
             dev_per, size_mb, gain, cfg,
         )  # fmt: skip
-        by = dominating_point(bound, _front(study))
+        by = dominating_point(bound, _front_of(recs))
         if by is not None:
             raise StoppedEarly(bound, by, pre_adapt_per)
 

@@ -44,7 +44,7 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from voxfit.errors import ConfigError
-from voxfit.search._record import OVER_BUDGET_KEY
+from voxfit.search._record import FINISHED_STATES, OVER_BUDGET_KEY
 
 log = logging.getLogger(__name__)
 
@@ -108,7 +108,7 @@ def count_budget(study: optuna.Study, budget: int) -> BudgetCount:
     last = [g[-1].state for g in groups.values()]
     return BudgetCount(
         budget=budget,
-        done=sum(s in (TrialState.COMPLETE, TrialState.FAIL, TrialState.PRUNED) for s in last),
+        done=sum(s in FINISHED_STATES for s in last),
         running=sum(s == TrialState.RUNNING for s in last),
         waiting=sum(s == TrialState.WAITING for s in last),
         complete=sum(s == TrialState.COMPLETE for s in last),
@@ -126,13 +126,8 @@ def _over_budget(trial: optuna.Trial, budget: int) -> bool:
     frozen = trial.study._storage.get_trial(trial._trial_id)
     if "fixed_params" in frozen.system_attrs or "failed_trial" in frozen.system_attrs:
         return False
-    counted = (
-        TrialState.COMPLETE,
-        TrialState.FAIL,
-        TrialState.PRUNED,  # stopped early (over-budget ones are not in the groups)
-        TrialState.RUNNING,
-        TrialState.WAITING,
-    )
+    # PRUNED: stopped early (over-budget ones are not in the groups)
+    counted = (*FINISHED_STATES, TrialState.RUNNING, TrialState.WAITING)
     mine = (trial.number, trial._trial_id)
     groups = logical_trials(trial.study.get_trials(deepcopy=False)).items()
     before = sum(
