@@ -38,7 +38,7 @@ import optuna
 from optuna.trial import TrialState
 
 from _common import parser, provenance, resolve_profile, write_result
-from search import feasible, hypervolume
+from search import feasible, hv_curve, hypervolume, plot_hv_curves, points
 from voxfit.search import (
     EarlyStop,
     SearchContext,
@@ -83,29 +83,6 @@ def _study(args: Any, profile: Any, bound: Any, ctx: Any, arm: str, seed: int) -
     )
     st.set_user_attr("arm_done", True)
     return st
-
-
-def _points(recs: list[Any]) -> np.ndarray:
-    return np.array([r.values for r in recs], dtype=float).reshape(-1, 4)
-
-
-def _hv_curve(study: optuna.Study, ref: np.ndarray) -> list[tuple[float, float]]:
-    """(seconds since the study's first start, hypervolume of the feasible front then)."""
-    trials = study.get_trials(deepcopy=False)
-    starts = [t.datetime_start for t in trials if t.datetime_start]
-    if not starts:
-        return []
-    t0 = min(starts)
-    done = sorted(
-        ((t.datetime_complete, record_of(t)) for t in trials if t.datetime_complete),
-        key=lambda p: p[0],
-    )
-    out, seen = [], []
-    for when, r in done:
-        if r.complete and r.feasible:
-            seen.append(r)
-            out.append(((when - t0).total_seconds(), hypervolume(_points(seen), ref)))
-    return out
 
 
 def _oracle(study: optuna.Study) -> dict[str, Any]:
@@ -176,22 +153,6 @@ def _audit(study: optuna.Study, ctx: SearchContext, profile: Any, args: Any) -> 
     }
 
 
-def plot(curves: dict[str, list[tuple[float, float]]], path: Path) -> None:
-    import plotly.graph_objects as go
-
-    fig = go.Figure()
-    for name, pts in curves.items():
-        if pts:
-            x, y = [p[0] / 60 for p in pts], [p[1] for p in pts]
-            fig.add_trace(go.Scatter(x=x, y=y, mode="lines+markers", line_shape="hv", name=name))
-    fig.update_layout(
-        title="Hypervolume of the feasible front over the search's time",
-        xaxis_title="minutes",
-        yaxis_title="hypervolume (common reference point)",
-    )
-    fig.write_html(path)
-
-
 def main(argv: list[str] | None = None) -> int:
     ap = parser("early_stop", __doc__, profile=True, space=True, preset=True, cost_models=True)
     ap.add_argument("--checkpoint", required=True, help="the searched model (elastic)")
@@ -212,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
     for seed in (int(s) for s in args.seeds.split(",")):
         for arm in ARMS if seed % 2 == 0 else ARMS[::-1]:
             studies[arm, seed] = _study(args, profile, bound, ctx, arm, seed)
-    pts = {k: _points(feasible(s)) for k, s in studies.items()}
+    pts = {k: points(feasible(s)) for k, s in studies.items()}
     ref = np.concatenate([p for p in pts.values() if len(p)]).max(axis=0) * 1.1
     result: dict[str, Any] = {
         "profile": profile.name,
@@ -253,7 +214,7 @@ def main(argv: list[str] | None = None) -> int:
             run["audit"] = _audit(st, ctx, profile, args)
         run["oracle"] = _oracle(st)
         result["runs"].append(run)
-        curves[f"{arm} s{seed}"] = _hv_curve(st, ref)
+        curves[f"{arm} s{seed}"] = hv_curve(st, ref)
     ratios = []
     for seed in {s for _, s in studies}:
         a = next(r for r in result["runs"] if r["arm"] == "run_to_end" and r["seed"] == seed)
@@ -263,7 +224,7 @@ def main(argv: list[str] | None = None) -> int:
     result["hv_curves"] = curves
     result["provenance"] = provenance(wall_s=time.monotonic() - t0)
     write_result(args.out, result)
-    plot(curves, args.out.with_suffix(".html"))
+    plot_hv_curves(curves, args.out.with_suffix(".html"))
     print({k: v for k, v in result.items() if k not in ("runs", "hv_curves")})
     for r in result["runs"]:
         print({k: v for k, v in r.items() if k not in ("audit", "oracle")})

@@ -24,7 +24,9 @@ trained that is at least the plan's ratio (heads and conv channels stop at 50%).
 
 ``--make-run-storage URL`` (and ``--make-run-study``, default ``make-run``) also records what
 ``make run``'s 15-minute search on its elastic base finished (``make_run_trials``, target
->= 30; its minutes, median trial, the sampled trials on its front, and the supernet it used).
+>= 30; its minutes, median trial, the sampled trials on its front, and the supernet it used);
+without it, those of the previous result at ``--out`` are kept (``make_run.kept_from``).
+``hv_ratio_equal_wallclock`` comes from ``benchmarks/equal_time.py``'s result (``--equal-time``).
 """
 
 from __future__ import annotations
@@ -42,7 +44,7 @@ import torch
 from rich.console import Console
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import parser, provenance, resolve_profile, write_result  # noqa: E402
+from _common import RESULTS, parser, provenance, resolve_profile, write_result  # noqa: E402
 from voxfit.plan import AdapterPlan, Candidate, GroupPlan, LayerPlan  # noqa: E402
 from voxfit.search import SearchContext  # noqa: E402
 from voxfit.train import load_checkpoint  # noqa: E402
@@ -133,6 +135,34 @@ def _make_run(storage: str, study_name: str) -> dict[str, Any]:
     }
 
 
+def _make_run_or_kept(args: Any) -> dict[str, Any]:
+    """``make run``'s figures from its storage, or, without one, those the previous result
+    at ``--out`` holds (said so: ``make_run.kept_from``, that result's date)."""
+    if args.make_run_storage:
+        return _make_run(args.make_run_storage, args.make_run_study)
+    if not args.out.exists():
+        return {}
+    old = json.loads(args.out.read_text())
+    if "make_run" not in old:
+        return {}
+    when = (old.get("provenance") or {}).get("date")
+    return {"make_run_trials": old.get("make_run_trials"),
+            "make_run": {**old["make_run"], "kept_from": when}}  # fmt: skip
+
+
+def _equal_time(path: Path) -> dict[str, Any]:
+    """``hv_ratio_equal_wallclock`` from benchmarks/equal_time.py's result, when there is one."""
+    if not path.exists():
+        return {}
+    r = json.loads(path.read_text())
+    keep = ("minutes_per_arm", "hv_ratio_in_search", "fp32_baseline_relative", "checkpoints")
+    return {
+        "hv_ratio_equal_wallclock": r.get("hv_ratio_equal_wallclock"),
+        "equal_time": {"file": path.name, "date": (r.get("provenance") or {}).get("date")}
+        | {k: r.get(k) for k in keep},
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = parser("elastic", __doc__, profile=True)
     ap.add_argument("--base", type=Path, required=True, help="the base checkpoint")
@@ -143,6 +173,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--make-run-storage", default=None, help="storage of make run's study")
     ap.add_argument("--make-run-study", default="make-run")
+    ap.add_argument(
+        "--equal-time",
+        type=Path,
+        default=RESULTS / "elastic_equal_time.json",
+        help="benchmarks/equal_time.py's result: its hv_ratio_equal_wallclock joins this one",
+    )
     args = ap.parse_args(argv)
     console = Console()
     t_start = time.monotonic()
@@ -265,7 +301,8 @@ def main(argv: list[str] | None = None) -> int:
         "distill_build_s_median": (
             statistics.median(r["distill_build_s"] for r in paired) if paired else None
         ),
-        **(_make_run(args.make_run_storage, args.make_run_study) if args.make_run_storage else {}),
+        **_make_run_or_kept(args),
+        **_equal_time(args.equal_time),
         "rows": rows,
         # how the supernet was trained (its checkpoint's meta)
         "elastic_training": {k: el_meta.get(k) for k in ("steps", "minutes", "order")}

@@ -58,6 +58,7 @@ from voxfit.search import (
     TrialRecord,
     complete,
     front,
+    record_of,
     run_search,
 )
 from voxfit.spaces import find_space
@@ -223,11 +224,52 @@ def trials_within(study: optuna.Study, seconds: float) -> int:
     )
 
 
-def hypervolume(points: np.ndarray, ref: np.ndarray) -> float:
+def hypervolume(pts: np.ndarray, ref: np.ndarray) -> float:
     from optuna._hypervolume import compute_hypervolume
 
-    inside = points[np.all(points < ref, axis=1)]
+    inside = pts[np.all(pts < ref, axis=1)]
     return float(compute_hypervolume(inside, ref)) if len(inside) else 0.0
+
+
+def points(recs: list[Any]) -> np.ndarray:
+    """The objective values of ``recs``, one row each (latency, post-adaptation PER, dev PER,
+    size: ``voxfit.search.OBJECTIVES``)."""
+    return np.array([r.values for r in recs], dtype=float).reshape(-1, 4)
+
+
+def hv_curve(study: optuna.Study, ref: np.ndarray) -> list[tuple[float, float]]:
+    """(seconds since the study's first start, hypervolume of the feasible front then)."""
+    trials = study.get_trials(deepcopy=False)
+    starts = [t.datetime_start for t in trials if t.datetime_start]
+    if not starts:
+        return []
+    t0 = min(starts)
+    done = sorted(
+        ((t.datetime_complete, record_of(t)) for t in trials if t.datetime_complete),
+        key=lambda p: p[0],
+    )
+    out, seen = [], []
+    for when, r in done:
+        if r.complete and r.feasible:
+            seen.append(r)
+            out.append(((when - t0).total_seconds(), hypervolume(points(seen), ref)))
+    return out
+
+
+def plot_hv_curves(curves: dict[str, list[tuple[float, float]]], path: Path) -> None:
+    import plotly.graph_objects as go
+
+    fig = go.Figure()
+    for name, pts in curves.items():
+        if pts:
+            x, y = [p[0] / 60 for p in pts], [p[1] for p in pts]
+            fig.add_trace(go.Scatter(x=x, y=y, mode="lines+markers", line_shape="hv", name=name))
+    fig.update_layout(
+        title="Hypervolume of the feasible front over the search's time",
+        xaxis_title="minutes",
+        yaxis_title="hypervolume (common reference point)",
+    )
+    fig.write_html(path)
 
 
 def row(t: TrialRecord, fp32: TrialRecord, name: str) -> dict[str, Any]:
