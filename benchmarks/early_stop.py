@@ -33,12 +33,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import optuna
 from optuna.trial import TrialState
 
 from _common import parser, provenance, resolve_profile, write_result
-from search import feasible, hv_curve, hypervolume, plot_hv_curves, points
+from search import common_reference, feasible, hv_curve, hypervolume, plot_hv_curves, points
 from voxfit.search import (
     EarlyStop,
     SearchContext,
@@ -174,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
         for arm in ARMS if seed % 2 == 0 else ARMS[::-1]:
             studies[arm, seed] = _study(args, profile, bound, ctx, arm, seed)
     pts = {k: points(feasible(s)) for k, s in studies.items()}
-    ref = np.concatenate([p for p in pts.values() if len(p)]).max(axis=0) * 1.1
+    ref = common_reference(pts.values())
     result: dict[str, Any] = {
         "profile": profile.name,
         "space": bound.space.name,

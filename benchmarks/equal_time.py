@@ -46,8 +46,25 @@ import numpy as np
 import optuna
 
 from _common import parser, provenance, resolve_profile, write_result
-from search import hv_curve, hypervolume, median_trial_s, plot_hv_curves, search_minutes
-from voxfit.search import SearchContext, SearchSettings, TrialRecord, front, record_of
+from search import (
+    common_reference,
+    finished_within,
+    first_start,
+    hv_curve,
+    hypervolume,
+    median_trial_s,
+    plot_hv_curves,
+    points,
+    search_minutes,
+)
+from voxfit.search import (
+    SearchContext,
+    SearchSettings,
+    TrialRecord,
+    front,
+    open_storage,
+    record_of,
+)
 from voxfit.spaces import find_space
 
 ARMS = ("elastic", "distilled")
@@ -66,7 +83,7 @@ def _run_arm(args: Any, arm: str) -> None:
     """One arm's search (in its own process): the minutes it has left, then marked done."""
     import torch
 
-    from voxfit.search import open_storage, run_search
+    from voxfit.search import run_search
 
     torch.set_num_threads(args.threads)
     profile = resolve_profile(args.profile)
@@ -80,9 +97,9 @@ def _run_arm(args: Any, arm: str) -> None:
         st = optuna.load_study(study_name=name, storage=open_storage(args.storage))
         if st.user_attrs.get("arm_done"):
             return
-        starts = [t.datetime_start for t in st.get_trials(deepcopy=False) if t.datetime_start]
-        if starts:
-            left -= time.time() - min(starts).timestamp()
+        t0 = first_start(st.get_trials(deepcopy=False))
+        if t0 is not None:
+            left -= time.time() - t0.timestamp()
     except KeyError:
         pass
     if left > 0:
@@ -109,16 +126,7 @@ def _run_arm(args: Any, arm: str) -> None:
 def within_time(study: optuna.Study, seconds: float) -> list[TrialRecord]:
     """The complete feasible trials of ``study`` that completed within ``seconds`` of its
     first start."""
-    trials = study.get_trials(deepcopy=False)
-    starts = [t.datetime_start for t in trials if t.datetime_start]
-    if not starts:
-        return []
-    t0 = min(starts)
-    recs = [
-        record_of(t)
-        for t in trials
-        if t.datetime_complete and (t.datetime_complete - t0).total_seconds() <= seconds
-    ]
+    recs = [record_of(t) for t in finished_within(study.get_trials(deepcopy=False), seconds)]
     return [r for r in recs if r.complete and r.feasible and r.values is not None]
 
 
@@ -155,8 +163,6 @@ def main(argv: list[str] | None = None) -> int:
     t_start = time.monotonic()
     profile = resolve_profile(args.profile)
     args.profile = profile.name
-    from voxfit.search import open_storage
-
     procs = [mp.get_context("spawn").Process(target=_run_arm, args=(args, a)) for a in ARMS]
     for p in procs:
         p.start()
@@ -245,10 +251,10 @@ def main(argv: list[str] | None = None) -> int:
         ).reshape(-1, 4)
         for a in ARMS
     }
-    ref = np.concatenate([p for p in measured.values() if len(p)]).max(axis=0) * 1.1
+    ref = common_reference(measured.values())
     hv = {a: hypervolume(measured[a], ref) for a in ARMS}
-    searched = {a: np.array([r.values for r in recs[a]], dtype=float).reshape(-1, 4) for a in ARMS}
-    ref_s = np.concatenate([p for p in searched.values() if len(p)]).max(axis=0) * 1.1
+    searched = {a: points(recs[a]) for a in ARMS}
+    ref_s = common_reference(searched.values())
     hv_s = {a: hypervolume(searched[a], ref_s) for a in ARMS}
     result: dict[str, Any] = {
         "profile": profile.name,

@@ -24,7 +24,6 @@ from __future__ import annotations
 import multiprocessing as mp
 import statistics
 import time
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -32,17 +31,13 @@ import numpy as np
 import optuna
 
 from _common import parser, provenance, resolve_profile, write_result
-from search import feasible, hypervolume, points
+from search import common_reference, feasible, hypervolume, points, predicted
 from voxfit.search import DEFAULT_SAMPLER, complete, open_storage
 
 
 def _name(args: Any, profile: str, sampler: str, seed: int) -> str:
     tag = Path(args.checkpoint).parent.name
     return f"samplers-{profile}-{args.space}-{sampler}-s{seed}-{tag}"
-
-
-def _predicted(profile: Any) -> Any:
-    return replace(profile, measurement=replace(profile.measurement, method="predicted"))
 
 
 def _run(args: Any, sampler: str, seed: int, threads: int) -> None:
@@ -53,7 +48,7 @@ def _run(args: Any, sampler: str, seed: int, threads: int) -> None:
     from voxfit.spaces import find_space
 
     torch.set_num_threads(threads)
-    profile = _predicted(resolve_profile(args.profile))
+    profile = predicted(resolve_profile(args.profile))
     space = find_space(args.space)
     ctx = SearchContext.prepare(
         preset=args.preset, model=space.model, work=args.work, checkpoint=args.checkpoint
@@ -130,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
         for s, seed in todo
     }
     pts = {k: points(feasible(st)) for k, st in studies.items()}
-    ref = np.concatenate([p for p in pts.values() if len(p)]).max(axis=0) * 1.1
+    ref = common_reference(pts.values())
     hv = {k: hypervolume(p, ref) for k, p in pts.items()}
     ratios = {
         s: [hv[s, seed] / hv["random", seed] if hv["random", seed] else None for seed in seeds]

@@ -40,17 +40,20 @@ from __future__ import annotations
 import json
 import sys
 import time
+from collections.abc import Iterable
 from dataclasses import replace
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import optuna
-from optuna.trial import TrialState
+from optuna.trial import FrozenTrial, TrialState
 from rich.console import Console
 from rich.table import Table
 
 from _common import parser, provenance, resolve_profile, write_result
+from voxfit.hw_profiles import HardwareProfile
 from voxfit.search import (
     DEFAULT_SAMPLER,
     SearchContext,
@@ -209,18 +212,28 @@ def latency_in_search(studies: dict[str, optuna.Study]) -> str:
     return ", ".join(f"{n} of {len(recs)} {src} ({basis})" for (src, basis), n in got.items())
 
 
+def first_start(trials: list[FrozenTrial]) -> datetime | None:
+    """When the first of ``trials`` started (None: none has)."""
+    return min((t.datetime_start for t in trials if t.datetime_start), default=None)
+
+
+def finished_within(trials: list[FrozenTrial], seconds: float) -> list[FrozenTrial]:
+    """Those of ``trials`` that finished within ``seconds`` of the first one's start."""
+    t0 = first_start(trials)
+    if t0 is None:
+        return []
+    return [
+        t
+        for t in trials
+        if t.datetime_complete and (t.datetime_complete - t0).total_seconds() <= seconds
+    ]
+
+
 def trials_within(study: optuna.Study, seconds: float) -> int:
     """Trials (baselines included) finished within ``seconds`` of the study's first start:
     what a search with that timeout would have finished (``make run`` gives 900 s)."""
-    trials = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-    starts = [t.datetime_start for t in trials if t.datetime_start]
-    if not starts:
-        return 0
-    t0 = min(starts)
-    return sum(
-        1
-        for t in trials
-        if t.datetime_complete and (t.datetime_complete - t0).total_seconds() <= seconds
+    return len(
+        finished_within(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)), seconds)
     )
 
 
@@ -229,6 +242,17 @@ def hypervolume(pts: np.ndarray, ref: np.ndarray) -> float:
 
     inside = pts[np.all(pts < ref, axis=1)]
     return float(compute_hypervolume(inside, ref)) if len(inside) else 0.0
+
+
+def common_reference(arrays: Iterable[np.ndarray]) -> np.ndarray:
+    """One reference point for several studies' points: 1.1x the worst value of each
+    objective over all of them."""
+    return np.concatenate([p for p in arrays if len(p)]).max(axis=0) * 1.1
+
+
+def predicted(profile: HardwareProfile) -> HardwareProfile:
+    """``profile`` with every latency from its cost model (no timing)."""
+    return replace(profile, measurement=replace(profile.measurement, method="predicted"))
 
 
 def points(recs: list[Any]) -> np.ndarray:
@@ -240,10 +264,9 @@ def points(recs: list[Any]) -> np.ndarray:
 def hv_curve(study: optuna.Study, ref: np.ndarray) -> list[tuple[float, float]]:
     """(seconds since the study's first start, hypervolume of the feasible front then)."""
     trials = study.get_trials(deepcopy=False)
-    starts = [t.datetime_start for t in trials if t.datetime_start]
-    if not starts:
+    t0 = first_start(trials)
+    if t0 is None:
         return []
-    t0 = min(starts)
     done = sorted(
         ((t.datetime_complete, record_of(t)) for t in trials if t.datetime_complete),
         key=lambda p: p[0],
@@ -371,7 +394,7 @@ def main(argv: list[str] | None = None) -> int:
     profile = resolve_profile(args.profile)
     measured_profile = profile
     if args.predicted:
-        profile = replace(profile, measurement=replace(profile.measurement, method="predicted"))
+        profile = predicted(profile)
     space = find_space(args.space)
     ctx = SearchContext.prepare(
         preset=args.preset, model=space.model, work=args.work, checkpoint=args.checkpoint
