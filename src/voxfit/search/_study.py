@@ -370,6 +370,26 @@ def _early_check(
     return check
 
 
+#: a trial count this large with a timeout means "until the time is up" (the service's
+#: MAX_TRIALS when a job names no count): its progress counts trials against no total
+OPEN_ENDED_TRIALS = 100_000
+
+
+def progress_of(
+    n_trials: int, timeout_s: float | None, clock: Callable[[], float] = time.monotonic
+) -> tuple[int | None, Callable[[], str]]:
+    """A search's progress-bar total (None where the time, not the count, ends it) and a
+    function giving the note on the time limit left (empty without a timeout)."""
+    if timeout_s is None:
+        return n_trials, lambda: ""
+    deadline = clock() + timeout_s
+
+    def left() -> str:
+        return f"; time limit in {max(deadline - clock(), 0.0) / 60:.1f} min"
+
+    return (None if n_trials >= OPEN_ENDED_TRIALS else n_trials), left
+
+
 def _best_line(study: optuna.Study, budget_ms: float) -> str:
     ok = [r for r in complete(study) if r.feasible and r.values is not None]
     if not ok:
@@ -637,13 +657,18 @@ def run_search(s: SearchSettings, ctx: SearchContext) -> optuna.Study:
     def finished() -> int:
         return finished_trials(study)
 
+    total, time_left = progress_of(s.n_trials, s.timeout_s)
+
+    def info(st: optuna.Study) -> str:
+        return _best_line(st, s.profile.latency_budget_ms) + time_left()
+
     try:
         with progress_bar(info=True) as bar:
             task = bar.add_task(
                 f"search {s.study_name}",
-                total=s.n_trials,
+                total=total,
                 completed=min(finished(), s.n_trials),
-                info=_best_line(study, s.profile.latency_budget_ms),
+                info=info(study),
             )
 
             def on_trial(st: optuna.Study, t: FrozenTrial) -> None:
@@ -653,7 +678,7 @@ def run_search(s: SearchSettings, ctx: SearchContext) -> optuna.Study:
                 msg = (
                     f"#{t.number} failed: {record_of(t).failure or ''}"
                     if t.state == TrialState.FAIL
-                    else _best_line(st, s.profile.latency_budget_ms)
+                    else info(st)
                 )
                 bar.update(task, completed=min(finished(), s.n_trials), info=msg)
 

@@ -32,7 +32,7 @@ if TYPE_CHECKING:
 SPEC_VERSION = 1
 PRESETS = ("tiny", "default")
 SAMPLERS = ("tpe", "nsga2", "random")  # voxfit.search.SAMPLERS (not imported: torch)
-MAX_TRIALS = 100_000
+MAX_TRIALS = 100_000  # voxfit.search.OPEN_ENDED_TRIALS: a job bound by its time only
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}")
 
 
