@@ -319,3 +319,28 @@ def test_fit_refuses_an_extra_folder_without_measurements(tmp_path: Path) -> Non
         )
         assert isinstance(res.exception, ConfigError)
         assert why in str(res.exception)
+
+
+@pytest.mark.parametrize(
+    ("details", "want"),
+    [({"seeded_tasks": ["fused_conv1d", "fused_conv1d1"]}, 2), ({"seeded_tasks": []}, 0), ({}, 0)],
+)
+def test_a_measured_row_counts_the_tasks_run_with_the_seed_profiles_schedules(
+    details: dict[str, Any], want: int
+) -> None:
+    import dataclasses
+
+    from voxfit.compile import CompileResult
+    from voxfit.cost_models._dataset import rows_of
+    from voxfit.latency import LatencyResult
+    from voxfit.models import build_model, default_config
+    from voxfit.plan import Candidate
+
+    profile = load_profile(find_profile("x86-64-sse-rpc"))
+    model = build_model(default_config("tdnn", 20, "tiny")).eval()
+    compiled = CompileResult(profile.name, "utterance_1s", 100, n_tasks=5, details=details)
+    r = LatencyResult(profile.name, "utterance_1s", 100, "rpc", median_ms=1.0, compile=compiled)
+    row, _ = rows_of(model, Candidate(), r, profile, "onboard")
+    assert row["seeded_tasks"] == want
+    row, _ = rows_of(model, Candidate(), dataclasses.replace(r, compile=None), profile, "x")
+    assert row["seeded_tasks"] is None  # not compiled here: unknown

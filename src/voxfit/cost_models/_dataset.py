@@ -83,6 +83,9 @@ def rows_of(
         "n_kernels": len(result.calls),
         "n_tvm_tasks": c.n_tasks if c else None,
         "new_tasks": c.new_tasks if c else None,
+        # tasks run with another profile's schedules (``tuning.seed_from``), not tuned on
+        # this device: a device being onboarded measures a mix a latency model cannot see
+        "seeded_tasks": len(c.details.get("seeded_tasks") or ()) if c else None,
         "tune_s": c.tune_s if c else None,
         "compile_s": c.total_s if c else None,
         # how the library held the plan's low-bit weights (packed since stage 2)
