@@ -38,6 +38,7 @@ from optuna.trial import TrialState
 
 from _common import parser, provenance, resolve_profile, write_result
 from search import common_reference, feasible, hv_curve, hypervolume, plot_hv_curves, points
+from voxfit._config import OPEN_ENDED_TRIALS
 from voxfit.search import (
     EarlyStop,
     SearchContext,
@@ -67,7 +68,7 @@ def _study(args: Any, profile: Any, bound: Any, ctx: Any, arm: str, seed: int) -
             space=bound,
             storage=args.storage,
             study_name=name,
-            n_trials=100000,
+            n_trials=OPEN_ENDED_TRIALS,  # until the timeout
             timeout_s=args.minutes * 60,
             sampler=args.sampler,
             seed=seed,

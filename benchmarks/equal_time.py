@@ -57,6 +57,7 @@ from search import (
     points,
     search_minutes,
 )
+from voxfit._config import OPEN_ENDED_TRIALS
 from voxfit.search import (
     SearchContext,
     SearchSettings,
@@ -109,7 +110,7 @@ def _run_arm(args: Any, arm: str) -> None:
                 space=space.bind(ctx.base.structure()),  # type: ignore[operator]
                 storage=args.storage,
                 study_name=name,
-                n_trials=100000,
+                n_trials=OPEN_ENDED_TRIALS,  # until the timeout
                 timeout_s=left,
                 sampler=args.sampler,
                 seed=args.seed,

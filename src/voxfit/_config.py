@@ -66,6 +66,9 @@ BANDWIDTH_GBS = Bound(0, 1e6, lo_open=True)  # 1 PB/s
 RECOVERY_STEPS = Bound(0, 1_000_000)
 ADAPTER_DIM = Bound(0, 1024)  # 0 = no adapter
 UTTERANCE_S = Bound(0, 3600, lo_open=True)  # one manifest row: up to an hour of audio
+# A search's trial count this large means "until its timeout": the most a service job may
+# ask for, and what it runs when it names no count; its progress counts against no total.
+OPEN_ENDED_TRIALS = 100_000
 # A YAML config is a few KB; a bigger file given as one is almost surely the wrong file (a
 # checkpoint, a dataset), so it is refused before being read into memory.
 MAX_CONFIG_BYTES = 1024 * 1024

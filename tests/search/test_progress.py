@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from voxfit.search._study import OPEN_ENDED_TRIALS, progress_of
+from voxfit._config import OPEN_ENDED_TRIALS
+from voxfit.search._study import progress_of
 from voxfit.service._spec import MAX_TRIALS
 
 

@@ -33,6 +33,7 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 from torch import nn
 
+from voxfit._config import OPEN_ENDED_TRIALS
 from voxfit.errors import ConfigError, VoxfitError
 from voxfit.hw_profiles import HardwareProfile, check_recorded_host
 from voxfit.latency import LatencyResult, PromotingEstimator, always, front_rule
@@ -368,11 +369,6 @@ def _early_check(
             raise StoppedEarly(bound, by, pre_adapt_per)
 
     return check
-
-
-#: a trial count this large with a timeout means "until the time is up" (the service's
-#: MAX_TRIALS when a job names no count): its progress counts trials against no total
-OPEN_ENDED_TRIALS = 100_000
 
 
 def progress_of(

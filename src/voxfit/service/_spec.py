@@ -21,7 +21,7 @@ from dataclasses import asdict, dataclass
 from functools import lru_cache
 from typing import TYPE_CHECKING, Any
 
-from voxfit._config import MAX_CONFIG_BYTES, TIMEOUT_S, parse_yaml
+from voxfit._config import MAX_CONFIG_BYTES, OPEN_ENDED_TRIALS, TIMEOUT_S, parse_yaml
 from voxfit.errors import ConfigError, ModelError
 
 if TYPE_CHECKING:
@@ -32,7 +32,7 @@ if TYPE_CHECKING:
 SPEC_VERSION = 1
 PRESETS = ("tiny", "default")
 SAMPLERS = ("tpe", "nsga2", "random")  # voxfit.search.SAMPLERS (not imported: torch)
-MAX_TRIALS = 100_000  # voxfit.search.OPEN_ENDED_TRIALS: a job bound by its time only
+MAX_TRIALS = OPEN_ENDED_TRIALS
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}")
 
 
