@@ -54,10 +54,11 @@ def test_a_seeded_device_compiles_from_the_seed_then_from_its_own_records(tmp_pa
                               tuning_dir=shipped, export=False)  # type: ignore[arg-type]  # fmt: skip
         assert r0.ok, r0.error
         assert r0.new_tasks == r0.n_tasks > 0
+        # compiled without tuning: the seed's schedules serve every task, unmeasured here
         (r1,) = compile_model(model, device, w, tmp_path / "b", cost_models_dir=cost,
-                              tuning_dir=user)  # type: ignore[arg-type]  # fmt: skip
+                              tuning_dir=user, tune=False)  # type: ignore[arg-type]  # fmt: skip
         assert r1.ok, r1.error
-        assert r1.new_tasks == 0  # nothing tuned: the seed serves every task
+        assert r1.new_tasks == 0
         assert len(r1.details["seeded_tasks"]) == r1.n_tasks
         assert _records(user) == 0
         # the seeded library computes the model (compiled for x86-64, no AVX)
@@ -66,17 +67,41 @@ def test_a_seeded_device_compiles_from_the_seed_then_from_its_own_records(tmp_pa
         with torch.no_grad():
             want = model(x, torch.tensor([100]))[0].numpy()
         np.testing.assert_allclose(np.asarray(got["output"]), want, atol=1e-4)
-        # onboarding tunes the seeded tasks on the device; its own records then win
+        # a build that may tune measures the seed's best schedules on the device first and
+        # keeps them as the device's records: nothing is tuned, nothing left unmeasured
         (r2,) = compile_model(model, device, w, tmp_path / "c", cost_models_dir=cost,
-                              tuning_dir=user, tune_seeded=True, export=False)  # type: ignore[arg-type]  # fmt: skip
-        assert r2.ok, r2.error
-        assert r2.new_tasks == r1.n_tasks
-        assert _records(user) >= r1.n_tasks
-        (r3,) = compile_model(model, device, w, tmp_path / "d", cost_models_dir=cost,
                               tuning_dir=user, export=False)  # type: ignore[arg-type]  # fmt: skip
-        assert (r3.new_tasks, r3.details["seeded_tasks"]) == (0, [])
+        assert r2.ok, r2.error
+        assert "seed_measure_errors" not in r2.details, r2.details["seed_measure_errors"]
+        assert (r2.new_tasks, r2.details["seeded_tasks"]) == (0, [])
+        assert len(r2.details["seed_measured_tasks"]) == r2.n_tasks
+        seed_times = sorted(_best_secs(shipped).values())
+        here = sorted(_best_secs(user).values())
+        assert len(here) == len(seed_times) == r2.n_tasks  # every task, timed here
+        assert here != seed_times  # (the device's times, not the seed's copied)
+        assert r2.details["seed_measured_records"] == _records(user) <= 3 * r2.n_tasks
+        # onboarding tunes the seeded tasks on the device, starting from those records
+        (r3,) = compile_model(model, device, w, tmp_path / "d", cost_models_dir=cost,
+                              tuning_dir=user, tune_seeded=True, export=False)  # type: ignore[arg-type]  # fmt: skip
+        assert r3.ok, r3.error
+        assert r3.new_tasks == 0  # every task has the device's own records now
+        (r4,) = compile_model(model, device, w, tmp_path / "e", cost_models_dir=cost,
+                              tuning_dir=user, export=False)  # type: ignore[arg-type]  # fmt: skip
+        assert (r4.new_tasks, r4.details["seeded_tasks"]) == (0, [])
+        assert "seed_measured_tasks" not in r4.details
     targets = {json.loads(x)[1][2]["mcpu"] for x in (user / RECORDS).read_text().splitlines()}
     assert targets == {"x86-64"}  # measured for the device's own target
+
+
+def _best_secs(db: Path) -> dict[int, float]:
+    """Each workload's best mean run time in a database folder."""
+    best: dict[int, float] = {}
+    for line in (db / RECORDS).read_text().splitlines():
+        if line.strip():
+            w, rec = json.loads(line)
+            secs = sum(rec[1]) / len(rec[1])
+            best[w] = min(best.get(w, secs), secs)
+    return best
 
 
 def test_an_unknown_seed_profile_is_one_line(tmp_path: Path) -> None:
@@ -116,4 +141,9 @@ def test_a_device_without_avx2_loads_a_seed_that_holds_int8_schedules(tmp_path: 
     assert r1.ok, r1.error  # (it failed: "TensorIntrin 'voxfit_dot_8x4_u8i8i32_avx2' is not
     # registered" while reading the seed)
     assert r1.details["int8"]["compute"] == "int8"  # plain int8 TIR: nothing to tensorize with
-    assert len(r1.details["seeded_tasks"]) > 0
+    # every task runs a schedule timed on this device: the seed's, measured here, or tuned
+    # here where none of the seed's ran
+    assert r1.details["seeded_tasks"] == []
+    measured = set(r1.details["seed_measured_tasks"])
+    assert measured
+    assert measured | set(r1.details["new_task_names"]) == set(r1.task_names)

@@ -21,8 +21,8 @@ from voxfit.compile._database import check, locked
 from voxfit.compile._executables import keep_executable
 from voxfit.compile._import import int8_support, is_gpu, load_program, make_target
 from voxfit.compile._int8 import SIGNED_LANES, load_cpu_tensor_intrins
-from voxfit.compile._layered import open_layered
-from voxfit.compile._tune import DeviceLost, tune
+from voxfit.compile._layered import SEED_MEASURE_K, open_layered
+from voxfit.compile._tune import DeviceLost, measure_seeded, tune
 
 
 def fuse(mod: tvm.IRModule, target: tvm.target.Target) -> tvm.IRModule:
@@ -137,6 +137,14 @@ def constant_bytes(mod: tvm.IRModule) -> dict[str, int]:
     return out
 
 
+def _kept(e: DeviceLost, db_dir: Path) -> DeviceLost:
+    kept = check(db_dir).records
+    return DeviceLost(
+        f"{e}; the {kept} records measured so far are kept in {db_dir}: run again once the "
+        "device is back to tune only what is missing"
+    )
+
+
 def build(req: dict[str, Any]) -> dict[str, Any]:
     """Compile one exported program for the profile; tune tasks neither database has.
 
@@ -185,8 +193,36 @@ def build(req: dict[str, Any]) -> dict[str, Any]:
         )
         out["db_load_s"] = time.monotonic() - t_db
         seeded = dbs.seeded(tasks, target)
-        # tune_seeded: tune on this device what only the seed profile's schedules cover
-        missing = dbs.missing(tasks, target) + (seeded if req.get("tune_seeded") else [])
+        missing = dbs.missing(tasks, target)
+        if req.get("tune", True) and seeded:
+            # the seed's best schedules timed on this device become the device's records;
+            # a task none of whose seed schedules runs here is tuned here
+            t_seed = time.monotonic()
+            try:
+                out["seed_measured_records"], unserved, errors = measure_seeded(
+                    seeded,
+                    dbs.seed,
+                    dbs.user,
+                    target,
+                    top_k=SEED_MEASURE_K,
+                    cores=int(profile["cores"]),
+                    builder_timeout_s=float(tuning["builder_timeout_s"]),
+                    runner=runner,
+                )
+            except DeviceLost as e:
+                raise _kept(e, db_dir) from None
+            finally:
+                dbs.committed()
+            gone = {id(t) for t in unserved}
+            seeded = [t for t in seeded if id(t) not in gone]
+            out["seed_measured_tasks"] = [t.task_name for t in seeded]
+            out["seed_measure_s"] = time.monotonic() - t_seed
+            if errors:
+                out["seed_measure_errors"] = errors[:10]
+            missing += unserved
+        # tune_seeded: tune on this device what the seed profile's schedules served, starting
+        # from them where they were measured here
+        missing += seeded if req.get("tune_seeded") else []
         out["new_tasks"] = len(missing)
         out["new_task_names"] = [t.task_name for t in missing]
         retune = int(req.get("retune_trials") or 0)
@@ -210,11 +246,7 @@ def build(req: dict[str, Any]) -> dict[str, Any]:
                     seed=req.get("seed", 0),
                 )
             except DeviceLost as e:
-                kept = check(db_dir).records
-                raise DeviceLost(
-                    f"{e}; the {kept} records measured so far are kept in {db_dir}: run "
-                    "again once the device is back to tune only what is missing"
-                ) from None
+                raise _kept(e, db_dir) from None
             finally:
                 dbs.committed()
         out["tuned_trials"] = tuned

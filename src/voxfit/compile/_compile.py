@@ -311,9 +311,13 @@ def compile_model(
 
     A profile with ``tuning.seed_from`` also reads that profile's shipped database, as a
     fallback: its schedules (tuned on another device of the ISA family) serve the tasks this
-    device has no record of, so they are not tuned; ``tune_seeded`` tunes those on this
-    device too (onboarding does). ``details["seeded_tasks"]`` names the tasks the library
-    runs with the seed's schedules.
+    device has no record of. When ``tune`` is set, the seed's best few schedules of such a
+    task are first measured on this device and kept as its records
+    (``details["seed_measured_tasks"]``), so every schedule the library picks was timed
+    here; a task none of whose seed schedules runs here is tuned. ``tune_seeded`` tunes the
+    seeded tasks on this device too, starting from those records (onboarding may).
+    ``details["seeded_tasks"]`` names the tasks the library runs with the seed's schedules
+    unmeasured (``tune=False``).
     """
     out = Path(out_dir)
     results = []
@@ -384,6 +388,10 @@ def compile_model(
                         "new_task_names",
                         "seeded_records",
                         "seeded_tasks",
+                        "seed_measured_tasks",
+                        "seed_measured_records",
+                        "seed_measure_s",
+                        "seed_measure_errors",
                         "tuner",
                         "db_load_s",
                         "compile_relax_s",

@@ -27,6 +27,10 @@ from voxfit.errors import DataError
 # Records copied per task when re-tuning starts from the shipped database: more than the
 # evolutionary search seeds its population with (a fifth of 128).
 SEED_TOP_K = 32
+# A seed profile's best schedules of a task measured on the device before any is used there:
+# its best on the seed's device need not be the best here (measured: see the README's
+# onboarding section).
+SEED_MEASURE_K = 3
 
 _CACHE: dict[str, tuple[tuple[int, ...], Any]] = {}
 

@@ -312,3 +312,97 @@ def tune(
     finally:
         builder.shutdown()
     return trials_per_task * len(ctxs)
+
+
+def measure_seeded(
+    tasks: list[Any],
+    seed: ms.database.Database,
+    database: ms.database.Database,
+    target: tvm.target.Target,
+    *,
+    top_k: int,
+    cores: int,
+    builder_timeout_s: float,
+    runner: dict[str, Any],
+) -> tuple[int, list[Any], list[str]]:
+    """Measure the seed profile's ``top_k`` best schedules of each task on this device and
+    commit them to ``database`` with this device's run times.
+
+    A seed's run times were measured on another device, so its best there need not be the
+    best here, and a library that mixes the seed's schedules with the device's own is timed
+    by two devices' rankings. Measured here, every record the device's database holds was
+    timed on the device, and tuning (``tune_seeded``) starts from them (MetaSchedule's
+    evolutionary search seeds its population with the database's best records).
+
+    Returns the records committed, the tasks none of whose seed schedules built and ran
+    here (a seed for another ISA variant: those need tuning on the device), and why each
+    schedule that did not was rejected.
+
+    Raises:
+        DeviceLost: an RPC runner's tracker or device went away (nothing is committed for
+            the tasks not measured yet).
+    """
+    import shutil
+
+    from tvm.s_tir import Schedule
+
+    if not tasks or is_gpu(target):
+        return 0, [], []
+    jobs: list[tuple[Any, Any, Any]] = []  # (task, trace, args_info) per schedule to measure
+    errors: list[str] = []
+    inputs = []
+    for t in tasks:
+        mod = t.dispatched[0]
+        if not seed.has_workload(mod):
+            continue
+        for r in seed.get_top_k(seed.commit_workload(mod), top_k):
+            sch = Schedule(mod, debug_mask=0, error_render_level="detail")
+            try:
+                r.trace.apply_to_schedule(sch, remove_postproc=False)
+            except Exception as e:  # noqa: BLE001 - a trace that does not replay here is skipped
+                errors.append(f"{t.task_name}: the trace does not replay: {e}"[:300])
+                continue
+            jobs.append((t, sch.trace, r.args_info))
+            inputs.append(ms.builder.BuilderInput(sch.mod, target))
+    builder = _make_pool_builder(cores, builder_timeout_s)
+    try:
+        built = builder.build(inputs) if inputs else []
+    finally:
+        builder.shutdown()
+    runnable = [(j, b) for j, b in zip(jobs, built, strict=True) if b.error_msg is None]
+    errors += [
+        f"{j[0].task_name}: {b.error_msg}"[-400:]
+        for j, b in zip(jobs, built, strict=True)
+        if b.error_msg is not None
+    ]
+    futures = make_runner(runner).run(
+        [
+            ms.runner.RunnerInput(b.artifact_path, "cpu", args_info)  # (GPUs: returned above)
+            for (_, _, args_info), b in runnable
+        ]
+    )
+    results = [f.result() for f in futures]
+    for _, b in runnable:
+        shutil.rmtree(Path(b.artifact_path).parent, ignore_errors=True)
+    if runner["kind"] == "rpc" and results and all(r.error_msg is not None for r in results):
+        why = device_gone(
+            runner["tracker_host"],
+            int(runner["tracker_port"]),
+            runner["device_key"],
+            float(runner["timeout_s"]),
+        )
+        if why is not None:
+            raise DeviceLost(f"{why} while measuring the seed profile's schedules")
+    committed = 0
+    ok: set[int] = set()
+    for ((t, trace, args_info), _), res in zip(runnable, results, strict=True):
+        if res.error_msg is not None or not res.run_secs:
+            errors.append(f"{t.task_name}: {res.error_msg}"[-400:])
+            continue
+        workload = database.commit_workload(t.dispatched[0])
+        database.commit_tuning_record(
+            ms.database.TuningRecord(trace, workload, list(res.run_secs), target, args_info)
+        )
+        committed += 1
+        ok.add(id(t))
+    return committed, [t for t in tasks if id(t) not in ok], errors

@@ -331,6 +331,8 @@ def export_bundle(
                 "tuned_for_this_device": c.n_tasks - len(c.details.get("seeded_tasks", [])),
                 "seeded_from": profile.tuning.seed_from,
                 "seeded_tasks": list(c.details.get("seeded_tasks", [])),
+                # of the tuned ones: the seed's schedules, timed on this device in this build
+                "seed_measured_here": list(c.details.get("seed_measured_tasks", [])),
                 "measured_by": c.details.get("tuner") or runner_kind,
             },
         )
