@@ -14,7 +14,7 @@ import torch
 
 from tests._tiny import tiny_tdnn
 from voxfit.compile import TvmWorker, compile_model, seed_database_dir
-from voxfit.compile._database import RECORDS
+from voxfit.compile._database import RECORDS, WORKLOADS
 from voxfit.errors import ConfigError
 from voxfit.hw_profiles import find_profile, load_profile
 
@@ -80,6 +80,12 @@ def test_a_seeded_device_compiles_from_the_seed_then_from_its_own_records(tmp_pa
         assert len(here) == len(seed_times) == r2.n_tasks  # every task, timed here
         assert here != seed_times  # (the device's times, not the seed's copied)
         assert r2.details["seed_measured_records"] == _records(user) <= 3 * r2.n_tasks
+        # each task's key is the database's own: its record there can be looked up
+        keys = {k for _, k, _, _ in r2.details["task_keys"]}
+        assert len(r2.details["task_keys"]) == r2.n_tasks
+        assert keys == {json.loads(x)[0] for x in (user / WORKLOADS).read_text().splitlines()}
+        assert all(w >= 1 for _, _, w, _ in r2.details["task_keys"])
+        assert any(f and f > 1e5 for _, _, _, f in r2.details["task_keys"])  # the convs' FLOPs
         # onboarding tunes the seeded tasks on the device, starting from those records
         (r3,) = compile_model(model, device, w, tmp_path / "d", cost_models_dir=cost,
                               tuning_dir=user, tune_seeded=True, export=False)  # type: ignore[arg-type]  # fmt: skip

@@ -342,5 +342,10 @@ def test_a_measured_row_counts_the_tasks_run_with_the_seed_profiles_schedules(
     r = LatencyResult(profile.name, "utterance_1s", 100, "rpc", median_ms=1.0, compile=compiled)
     row, _ = rows_of(model, Candidate(), r, profile, "onboard")
     assert row["seeded_tasks"] == want
+    assert row["task_keys"] is None  # a build that did not report them
+    keys = [["fused_conv1d", "123", 2, 1e6]]
+    with_keys = dataclasses.replace(compiled, details={**details, "task_keys": keys})
+    row, _ = rows_of(model, Candidate(), dataclasses.replace(r, compile=with_keys), profile, "x")
+    assert json.loads(row["task_keys"]) == keys
     row, _ = rows_of(model, Candidate(), dataclasses.replace(r, compile=None), profile, "x")
     assert row["seeded_tasks"] is None  # not compiled here: unknown

@@ -137,6 +137,25 @@ def constant_bytes(mod: tvm.IRModule) -> dict[str, int]:
     return out
 
 
+def task_keys(tasks: list[Any]) -> list[list[Any]]:
+    """[name, workload key, weight, FLOPs] of each task: the key is the tuning database's
+    (the workload's structural hash), so a task's record there can be looked up from a
+    measured model's row (a latency model summing the device's own kernel times)."""
+    from tvm.s_tir.analysis import estimate_tir_flops
+
+    out = []
+    for t in tasks:
+        mod = t.dispatched[0]
+        try:
+            flops = float(estimate_tir_flops(mod))
+        except Exception:  # noqa: BLE001 - no estimate for this function: unknown
+            flops = None
+        out.append(
+            [t.task_name, str(ms.database.Workload(mod).as_json()[0]), int(t.weight), flops]
+        )
+    return out
+
+
 def _kept(e: DeviceLost, db_dir: Path) -> DeviceLost:
     kept = check(db_dir).records
     return DeviceLost(
@@ -175,6 +194,7 @@ def build(req: dict[str, Any]) -> dict[str, Any]:
     out: dict[str, Any] = {
         "n_tasks": len(tasks),
         "task_names": [t.task_name for t in tasks],
+        "task_keys": task_keys(tasks),
         "convert_s": time.monotonic() - t0,
         "import": how,
     }

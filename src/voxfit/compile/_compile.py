@@ -392,6 +392,7 @@ def compile_model(
                         "seed_measured_records",
                         "seed_measure_s",
                         "seed_measure_errors",
+                        "task_keys",
                         "tuner",
                         "db_load_s",
                         "compile_relax_s",

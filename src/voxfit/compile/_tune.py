@@ -375,13 +375,19 @@ def measure_seeded(
         for j, b in zip(jobs, built, strict=True)
         if b.error_msg is not None
     ]
-    futures = make_runner(runner).run(
-        [
-            ms.runner.RunnerInput(b.artifact_path, "cpu", args_info)  # (GPUs: returned above)
-            for (_, _, args_info), b in runnable
-        ]
-    )
-    results = [f.result() for f in futures]
+    run = make_runner(runner)
+    try:
+        futures = run.run(
+            [
+                ms.runner.RunnerInput(b.artifact_path, "cpu", args_info)  # (GPUs: returned above)
+                for (_, _, args_info), b in runnable
+            ]
+        )
+        results = [f.result() for f in futures]
+    finally:
+        # here, not when garbage collection reaches the runner from one of its own threads
+        # (its pool cannot join the thread it runs on: "Exception ignored" noise)
+        run.pool.shutdown()
     for _, b in runnable:
         shutil.rmtree(Path(b.artifact_path).parent, ignore_errors=True)
     if runner["kind"] == "rpc" and results and all(r.error_msg is not None for r in results):

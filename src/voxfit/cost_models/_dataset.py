@@ -86,6 +86,11 @@ def rows_of(
         # tasks run with another profile's schedules (``tuning.seed_from``), not tuned on
         # this device: a device being onboarded measures a mix a latency model cannot see
         "seeded_tasks": len(c.details.get("seeded_tasks") or ()) if c else None,
+        # the TVM tasks as the tuning database keys them ([name, key, weight, FLOPs]): the
+        # device's own record of each can be looked up (kernel-sum latency models)
+        "task_keys": json.dumps(c.details["task_keys"])
+        if c and "task_keys" in c.details
+        else None,
         "tune_s": c.tune_s if c else None,
         "compile_s": c.total_s if c else None,
         # how the library held the plan's low-bit weights (packed since stage 2)
