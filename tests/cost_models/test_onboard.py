@@ -40,6 +40,7 @@ def test_onboarding_a_tiny_device_through_the_cli_fits_validates_and_resumes(
     work = tmp_path / "work"
     args = ["device", "onboard", str(device), "--preset", "tiny", "--space", str(space),
             "--n", "3", "--validate", "3", "--tune-minutes", "30", "--tune-models", "1",
+            "--kernel-models", "2",
             "--work", str(work), "--cost-models", str(ROOT / "cost_models")]  # fmt: skip
     code, out, err = run_voxfit(args, capsys, monkeypatch)
     assert code == 0, err[-3000:]
@@ -49,7 +50,14 @@ def test_onboarding_a_tiny_device_through_the_cli_fits_validates_and_resumes(
     assert card["kind"] == "transfer"
     assert card["n_shot"] == 3
     assert card["metrics"]["heldout"]["n"] == 3
-    assert card["onboard"]["tuned_models"] == 2  # the base and one candidate
+    # the base, one candidate, and two more whose kernels fill the kernel model's table
+    assert card["onboard"]["tuned_models"] == 4
+    # the kernel model: the shots' kernels summed from the device's own records
+    assert card["kernels"]["n_samples"] == 3
+    assert card["kernels"]["coef"]["scale"] > 0
+    assert card["metrics"]["kernels_heldout"]["n"] == 3
+    assert (model_dir / "kernels.json").exists()
+    assert "kernels" in out
     assert card["onboard"]["tuned_tasks"] > 0
     assert card["host"]["cores"] >= 1
     store = MeasurementStore(work / "measurements" / "tiny-1core")

@@ -36,6 +36,14 @@ def device_onboard(
     tune_models: Annotated[
         int, typer.Option(min=0, help="Candidates tuned on the device, after the base.")
     ] = 4,
+    kernel_models: Annotated[
+        int,
+        typer.Option(
+            min=0,
+            help="More candidates whose kernels are tuned on the device (not timed whole): "
+            "the kernel model's table.",
+        ),
+    ] = 20,
     space: Annotated[str, typer.Option(help="Space name or YAML path.")] = "tdnn-default",
     preset: Preset = "default",
     outputs: Annotated[int, typer.Option(help="Output units (phones + blank).")] = 55,
@@ -93,16 +101,20 @@ def device_onboard(
             base, bound, prof, work=work, cost_models_dir=cost_models, source=src,
             source_model=source_model, n_shot=n, validate=validate,
             tune_budget_s=tune_minutes * 60, tune_models=tune_models, seed=seed, out=out,
-            tune_seeded=tune_seeded,
+            tune_seeded=tune_seeded, kernel_models=kernel_models,
         )  # fmt: skip
     t = Table(title=f"onboarded {prof.name} from {src.name}'s model")
     for col in ("model", "within 10%", "MAPE", "Spearman", "n"):
         t.add_column(col)
-    rows = [("transfer", report.heldout), *report.scratch.items()]
+    rows = [
+        ("transfer", report.heldout),
+        ("kernels", report.heldout_kernels),
+        *report.scratch.items(),
+    ]
     for name, m in rows:
         if m:
             t.add_row(
-                name if name == "transfer" else f"scratch: {name}",
+                name if name in ("transfer", "kernels") else f"scratch: {name}",
                 f"{m['within_10pct']:.0%}", f"{m['mape']:.1%}", f"{m['spearman']:.3f}",
                 f"{int(m['n'])}",
             )  # fmt: skip

@@ -41,6 +41,7 @@ from voxfit.cost_models._dataset import (
     sample_candidates,
 )
 from voxfit.cost_models._features import FEATURES, Task
+from voxfit.cost_models._kernels import KernelModel, database_kernels, fit_kernels
 from voxfit.cost_models._model import CostModel, fitted_model_dir, load_for, metrics
 from voxfit.cost_models._store import (
     MeasurementStore,
@@ -84,6 +85,7 @@ class OnboardReport:
     seconds: dict[str, float] = field(default_factory=dict)
     heldout: dict[str, Any] = field(default_factory=dict)
     scratch: dict[str, dict[str, Any]] = field(default_factory=dict)
+    heldout_kernels: dict[str, Any] = field(default_factory=dict)
     failed: int = 0
 
     @property
@@ -102,6 +104,7 @@ class OnboardReport:
             "minutes": self.minutes,
             "heldout": self.heldout,
             "scratch": self.scratch,
+            "heldout_kernels": self.heldout_kernels,
             "failed": self.failed,
         }
 
@@ -317,6 +320,17 @@ def labelled(
 ) -> tuple[list[tuple[list[Task], float]], dict[str, float]]:
     """(tasks, ms at the reference speed) of each candidate of ``cands`` in the store
     (those measured with a reference), and the reference's typical ms."""
+    rows, ref_ms = labelled_keys(store_dir, cands, input_name)
+    return [(ts, y) for ts, _, y in rows], ref_ms
+
+
+def labelled_keys(
+    store_dir: Path, cands: Sequence[Candidate], input_name: str
+) -> tuple[list[tuple[list[Task], list[Any] | None, float]], dict[str, float]]:
+    """:func:`labelled` with each candidate's TVM task keys (``task_keys``: None for a row
+    measured before builds reported them)."""
+    import json
+
     models, tasks = load_dataset(store_dir)
     if models.empty:
         return [], {}
@@ -335,8 +349,33 @@ def labelled(
         if row.empty or h not in by_cand:
             continue
         ts = _tasks_of(by_cand[h][by_cand[h]["input"] == input_name])
-        out.append((ts, float(row["relative"].iloc[-1]) * typical))
+        raw = row["task_keys"].iloc[-1] if "task_keys" in row else None
+        keys = json.loads(raw) if isinstance(raw, str) else None
+        out.append((ts, keys, float(row["relative"].iloc[-1]) * typical))
     return out, ref_ms
+
+
+def kernel_or_transfer(
+    kernels: KernelModel | None,
+    transfer: TransferModel,
+    rows: Sequence[tuple[Sequence[Task], list[Any] | None, float]],
+) -> tuple[list[float], dict[str, Any]]:
+    """Each row's prediction by the kernel model where it can make one (its kernels are in
+    the table or estimable), else by the transfer model; and how: ``kernel`` (share of
+    rows the kernel model predicted), ``covered`` (share with every kernel in the table),
+    ``estimated_kernels`` (kernels estimated from their pattern, over the predicted rows)."""
+    preds, n_kernel, n_covered, n_est = [], 0, 0, 0
+    for tasks, keys, _ in rows:
+        p, est = (None, 0) if kernels is None or keys is None else kernels.predict_keys(keys)
+        if p is None:
+            preds.append(transfer.predict_tasks(tasks).ms)
+            continue
+        preds.append(p)
+        n_kernel += 1
+        n_covered += est == 0
+        n_est += est
+    n = max(len(rows), 1)
+    return preds, {"kernel": n_kernel / n, "covered": n_covered / n, "estimated_kernels": n_est}
 
 
 def _with_mixing(models: pd.DataFrame, tasks: pd.DataFrame) -> pd.DataFrame:
@@ -393,6 +432,7 @@ def onboard(
     seed: int = 0,
     out: str | Path | None = None,
     tune_seeded: bool = False,
+    kernel_models: int = 0,
 ) -> OnboardReport:
     """Onboard ``profile`` (see the module doc); the model goes to ``out`` (default
     :func:`~voxfit.cost_models.fitted_model_dir`), the measurements to the work folder's
@@ -428,9 +468,13 @@ def onboard(
 
     t0 = time.monotonic()
     calib = random_calibration(profile.primary_input.frames, seed, n_mels_of(base))
+    # the kernel model's table: every kernel of these is tuned (or its seed schedules
+    # timed) on the device, without timing the whole model
+    half = max(kernel_models, 0) // 2
+    extra = sample_candidates(space, half, seed + 2000, levelled=max(kernel_models, 0) - half)
     to_tune = [
         apply(base, c, channel_multiple=profile.channel_multiple, calibration=calib)
-        for c in shots[: max(0, tune_models)]
+        for c in [*shots[: max(0, tune_models)], *extra]
     ]
     report.tuned_candidates, report.tuned_tasks = tune_on_device(
         base, to_tune, profile, work=work, cost_models_dir=cost_models_dir,
@@ -460,6 +504,9 @@ def onboard(
             "does; measure more candidates or refit the source", profile.name,
             len(shot_rows), 100 * min(theirs.values()), 100 * mine,
         )  # fmt: skip
+    kernels = _fit_kernels(store.directory, shots, profile, work)
+    if kernels is not None:
+        model.card["kernels"] = kernels.card
     report.seconds["fit"] = time.monotonic() - t2
     report.n_shot = len(shot_rows)
 
@@ -470,13 +517,20 @@ def onboard(
             base, held, profile, store, work=work, cost_models_dir=cost_models_dir,
             seed=seed, label="validate",
         )  # fmt: skip
-        held_rows, _ = labelled(store.directory, held, spec.name)
+        held_keyed, _ = labelled_keys(store.directory, held, spec.name)
+        held_rows = [(ts, y) for ts, _, y in held_keyed]
         if len(held_rows) >= 3:
             report.heldout, report.scratch = compare(model, shot_rows, held_rows)
+            preds, how = kernel_or_transfer(kernels, model, held_keyed)
+            report.heldout_kernels = {**metrics(preds, [y for *_, y in held_keyed]), **how}
         report.n_validate = len(held_rows)
     report.seconds["validate"] = time.monotonic() - t3
     report.failed = f1 + f2
-    model.card["metrics"] = {"heldout": report.heldout, "scratch_same_samples": report.scratch}
+    model.card["metrics"] = {
+        "heldout": report.heldout,
+        "scratch_same_samples": report.scratch,
+        "kernels_heldout": report.heldout_kernels,
+    }
     model.card["onboard"] = {
         # every run of this onboarding (a killed one resumes): what each spent, in order
         "runs": [
@@ -490,7 +544,25 @@ def onboard(
         "measurements": str(store.directory),
     }
     model.save(report.model_dir)
+    if kernels is not None:
+        kernels.save(report.model_dir)
     return report
+
+
+def _fit_kernels(
+    store_dir: Path, shots: Sequence[Candidate], profile: HardwareProfile, work: Path
+) -> KernelModel | None:
+    """The kernel model of the shots over a snapshot of the device's tuning database as it
+    is now (None, with a warning, where the shots cannot fit one)."""
+    from voxfit.compile import default_tuning_dir
+
+    keyed, _ = labelled_keys(store_dir, shots, profile.primary_input.name)
+    samples = [(k, y) for _, k, y in keyed if k is not None]
+    try:
+        return fit_kernels(samples, database_kernels(default_tuning_dir(work, profile)))
+    except ConfigError as e:
+        log.warning("%s: no kernel model: %s", profile.name, e)
+        return None
 
 
 def _previous_runs(model_dir: Path) -> list[dict[str, float]]:
