@@ -43,7 +43,7 @@ from typing import Any
 import numpy as np
 
 from _common import RESULTS, provenance
-from voxfit.cost_models import CostModel, load_dataset, metrics
+from voxfit.cost_models import CostModel, fitted_model_dir, load_dataset, metrics
 from voxfit.cost_models._kernels import KernelModel
 from voxfit.cost_models._onboard import (
     kernel_or_transfer,
@@ -111,37 +111,47 @@ def _seed_buys(base: Any, profile: Any, work: Path, cost_models: Path) -> dict[s
     return out
 
 
-def device_row(name: str, base: Any, space: Any, args: Any, stack: ExitStack) -> dict[str, Any]:
+def device_row(
+    name: str, base: Any, space: Any, args: Any, stack: ExitStack, previous: dict[str, Any]
+) -> dict[str, Any]:
     profile = load_profile(find_profile(name))
     if profile.measurement.method == "rpc":  # the device, hosted here
         from voxfit.latency import hosted
 
         profile = stack.enter_context(hosted(profile, args.work / "devices" / name))
     source = load_profile(find_profile(SOURCE))
+    from voxfit.cost_models._transfer import TransferModel
+
     t0 = time.monotonic()
-    rep = onboard(
-        base, space, profile, work=args.work, cost_models_dir=args.cost_models, source=source,
-        n_shot=args.n, validate=0, tune_budget_s=args.tune_minutes * 60,
-        tune_models=args.tune_models, seed=args.seed, tune_seeded=args.tune_seeded,
-        kernel_models=args.kernel_models,
-    )  # fmt: skip
+    if args.rescore:  # the saved models on the stored measurements: nothing tuned or refitted
+        model_dir = fitted_model_dir(profile, args.work)
+        card = TransferModel.load(model_dir).card["onboard"]
+        tuned = (card["tuned_models"], card["tuned_tasks"])
+    else:
+        rep = onboard(
+            base, space, profile, work=args.work, cost_models_dir=args.cost_models,
+            source=source, n_shot=args.n, validate=0, tune_budget_s=args.tune_minutes * 60,
+            tune_models=args.tune_models, seed=args.seed, tune_seeded=args.tune_seeded,
+            kernel_models=args.kernel_models,
+        )  # fmt: skip
+        model_dir, tuned = rep.model_dir, (rep.tuned_candidates, rep.tuned_tasks)
     onboard_s = time.monotonic() - t0
     # the runs of this onboarding that completed (a killed run saves nothing): the first
     # was the cold one; later ones re-measured (e.g. after --remeasure)
-    from voxfit.cost_models._transfer import TransferModel
-
-    runs = TransferModel.load(rep.model_dir).card["onboard"].get("runs") or []
+    runs = TransferModel.load(model_dir).card["onboard"].get("runs") or []
     spent_s = sum(runs[0][k] for k in ("tune", "measure", "fit")) if runs else onboard_s
     _, held = split_candidates(space, args.n, args.heldout, args.seed)
     t1 = time.monotonic()
-    measure_candidates(
-        base, held, profile, _mstore(_store(args.work, profile)), work=args.work,
-        cost_models_dir=args.cost_models, seed=args.seed, label="held out",
-    )  # fmt: skip
-    heldout_s = time.monotonic() - t1
-    from voxfit.cost_models._transfer import TransferModel
+    if not args.rescore:
+        measure_candidates(
+            base, held, profile, _mstore(_store(args.work, profile)), work=args.work,
+            cost_models_dir=args.cost_models, seed=args.seed, label="held out",
+        )  # fmt: skip
+    heldout_s = (
+        time.monotonic() - t1 if not args.rescore else previous["heldout_measure_minutes"] * 60
+    )
 
-    model = TransferModel.load(rep.model_dir)
+    model = TransferModel.load(model_dir)
     shots, _ = split_candidates(space, args.n, 0, args.seed)
     shot_rows, _ = labelled(_store(args.work, profile), shots, profile.primary_input.name)
     held_keyed, _ = labelled_keys(_store(args.work, profile), held, profile.primary_input.name)
@@ -152,11 +162,13 @@ def device_row(name: str, base: Any, space: Any, args: Any, stack: ExitStack) ->
     # held-out candidates brought later are estimated from their pattern, or the transfer
     # model predicts the candidate)
     try:
-        kmodel: KernelModel | None = KernelModel.load(rep.model_dir)
+        kmodel: KernelModel | None = KernelModel.load(model_dir)
     except ConfigError:
         kmodel = None
     kpreds, khow = kernel_or_transfer(kmodel, model, held_keyed)
-    kern = metrics(kpreds, ys)
+    # the device's model as a search predicts with it (KernelPredictor): the kernel model
+    # where it can, the transfer model else
+    mine = metrics(kpreds, ys)
     scratch = {
         k: metrics([f(t) for t, _ in held_rows], ys) for k, f in fit_scratch(shot_rows).items()
     }
@@ -168,12 +180,15 @@ def device_row(name: str, base: Any, space: Any, args: Any, stack: ExitStack) ->
         "target": profile.target,
         "n_shot": len(shot_rows),
         "n_heldout": len(held_rows),
-        "heldout_within_10pct": transfer["within_10pct"],
-        "heldout_spearman": transfer["spearman"],
-        "heldout_mape": transfer["mape"],
-        "kernel_heldout_within_10pct": kern["within_10pct"],
-        "kernel_heldout_spearman": kern["spearman"],
-        "kernel_heldout_mape": kern["mape"],
+        "model": "kernels where the kernel model can predict, else transfer"
+        if kmodel is not None
+        else "transfer",
+        "heldout_within_10pct": mine["within_10pct"],
+        "heldout_spearman": mine["spearman"],
+        "heldout_mape": mine["mape"],
+        "transfer_heldout_within_10pct": transfer["within_10pct"],
+        "transfer_heldout_spearman": transfer["spearman"],
+        "transfer_heldout_mape": transfer["mape"],
         "kernel_how": khow,
         "kernel_card": kmodel.card if kmodel is not None else None,
         "scratch_spearman": max(m["spearman"] for m in scratch.values()),
@@ -185,19 +200,21 @@ def device_row(name: str, base: Any, space: Any, args: Any, stack: ExitStack) ->
         "full": full,
         "onboard_minutes": spent_s / 60,
         "onboard_runs": runs,
-        "this_run_minutes": onboard_s / 60,
+        "this_run_minutes": previous.get("this_run_minutes") if args.rescore else onboard_s / 60,
         "heldout_measure_minutes": heldout_s / 60,
-        "tuned_models": rep.tuned_candidates,
-        "tuned_tasks": rep.tuned_tasks,
+        "tuned_models": tuned[0],
+        "tuned_tasks": tuned[1],
         # tuning records of the device's own, measured through its RPC runner
         "device_records": _records(args.work / "tuning" / name),
         "rpc_tuned": profile.measurement.method == "rpc"
         and _records(args.work / "tuning" / name) > 0,
         "median_relative_iqr": float(models["relative_iqr"].median()) if len(models) else None,
         "coef": model.card["coef"],
-        "seed_buys": _seed_buys(base, profile, args.work, args.cost_models),
+        "seed_buys": previous["seed_buys"]
+        if args.rescore
+        else _seed_buys(base, profile, args.work, args.cost_models),
         "points": [
-            {"measured_ms": y, "predicted_ms": model.predict_tasks(t).ms, "kernel_ms": k}
+            {"measured_ms": y, "predicted_ms": k, "transfer_ms": model.predict_tasks(t).ms}
             for (t, y), k in zip(held_rows, kpreds, strict=True)
         ],
     }
@@ -381,6 +398,12 @@ def main() -> None:
     ap.add_argument("--qemu", action="store_true", help="also the aarch64 device under qemu")
     ap.add_argument("--qemu-trials", type=int, default=2)
     ap.add_argument("--fresh", action="store_true", help="empty --work first (a cold start)")
+    ap.add_argument(
+        "--rescore",
+        action="store_true",
+        help="score the stored measurements again with the saved models (nothing tuned, "
+        "measured or refitted; the seed timings are the previous run's)",
+    )
     ap.add_argument("--out", type=Path, default=RESULTS / "onboard.json")
     args = ap.parse_args()
     if args.fresh and args.work.exists():
@@ -394,13 +417,13 @@ def main() -> None:
         json.loads(args.out.read_text()) if args.out.exists() and not args.fresh else {}
     )
     result.setdefault("devices", [])
-    done = {r["device"] for r in result["devices"]}
+    rows = {r["device"]: r for r in result["devices"]}
     for name in [d for d in args.devices.split(",") if d]:
-        if name in done:
+        if name in rows and not args.rescore:
             continue
         with ExitStack() as stack:
-            row = device_row(name, base, space, args, stack)
-        result["devices"].append(row)
+            row = device_row(name, base, space, args, stack, rows.get(name, {}))
+        result["devices"] = [r for r in result["devices"] if r["device"] != name] + [row]
         _headline(result)
         _write(result, args)
     if args.qemu and not any(r["device"] == "arm-aarch64-qemu" for r in result["devices"]):
@@ -420,12 +443,14 @@ def _headline(result: dict[str, Any]) -> None:
     head = rows.get("x86-64-sse-rpc") or next(iter(rows.values()))
     result["headline_device"] = head["device"]
     for k in ("n_shot", "heldout_within_10pct", "heldout_spearman", "scratch_spearman",
-              "full_spearman", "full_n", "onboard_minutes", "rpc_tuned",
-              "kernel_heldout_within_10pct", "kernel_heldout_spearman"):  # fmt: skip
+              "full_spearman", "full_n", "onboard_minutes", "rpc_tuned", "model",
+              "transfer_heldout_within_10pct", "transfer_heldout_spearman"):  # fmt: skip
         result[k] = head.get(k)
 
 
 def _write(result: dict[str, Any], args: Any) -> None:
+    if args.rescore and "provenance" in result:  # what measured them: the first run's
+        result.setdefault("measured_provenance", result["provenance"])
     result["provenance"] = provenance(
         checkpoint=str(args.checkpoint), host=describe_host().as_dict(), source=SOURCE,
         settings={k: str(v) for k, v in vars(args).items()},

@@ -17,6 +17,8 @@ from voxfit.cost_models._kernels import (
 )
 from voxfit.errors import ConfigError, DataError
 
+ROOT = Path(__file__).resolve().parents[2]
+
 
 def _db(d: Path, records: list[tuple[str, list[float]]]) -> Path:
     keys = list(dict.fromkeys(k for k, _ in records))
@@ -86,3 +88,53 @@ def test_too_few_covered_samples_and_broken_files_are_one_line(tmp_path: Path) -
     (tmp_path / "kernels.json").write_text("{}")
     with pytest.raises(ConfigError, match="not a kernel model"):
         KernelModel.load(tmp_path)
+
+
+@pytest.mark.tvm
+def test_a_search_predictor_sums_the_kernels_of_the_compiled_candidate(tmp_path: Path) -> None:
+    """The predictor lists a candidate's TVM tasks in a worker (keys as the tuning database
+    has them) and sums the table over them; a kernel the table lacks is estimated, a
+    candidate it cannot estimate goes to the fallback model."""
+    from tests._tiny import tiny_tdnn
+    from voxfit.cost_models import load_for
+    from voxfit.cost_models._estimator import KernelPredictor
+    from voxfit.hw_profiles import find_profile, load_profile
+
+    profile = load_profile(find_profile("x86-avx2-2core"))
+    fallback = load_for(profile, ROOT / "cost_models")
+    model = tiny_tdnn()
+    probe = KernelPredictor(fallback, KernelModel({}, {}), host_mismatch="ignore", profile=profile)
+    try:
+        keys = probe._keys(model, 100)
+        assert len(keys) >= 3
+        assert len({k for _, k, _, _ in keys}) == len(keys)  # one key per task
+        convs = [k for k in keys if "conv1d" in k[0]]
+        assert convs
+        assert all(f and f > 0 for *_, f in convs)
+        table = {str(k): 0.5 for _, k, _, _ in keys}
+        info = {str(k): (pattern(n), f) for n, k, _, f in keys}
+        whole = sum(0.5 * w for _, _, w, _ in keys)
+        probe.kernels = KernelModel(table, info, c0=0.25, scale=2.0)
+        p = probe.predict(model, 100)
+        assert p.ms == pytest.approx(0.25 + 2.0 * whole)
+        assert not p.low_confidence
+        # a conv missing from the table whose pattern another kernel shares: estimated
+        shared = [k for k in convs if sum(pattern(n) == pattern(k[0]) for n, *_ in keys) > 1]
+        assert shared, [n for n, *_ in keys]
+        probe.kernels = KernelModel(
+            {k: v for k, v in table.items() if k != str(shared[0][1])}, info, c0=0.25, scale=2.0
+        )
+        assert probe.predict(model, 100).ms == pytest.approx(0.25 + 2.0 * whole, rel=0.3)
+        # nothing known: the fallback model predicts
+        probe.kernels = KernelModel({}, {})
+        q = probe.predict(model, 100)
+        assert q.ms == pytest.approx(fallback.predict_tasks(_tasks(model)).ms)
+    finally:
+        probe.close()
+    assert probe.counts == {"kernels": 1, "estimated": 1, "transfer": 1}
+
+
+def _tasks(model: object) -> object:
+    from voxfit.cost_models._features import decompose
+
+    return decompose(model, 100)  # type: ignore[arg-type]

@@ -68,6 +68,21 @@ def test_onboarding_a_tiny_device_through_the_cli_fits_validates_and_resumes(
     assert (work / "tuning" / "tiny-1core" / "database_tuning_record.json").stat().st_size > 0
     model = load_for(load_profile(device), directory=model_dir)
     assert isinstance(model, TransferModel)
+    # a search's predictor: the kernel model, over the device's records of the base's tasks
+    from voxfit.cost_models import load_predictor
+    from voxfit.cost_models._estimator import KernelPredictor
+    from voxfit.models import build_model, default_config
+
+    pred = load_predictor(load_profile(device), directory=model_dir)
+    assert isinstance(pred, KernelPredictor)
+    try:
+        base = build_model(default_config("tdnn", 55, "tiny")).eval()
+        p = pred.predict(base, 100)
+    finally:
+        pred.close()
+    assert pred.counts == {"kernels": 1, "estimated": 0, "transfer": 0}
+    assert 0 < p.ms < 100
+    assert not p.low_confidence
     # resumed: nothing measured or tuned again
     code, out2, err2 = run_voxfit(args, capsys, monkeypatch)
     assert code == 0, err2[-3000:]

@@ -156,6 +156,18 @@ def task_keys(tasks: list[Any]) -> list[list[Any]]:
     return out
 
 
+def tasks_of(req: dict[str, Any]) -> dict[str, Any]:
+    """The worker's ``task_keys`` op: the :func:`task_keys` of an exported program as
+    :func:`build` would compile it for the profile (nothing tuned, nothing built)."""
+    target = make_target(req["profile"])
+    int8_ok, _, lanes = int8_support(target)
+    if not is_gpu(target):
+        load_cpu_tensor_intrins(str(target.attrs.get("mtriple", "")))
+    mod, *_ = load_program(req["program"], int8=int8_ok, lanes=lanes)
+    tasks = ms.relax_integration.extract_tasks(fuse(mod, target), target)
+    return {"task_keys": task_keys(tasks)}
+
+
 def _kept(e: DeviceLost, db_dir: Path) -> DeviceLost:
     kept = check(db_dir).records
     return DeviceLost(

@@ -176,6 +176,85 @@ class CostModelPredictor:
         return float(ms) if ms else None
 
 
+class KernelPredictor(CostModelPredictor):
+    """A device's kernel model (:mod:`voxfit.cost_models._kernels`) where it can predict a
+    candidate, its transfer model (this class's base) where it cannot.
+
+    A prediction exports the candidate and lists its TVM tasks in a TVM worker process
+    (about a second: no tuning, no build), then sums the device's own records of them. A
+    candidate whose every kernel is in the table is predicted with confidence; one with
+    estimated kernels keeps the transfer model's flags. :meth:`close` stops the worker.
+    """
+
+    def __init__(self, model: CostModel | TransferModel, kernels: Any, **kw: Any) -> None:
+        super().__init__(model, **kw)
+        self.kernels = kernels
+        self._worker: Any = None
+        self._tmp: Path | None = None
+        self.counts = {"kernels": 0, "estimated": 0, "transfer": 0}
+
+    def _keys(self, model: nn.Module, frames: int) -> list[Any]:
+        import tempfile
+
+        from voxfit.compile import TvmWorker
+        from voxfit.compile._compile import export_program
+        from voxfit.models import n_mels_of
+
+        assert self.profile is not None
+        if self._worker is None:
+            self._worker = TvmWorker(self.profile.cores)
+            self._tmp = Path(tempfile.mkdtemp(prefix="voxfit-kernels-"))
+        assert self._tmp is not None
+        program = export_program(model, frames, self._tmp / "p.pt2", n_mels_of(model))
+        r = self._worker.call("task_keys", program=str(program), profile=self.profile.to_dict())
+        if "error" in r:
+            raise VoxfitError(f"listing the TVM tasks: {r['error']}")
+        return list(r["task_keys"])
+
+    def predict(self, model: nn.Module, frames: int) -> PredictedLatency:
+        p = super().predict(model, frames)
+        try:
+            ms, estimated = self.kernels.predict_keys(self._keys(model, frames))
+        except VoxfitError as e:
+            log.debug("kernel model: %s; the transfer model predicts", e)
+            ms, estimated = None, 0
+        if ms is None:
+            self.counts["transfer"] += 1
+            return p
+        self.counts["kernels" if not estimated else "estimated"] += 1
+        return PredictedLatency(
+            ms=ms,
+            activation_bytes=p.activation_bytes,
+            low_confidence=p.low_confidence if estimated else False,
+            reasons=p.reasons if estimated else (),
+        )
+
+    def close(self) -> None:
+        import shutil
+
+        if self._worker is not None:
+            self._worker.close()
+            self._worker = None
+        if self._tmp is not None:
+            shutil.rmtree(self._tmp, ignore_errors=True)
+            self._tmp = None
+
+
+def _with_kernels(
+    model: CostModel | TransferModel, host_mismatch: HostMismatch, profile: HardwareProfile
+) -> CostModelPredictor:
+    """The predictor of a fitted model: a :class:`KernelPredictor` for an onboarded device
+    whose folder holds a kernel model, else a :class:`CostModelPredictor`."""
+    from voxfit.cost_models._kernels import KERNELS_FILE, KernelModel
+
+    d = model.directory
+    if isinstance(model, TransferModel) and d is not None and (Path(d) / KERNELS_FILE).exists():
+        return KernelPredictor(
+            model, KernelModel.load(d), host_mismatch=host_mismatch, profile=profile
+        )
+    return CostModelPredictor(model, host_mismatch, profile=profile)
+
+
 def load_predictor(
     profile: HardwareProfile,
     cost_models_dir: str | Path = "cost_models",
@@ -189,9 +268,7 @@ def load_predictor(
     Raises:
         ConfigError: no cost model there, or it was trained for another profile.
     """
-    return CostModelPredictor(
-        load_for(profile, cost_models_dir, directory), host_mismatch, profile=profile
-    )
+    return _with_kernels(load_for(profile, cost_models_dir, directory), host_mismatch, profile)
 
 
 def predicted_estimator(
@@ -208,9 +285,7 @@ def predicted_estimator(
     """
     if model is not None:
         model.check_profile(profile)
-        return PredictedEstimator(
-            profile, CostModelPredictor(model, host_mismatch, profile=profile)
-        )
+        return PredictedEstimator(profile, _with_kernels(model, host_mismatch, profile))
     return PredictedEstimator(
         profile, load_predictor(profile, cost_models_dir, host_mismatch=host_mismatch)
     )

@@ -5,12 +5,15 @@
 1. **tune** on the device the tasks of the uncompressed base and of the first sampled
    candidates that no database covers (through the profile's runner: its RPC tracker for an
    RPC profile), until the tuning budget is spent; tasks the seed profile's schedules serve
-   (``tuning.seed_from``) keep them unless ``tune_seeded``;
+   (``tuning.seed_from``) keep them, timed on the device first, unless ``tune_seeded``;
 2. **measure** ``n_shot`` candidates (the levelled sampler spreads them over the space's
    light and heavy corners), each in rounds alternating with the base, so the labels are
    drift-free (relative to the base x the base's typical time);
 3. **fit** a :class:`~voxfit.cost_models._transfer.TransferModel` from the source profile's
-   fitted cost model;
+   fitted cost model, and a :class:`~voxfit.cost_models._kernels.KernelModel` over the
+   device's own tuning records (``kernel_models`` more sampled candidates are tuned in step
+   1, not timed whole, to fill its table); a search predicts with the kernel model where it
+   can (:class:`~voxfit.cost_models._estimator.KernelPredictor`);
 4. **validate** it on ``validate`` further candidates measured the same way (and the
    from-scratch models on the same samples, for comparison), write its card with the
    figures, and report what each step spent.

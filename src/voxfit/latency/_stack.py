@@ -122,6 +122,13 @@ def always(_p: LatencyResult) -> bool:
     return True
 
 
+def _close_predictor(predictor: LatencyPredictor | None) -> None:
+    """A predictor that holds a process (the kernel model's TVM worker) lets it go."""
+    close = getattr(predictor, "close", None)
+    if callable(close):
+        close()
+
+
 class PredictedEstimator:
     """Predicts instead of measuring. A model the predictor cannot featurize gets a
     result with ``error`` set (``cannot predict: ...``), never an exception."""
@@ -139,7 +146,7 @@ class PredictedEstimator:
         self.close()
 
     def close(self) -> None:
-        pass
+        _close_predictor(self.predictor)
 
     def estimate(
         self, model: nn.Module, inputs: tuple[InputSpec, ...] | None = None
@@ -227,6 +234,8 @@ class PromotingEstimator:
     def close(self) -> None:
         if self.measurer is not None:
             self.measurer.close()
+        if self.predictor is not None:
+            self.predictor.close()
 
     def _on_reference(self, r: LatencyResult) -> LatencyResult:
         if r.relative is None:
