@@ -436,15 +436,27 @@ def main() -> None:
         _write(result, args)
 
 
+HEADLINE = {
+    "n_shot", "heldout_within_10pct", "heldout_spearman", "scratch_spearman", "full_spearman",
+    "full_n", "onboard_minutes", "rpc_tuned", "model", "transfer_heldout_within_10pct",
+    "transfer_heldout_spearman",
+}  # fmt: skip
+KEPT = {
+    "devices", "headline_device", "provenance", "measured_provenance", "sibling",
+    "sibling_host_within_10pct", "sibling_host",
+}  # fmt: skip
+
+
 def _headline(result: dict[str, Any]) -> None:
     rows = {r["device"]: r for r in result["devices"] if "heldout_spearman" in r}
     if not rows:
         return
     head = rows.get("x86-64-sse-rpc") or next(iter(rows.values()))
     result["headline_device"] = head["device"]
-    for k in ("n_shot", "heldout_within_10pct", "heldout_spearman", "scratch_spearman",
-              "full_spearman", "full_n", "onboard_minutes", "rpc_tuned", "model",
-              "transfer_heldout_within_10pct", "transfer_heldout_spearman"):  # fmt: skip
+    # a key an earlier version of this script wrote to the same file is not kept
+    for k in set(result) - HEADLINE - KEPT:
+        del result[k]
+    for k in HEADLINE:
         result[k] = head.get(k)
 
 

@@ -434,3 +434,16 @@ def test_notebook_runs(storage: str) -> None:
     summary = "".join(o.get("text", "") for o in nb.cells[2].outputs)
     assert "study 't'" in summary
     assert f"{len(_expected_front())} on the front" in summary
+
+
+def test_the_latency_model_section_says_how_the_kernel_model_predicted() -> None:
+    from voxfit.search._report import _latency_model
+
+    card = {"hardware_key": "x86-64-sse-rpc/abc", "host": {"cpu_model": "Some CPU"}}
+    plain = _latency_model({"cost_model_x": card})
+    assert "kernel model" not in plain
+    html = _latency_model(
+        {"cost_model_x": card, "latency_kernels": {"kernels": 7, "estimated": 2, "transfer": 1}}
+    )
+    assert "7 predictions from known kernels, 2 with kernels estimated" in html
+    assert "1 by the transfer model" in html

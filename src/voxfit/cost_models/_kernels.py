@@ -10,10 +10,10 @@ own records instead of a separate profiling pass). So
 
 with ``t_k`` the device's record of kernel ``k`` and ``c0``, ``s`` fitted on the whole-model
 times onboarding measures anyway (relative errors, as the transfer model). Measured on the
-no-AVX RPC device (stop-40 note): with every kernel in the table, 90% of 50 held-out
-candidates within +-10%, Spearman 0.98, where the transfer model of the same 20 samples put
-40% within +-10%: the per-kernel tuning luck of a new device (16 trials a task) is in the
-records and in no feature.
+no-AVX RPC device (``benchmarks/results/onboard_kernels.json``): from 20 samples, 88% of 50
+held-out candidates within +-10%, Spearman 0.956, where the transfer model of the same
+samples put 34% within +-10% (Spearman 0.80): the per-kernel tuning luck of a new device
+(16 trials a task) is in the records and in no feature.
 
 A kernel the table lacks (a shape no onboarding model had) is estimated from the table's
 kernels of the same fused pattern (its name without numbers): a least-squares line of time

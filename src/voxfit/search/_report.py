@@ -73,6 +73,12 @@ def _latency_model(attrs: Mapping[str, Any]) -> str:
             if cal.get("active")
             else f"not yet: {cal['samples']} of {cal['needed']} measurements"
         )
+    kern = attrs.get("latency_kernels")
+    if kern:
+        info["kernel model (the device's own tuning records)"] = (
+            f"{kern['kernels']} predictions from known kernels, {kern['estimated']} with "
+            f"kernels estimated from their pattern, {kern['transfer']} by the transfer model"
+        )
     return "<h3>Latency model</h3>" + _kv_table(info)
 
 

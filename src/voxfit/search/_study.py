@@ -518,10 +518,15 @@ def _record_base(study: optuna.Study) -> None:
 
 
 def _record_calibration(study: optuna.Study, latency: PromotingEstimator) -> None:
-    """The latency model's calibration to this host so far (the report shows it)."""
-    cal = getattr(latency.predictor.predictor, "calibration", None) if latency.predictor else None
+    """The latency model's calibration to this host so far, and how an onboarded device's
+    kernel model predicted (the report shows both)."""
+    pred = latency.predictor.predictor if latency.predictor else None
+    cal = getattr(pred, "calibration", None)
     if cal is not None and study.user_attrs.get("latency_calibration") != cal:
         study.set_user_attr("latency_calibration", cal)
+    counts = getattr(pred, "counts", None)
+    if isinstance(counts, dict) and study.user_attrs.get("latency_kernels") != counts:
+        study.set_user_attr("latency_kernels", dict(counts))
 
 
 PEER = "onnxruntime static int8 of the base (int8 weights per channel, uint8 activations)"
