@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import tvm
 from tvm import relax
@@ -156,16 +156,35 @@ def task_keys(tasks: list[Any]) -> list[list[Any]]:
     return out
 
 
+class _Imported(NamedTuple):
+    """An exported program imported and fused for a profile's target, and its tasks."""
+
+    target: tvm.target.Target
+    fused: tvm.IRModule
+    tasks: list[Any]
+    how: str
+    why: str | None
+    n_int8: int
+    int8_ok: bool
+    int8_note: str
+    lanes: int
+
+
+def _import(profile: dict[str, Any], program: str) -> _Imported:
+    target = make_target(profile)
+    int8_ok, int8_note, lanes = int8_support(target)
+    if not is_gpu(target):  # the tuner and the databases' traces (a seed's too) tensorize
+        load_cpu_tensor_intrins(str(target.attrs.get("mtriple", "")))
+    mod, how, why, n_int8 = load_program(program, int8=int8_ok, lanes=lanes)
+    fused = fuse(mod, target)
+    tasks = ms.relax_integration.extract_tasks(fused, target)
+    return _Imported(target, fused, tasks, how, why, n_int8, int8_ok, int8_note, lanes)
+
+
 def tasks_of(req: dict[str, Any]) -> dict[str, Any]:
     """The worker's ``task_keys`` op: the :func:`task_keys` of an exported program as
     :func:`build` would compile it for the profile (nothing tuned, nothing built)."""
-    target = make_target(req["profile"])
-    int8_ok, _, lanes = int8_support(target)
-    if not is_gpu(target):
-        load_cpu_tensor_intrins(str(target.attrs.get("mtriple", "")))
-    mod, *_ = load_program(req["program"], int8=int8_ok, lanes=lanes)
-    tasks = ms.relax_integration.extract_tasks(fuse(mod, target), target)
-    return {"task_keys": task_keys(tasks)}
+    return {"task_keys": task_keys(_import(req["profile"], req["program"]).tasks)}
 
 
 def _kept(e: DeviceLost, db_dir: Path) -> DeviceLost:
@@ -193,14 +212,10 @@ def build(req: dict[str, Any]) -> dict[str, Any]:
     """
     profile = req["profile"]
     tuning = profile["tuning"]
-    target = make_target(profile)
     t0 = time.monotonic()
-    int8_ok, int8_note, lanes = int8_support(target)
-    if not is_gpu(target):  # the tuner and the databases' traces (a seed's too) tensorize
-        load_cpu_tensor_intrins(str(target.attrs.get("mtriple", "")))
-    mod, how, why, n_int8 = load_program(req["program"], int8=int8_ok, lanes=lanes)
-    fused = fuse(mod, target)
-    tasks = ms.relax_integration.extract_tasks(fused, target)
+    target, fused, tasks, how, why, n_int8, int8_ok, int8_note, lanes = _import(
+        profile, req["program"]
+    )
     db_dir = Path(req["db_dir"])
     shipped = req.get("shipped_db_dir")
     out: dict[str, Any] = {

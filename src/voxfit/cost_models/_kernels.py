@@ -41,9 +41,6 @@ import numpy as np
 from voxfit.errors import ConfigError, DataError
 
 KERNELS_FILE = "kernels.json"
-#: MetaSchedule's run time of a candidate that failed to run (seconds): not a time
-_FAILED_SECS = 1e9
-
 #: [task name, workload key, weight, FLOPs or None], as a build reports them (task_keys)
 TaskKey = Sequence[Any]
 
@@ -55,37 +52,28 @@ def pattern(task_name: str) -> str:
 
 def database_kernels(db_dir: str | Path) -> dict[str, float]:
     """The best mean run time (ms) of each workload of a tuning database folder, by its
-    workload key (the structural hash MetaSchedule keys workloads with).
+    workload key (the structural hash MetaSchedule keys workloads with); records with a
+    failed run are not times.
 
     Raises:
-        DataError: a line of either file is not JSON (run ``voxfit tuning repair``).
+        DataError: a line of either file is not a complete record (run ``voxfit tuning
+            repair``).
     """
-    from voxfit.compile._database import RECORDS, WORKLOADS
+    from voxfit.compile._database import RECORDS, WORKLOADS, _complete_lines, _mean_secs
 
     d = Path(db_dir)
-    if not (d / WORKLOADS).exists():
-        return {}
-    keys = []
-    for i, line in enumerate((d / WORKLOADS).read_text().splitlines()):
-        try:
-            keys.append(str(json.loads(line)[0]))
-        except (ValueError, IndexError) as e:
-            raise DataError(f"{d / WORKLOADS}: line {i + 1}: {e}") from None
+    lines = {}
+    for name in (WORKLOADS, RECORDS):
+        lines[name], dropped = _complete_lines(d / name)
+        if dropped:
+            raise DataError(f"{d / name}: line {len(lines[name]) + 1}: not a complete record")
+    keys = [str(json.loads(w)[0]) for w in lines[WORKLOADS]]
     best: dict[str, float] = {}
-    rec_file = d / RECORDS
-    for i, line in enumerate(rec_file.read_text().splitlines() if rec_file.exists() else []):
-        if not line.strip():
+    for line in lines[RECORDS]:
+        w, secs = int(json.loads(line)[0]), _mean_secs(line)
+        if secs == math.inf or not 0 <= w < len(keys):
             continue
-        try:
-            w, rec = json.loads(line)
-            secs = [float(s) for s in rec[1]]
-        except (ValueError, IndexError, TypeError) as e:
-            raise DataError(f"{rec_file}: line {i + 1}: {e}") from None
-        if not secs or max(secs) >= _FAILED_SECS or not 0 <= int(w) < len(keys):
-            continue
-        ms = 1e3 * sum(secs) / len(secs)
-        k = keys[int(w)]
-        best[k] = min(best.get(k, ms), ms)
+        best[keys[w]] = min(best.get(keys[w], 1e3 * secs), 1e3 * secs)
     return best
 
 
