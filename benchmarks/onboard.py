@@ -44,7 +44,7 @@ import numpy as np
 
 from _common import RESULTS, provenance
 from voxfit.cost_models import CostModel, fitted_model_dir, load_dataset, metrics
-from voxfit.cost_models._kernels import KernelModel
+from voxfit.cost_models._kernels import KernelModel, fit_kernels
 from voxfit.cost_models._onboard import (
     kernel_or_transfer,
     labelled,
@@ -231,7 +231,7 @@ def _store(work: Path, profile: Any) -> Path:
     return Path(measurements_dir(profile, work))
 
 
-def sibling_row(base: Any, space: Any, args: Any) -> dict[str, Any]:
+def sibling_row(base: Any, space: Any, args: Any, previous: dict[str, Any]) -> dict[str, Any]:
     """The source profile on this host: the shipped model as it is, and calibrated with
     ``--n`` measurements, on ``--sibling-fresh`` fresh candidates."""
     from voxfit.cost_models import load_for, reference_key
@@ -249,10 +249,61 @@ def sibling_row(base: Any, space: Any, args: Any) -> dict[str, Any]:
         tuning_dir=args.sibling_tuning,
     )  # fmt: skip
     shot_rows, ref = labelled(store, shots, profile.primary_input.name)
-    fresh_rows, _ = labelled(store, fresh, profile.primary_input.name)
+    fresh_keyed, _ = labelled_keys(store, fresh, profile.primary_input.name)
+    fresh_rows = [(t, y) for t, _, y in fresh_keyed]
     cal = fit_transfer(src, shot_rows, profile, reference_ms=ref)
     ys = [y for _, y in fresh_rows]
-    calibrated = metrics([cal.predict_tasks(t).ms for t, _ in fresh_rows], ys)
+    transfer = metrics([cal.predict_tasks(t).ms for t, _ in fresh_rows], ys)
+    # this host's kernel table (voxfit device time-kernels: the schedules the profile's
+    # databases pick, timed here), then the kernel model of the shots over it, as a search
+    # on this host calibrates (KernelPredictor); the transfer where it cannot predict
+    from voxfit.cost_models._host_kernels import host_table, time_kernels_here, timed_seconds
+
+    # timed once, after the shots and fresh candidates were measured (as a user runs it
+    # before a search: kernels tuned later, by the confirmation candidates, are estimated
+    # from their pattern; a re-run scores with the table as it was first made)
+    t0 = time.monotonic()
+    timed = None
+    if host_table(profile, args.work) is None or args.sibling_retime:
+        timed = time_kernels_here(
+            profile, work=args.work, cost_models_dir=args.cost_models,
+            tuning_dir=args.sibling_tuning,
+        )  # fmt: skip
+    time_s = time.monotonic() - t0
+    table = host_table(profile, args.work) or {}
+    shot_keyed, _ = labelled_keys(store, shots, profile.primary_input.name)
+    try:
+        kmodel: KernelModel | None = fit_kernels(
+            [(k, y) for _, k, y in shot_keyed if k is not None], table
+        )
+    except ConfigError as e:
+        print(f"sibling: no kernel model: {e}")
+        kmodel = None
+    kpreds, khow = kernel_or_transfer(kmodel, cal, fresh_keyed)
+    calibrated = metrics(kpreds, ys)
+    # a confirmation set, measured after the method was settled on the fresh ones: other
+    # candidates (another sampling seed), the same fitted models
+    confirm: dict[str, Any] | None = None
+    if args.sibling_confirm:
+        seen = {c.stable_hash() for c in shots + fresh}
+        _, more = split_candidates(space, 0, args.sibling_confirm, args.seed + 177)
+        more = [c for c in more if c.stable_hash() not in seen]
+        measure_candidates(
+            base, more, profile, _mstore(store), work=args.work,
+            cost_models_dir=args.cost_models, seed=args.seed, label="sibling confirmation",
+            tuning_dir=args.sibling_tuning,
+        )  # fmt: skip
+        more_keyed, _ = labelled_keys(store, more, profile.primary_input.name)
+        cy = [y for *_, y in more_keyed]
+        cpreds, chow = kernel_or_transfer(kmodel, cal, more_keyed)
+        confirm = {
+            "n": len(more_keyed),
+            "calibrated": metrics(cpreds, cy),
+            "transfer_calibrated": metrics(
+                [cal.predict_tasks(t).ms for t, _, _ in more_keyed], cy
+            ),
+            "kernel_how": chow,
+        }
     # the shipped model as it is: its ms are at its own reference speed; compare relative
     # latencies (candidate / base), the only scale the two hosts share
     from voxfit.cost_models import decompose
@@ -268,8 +319,24 @@ def sibling_row(base: Any, space: Any, args: Any) -> dict[str, Any]:
         "n_shot": len(shot_rows),
         "n_fresh": len(fresh_rows),
         "calibrated": calibrated,
+        "model": "this host's kernel times where they predict, else the transfer calibration"
+        if kmodel is not None
+        else "transfer calibration",
+        "transfer_calibrated": transfer,
         "as_is": as_is,
         "coef": cal.card["coef"],
+        "kernel_how": khow,
+        "kernel_card": kmodel.card if kmodel is not None else None,
+        "confirmation": confirm,
+        "kernels_timed_here": len(table),
+        "kernels_not_timed": len(timed.errors) if timed else previous.get("kernels_not_timed"),
+        # every run that timed kernels into the table (None: made before it was recorded)
+        "time_kernels_minutes": (s / 60 if (s := timed_seconds(profile, args.work)) else None),
+        "time_kernels_this_run_minutes": time_s / 60,
+        "points": [
+            {"measured_ms": y, "predicted_ms": k, "transfer_ms": cal.predict_tasks(t).ms}
+            for (t, y), k in zip(fresh_rows, kpreds, strict=True)
+        ],
     }
 
 
@@ -363,8 +430,20 @@ def plot(result: dict[str, Any], path: Path) -> None:
                 f"{row['heldout_within_10pct']:.0%} within 10%)",
             )
         )
-    lo = min((p["measured_ms"] for r in result["devices"] for p in r.get("points", [])), default=0)
-    hi = max((p["measured_ms"] for r in result["devices"] for p in r.get("points", [])), default=1)
+    sib = result.get("sibling") or {}
+    if sib.get("points"):
+        fig.add_trace(
+            go.Scatter(
+                x=[p["measured_ms"] for p in sib["points"]],
+                y=[p["predicted_ms"] for p in sib["points"]],
+                mode="markers",
+                name=f"{SOURCE} on {sib['host'].get('cpu_model')} (calibrated from "
+                f"{sib['n_shot']}, {sib['calibrated']['within_10pct']:.0%} within 10%)",
+            )
+        )
+    rows = [*result["devices"], sib]
+    lo = min((p["measured_ms"] for r in rows for p in r.get("points", [])), default=0)
+    hi = max((p["measured_ms"] for r in rows for p in r.get("points", [])), default=1)
     fig.add_trace(go.Scatter(x=[lo, hi], y=[lo, hi], mode="lines", name="exact"))
     fig.update_layout(
         title="New devices: transferred latency model on held-out candidates",
@@ -383,6 +462,14 @@ def main() -> None:
     ap.add_argument("--heldout", type=int, default=50)
     ap.add_argument("--sibling-fresh", type=int, default=30)
     ap.add_argument("--no-sibling", action="store_true")
+    ap.add_argument(
+        "--sibling-retime", action="store_true",
+        help="time this host's kernels again (what the databases have that the table lacks)",
+    )  # fmt: skip
+    ap.add_argument(
+        "--sibling-confirm", type=int, default=0,
+        help="more sibling candidates (another seed) scored with the same fitted models",
+    )  # fmt: skip
     ap.add_argument("--tune-minutes", type=float, default=12.0)
     ap.add_argument("--tune-models", type=int, default=4)
     ap.add_argument("--kernel-models", type=int, default=30, help="onboard --kernel-models")
@@ -423,16 +510,24 @@ def main() -> None:
             continue
         with ExitStack() as stack:
             row = device_row(name, base, space, args, stack, rows.get(name, {}))
+        # what ran this row (the file's top-level provenance is the last run's)
+        row["provenance"] = rows.get(name, {}).get("provenance") if args.rescore else None
+        row["provenance"] = row["provenance"] or _provenance(args)
         result["devices"] = [r for r in result["devices"] if r["device"] != name] + [row]
         _headline(result)
         _write(result, args)
     if args.qemu and not any(r["device"] == "arm-aarch64-qemu" for r in result["devices"]):
         result["devices"].append(qemu_row(base, args))
         _write(result, args)
-    if not args.no_sibling and "sibling" not in result:
-        result["sibling"] = sibling_row(base, space, args)
+    if not args.no_sibling and ("sibling" not in result or args.rescore):
+        result["sibling"] = sibling_row(base, space, args, result.get("sibling") or {})
         result["sibling_host_within_10pct"] = result["sibling"]["calibrated"]["within_10pct"]
         result["sibling_host"] = result["sibling"]["host"].get("cpu_model")
+        conf = result["sibling"].get("confirmation")
+        result["sibling_host_confirm_within_10pct"] = (
+            conf["calibrated"]["within_10pct"] if conf else None
+        )
+        result["sibling"]["provenance"] = _provenance(args)
         _write(result, args)
 
 
@@ -443,7 +538,7 @@ HEADLINE = {
 }  # fmt: skip
 KEPT = {
     "devices", "headline_device", "provenance", "measured_provenance", "sibling",
-    "sibling_host_within_10pct", "sibling_host",
+    "sibling_host_within_10pct", "sibling_host", "sibling_host_confirm_within_10pct",
 }  # fmt: skip
 
 
@@ -460,13 +555,17 @@ def _headline(result: dict[str, Any]) -> None:
         result[k] = head.get(k)
 
 
-def _write(result: dict[str, Any], args: Any) -> None:
-    if args.rescore and "provenance" in result:  # what measured them: the first run's
-        result.setdefault("measured_provenance", result["provenance"])
-    result["provenance"] = provenance(
+def _provenance(args: Any) -> dict[str, Any]:
+    return provenance(
         checkpoint=str(args.checkpoint), host=describe_host().as_dict(), source=SOURCE,
         settings={k: str(v) for k, v in vars(args).items()},
     )  # fmt: skip
+
+
+def _write(result: dict[str, Any], args: Any) -> None:
+    if args.rescore and "provenance" in result:  # what measured them: the first run's
+        result.setdefault("measured_provenance", result["provenance"])
+    result["provenance"] = _provenance(args)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2, default=str))
     plot(result, args.out.with_suffix(".html"))

@@ -39,6 +39,10 @@ def test_the_table_keeps_each_workloads_best_mean_time_and_skips_failed_runs(
     )
     assert database_kernels(d) == pytest.approx({"a": 1.0, "b": 0.5})
     assert database_kernels(tmp_path / "none") == {}
+    # repeats, one disturbed: the mean takes it, the median does not
+    r = _db(tmp_path / "repeats", [("a", [1e-3, 1e-3, 31e-3]), ("b", [2e-3, 1e10, 2e-3])])
+    assert database_kernels(r) == pytest.approx({"a": 11.0})
+    assert database_kernels(r, median=True) == pytest.approx({"a": 1.0})
     (d / RECORDS).write_text("[0, [[], [0.001]\n")
     with pytest.raises(DataError, match=r"database_tuning_record\.json: line 1"):
         database_kernels(d)

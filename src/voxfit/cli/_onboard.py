@@ -130,6 +130,34 @@ def device_onboard(
     )
 
 
+@device_app.command("time-kernels")
+def device_time_kernels(
+    profile: Annotated[str, typer.Argument(help="A local profile (name or YAML).")],
+    work: Annotated[Path, typer.Option(help="Work folder (its tuning/<profile> too).")] = Path(
+        "work"
+    ),
+    cost_models: CostDir = Path("cost_models"),
+    verbose: Verbose = False,
+) -> None:
+    """Time on this host the schedules a local profile's tuning databases pick for each of
+    their kernels (a few minutes, resumable), so that a search here calibrates the profile's
+    latency model (fitted on another host) by kernels: each candidate predicted as the sum of
+    its kernels' times here, scaled on the first few measurements."""
+    from voxfit.cost_models._host_kernels import time_kernels_here
+    from voxfit.hw_profiles import describe_host, find_profile, load_profile
+
+    _setup_logging(verbose)
+    prof = load_profile(find_profile(profile))
+    r = time_kernels_here(prof, work=work, cost_models_dir=cost_models)
+    console.print(
+        f"{prof.name} on {describe_host().label}: {r.timed} kernels timed now, {r.skipped} "
+        f"before, {len(r.errors)} not timed, of {r.total}, in {r.seconds / 60:.1f} min "
+        f"-> {r.directory}"
+    )
+    for e in r.errors[:5]:
+        console.print(f"[yellow]not timed: {e}")
+
+
 @device_app.command("host")
 def device_host(
     profile: Annotated[str, typer.Argument(help="An RPC profile (name or YAML).")],

@@ -22,7 +22,7 @@ from voxfit.compile._executables import keep_executable
 from voxfit.compile._import import int8_support, is_gpu, load_program, make_target
 from voxfit.compile._int8 import SIGNED_LANES, load_cpu_tensor_intrins
 from voxfit.compile._layered import SEED_MEASURE_K, open_layered
-from voxfit.compile._tune import DeviceLost, measure_seeded, tune
+from voxfit.compile._tune import DeviceLost, measure_seeded, time_database, tune
 
 
 def fuse(mod: tvm.IRModule, target: tvm.target.Target) -> tvm.IRModule:
@@ -185,6 +185,77 @@ def tasks_of(req: dict[str, Any]) -> dict[str, Any]:
     """The worker's ``task_keys`` op: the :func:`task_keys` of an exported program as
     :func:`build` would compile it for the profile (nothing tuned, nothing built)."""
     return {"task_keys": task_keys(_import(req["profile"], req["program"]).tasks)}
+
+
+# the last databases listed (kept, so no other object takes their ids) and their workloads
+_WORKLOADS: list[tuple[tuple[Any, ...], dict[str, Any]]] = []
+
+
+def _workloads(dbs: tuple[Any, ...]) -> dict[str, Any]:
+    """The workloads of loaded databases by key (cached for the same database objects,
+    which ``_layered`` replaces when their files change: listing every record of a
+    multi-MB database takes seconds)."""
+    kept = _WORKLOADS[0][0] if _WORKLOADS else ()
+    if len(kept) == len(dbs) and all(a is b for a, b in zip(kept, dbs, strict=True)):
+        return _WORKLOADS[0][1]
+    by_key: dict[str, Any] = {}
+    for db in dbs:
+        for r in db.get_all_tuning_records():
+            by_key.setdefault(str(r.workload.as_json()[0]), r.workload)
+    _WORKLOADS[:] = [(dbs, by_key)]
+    return by_key
+
+
+def time_here(req: dict[str, Any]) -> dict[str, Any]:
+    """The worker's ``time_here`` op: time on this device (``runner``) the schedules the
+    profile's databases (the user's ``db_dir`` over the shipped ``shipped_db_dir``) would
+    compile each of their workloads with, into the database ``out_dir``
+    (:func:`~voxfit.compile._tune.time_database`). Workloads in a fixed order (by key),
+    ``count`` of them from ``start``; those ``out_dir`` has already are skipped (a killed
+    run resumes). Returns total (workloads), timed, skipped, flops (FLOPs by workload key,
+    None where unknown) and errors."""
+    from tvm.s_tir.analysis import estimate_tir_flops
+
+    profile = req["profile"]
+    tuning = profile["tuning"]
+    target = make_target(profile)
+    if is_gpu(target):
+        raise ValueError(f"{profile['name']}: timing schedules is for CPU devices")
+    load_cpu_tensor_intrins(str(target.attrs.get("mtriple", "")))
+    db_dir, out_dir = Path(req["db_dir"]), Path(req["out_dir"])
+    shipped = req.get("shipped_db_dir")
+    with locked(db_dir):
+        dbs, _ = open_layered(db_dir, Path(shipped) if shipped else None)
+        union = dbs.union()
+        by_key = _workloads(dbs.layers)
+    keys = sorted(by_key)
+    start, count = int(req.get("start", 0)), int(req.get("count", len(keys)))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with locked(out_dir):
+        out, _ = open_layered(out_dir, None)
+        todo = [by_key[k] for k in keys[start : start + count]]
+        fresh = [w for w in todo if not out.user.has_workload(w.mod)]
+        runner = req.get("runner") or {"kind": "local", "timeout_s": tuning["runner_timeout_s"]}
+        try:
+            timed, errors = time_database(
+                union, fresh, out.user, target, cores=int(profile["cores"]),
+                builder_timeout_s=float(tuning["builder_timeout_s"]), runner=runner,
+            )  # fmt: skip
+        finally:
+            out.committed()
+    flops: dict[str, float | None] = {}
+    for w in todo:
+        try:
+            flops[str(w.as_json()[0])] = float(estimate_tir_flops(w.mod))
+        except Exception:  # noqa: BLE001 - no estimate for this function: unknown
+            flops[str(w.as_json()[0])] = None
+    return {
+        "total": len(keys),
+        "timed": timed,
+        "skipped": len(todo) - len(fresh),
+        "flops": flops,
+        "errors": errors[:20],
+    }
 
 
 def _kept(e: DeviceLost, db_dir: Path) -> DeviceLost:

@@ -203,13 +203,16 @@ def make_runner(spec: dict[str, Any]) -> ms.runner.Runner:
     ``"local"``: :class:`LocalRunner` on this machine; ``"rpc"``: :class:`RPCRunner` with
     the tracker and device key (``tracker_key``), each measurement bounded by ``timeout_s``
     (MetaSchedule's ``session_timeout_sec``; the lease too, see :func:`create_session`).
+    ``repeat`` (optional): timed repeats per measurement (default 1, MetaSchedule's).
     Constructing either connects to nothing.
     """
     kind: RunnerKind = spec["kind"]
     timeout_s = float(spec["timeout_s"])
+    # MetaSchedule's evaluator: its defaults, with ``repeat`` timed repeats where asked
+    evaluator = ms.runner.EvaluatorConfig(repeat=int(spec.get("repeat") or 1))
     match kind:
         case "local":
-            return ms.runner.LocalRunner(timeout_sec=timeout_s)
+            return ms.runner.LocalRunner(timeout_sec=timeout_s, evaluator_config=evaluator)
         case "rpc":
             config = ms.runner.RPCConfig(
                 tracker_host=spec["tracker_host"],
@@ -217,7 +220,9 @@ def make_runner(spec: dict[str, Any]) -> ms.runner.Runner:
                 tracker_key=spec["device_key"],
                 session_timeout_sec=timeout_s,
             )
-            return ms.runner.RPCRunner(rpc_config=config, f_create_session=create_session)
+            return ms.runner.RPCRunner(
+                rpc_config=config, evaluator_config=evaluator, f_create_session=create_session
+            )
 
 
 def _measure_callbacks(spec: dict[str, Any], lost: list[str]) -> list[Any]:
@@ -342,15 +347,12 @@ def measure_seeded(
         DeviceLost: an RPC runner's tracker or device went away (nothing is committed for
             the tasks not measured yet).
     """
-    import shutil
-
     from tvm.s_tir import Schedule
 
     if not tasks or is_gpu(target):
         return 0, [], []
-    jobs: list[tuple[Any, Any, Any]] = []  # (task, trace, args_info) per schedule to measure
+    jobs: list[tuple[Any, Any, Any]] = []  # (task, schedule, args_info) per schedule
     errors: list[str] = []
-    inputs = []
     for t in tasks:
         mod = t.dispatched[0]
         if not seed.has_workload(mod):
@@ -362,26 +364,62 @@ def measure_seeded(
             except Exception as e:  # noqa: BLE001 - a trace that does not replay here is skipped
                 errors.append(f"{t.task_name}: the trace does not replay: {e}"[:300])
                 continue
-            jobs.append((t, sch.trace, r.args_info))
-            inputs.append(ms.builder.BuilderInput(sch.mod, target))
+            jobs.append((t, sch, r.args_info))
+    timed, build_errors = time_schedules(
+        jobs, target, cores=cores, builder_timeout_s=builder_timeout_s, runner=runner,
+        what="the seed profile's schedules",
+    )  # fmt: skip
+    errors += [f"{t.task_name}: {e}" for t, e in build_errors]
+    committed = 0
+    ok: set[int] = set()
+    for (t, sch, args_info), res in timed:
+        if res.error_msg is not None or not res.run_secs:
+            errors.append(f"{t.task_name}: {res.error_msg}"[-400:])
+            continue
+        workload = database.commit_workload(t.dispatched[0])
+        database.commit_tuning_record(
+            ms.database.TuningRecord(sch.trace, workload, list(res.run_secs), target, args_info)
+        )
+        committed += 1
+        ok.add(id(t))
+    return committed, [t for t in tasks if id(t) not in ok], errors
+
+
+def time_schedules(
+    jobs: list[tuple[Any, Any, Any]],
+    target: tvm.target.Target,
+    *,
+    cores: int,
+    builder_timeout_s: float,
+    runner: dict[str, Any],
+    what: str = "schedules",
+) -> tuple[list[tuple[tuple[Any, Any, Any], Any]], list[tuple[Any, str]]]:
+    """Build each job's schedule (``(tag, Schedule, args_info)``) for ``target`` and run
+    the ones that built with ``runner`` (a CPU device). Returns (job, MetaSchedule run
+    result) per built schedule (a result's ``error_msg`` says why it did not run) and
+    (tag, why) per schedule that did not build.
+
+    Raises:
+        DeviceLost: an RPC runner's device answered none of the runs and its tracker says
+            it is gone (``what`` names what was being measured).
+    """
+    import shutil
+
     builder = _make_pool_builder(cores, builder_timeout_s)
     try:
-        built = builder.build(inputs) if inputs else []
+        built = builder.build([ms.builder.BuilderInput(s.mod, target) for _, s, _ in jobs])
     finally:
         builder.shutdown()
     runnable = [(j, b) for j, b in zip(jobs, built, strict=True) if b.error_msg is None]
-    errors += [
-        f"{j[0].task_name}: {b.error_msg}"[-400:]
-        for j, b in zip(jobs, built, strict=True)
-        if b.error_msg is not None
+    errors = [
+        (j[0], str(b.error_msg)[-400:]) for j, b in zip(jobs, built, strict=True) if b.error_msg
     ]
+    if not runnable:
+        return [], errors
     run = make_runner(runner)
     try:
         futures = run.run(
-            [
-                ms.runner.RunnerInput(b.artifact_path, "cpu", args_info)  # (GPUs: returned above)
-                for (_, _, args_info), b in runnable
-            ]
+            [ms.runner.RunnerInput(b.artifact_path, "cpu", j[2]) for j, b in runnable]
         )
         results = [f.result() for f in futures]
     finally:
@@ -390,7 +428,7 @@ def measure_seeded(
         run.pool.shutdown()
     for _, b in runnable:
         shutil.rmtree(Path(b.artifact_path).parent, ignore_errors=True)
-    if runner["kind"] == "rpc" and results and all(r.error_msg is not None for r in results):
+    if runner["kind"] == "rpc" and all(r.error_msg is not None for r in results):
         why = device_gone(
             runner["tracker_host"],
             int(runner["tracker_port"]),
@@ -398,17 +436,59 @@ def measure_seeded(
             float(runner["timeout_s"]),
         )
         if why is not None:
-            raise DeviceLost(f"{why} while measuring the seed profile's schedules")
-    committed = 0
-    ok: set[int] = set()
-    for ((t, trace, args_info), _), res in zip(runnable, results, strict=True):
-        if res.error_msg is not None or not res.run_secs:
-            errors.append(f"{t.task_name}: {res.error_msg}"[-400:])
+            raise DeviceLost(f"{why} while measuring {what}")
+    return [(j, r) for (j, _), r in zip(runnable, results, strict=True)], errors
+
+
+def time_database(
+    source: ms.database.Database,
+    workloads: list[Any],
+    out: ms.database.Database,
+    target: tvm.target.Target,
+    *,
+    cores: int,
+    builder_timeout_s: float,
+    runner: dict[str, Any],
+) -> tuple[int, list[str]]:
+    """Time on this device the schedule ``source`` would compile each of ``workloads``
+    (MetaSchedule ``Workload``\\ s) with (its best record) and commit it to ``out`` with
+    this device's run times: a kernel table of this device for the schedules a library
+    built from ``source`` runs (:mod:`voxfit.cost_models._kernels`). A workload ``source``
+    has no record of, whose trace does not replay or that does not build or run is left
+    out, with why. Returns (records committed, errors).
+
+    Raises:
+        DeviceLost: an RPC runner's device went away.
+    """
+    from tvm.s_tir import Schedule
+
+    jobs: list[tuple[Any, Any, Any]] = []
+    errors: list[str] = []
+    for w in workloads:
+        rec = source.query_tuning_record(w.mod, target, "main")
+        if rec is None:
+            errors.append(f"{w.as_json()[0]}: no record")
             continue
-        workload = database.commit_workload(t.dispatched[0])
-        database.commit_tuning_record(
-            ms.database.TuningRecord(trace, workload, list(res.run_secs), target, args_info)
+        sch = Schedule(w.mod, debug_mask=0, error_render_level="detail")
+        try:
+            rec.trace.apply_to_schedule(sch, remove_postproc=False)
+        except Exception as e:  # noqa: BLE001 - a trace that does not replay here is skipped
+            errors.append(f"{w.as_json()[0]}: the trace does not replay: {e}"[:300])
+            continue
+        jobs.append((w, sch, rec.args_info))
+    timed, build_errors = time_schedules(
+        jobs, target, cores=cores, builder_timeout_s=builder_timeout_s, runner=runner,
+        what="the database's schedules",
+    )  # fmt: skip
+    errors += [f"{w.as_json()[0]}: {e}" for w, e in build_errors]
+    committed = 0
+    for (w, sch, args_info), res in timed:
+        if res.error_msg is not None or not res.run_secs:
+            errors.append(f"{w.as_json()[0]}: {res.error_msg}"[-400:])
+            continue
+        workload = out.commit_workload(w.mod)
+        out.commit_tuning_record(
+            ms.database.TuningRecord(sch.trace, workload, list(res.run_secs), target, args_info)
         )
         committed += 1
-        ok.add(id(t))
-    return committed, [t for t in tasks if id(t) not in ok], errors
+    return committed, errors

@@ -184,11 +184,28 @@ class KernelPredictor(CostModelPredictor):
     (about a second: no tuning, no build), then sums the device's own records of them. A
     candidate whose every kernel is in the table is predicted with confidence; one with
     estimated kernels keeps the transfer model's flags. :meth:`close` stops the worker.
+
+    ``kernels`` None and a ``host_table`` (this host's times of the profile's schedules,
+    :mod:`voxfit.cost_models._host_kernels`): a cost model fitted on another host, calibrated
+    here by kernels. Each measurement :meth:`observe` gets (the base's rounds, promoted
+    trials) is also a kernel sample; from ``min_samples`` on, the kernel model fitted on
+    them over the table predicts (refitted at each sample), and until then the cost model
+    (flagged, so the latency stack measures). Measured on an Intel host for the x86 model
+    fitted on AMD: see the README's sibling-host figures.
     """
 
-    def __init__(self, model: CostModel | TransferModel, kernels: Any, **kw: Any) -> None:
+    def __init__(
+        self,
+        model: CostModel | TransferModel,
+        kernels: Any,
+        *,
+        host_table: dict[str, float] | None = None,
+        **kw: Any,
+    ) -> None:
         super().__init__(model, **kw)
         self.kernels = kernels
+        self.host_table = host_table if self.calibrating else None
+        self._ksamples: list[tuple[list[Any], float]] = []
         self._worker: Any = None
         self._tmp: Path | None = None
         self.counts = {"kernels": 0, "estimated": 0, "transfer": 0}
@@ -211,8 +228,53 @@ class KernelPredictor(CostModelPredictor):
             raise VoxfitError(f"listing the TVM tasks: {r['error']}")
         return list(r["task_keys"])
 
+    def observe(self, model: nn.Module, frames: int, ms_at_reference: float) -> None:
+        super().observe(model, frames, ms_at_reference)
+        if self.host_table is None or not (ms_at_reference > 0):
+            return
+        from voxfit.cost_models._kernels import fit_kernels
+
+        try:
+            self._ksamples.append((self._keys(model, frames), float(ms_at_reference)))
+        except VoxfitError as e:
+            log.debug("kernel sample not taken: %s", e)
+            return
+        if len(self._ksamples) < self.min_samples:
+            return
+        try:
+            fitted = fit_kernels(self._ksamples, self.host_table)
+        except ConfigError as e:  # too few samples with every kernel timed here
+            log.debug("no kernel calibration yet: %s", e)
+            return
+        if self.kernels is None:
+            log.info(
+                "latency model calibrated to this host by its kernels (%d timed here) from "
+                "%d measurements",
+                len(self.host_table),
+                len(self._ksamples),
+            )
+        self.kernels = fitted
+
+    @property
+    def calibration(self) -> dict[str, Any] | None:
+        out = super().calibration
+        if out is not None and self.host_table is not None:
+            k = self.kernels
+            out["kernels"] = {
+                "timed_here": len(self.host_table),
+                "samples": len(self._ksamples),
+                "active": k is not None,
+                "coef": k.card["coef"] if k is not None else None,
+                "fit_mape": k.card["fit_metrics"]["mape"] if k is not None else None,
+                "predicted": dict(self.counts),
+            }
+        return out
+
     def predict(self, model: nn.Module, frames: int) -> PredictedLatency:
         p = super().predict(model, frames)
+        if self.kernels is None:  # a host calibration not fitted yet
+            self.counts["transfer"] += 1
+            return p
         try:
             ms, estimated = self.kernels.predict_keys(self._keys(model, frames))
         except VoxfitError as e:
@@ -241,10 +303,14 @@ class KernelPredictor(CostModelPredictor):
 
 
 def _with_kernels(
-    model: CostModel | TransferModel, host_mismatch: HostMismatch, profile: HardwareProfile
+    model: CostModel | TransferModel,
+    host_mismatch: HostMismatch,
+    profile: HardwareProfile,
+    host_table: dict[str, float] | None = None,
 ) -> CostModelPredictor:
     """The predictor of a fitted model: a :class:`KernelPredictor` for an onboarded device
-    whose folder holds a kernel model, else a :class:`CostModelPredictor`."""
+    whose folder holds a kernel model, or for a model from another host with this host's
+    kernel table (``host_table``) to calibrate by; else a :class:`CostModelPredictor`."""
     from voxfit.cost_models._kernels import KERNELS_FILE, KernelModel
 
     d = model.directory
@@ -252,6 +318,12 @@ def _with_kernels(
         return KernelPredictor(
             model, KernelModel.load(d), host_mismatch=host_mismatch, profile=profile
         )
+    if host_table:
+        p = KernelPredictor(
+            model, None, host_table=host_table, host_mismatch=host_mismatch, profile=profile
+        )
+        if p.host_table is not None:  # calibrating: another host's model, or one unknown
+            return p
     return CostModelPredictor(model, host_mismatch, profile=profile)
 
 
@@ -260,15 +332,23 @@ def load_predictor(
     cost_models_dir: str | Path = "cost_models",
     directory: str | Path | None = None,
     host_mismatch: HostMismatch = "calibrate",
+    work: str | Path | None = None,
 ) -> CostModelPredictor:
     """The profile's cost model as a predictor: the one saved in ``directory`` (``voxfit
     cost-model fit`` output) if given, else the shipped one under ``cost_models_dir``.
-    ``host_mismatch``: see :class:`CostModelPredictor`.
+    ``host_mismatch``: see :class:`CostModelPredictor`; a model calibrating to this host
+    does it by kernels where ``work`` holds this host's kernel table (``voxfit device
+    time-kernels``, :mod:`voxfit.cost_models._host_kernels`).
 
     Raises:
         ConfigError: no cost model there, or it was trained for another profile.
+        DataError: this host's kernel table is torn.
     """
-    return _with_kernels(load_for(profile, cost_models_dir, directory), host_mismatch, profile)
+    from voxfit.cost_models._host_kernels import host_table
+
+    table = host_table(profile, work) if work is not None else None
+    model = load_for(profile, cost_models_dir, directory)
+    return _with_kernels(model, host_mismatch, profile, table)
 
 
 def predicted_estimator(

@@ -10,7 +10,7 @@ own records instead of a separate profiling pass). So
 
 with ``t_k`` the device's record of kernel ``k`` and ``c0``, ``s`` fitted on the whole-model
 times onboarding measures anyway (relative errors, as the transfer model). Measured on the
-no-AVX RPC device (``benchmarks/results/onboard_kernels.json``): from 20 samples, 88% of 50
+no-AVX RPC device (``benchmarks/results/onboard.json``): from 20 samples, 88% of 50
 held-out candidates within +-10%, Spearman 0.956, where the transfer model of the same
 samples put 34% within +-10% (Spearman 0.80): the per-kernel tuning luck of a new device
 (16 trials a task) is in the records and in no feature.
@@ -50,10 +50,11 @@ def pattern(task_name: str) -> str:
     return re.sub(r"\d+", "", task_name)
 
 
-def database_kernels(db_dir: str | Path) -> dict[str, float]:
+def database_kernels(db_dir: str | Path, *, median: bool = False) -> dict[str, float]:
     """The best mean run time (ms) of each workload of a tuning database folder, by its
     workload key (the structural hash MetaSchedule keys workloads with); records with a
-    failed run are not times.
+    failed run are not times. ``median``: a record's median repeat instead of its mean (a
+    table timed with repeats, where one disturbed repeat must not count).
 
     Raises:
         DataError: a line of either file is not a complete record (run ``voxfit tuning
@@ -71,6 +72,8 @@ def database_kernels(db_dir: str | Path) -> dict[str, float]:
     best: dict[str, float] = {}
     for line in lines[RECORDS]:
         w, secs = int(json.loads(line)[0]), _mean_secs(line)
+        if median and secs != math.inf:
+            secs = float(np.median(json.loads(line)[1][1]))
         if secs == math.inf or not 0 <= w < len(keys):
             continue
         best[keys[w]] = min(best.get(keys[w], 1e3 * secs), 1e3 * secs)
@@ -179,6 +182,49 @@ def _line(xs: list[tuple[float | None, float]]) -> tuple[float, float]:
     return float(np.mean([ms for _, ms in xs])), 0.0
 
 
+def _least_squares(x: np.ndarray, y: np.ndarray) -> tuple[float, float]:
+    """(c0, s) minimizing the sum of squared relative errors ((c0 + s x_i) / y_i - 1)^2."""
+    w = 1.0 / y
+    beta, *_ = np.linalg.lstsq(np.c_[w, x * w], y * w, rcond=None)
+    return float(beta[0]), float(beta[1])
+
+
+def _least_absolute(x: np.ndarray, y: np.ndarray) -> tuple[float, float]:
+    """(c0, s >= 0) minimizing the sum of |(c0 + s x_i) / y_i - 1| (a linear program): a
+    sample whose kernel sum is off (a kernel disturbed while it was timed) does not pull
+    the line for every other sample the way a squared error does."""
+    from scipy.optimize import linprog
+
+    n = len(y)
+    # variables: c0, s, e_1..e_n; minimize sum e_i with |(c0 + s x_i) / y_i - 1| <= e_i
+    a = np.c_[1.0 / y, x / y]
+    eye = np.eye(n)
+    res = linprog(
+        np.r_[0.0, 0.0, np.ones(n)],
+        A_ub=np.r_[np.c_[a, -eye], np.c_[-a, -eye]],
+        b_ub=np.r_[np.ones(n), -np.ones(n)],
+        bounds=[(None, None), (0.0, None)] + [(0.0, None)] * n,
+        method="highs",
+    )
+    if not res.success:  # not expected (feasible, bounded): squares instead
+        return _least_squares(x, y)
+    return float(res.x[0]), float(res.x[1])
+
+
+#: the line fits :func:`fit_kernels` chooses from, by leave-one-out error on the samples
+FITS = {"least_squares": _least_squares, "least_absolute": _least_absolute}
+
+
+def _loo_mape(fit: Any, x: np.ndarray, y: np.ndarray) -> float:
+    """Mean |relative error| of each sample predicted by the line fitted without it."""
+    errs = []
+    for i in range(len(y)):
+        keep = np.arange(len(y)) != i
+        c0, s = fit(x[keep], y[keep])
+        errs.append(abs((c0 + s * x[i]) / y[i] - 1.0))
+    return float(np.mean(errs))
+
+
 def fit_kernels(
     samples: Sequence[tuple[Sequence[TaskKey], float]],
     table: dict[str, float],
@@ -186,7 +232,9 @@ def fit_kernels(
     info: dict[str, tuple[str, float | None]] | None = None,
 ) -> KernelModel:
     """Fit ``c0`` and the scale on ``samples`` (each: a measured model's task keys, its ms at
-    the device's reference speed) over ``table`` (:func:`database_kernels`); ``info``: the
+    the device's reference speed) over ``table`` (:func:`database_kernels`), by least
+    squared or least absolute relative errors, whichever predicts the samples better left
+    out one at a time (the card says which, ``fit``); ``info``: the
     pattern and FLOPs of table kernels beyond the samples' own (the samples' are taken
     from their keys).
 
@@ -214,9 +262,12 @@ def fit_kernels(
             "device's database; measure at least 3"
         )
     x, yy = np.asarray(xs), np.asarray(ys)
-    w = 1.0 / yy
-    beta, *_ = np.linalg.lstsq(np.c_[w, x * w], yy * w, rcond=None)
-    c0, scale = float(beta[0]), float(beta[1])
+    # which line: the one whose leave-one-out error on the samples is lower (measured: least
+    # squares on the no-AVX RPC device's 20 samples, least absolute errors on the sibling
+    # host's, where two samples 16% and 26% off pulled the squares' line; README)
+    loo = {name: _loo_mape(f, x, yy) for name, f in FITS.items()} if len(yy) >= 4 else {}
+    how = min(loo, key=lambda k: loo[k]) if loo else "least_squares"
+    c0, scale = FITS[how](x, yy)
     if scale <= 0:  # a degenerate sample set: a pure scale instead
         c0, scale = 0.0, float(np.median(yy / x))
     model.c0, model.scale = float(c0), float(scale)
@@ -226,6 +277,8 @@ def fit_kernels(
         "n_samples": len(ys),
         "n_kernels": len(table),
         "coef": {"c0": model.c0, "scale": model.scale},
+        "fit": how,
+        "loo_mape": loo,
         "fit_metrics": metrics((model.c0 + model.scale * x).tolist(), ys),
     }
     return model

@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import os
 import platform
+import re
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, replace
 from functools import cache
@@ -224,6 +225,13 @@ class HostInfo:
             arch = "unknown microarchitecture"
         cores = f"{self.cores} cores" if self.cores else "cores unknown"
         return f"{self.cpu_model} ({arch}, {cores})"
+
+    @property
+    def key(self) -> str:
+        """A folder name for what was measured on this kind of host, e.g.
+        ``genuineintel-6-167-2c-3f9a0c1d2e4b``: vendor, family, model, cores, flags hash."""
+        raw = f"{self.vendor}-{self.family}-{self.model}-{self.cores}c-{self.flags_hash}"
+        return re.sub(r"[^a-z0-9.-]+", "_", raw.lower())
 
     def as_dict(self) -> dict[str, Any]:
         """Plain data for a YAML card (``isa`` as a list)."""

@@ -73,9 +73,18 @@ def _latency_model(attrs: Mapping[str, Any]) -> str:
             if cal.get("active")
             else f"not yet: {cal['samples']} of {cal['needed']} measurements"
         )
+        hk = cal.get("kernels")
+        if hk:
+            info["by this host's kernel times"] = (
+                f"yes: {hk['timed_here']} kernels timed here, fitted on {hk['samples']} "
+                f"measurements (fit MAPE {hk['fit_mape']:.1%})"
+                if hk.get("active")
+                else f"not yet: {hk['samples']} measurements, {hk['timed_here']} kernels "
+                "timed here"
+            )
     kern = attrs.get("latency_kernels")
     if kern:
-        info["kernel model (the device's own tuning records)"] = (
+        info["kernel model (kernel times measured on the device)"] = (
             f"{kern['kernels']} predictions from known kernels, {kern['estimated']} with "
             f"kernels estimated from their pattern, {kern['transfer']} by the transfer model"
         )

@@ -204,7 +204,7 @@ def make_latency(s: SearchSettings, reference: nn.Module | None) -> PromotingEst
             directory = mine
             log.info("latency model: %s (fitted in the work folder)", mine)
     try:
-        predictor = load_predictor(s.profile, s.cost_models_dir, directory)
+        predictor = load_predictor(s.profile, s.cost_models_dir, directory, work=s.work)
     except ConfigError as e:
         if s.profile.measurement.method == "predicted":
             raise
