@@ -159,3 +159,49 @@ def test_time_kernels_here_refuses_a_device_it_cannot_run_here(tmp_path: Path) -
     profile = load_profile(find_profile("x86-64-sse-rpc"))
     with pytest.raises(ConfigError, match="measurement.method: rpc"):
         time_kernels_here(profile, work=tmp_path)
+
+
+@pytest.mark.tvm
+def test_load_predictor_finds_this_hosts_table_and_a_search_calibrates_by_it(
+    tmp_path: Path,
+) -> None:
+    """The predictor a search in ``work`` gets (``load_predictor(..., work=)``) calibrates by
+    this host's table when there is one: real TVM task lists of the observed and predicted
+    models (the shipped card records no host, so it is calibrated wherever it runs)."""
+    from voxfit.cost_models import load_predictor
+
+    profile = load_profile(find_profile(PROFILE))
+    work = tmp_path / "work"
+    plain = load_predictor(profile, ROOT / "cost_models", work=work)
+    assert not isinstance(plain, KernelPredictor)  # no table here: the transfer calibration
+    models = [tiny_tdnn(seed=i) for i in range(4)]
+    probe = KernelPredictor(plain.model, None, host_mismatch="ignore", profile=profile)
+    try:
+        keys = probe._keys(models[0], 100)
+    finally:
+        probe.close()
+    d = host_kernels_dir(profile, work)
+    d.mkdir(parents=True)
+    d.joinpath(WORKLOADS).write_text("".join(json.dumps([k, "mod"]) + "\n" for _, k, _, _ in keys))
+    d.joinpath(RECORDS).write_text(
+        "".join(
+            json.dumps([i, [[], [1e-5 * (i + 1)] * 3, {}, []]]) + "\n" for i in range(len(keys))
+        )
+    )
+    pred = load_predictor(profile, ROOT / "cost_models", work=work)
+    assert isinstance(pred, KernelPredictor)
+    assert pred.host_table is not None
+    assert len(pred.host_table) == len(keys)
+    pred.min_samples = 3
+    try:
+        for m in models[:3]:
+            pred.observe(m, 100, 1.5)  # the tiny models share shapes: one kernel sum
+        cal = pred.calibration
+        assert cal is not None
+        assert cal["kernels"]["active"]
+        p = pred.predict(models[3], 100)
+    finally:
+        pred.close()
+    assert p.ms == pytest.approx(1.5, rel=1e-3)
+    assert not p.low_confidence
+    assert pred.counts["kernels"] == 1

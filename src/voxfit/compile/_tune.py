@@ -347,7 +347,6 @@ def measure_seeded(
         DeviceLost: an RPC runner's tracker or device went away (nothing is committed for
             the tasks not measured yet).
     """
-    from tvm.s_tir import Schedule
 
     if not tasks or is_gpu(target):
         return 0, [], []
@@ -358,11 +357,9 @@ def measure_seeded(
         if not seed.has_workload(mod):
             continue
         for r in seed.get_top_k(seed.commit_workload(mod), top_k):
-            sch = Schedule(mod, debug_mask=0, error_render_level="detail")
-            try:
-                r.trace.apply_to_schedule(sch, remove_postproc=False)
-            except Exception as e:  # noqa: BLE001 - a trace that does not replay here is skipped
-                errors.append(f"{t.task_name}: the trace does not replay: {e}"[:300])
+            sch, why = _replay(mod, r.trace)
+            if sch is None:
+                errors.append(f"{t.task_name}: {why}")
                 continue
             jobs.append((t, sch, r.args_info))
     timed, build_errors = time_schedules(
@@ -383,6 +380,19 @@ def measure_seeded(
         committed += 1
         ok.add(id(t))
     return committed, [t for t in tasks if id(t) not in ok], errors
+
+
+def _replay(mod: tvm.IRModule, trace: Any) -> tuple[Any, str]:
+    """A record's trace applied to ``mod``: (the schedule, "") or (None, why it does not
+    replay here)."""
+    from tvm.s_tir import Schedule
+
+    sch = Schedule(mod, debug_mask=0, error_render_level="detail")
+    try:
+        trace.apply_to_schedule(sch, remove_postproc=False)
+    except Exception as e:  # noqa: BLE001 - a trace that does not replay here is skipped
+        return None, f"the trace does not replay: {e}"[:300]
+    return sch, ""
 
 
 def time_schedules(
@@ -460,7 +470,6 @@ def time_database(
     Raises:
         DeviceLost: an RPC runner's device went away.
     """
-    from tvm.s_tir import Schedule
 
     jobs: list[tuple[Any, Any, Any]] = []
     errors: list[str] = []
@@ -469,11 +478,9 @@ def time_database(
         if rec is None:
             errors.append(f"{w.as_json()[0]}: no record")
             continue
-        sch = Schedule(w.mod, debug_mask=0, error_render_level="detail")
-        try:
-            rec.trace.apply_to_schedule(sch, remove_postproc=False)
-        except Exception as e:  # noqa: BLE001 - a trace that does not replay here is skipped
-            errors.append(f"{w.as_json()[0]}: the trace does not replay: {e}"[:300])
+        sch, why = _replay(w.mod, rec.trace)
+        if sch is None:
+            errors.append(f"{w.as_json()[0]}: {why}")
             continue
         jobs.append((w, sch, rec.args_info))
     timed, build_errors = time_schedules(
