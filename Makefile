@@ -89,7 +89,7 @@ test: sysdeps venv lint
 	$(BIN)/pytest -q
 
 # The tests marked long (a whole command end to end, minutes each: the tiny device's
-# onboarding, the benchmark scripts, a tracker dying mid-tuning); make test leaves them out.
+# onboarding, 5.5 min, and the benchmark scripts); make test leaves them out.
 test-long: sysdeps venv
 	$(BIN)/pytest -q -m long
 

@@ -135,7 +135,6 @@ def _kill_when_measured(farm: Farm, db: Path, records: int, when: dict[str, floa
     when["killed"] = time.monotonic()
 
 
-@pytest.mark.long
 def test_a_tracker_that_dies_mid_tuning_leaves_a_database_the_next_run_resumes(
     tmp_path: Path,
 ) -> None:
