@@ -117,17 +117,28 @@ def test_qemu_server_command_registers_and_stops_on_ctrl_c(
             assert cli.stdout is not None
             request.addfinalizer(lambda: _killpg(cli.pid))
             next_line = _line_reader(cli.stdout)
-            first = next_line(120)  # qemu starting Python on a loaded host
-            assert "started the qemu-aarch64 RPC server" in first
-            assert f"tracker 127.0.0.1:{farm.tracker_port}" in first
-            assert "registered" in next_line(120)
-            wait_registered(cli, farm.host, farm.tracker_port, farm.key, 10)
-            os.killpg(cli.pid, signal.SIGINT)  # Ctrl-C reaches the terminal's process group
-            assert cli.wait(30) == 0
-            rest = iter(lambda: next_line(10), "")
-            assert any("stopping" in line for line in rest)
+            first, server = "", 0
+            try:
+                first = next_line(120)  # qemu starting Python on a loaded host
+                assert "started the qemu-aarch64 RPC server" in first
+                assert f"tracker 127.0.0.1:{farm.tracker_port}" in first
+                server = int(first.split("(pid ")[1].split(",")[0])
+                assert "registered" in next_line(120)
+                # the command said so; the tracker agrees (a TVM worker's start: seconds)
+                wait_registered(cli, farm.host, farm.tracker_port, farm.key, 60)
+                os.killpg(cli.pid, signal.SIGINT)  # Ctrl-C reaches the terminal's group
+                assert cli.wait(30) == 0
+                rest = iter(lambda: next_line(10), "")
+                assert any("stopping" in line for line in rest)
+            except BaseException:
+                # Popen's exit waits for the command, which waits for its server (a session
+                # of its own): stop both first, or a failure here hangs the whole run
+                # (seen: a 10 s registration check timed out on a loaded host)
+                _killpg(cli.pid)
+                if server:
+                    _killpg(server)
+                raise
         # the server's whole process group is gone (killed ones are reaped a moment later)
-        server = int(first.split("(pid ")[1].split(",")[0])
         deadline = time.monotonic() + 15
         while _alive(server) and time.monotonic() < deadline:
             time.sleep(0.2)
