@@ -212,10 +212,7 @@ def time_here(req: dict[str, Any]) -> dict[str, Any]:
     compile each of their workloads with, into the database ``out_dir``
     (:func:`~voxfit.compile._tune.time_database`). Workloads in a fixed order (by key),
     ``count`` of them from ``start``; those ``out_dir`` has already are skipped (a killed
-    run resumes). Returns total (workloads), timed, skipped, flops (FLOPs by workload key,
-    None where unknown) and errors."""
-    from tvm.s_tir.analysis import estimate_tir_flops
-
+    run resumes). Returns total (workloads), timed, skipped and errors."""
     profile = req["profile"]
     tuning = profile["tuning"]
     target = make_target(profile)
@@ -243,17 +240,10 @@ def time_here(req: dict[str, Any]) -> dict[str, Any]:
             )  # fmt: skip
         finally:
             out.committed()
-    flops: dict[str, float | None] = {}
-    for w in todo:
-        try:
-            flops[str(w.as_json()[0])] = float(estimate_tir_flops(w.mod))
-        except Exception:  # noqa: BLE001 - no estimate for this function: unknown
-            flops[str(w.as_json()[0])] = None
     return {
         "total": len(keys),
         "timed": timed,
         "skipped": len(todo) - len(fresh),
-        "flops": flops,
         "errors": errors[:20],
     }
 

@@ -370,16 +370,32 @@ def measure_seeded(
     committed = 0
     ok: set[int] = set()
     for (t, sch, args_info), res in timed:
-        if res.error_msg is not None or not res.run_secs:
-            errors.append(f"{t.task_name}: {res.error_msg}"[-400:])
+        failed = _commit_timed(database, t.dispatched[0], sch, args_info, res, target)
+        if failed is not None:
+            errors.append(f"{t.task_name}: {failed}"[-400:])
             continue
-        workload = database.commit_workload(t.dispatched[0])
-        database.commit_tuning_record(
-            ms.database.TuningRecord(sch.trace, workload, list(res.run_secs), target, args_info)
-        )
         committed += 1
         ok.add(id(t))
     return committed, [t for t in tasks if id(t) not in ok], errors
+
+
+def _commit_timed(
+    database: ms.database.Database,
+    mod: tvm.IRModule,
+    sch: Any,
+    args_info: Any,
+    res: Any,
+    target: tvm.target.Target,
+) -> str | None:
+    """Commit a schedule of ``mod`` with the run times this device measured (``res``, a
+    MetaSchedule run result) to ``database``; or say why not (it did not run)."""
+    if res.error_msg is not None or not res.run_secs:
+        return str(res.error_msg)
+    workload = database.commit_workload(mod)
+    database.commit_tuning_record(
+        ms.database.TuningRecord(sch.trace, workload, list(res.run_secs), target, args_info)
+    )
+    return None
 
 
 def _replay(mod: tvm.IRModule, trace: Any) -> tuple[Any, str]:
@@ -490,12 +506,9 @@ def time_database(
     errors += [f"{w.as_json()[0]}: {e}" for w, e in build_errors]
     committed = 0
     for (w, sch, args_info), res in timed:
-        if res.error_msg is not None or not res.run_secs:
-            errors.append(f"{w.as_json()[0]}: {res.error_msg}"[-400:])
+        failed = _commit_timed(out, w.mod, sch, args_info, res, target)
+        if failed is not None:
+            errors.append(f"{w.as_json()[0]}: {failed}"[-400:])
             continue
-        workload = out.commit_workload(w.mod)
-        out.commit_tuning_record(
-            ms.database.TuningRecord(sch.trace, workload, list(res.run_secs), target, args_info)
-        )
         committed += 1
     return committed, errors
