@@ -6,7 +6,18 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from voxfit.hw_profiles import HostInfo, describe_host
 from voxfit.models import build_model, default_config
+
+
+def fake_host(name: str, family: int, model: int, flags: str = "avx avx2 fma") -> HostInfo:
+    """The host a 2-core AMD CPU of this family/model/name (``/proc/cpuinfo`` as it would
+    read) describes: another host than this one, for the tests of host-aware models."""
+    text = (
+        "processor\t: 0\nvendor_id\t: AuthenticAMD\n"
+        f"cpu family\t: {family}\nmodel\t\t: {model}\nmodel name\t: {name}\nflags\t\t: {flags}\n"
+    )
+    return describe_host(text, cores=2)
 
 
 def tiny_tdnn(outputs: int = 12, *, seed: int = 0, varied_bn: bool = True) -> nn.Module:

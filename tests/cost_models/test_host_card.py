@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 
 import voxfit.cost_models._estimator as _estimator
-from tests._tiny import tiny_tdnn
+from tests._tiny import fake_host, tiny_tdnn
 from voxfit.compress import apply
 from voxfit.cost_models import (
     CostModel,
@@ -30,16 +30,8 @@ ROOT = Path(__file__).resolve().parents[2]
 FRAMES = 100
 
 
-def _host(name: str, family: int, model: int, flags: str = "avx avx2 fma") -> HostInfo:
-    text = (
-        "processor\t: 0\nvendor_id\t: AuthenticAMD\n"
-        f"cpu family\t: {family}\nmodel\t\t: {model}\nmodel name\t: {name}\nflags\t\t: {flags}\n"
-    )
-    return describe_host(text, cores=2)
-
-
-ZEN2 = _host("AMD EPYC 7B12", 23, 49)
-ZEN3 = _host("AMD EPYC 7B13", 25, 1)
+ZEN2 = fake_host("AMD EPYC 7B12", 23, 49)
+ZEN3 = fake_host("AMD EPYC 7B13", 25, 1)
 
 
 @pytest.fixture(scope="module")

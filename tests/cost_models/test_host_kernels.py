@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from tests._tiny import tiny_tdnn
+from tests._tiny import fake_host, tiny_tdnn
 from voxfit.compile._database import RECORDS, WORKLOADS
 from voxfit.cost_models import CostModel, CostModelPredictor, load_for
 from voxfit.cost_models._estimator import KernelPredictor
@@ -28,19 +28,10 @@ ROOT = Path(__file__).resolve().parents[2]
 PROFILE = "x86-avx2-2core"
 
 
-def _host(name: str, family: int, model: int) -> Any:
-    text = (
-        "processor\t: 0\nvendor_id\t: AuthenticAMD\n"
-        f"cpu family\t: {family}\nmodel\t\t: {model}\nmodel name\t: {name}\n"
-        "flags\t\t: avx avx2 fma\n"
-    )
-    return describe_host(text, cores=2)
-
-
 def test_host_keys_name_the_kind_of_host_and_are_folder_names() -> None:
-    a, b = _host("AMD EPYC 7B12", 23, 49), _host("AMD EPYC 9B14", 25, 17)
+    a, b = fake_host("AMD EPYC 7B12", 23, 49), fake_host("AMD EPYC 9B14", 25, 17)
     assert a.key != b.key
-    assert a.key == _host("AMD EPYC 7B12", 23, 49).key
+    assert a.key == fake_host("AMD EPYC 7B12", 23, 49).key
     assert a.key.startswith("authenticamd-23-49-2c-")
     assert "/" not in a.key
     assert " " not in a.key
@@ -59,10 +50,10 @@ def test_the_predictor_calibrates_by_kernels_after_min_samples(
     profile = load_profile(find_profile(PROFILE))
     src = load_for(profile, ROOT / "cost_models")
     assert isinstance(src, CostModel)
-    src.card["host"] = _host("AMD EPYC 7B12", 23, 49).as_dict()
+    src.card["host"] = fake_host("AMD EPYC 7B12", 23, 49).as_dict()
     table = {f"k{i}": 0.05 * (i + 1) for i in range(12)}
     pred = KernelPredictor(
-        src, None, host_table=table, current_host=_host("AMD EPYC 9B14", 25, 17),
+        src, None, host_table=table, current_host=fake_host("AMD EPYC 9B14", 25, 17),
         profile=profile, min_samples=4,
     )  # fmt: skip
     assert pred.calibrating
@@ -104,7 +95,7 @@ def test_the_predictor_calibrates_by_kernels_after_min_samples(
 def test_a_model_on_its_own_host_is_not_calibrated_by_kernels() -> None:
     profile = load_profile(find_profile(PROFILE))
     src = load_for(profile, ROOT / "cost_models")
-    host = _host("AMD EPYC 7B12", 23, 49)
+    host = fake_host("AMD EPYC 7B12", 23, 49)
     src.card["host"] = host.as_dict()
     pred = KernelPredictor(src, None, host_table={"k0": 1.0}, current_host=host, profile=profile)
     assert not pred.calibrating

@@ -11,6 +11,7 @@ import torch
 import yaml
 from torch import nn
 
+from tests._tiny import fake_host
 from voxfit.compress import apply
 from voxfit.cost_models import (
     CostModel,
@@ -28,7 +29,7 @@ from voxfit.cost_models._transfer import (
     task_group,
 )
 from voxfit.errors import ConfigError
-from voxfit.hw_profiles import describe_host, find_profile, load_profile
+from voxfit.hw_profiles import find_profile, load_profile
 from voxfit.models import build_model, default_config
 from voxfit.spaces import find_space
 
@@ -157,24 +158,15 @@ def test_an_unseen_kind_of_task_is_low_confidence(candidates_tasks: list) -> Non
     assert not any("no task of this kind" in r for r in model.predict_tasks(without[0]).reasons)
 
 
-def _host(name: str, family: int, model: int) -> object:
-    text = (
-        "processor\t: 0\nvendor_id\t: AuthenticAMD\n"
-        f"cpu family\t: {family}\nmodel\t\t: {model}\nmodel name\t: {name}\n"
-        "flags\t\t: avx avx2 fma\n"
-    )
-    return describe_host(text, cores=2)
-
-
 def test_a_model_from_another_host_calibrates_to_this_one_from_the_measurements(
     candidates: list[nn.Module],
     candidates_tasks: list,  # type: ignore[type-arg]
 ) -> None:
     src = CostModel.load(SHIPPED)
-    src.card["host"] = _host("AMD EPYC 7B12", 23, 49).as_dict()  # type: ignore[attr-defined]
-    here = _host("AMD EPYC 9B14", 25, 17)
+    src.card["host"] = fake_host("AMD EPYC 7B12", 23, 49).as_dict()
+    here = fake_host("AMD EPYC 9B14", 25, 17)
     profile = load_profile(find_profile("x86-avx2-2core"))
-    pred = CostModelPredictor(src, current_host=here, profile=profile, min_samples=8)  # type: ignore[arg-type]
+    pred = CostModelPredictor(src, current_host=here, profile=profile, min_samples=8)
     assert pred.calibrating
     first = pred.predict(candidates[0], 100)
     assert first.low_confidence
@@ -194,6 +186,8 @@ def test_a_model_from_another_host_calibrates_to_this_one_from_the_measurements(
     rel = [abs(p.ms - y) / y for p, y in zip(later, truth[8:], strict=True)]
     assert sum(r <= 0.10 for r in rel) / len(rel) >= 0.9, rel
     # the same model on its own host is not calibrated
-    same = CostModelPredictor(src, current_host=_host("AMD EPYC 7B12", 23, 49), profile=profile)  # type: ignore[arg-type]
+    same = CostModelPredictor(
+        src, current_host=fake_host("AMD EPYC 7B12", 23, 49), profile=profile
+    )
     assert not same.calibrating
     assert same.calibration is None
