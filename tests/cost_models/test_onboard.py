@@ -19,10 +19,14 @@ pytestmark = [pytest.mark.tvm, pytest.mark.slow]
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def _tiny_device(tmp_path: Path) -> Path:
+def _tiny_device(tmp_path: Path, *, seeded: bool = True) -> Path:
+    """The 1-core AVX2 profile as a new device, 2 trials per task; ``seeded``: its tuning
+    seeded from the shipped x86 database (``tuning.seed_from``, the profile's own)."""
     raw = yaml.safe_load((ROOT / "src/voxfit/hw_profiles/shipped/x86-avx2-1core.yaml").read_text())
     raw["name"] = "tiny-1core"
     raw["tuning"].update(trials_per_task=2, trials_per_iter=2)
+    if not seeded:
+        raw["tuning"].pop("seed_from")
     # a tiny model's timings are noisy on a busy CI host: no repeats for the CV here
     raw["measurement"].update(repeats=5, min_repeat_ms=5, warmup=1, max_cv=1.0)
     f = tmp_path / "tiny-1core.yaml"
@@ -30,18 +34,63 @@ def _tiny_device(tmp_path: Path) -> Path:
     return f
 
 
+def _onboard_args(tmp_path: Path, *budget: str, seeded: bool = True) -> list[str]:
+    """``voxfit device onboard`` of the tiny device over the CI space: 3 candidates fitted,
+    3 validated, then ``budget`` (the tuning and source options)."""
+    space = tmp_path / "space.yaml"
+    space.write_text(CI_TINY_SPACE)
+    device = _tiny_device(tmp_path, seeded=seeded)
+    return ["device", "onboard", str(device), "--preset", "tiny",
+            "--space", str(space), "--n", "3", "--validate", "3", "--tune-minutes", "30",
+            *budget, "--work", str(tmp_path / "work"),
+            "--cost-models", str(ROOT / "cost_models")]  # fmt: skip
+
+
+def test_onboarding_a_tiny_device_end_to_end_with_a_small_budget(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The whole command in CI: only the base tuned ahead (each candidate's new kernels are
+    tuned as it is measured), 3 fitted, 3 validated, the kernel model from the device's own
+    records, and a second run that measures and tunes nothing. The source is named, not
+    seeded (the seeded path is the long test's: the seed's 12 MB database costs ~10 s in
+    each process that opens it, and the tiny model has no task in it)."""
+    work = tmp_path / "work"
+    args = _onboard_args(
+        tmp_path, "--tune-models", "0", "--kernel-models", "0", "--source", "x86-avx2-2core",
+        seeded=False,
+    )  # fmt: skip
+    code, out, err = run_voxfit(args, capsys, monkeypatch)
+    assert code == 0, err[-3000:]
+    assert "onboarded tiny-1core from x86-avx2-2core's model" in out
+    model_dir = work / "cost_models" / "tiny-1core" / "model"
+    card = yaml.safe_load((model_dir / "card.yaml").read_text())
+    assert card["kind"] == "transfer"
+    assert card["n_shot"] == 3
+    assert card["metrics"]["heldout"]["n"] == 3
+    assert card["onboard"]["tuned_models"] == 1  # the base; nothing else ahead
+    assert card["onboard"]["tuned_tasks"] > 0
+    # the candidates' kernels were tuned on the device while measured: the kernel model fits
+    assert card["kernels"]["n_samples"] == 3
+    assert card["metrics"]["kernels_heldout"]["n"] == 3
+    store = MeasurementStore(work / "measurements" / "tiny-1core")
+    measured = len(store.files())
+    assert 6 <= measured <= 12  # a noisy one (CV above max_cv) is measured once more
+    assert (work / "tuning" / "tiny-1core" / "database_tuning_record.json").stat().st_size > 0
+    device = load_profile(tmp_path / "tiny-1core.yaml")  # the one _onboard_args wrote
+    assert isinstance(load_for(device, directory=model_dir), TransferModel)
+    code, out2, err2 = run_voxfit(args, capsys, monkeypatch)
+    assert code == 0, err2[-3000:]
+    assert len(store.files()) == measured
+    assert "tuned 0 tasks" in out2
+
+
 @pytest.mark.long
 def test_onboarding_a_tiny_device_through_the_cli_fits_validates_and_resumes(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    device = _tiny_device(tmp_path)
-    space = tmp_path / "space.yaml"
-    space.write_text(CI_TINY_SPACE)
     work = tmp_path / "work"
-    args = ["device", "onboard", str(device), "--preset", "tiny", "--space", str(space),
-            "--n", "3", "--validate", "3", "--tune-minutes", "30", "--tune-models", "1",
-            "--kernel-models", "2",
-            "--work", str(work), "--cost-models", str(ROOT / "cost_models")]  # fmt: skip
+    args = _onboard_args(tmp_path, "--tune-models", "1", "--kernel-models", "2")
+    device = tmp_path / "tiny-1core.yaml"
     code, out, err = run_voxfit(args, capsys, monkeypatch)
     assert code == 0, err[-3000:]
     assert "onboarded tiny-1core from x86-avx2-2core's model" in out

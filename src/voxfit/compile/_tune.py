@@ -242,6 +242,12 @@ def _measure_callbacks(spec: dict[str, Any], lost: list[str]) -> list[Any]:
     return callbacks
 
 
+def _population(trials_per_task: int) -> int:
+    """The evolutionary search's population: 128, or 8 per trial below 16 trials (16 at
+    least: the unmeasured candidates it starts from)."""
+    return min(128, max(16, 8 * trials_per_task))
+
+
 def tune(
     tasks: list[Any],
     database: ms.database.Database,
@@ -287,9 +293,12 @@ def tune(
             str(log_dir),
             space=space,
             # A smaller population than the default 512: budgets here are tens of trials
-            # per task, and evolving 512 candidates per round costs more than measuring.
+            # per task, and evolving 512 candidates per round costs more than measuring;
+            # a budget of a few trials (a test device) evolves fewer still.
             strategy=ms.search_strategy.EvolutionarySearch(
-                population_size=128, init_min_unmeasured=16, genetic_num_iters=2
+                population_size=_population(trials_per_task),
+                init_min_unmeasured=16,
+                genetic_num_iters=2,
             ),
             num_threads=cores,
             seed=seed,
