@@ -32,6 +32,7 @@ then), and every re-measured point is kept in ``<work>/equal-time/remeasured-<ke
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import json
 import multiprocessing as mp
@@ -144,6 +145,60 @@ def spread(recs: list[TrialRecord], n: int) -> list[TrialRecord]:
     return [ordered[i] for i in idx]
 
 
+def _pair_items(pair: tuple[Any, ...]) -> list[tuple[str, Any]]:
+    """The arms' points of one alternating round (an arm whose front ran out is None)."""
+    return [p for p in pair if p is not None]
+
+
+def _remeasure(
+    args: argparse.Namespace,
+    profile: Any,
+    pending: list[tuple[str, Any]],
+    done: dict[str, dict[str, Any]],
+    cache: Path,
+) -> None:
+    """Measure ``pending`` (arm, trial) in order, each paired with the fp32 base, appending
+    each row to ``cache`` (and ``done``) as it is measured."""
+    from voxfit.compile import default_tuning_dir
+    from voxfit.latency import TvmLocalEstimator
+    from voxfit.plan import Candidate
+
+    model_name = find_space(args.space).model
+    ctxs = {
+        a: SearchContext.prepare(preset=args.preset, model=model_name, work=args.work,
+                                 checkpoint=args.elastic if a == "elastic" else args.base)
+        for a in ARMS
+    }  # fmt: skip
+    fp32 = ctxs["distilled"].build(Candidate(), profile.channel_multiple, 0)
+    ests = {
+        a: TvmLocalEstimator(
+            profile,
+            Path(args.work) / "equal-time" / "bench-builds" / a,
+            cost_models_dir=args.cost_models,
+            tuning_dir=default_tuning_dir(_arm_work(args, a), profile),
+            reference=fp32,
+        )
+        for a in ARMS
+    }
+    try:
+        for a, r in pending:
+            assert r.plan is not None
+            model = ctxs[a].build(replace(r.plan, recovery_steps=0), profile.channel_multiple,
+                                  r.seed or 0)  # fmt: skip
+            (m,) = ests[a].estimate(model, (profile.primary_input,))
+            row = {"key": f"{a}:{r.number}", "arm": a, "trial": r.number,
+                   "search_values": list(r.values or ()), "median_ms": m.median_ms,
+                   "relative": m.relative, "reference_ms": m.reference_ms,
+                   "error": m.error}  # fmt: skip
+            done[row["key"]] = row
+            with cache.open("a") as f:
+                f.write(json.dumps(row) + "\n")
+            print(f"{a} #{r.number}: {m.relative} x fp32 ({m.median_ms} ms)", flush=True)
+    finally:
+        for e in ests.values():
+            e.close()
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = parser("elastic_equal_time", __doc__, profile=True, space=True, preset=True,
                 cost_models=True)  # fmt: skip
@@ -190,10 +245,6 @@ def main(argv: list[str] | None = None) -> int:
             fronts[a].append(fp[0])
 
     # the fronts re-measured back to back, arms alternating, each paired with fp32
-    from voxfit.compile import default_tuning_dir
-    from voxfit.latency import TvmLocalEstimator
-    from voxfit.plan import Candidate
-
     key = hashlib.sha256(
         json.dumps([studies[a].study_name for a in ARMS] + [args.minutes]).encode()
     ).hexdigest()[:12]
@@ -205,43 +256,12 @@ def main(argv: list[str] | None = None) -> int:
             if line.strip():
                 r = json.loads(line)
                 done[r["key"]] = r
-    model_name = find_space(args.space).model
-    ctxs = {
-        a: SearchContext.prepare(preset=args.preset, model=model_name, work=args.work,
-                                 checkpoint=args.elastic if a == "elastic" else args.base)
-        for a in ARMS
-    }  # fmt: skip
-    fp32 = ctxs["distilled"].build(Candidate(), profile.channel_multiple, 0)
-    ests = {
-        a: TvmLocalEstimator(
-            profile,
-            Path(args.work) / "equal-time" / "bench-builds" / a,
-            cost_models_dir=args.cost_models,
-            tuning_dir=default_tuning_dir(_arm_work(args, a), profile),
-            reference=fp32,
-        )
-        for a in ARMS
-    }
-    try:
-        pairs = zip_longest(*([(a, r) for r in fronts[a]] for a in ARMS))
-        for a, r in (p for pair in pairs for p in pair if p is not None):
-            k = f"{a}:{r.number}"
-            if k in done:
-                continue
-            assert r.plan is not None
-            model = ctxs[a].build(replace(r.plan, recovery_steps=0), profile.channel_multiple,
-                                  r.seed or 0)  # fmt: skip
-            (m,) = ests[a].estimate(model, (profile.primary_input,))
-            row = {"key": k, "arm": a, "trial": r.number, "search_values": list(r.values or ()),
-                   "median_ms": m.median_ms, "relative": m.relative,
-                   "reference_ms": m.reference_ms, "error": m.error}  # fmt: skip
-            done[k] = row
-            with cache.open("a") as f:
-                f.write(json.dumps(row) + "\n")
-            print(f"{a} #{r.number}: {m.relative} x fp32 ({m.median_ms} ms)", flush=True)
-    finally:
-        for e in ests.values():
-            e.close()
+    pairs = zip_longest(*([(a, r) for r in fronts[a]] for a in ARMS))
+    pending = [
+        (a, r) for pair in pairs for a, r in _pair_items(pair) if f"{a}:{r.number}" not in done
+    ]
+    if pending:  # every point cached: no model is built and no TVM worker started
+        _remeasure(args, profile, pending, done, cache)
     rows = [done[f"{a}:{r.number}"] for a in ARMS for r in fronts[a]]
     ok = [r for r in rows if r["relative"] is not None and r["reference_ms"]]
     fp32_ms = statistics.median(r["reference_ms"] for r in ok)
