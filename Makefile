@@ -89,8 +89,9 @@ test: sysdeps venv lint
 	$(BIN)/pytest -q
 
 # The tests marked long (a whole command end to end, minutes each: the tiny device's
-# onboarding seeded from the x86 database with its kernel table, ~4 min, and the benchmark
-# scripts); make test leaves them out (it onboards the tiny device leaner, ~2 min).
+# onboarding seeded from the x86 database with its kernel table, then a search and a bundle
+# on it, ~4.5 min, and the benchmark scripts); make test leaves them out (it onboards the
+# tiny device leaner, ~2 min).
 test-long: sysdeps venv
 	$(BIN)/pytest -q -m long
 

@@ -4,6 +4,7 @@ a second run resumes (measures nothing again)."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -13,6 +14,7 @@ from tests._cli import run_voxfit
 from tests._tiny import CI_TINY_SPACE
 from voxfit.cost_models import MeasurementStore, load_for
 from voxfit.cost_models._transfer import TransferModel
+from voxfit.data import Manifest
 from voxfit.hw_profiles import load_profile
 
 pytestmark = [pytest.mark.tvm, pytest.mark.slow]
@@ -86,8 +88,13 @@ def test_onboarding_a_tiny_device_end_to_end_with_a_small_budget(
 
 @pytest.mark.long
 def test_onboarding_a_tiny_device_through_the_cli_fits_validates_and_resumes(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    tiny_manifest: Manifest,
 ) -> None:
+    """Seeded onboarding with its kernel table, resumed; then a search on the onboarded
+    device, whose exported bundle's report says its library was tuned on the device."""
     work = tmp_path / "work"
     args = _onboard_args(tmp_path, "--tune-models", "1", "--kernel-models", "2")
     device = tmp_path / "tiny-1core.yaml"
@@ -137,6 +144,32 @@ def test_onboarding_a_tiny_device_through_the_cli_fits_validates_and_resumes(
     assert code == 0, err2[-3000:]
     assert len(store.files()) == measured
     assert "tuned 0 tasks" in out2
+    # a search on the onboarded device (its model and records from the work folder), then
+    # a bundle: the library runs the device's own schedules, and its report says so
+    db = f"sqlite:///{tmp_path}/studies.db"
+    common = ["--storage", db, "--work", str(work), "--cost-models", str(ROOT / "cost_models")]
+    code, out3, err3 = run_voxfit(
+        ["search", "--space", str(tmp_path / "space.yaml"), "--profile", str(device),
+         "--preset", "tiny", "--manifest", str(tiny_manifest.source), "--trials", "3",
+         "--study", "onboarded", "--no-peer", *common],
+        capsys, monkeypatch,
+    )  # fmt: skip
+    assert code == 0, err3[-3000:]
+    assert "Pareto front of onboarded" in out3
+    code, out4, err4 = run_voxfit(
+        ["export", "--study", "onboarded", "--trial", "1", "--out", str(tmp_path / "bundles"),
+         *common],
+        capsys, monkeypatch,
+    )  # fmt: skip
+    assert code == 0, err4[-3000:]
+    report = json.loads(
+        (tmp_path / "bundles" / "onboarded" / "trial-1" / "report.json").read_text()
+    )
+    tuning = report["tvm"]["tuning"]
+    assert tuning["measured_by"] == "local"  # this device's runner (a local 1-core profile)
+    assert tuning["seeded_from"] == "x86-avx2-2core"
+    assert tuning["tuned_for_this_device"] > 0
+    assert tuning["tuned_for_this_device"] + len(tuning["seeded_tasks"]) == tuning["tasks"]
 
 
 def test_onboarding_needs_a_source(
