@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -48,6 +49,27 @@ def _onboard_args(tmp_path: Path, *budget: str, seeded: bool = True) -> list[str
             "--cost-models", str(ROOT / "cost_models")]  # fmt: skip
 
 
+def _onboarded(
+    args: list[str], work: Path, capsys: pytest.CaptureFixture[str], mp: pytest.MonkeyPatch
+) -> tuple[dict[str, Any], Path, str]:
+    """Run the onboarding ``args``; check what every onboarding of the tiny device writes
+    (a transfer card from 3 samples validated on 3, a kernel model over the device's own
+    records, tasks tuned there); return the card, the model folder and the output."""
+    code, out, err = run_voxfit(args, capsys, mp)
+    assert code == 0, err[-3000:]
+    assert "onboarded tiny-1core from x86-avx2-2core's model" in out
+    model_dir = work / "cost_models" / "tiny-1core" / "model"
+    card = yaml.safe_load((model_dir / "card.yaml").read_text())
+    assert card["kind"] == "transfer"
+    assert card["n_shot"] == 3
+    assert card["metrics"]["heldout"]["n"] == 3
+    assert card["onboard"]["tuned_tasks"] > 0
+    # the kernel model: the shots' kernels summed from the device's own records
+    assert card["kernels"]["n_samples"] == 3
+    assert card["metrics"]["kernels_heldout"]["n"] == 3
+    return card, model_dir, out
+
+
 def test_onboarding_a_tiny_device_end_to_end_with_a_small_budget(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -61,19 +83,9 @@ def test_onboarding_a_tiny_device_end_to_end_with_a_small_budget(
         tmp_path, "--tune-models", "0", "--kernel-models", "0", "--source", "x86-avx2-2core",
         seeded=False,
     )  # fmt: skip
-    code, out, err = run_voxfit(args, capsys, monkeypatch)
-    assert code == 0, err[-3000:]
-    assert "onboarded tiny-1core from x86-avx2-2core's model" in out
-    model_dir = work / "cost_models" / "tiny-1core" / "model"
-    card = yaml.safe_load((model_dir / "card.yaml").read_text())
-    assert card["kind"] == "transfer"
-    assert card["n_shot"] == 3
-    assert card["metrics"]["heldout"]["n"] == 3
+    # the candidates' kernels are tuned on the device while measured: the kernel model fits
+    card, model_dir, _ = _onboarded(args, work, capsys, monkeypatch)
     assert card["onboard"]["tuned_models"] == 1  # the base; nothing else ahead
-    assert card["onboard"]["tuned_tasks"] > 0
-    # the candidates' kernels were tuned on the device while measured: the kernel model fits
-    assert card["kernels"]["n_samples"] == 3
-    assert card["metrics"]["kernels_heldout"]["n"] == 3
     store = MeasurementStore(work / "measurements" / "tiny-1core")
     measured = len(store.files())
     assert 6 <= measured <= 12  # a noisy one (CV above max_cv) is measured once more
@@ -98,23 +110,12 @@ def test_onboarding_a_tiny_device_through_the_cli_fits_validates_and_resumes(
     work = tmp_path / "work"
     args = _onboard_args(tmp_path, "--tune-models", "1", "--kernel-models", "2")
     device = tmp_path / "tiny-1core.yaml"
-    code, out, err = run_voxfit(args, capsys, monkeypatch)
-    assert code == 0, err[-3000:]
-    assert "onboarded tiny-1core from x86-avx2-2core's model" in out
-    model_dir = work / "cost_models" / "tiny-1core" / "model"
-    card = yaml.safe_load((model_dir / "card.yaml").read_text())
-    assert card["kind"] == "transfer"
-    assert card["n_shot"] == 3
-    assert card["metrics"]["heldout"]["n"] == 3
+    card, model_dir, out = _onboarded(args, work, capsys, monkeypatch)
     # the base, one candidate, and two more whose kernels fill the kernel model's table
     assert card["onboard"]["tuned_models"] == 4
-    # the kernel model: the shots' kernels summed from the device's own records
-    assert card["kernels"]["n_samples"] == 3
     assert card["kernels"]["coef"]["scale"] > 0
-    assert card["metrics"]["kernels_heldout"]["n"] == 3
     assert (model_dir / "kernels.json").exists()
     assert "kernels" in out
-    assert card["onboard"]["tuned_tasks"] > 0
     assert card["host"]["cores"] >= 1
     store = MeasurementStore(work / "measurements" / "tiny-1core")
     # 6 candidates; a noisy one (CV above max_cv on a loaded host) is measured once more
