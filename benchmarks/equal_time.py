@@ -145,11 +145,6 @@ def spread(recs: list[TrialRecord], n: int) -> list[TrialRecord]:
     return [ordered[i] for i in idx]
 
 
-def _pair_items(pair: tuple[Any, ...]) -> list[tuple[str, Any]]:
-    """The arms' points of one alternating round (an arm whose front ran out is None)."""
-    return [p for p in pair if p is not None]
-
-
 def _remeasure(
     args: argparse.Namespace,
     profile: Any,
@@ -256,9 +251,10 @@ def main(argv: list[str] | None = None) -> int:
             if line.strip():
                 r = json.loads(line)
                 done[r["key"]] = r
+    # the arms alternating (an arm whose front ran out gives None: dropped)
     pairs = zip_longest(*([(a, r) for r in fronts[a]] for a in ARMS))
     pending = [
-        (a, r) for pair in pairs for a, r in _pair_items(pair) if f"{a}:{r.number}" not in done
+        (a, r) for pair in pairs for a, r in filter(None, pair) if f"{a}:{r.number}" not in done
     ]
     if pending:  # every point cached: no model is built and no TVM worker started
         _remeasure(args, profile, pending, done, cache)
