@@ -57,7 +57,7 @@ def _compressed(m: torch.nn.Module, adapters: bool) -> torch.nn.Module:
         ("tdnn", "base", ("direct", None)),
         ("tdnn", "pruned-w8", ("direct", None)),
         ("tdnn", "pruned-w8-adapters", ("decomposed", "linear layers fuse differently")),
-        ("conformer", "base", ("decomposed", "attention with a boolean mask")),
+        ("conformer", "base", ("decomposed", "linear layers fuse differently")),
     ],
 )
 def test_import_matches_torch_and_the_decomposed_tasks(
@@ -89,6 +89,31 @@ def test_forcing_the_direct_import_raises_instead_of_falling_back(tmp_path: Path
     from voxfit.compile._import import load_program
 
     m = build_model(default_config("conformer", 12, "tiny")).eval()
+    m.lengths_optional = False  # type: ignore[misc]  # exported with its (boolean) masks
     path = str(export_program(m, 40, tmp_path / "c.pt2"))
     with pytest.raises(AssertionError):  # TVM's converter asserts against boolean masks
         load_program(path, "direct")
+
+
+def test_the_conformers_attention_is_one_op_of_three_kernels(tmp_path: Path) -> None:
+    """Exported for every frame valid, each attention layer is ``voxfit::attention``: scores
+    and values read the projections in place (no split/merge copies, no mask), and the
+    library computes what the masked torch model computes."""
+    from voxfit.compile._import import load_program
+
+    torch.manual_seed(0)
+    m = build_model(default_config("conformer", 12, "tiny")).eval()
+    x = torch.randn(1, 40, 80, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ref = m(x, torch.tensor([40]))[0].numpy()
+    mod, _, _, _ = load_program(str(export_program(m, 40, tmp_path / "one.pt2")))
+    np.testing.assert_allclose(_run(mod, x), ref, rtol=1e-4, atol=1e-5)
+    names = [n for n, _ in _workloads(mod)]
+    assert {"attn_scores", "attn_values"} <= set(names)
+    m.lengths_optional = False  # type: ignore[misc]  # the split-heads graph, for comparison
+    masked, _, _, _ = load_program(str(export_program(m, 40, tmp_path / "masked.pt2")))
+    before = [n for n, _ in _workloads(masked)]
+    assert not any("attn_" in n for n in before)
+    # q, k and v each copied per head before: those copies are gone
+    assert sum("broadcast_to" in n for n in names) <= sum("broadcast_to" in n for n in before) - 3
+    assert len(names) < len(before)

@@ -113,7 +113,10 @@ class _Deploy(nn.Module):
         self.packed_layers = lower_weight_convs(self.model, packed_convs(model) if pack else {})
 
     def forward(self, feats: torch.Tensor) -> torch.Tensor:
-        lengths = torch.full((feats.shape[0],), feats.shape[1], dtype=torch.long)
+        # a model whose forward takes lengths=None for "every frame valid" masks nothing
+        lengths = None
+        if not getattr(self.model, "lengths_optional", False):
+            lengths = torch.full((feats.shape[0],), feats.shape[1], dtype=torch.long)
         log_probs, _ = self.model(feats, lengths)
         return log_probs  # type: ignore[no-any-return]
 

@@ -22,6 +22,7 @@ from voxfit.compile._qops import (  # importing registers the ops
     W_OP_NAME,
 )
 from voxfit.errors import ModelError
+from voxfit.models import ATTENTION_OP_NAME
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +79,7 @@ def load_program(
     ep = torch.export.load(path)
     qconv = _QConv1dConverter(ep, int8, lanes)
     fixes = {
+        ATTENTION_OP_NAME: _attention,
         "div.Tensor_mode": _div_mode,
         OP_NAME: qconv,
         LINEAR_OP_NAME: qconv.linear,
@@ -124,6 +126,21 @@ def _needs_decomposition(ep: Any) -> str | None:
             # tuning databases hold: decomposing keeps them valid
             why.append("linear layers fuse differently from the tuning database's tasks")
     return "; ".join(dict.fromkeys(why)) or None
+
+
+def _attention(node: Any, importer: Any) -> relax.Var:
+    """``voxfit::attention`` -> Relax: the scores read q and k in their (B, T, heads*D)
+    layout, a softmax, the values written back in it (``_attention``: 3 kernels)."""
+    from voxfit.compile import _attention as att
+
+    bb = importer.block_builder
+    q, k, v = (importer.env[a] for a in node.args[:3])
+    heads = int(node.args[3])
+    scores = bb.emit_te(att.attention_scores, q, k, heads, primfunc_name_hint=att.SCORES_TASK)
+    p = bb.emit(relax.op.nn.softmax(scores, axis=-1))
+    return bb.emit_te(  # type: ignore[no-any-return]
+        att.attention_values, p, v, heads, primfunc_name_hint=att.VALUES_TASK
+    )
 
 
 def _div_mode(node: Any, importer: Any) -> relax.Var:

@@ -7,13 +7,14 @@ frame rate (20 ms), and declare their compressible structure in ``structure()``.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from voxfit.errors import ConfigError
+from voxfit.models._attention import attention
 from voxfit.models._structure import (
     AdapterSlot,
     ChannelGroup,
@@ -165,10 +166,12 @@ class _SelfAttention(nn.Module):
         self.o = nn.Linear(d, d)
         self.p = p
 
-    def forward(self, x: torch.Tensor, pad: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, pad: torch.Tensor | None) -> torch.Tensor:
         b, t, _ = x.shape
         h = self.norm(x)
         n_heads = self.q.out_features // self.head_dim  # shrinks when heads are pruned
+        if pad is None:  # every frame valid (the deploy graph): one op, nothing masked
+            return self.o(attention(self.q(h), self.k(h), self.v(h), n_heads))  # type: ignore[no-any-return]
 
         def split(z: torch.Tensor) -> torch.Tensor:
             return z.view(b, t, n_heads, self.head_dim).transpose(1, 2)
@@ -194,10 +197,12 @@ class _ConvModule(nn.Module):
         self.bn = nn.BatchNorm1d(d)
         self.pw_out = nn.Linear(d, d)
 
-    def forward(self, x: torch.Tensor, pad: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, pad: torch.Tensor | None) -> torch.Tensor:
         h = self.norm(x)
         h = self.pw_a(h) * torch.sigmoid(self.pw_gate(h))
-        h = h.masked_fill(pad[..., None], 0.0).transpose(1, 2)
+        if pad is not None:
+            h = h.masked_fill(pad[..., None], 0.0)
+        h = h.transpose(1, 2)
         h = F.silu(self.bn(self.dw(h))).transpose(1, 2)
         return self.pw_out(h)
 
@@ -213,7 +218,7 @@ class _ConformerBlock(nn.Module):
         self.norm = nn.LayerNorm(d)
         self.adapter: nn.Module = nn.Identity()
 
-    def forward(self, x: torch.Tensor, pad: torch.Tensor, drop: nn.Module) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, pad: torch.Tensor | None, drop: nn.Module) -> torch.Tensor:
         x = x + 0.5 * drop(self.ff1(x))
         x = x + drop(self.attn(x, pad))
         x = x + drop(self.conv(x, pad))
@@ -223,6 +228,10 @@ class _ConformerBlock(nn.Module):
 
 class ConformerLiteCtc(nn.Module):
     """A small Conformer CTC encoder: macaron FFNs, MHSA, depthwise conv module per block."""
+
+    #: ``forward`` takes ``lengths=None`` for "every frame valid": the deploy graph then
+    #: masks nothing and runs each attention layer as one ``voxfit::attention`` op
+    lengths_optional: ClassVar[bool] = True
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
@@ -310,11 +319,17 @@ class ConformerLiteCtc(nn.Module):
         )
 
     def forward(
-        self, feats: torch.Tensor, lengths: torch.Tensor
+        self, feats: torch.Tensor, lengths: torch.Tensor | None
     ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``lengths`` None: every frame of every utterance is valid, so nothing is masked
+        (the deploy graph, ``lengths_optional``)."""
         x = self.stem_norm(F.relu(self.stem(feats.transpose(1, 2))).transpose(1, 2))
-        out_lens = _out_lengths(lengths)
-        pad = torch.arange(x.shape[1], device=x.device)[None, :] >= out_lens[:, None]
+        pad: torch.Tensor | None = None
+        if lengths is None:
+            out_lens = torch.full((x.shape[0],), x.shape[1], dtype=torch.long, device=x.device)
+        else:
+            out_lens = _out_lengths(lengths)
+            pad = torch.arange(x.shape[1], device=x.device)[None, :] >= out_lens[:, None]
         for b in self.blocks:
             x = b(x, pad, self.drop)
         return F.log_softmax(self.head(self.drop(x)), dim=-1), out_lens
