@@ -276,6 +276,27 @@ def test_kernel_times_are_attributed_to_the_segment_that_ran_them() -> None:
         attribute_calls(calls[:-3], _tasks())
 
 
+def test_the_conformers_attention_kernels_are_its_attention_tasks_anchors() -> None:
+    """The deploy graph runs each attention's two products as ``attn_scores`` and
+    ``attn_values`` kernels (``voxfit::attention``), not as matmuls: they still count as that
+    attention task's anchors, so a collected Conformer's times line up with its tasks."""
+    tasks = decompose(_base("conformer"), 100)
+    calls = [("transpose", 0.01)]
+    for t in tasks:
+        kernels = [("fused_matmul_add", 1.0)] * t.n_anchors
+        if "attn" in t.name:  # q, k, v, the products with the softmax between, o
+            kernels[-3:-1] = [("attn_scores", 1.0), ("softmax", 0.5), ("attn_values", 1.0)]
+        calls += kernels
+    per, loose = attribute_calls(calls, tasks)
+    assert loose == pytest.approx(0.01)
+    for t in tasks:
+        assert per[t.name] == pytest.approx(t.n_anchors + (0.5 if "attn" in t.name else 0.0))
+    assert sum("attn" in t.name for t in tasks) == 2
+    renamed = [(n.replace("attn_", "softmax_"), ms) for n, ms in calls]  # no longer anchors
+    with pytest.raises(ModelError, match="cannot attribute"):
+        attribute_calls(renamed, tasks)
+
+
 def _synthetic(
     profile: HardwareProfile, n: int, seed: int, drift: float = 0.0
 ) -> tuple[pd.DataFrame, pd.DataFrame]:

@@ -11,8 +11,9 @@ from typing import Any
 
 from tvm import te
 
-SCORES_TASK = "attn_scores"
-VALUES_TASK = "attn_values"
+from voxfit.models import ATTENTION_KERNELS
+
+SCORES_TASK, VALUES_TASK = ATTENTION_KERNELS
 
 
 def attention_scores(q: Any, k: Any, heads: int) -> Any:

@@ -29,7 +29,7 @@ from typing import Any
 from torch import nn
 
 from voxfit.errors import ModelError
-from voxfit.models import LoRAAdapter, ResidualAdapter, StructuredModel
+from voxfit.models import ATTENTION_KERNELS, LoRAAdapter, ResidualAdapter, StructuredModel
 from voxfit.plan import plan_of
 
 #: Segment kinds and adapter kinds as numbers (xgboost reads numbers). ``blocks``: the conv
@@ -83,7 +83,8 @@ INPUT_SEGMENT = "input"
 
 #: Kernel names that mark a segment's compute (see :func:`attribute_calls`).
 CONV_ANCHORS = ("conv1d",)
-ANY_ANCHORS = ("conv1d", "matmul")
+# the Conformer's attention products run as their own kernels (voxfit::attention)
+ANY_ANCHORS = ("conv1d", "matmul", *ATTENTION_KERNELS)
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,7 @@ from voxfit.models._adapters import (
     freeze_backbone,
     insert_adapters,
 )
-from voxfit.models._attention import ATTENTION_OP_NAME, attention
+from voxfit.models._attention import ATTENTION_KERNELS, ATTENTION_OP_NAME, attention
 from voxfit.models._factory import (
     FactoryConfig,
     build_from_config,
@@ -47,6 +47,7 @@ from voxfit.models._structure import (
 from voxfit.structure import FAMILIES, is_factory
 
 __all__ = [
+    "ATTENTION_KERNELS",
     "ATTENTION_OP_NAME",
     "FAMILIES",
     "FactoryConfig",

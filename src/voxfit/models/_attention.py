@@ -16,6 +16,9 @@ import torch
 import torch.nn.functional as F
 
 ATTENTION_OP_NAME = "attention.default"  # how TVM's importer keys the op
+#: the names of its two product kernels in a compiled library (scores, values), which the
+#: cost model's kernel attribution counts like the matmuls they replace
+ATTENTION_KERNELS = ("attn_scores", "attn_values")
 
 
 @torch.library.custom_op("voxfit::attention", mutates_args=())
