@@ -16,6 +16,7 @@ import tvm
 from tvm import relax
 
 from voxfit._warnings import quiet_export
+from voxfit.compile import _attention as att
 from voxfit.compile._qops import (  # importing registers the ops
     LINEAR_OP_NAME,
     OP_NAME,
@@ -131,8 +132,6 @@ def _needs_decomposition(ep: Any) -> str | None:
 def _attention(node: Any, importer: Any) -> relax.Var:
     """``voxfit::attention`` -> Relax: the scores read q and k in their (B, T, heads*D)
     layout, a softmax, the values written back in it (``_attention``: 3 kernels)."""
-    from voxfit.compile import _attention as att
-
     bb = importer.block_builder
     q, k, v = (importer.env[a] for a in node.args[:3])
     heads = int(node.args[3])

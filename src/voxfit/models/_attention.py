@@ -21,18 +21,33 @@ ATTENTION_OP_NAME = "attention.default"  # how TVM's importer keys the op
 ATTENTION_KERNELS = ("attn_scores", "attn_values")
 
 
-@torch.library.custom_op("voxfit::attention", mutates_args=())
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int) -> torch.Tensor:
+def split_heads_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    heads: int,
+    mask: torch.Tensor | None = None,
+    dropout_p: float = 0.0,
+) -> torch.Tensor:
     """softmax(q_h k_h^T / sqrt(head_dim)) v_h for each head h of (B, T, heads*D) inputs
-    (k and v: (B, S, heads*D)), no mask; returns (B, T, heads*D)."""
+    (k and v: (B, S, heads*D)); ``mask`` (True = attend) and ``dropout_p`` as
+    ``scaled_dot_product_attention`` takes them; returns (B, T, heads*D)."""
     b, t, c = q.shape
     d = c // heads
 
     def split(z: torch.Tensor) -> torch.Tensor:
         return z.reshape(b, z.shape[1], heads, d).transpose(1, 2)
 
-    y = F.scaled_dot_product_attention(split(q), split(k), split(v))
+    y = F.scaled_dot_product_attention(
+        split(q), split(k), split(v), attn_mask=mask, dropout_p=dropout_p
+    )
     return y.transpose(1, 2).reshape(b, t, c)
+
+
+@torch.library.custom_op("voxfit::attention", mutates_args=())
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int) -> torch.Tensor:
+    """:func:`split_heads_attention` without a mask, as one op of the deploy graph."""
+    return split_heads_attention(q, k, v, heads)
 
 
 @attention.register_fake

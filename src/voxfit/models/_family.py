@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from voxfit.errors import ConfigError
-from voxfit.models._attention import attention
+from voxfit.models._attention import attention, split_heads_attention
 from voxfit.models._structure import (
     AdapterSlot,
     ChannelGroup,
@@ -167,24 +167,14 @@ class _SelfAttention(nn.Module):
         self.p = p
 
     def forward(self, x: torch.Tensor, pad: torch.Tensor | None) -> torch.Tensor:
-        b, t, _ = x.shape
         h = self.norm(x)
+        q, k, v = self.q(h), self.k(h), self.v(h)
         n_heads = self.q.out_features // self.head_dim  # shrinks when heads are pruned
         if pad is None:  # every frame valid (the deploy graph): one op, nothing masked
-            return self.o(attention(self.q(h), self.k(h), self.v(h), n_heads))  # type: ignore[no-any-return]
-
-        def split(z: torch.Tensor) -> torch.Tensor:
-            return z.view(b, t, n_heads, self.head_dim).transpose(1, 2)
-
+            return self.o(attention(q, k, v, n_heads))  # type: ignore[no-any-return]
         mask = ~pad[:, None, None, :]  # True = attend
-        y = F.scaled_dot_product_attention(
-            split(self.q(h)),
-            split(self.k(h)),
-            split(self.v(h)),
-            attn_mask=mask,
-            dropout_p=self.p if self.training else 0.0,
-        )
-        return self.o(y.transpose(1, 2).reshape(b, t, n_heads * self.head_dim))
+        dropout = self.p if self.training else 0.0
+        return self.o(split_heads_attention(q, k, v, n_heads, mask, dropout))  # type: ignore[no-any-return]
 
 
 class _ConvModule(nn.Module):
