@@ -86,7 +86,8 @@ def test_measured_objective_is_put_on_the_cost_models_speed(
     base = build_model(default_config("tdnn", 20, "tiny")).eval()
     _cost_model(profile, base, tmp_path / "cm")
     space = find_space(ROOT / "spaces" / "tdnn-default.yaml").bind(base.structure())
-    s = SearchSettings(profile, space, "sqlite://", "t", 1, cost_models_dir=tmp_path / "cm")
+    cm, work = tmp_path / "cm", tmp_path / "work"  # not the checkout's work folder
+    s = SearchSettings(profile, space, "sqlite://", "t", 1, cost_models_dir=cm, work=work)
     other = build_model(default_config("tdnn", 21, "tiny")).eval()  # another parameter count
     lat = make_latency(s, reference=base if same_reference else other)
     lat.measurer = _SlowHost(relative=0.5)  # type: ignore[assignment]
@@ -115,7 +116,8 @@ def test_a_predicted_objective_says_which_speed_its_card_predicts_at(tmp_path: P
     base = build_model(default_config("tdnn", 20, "tiny")).eval()
     _cost_model(profile, base, tmp_path / "cm")
     space = find_space(ROOT / "spaces" / "tdnn-default.yaml").bind(base.structure())
-    s = SearchSettings(profile, space, "sqlite://", "t", 1, cost_models_dir=tmp_path / "cm")
+    cm, work = tmp_path / "cm", tmp_path / "work"  # not the checkout's work folder
+    s = SearchSettings(profile, space, "sqlite://", "t", 1, cost_models_dir=cm, work=work)
     lat = make_latency(s, reference=base)
     assert lat.measurer is None  # a predicted profile never measures, baselines included
     (r,) = lat.estimate(base, (profile.primary_input,), promote=always)
@@ -138,7 +140,8 @@ def test_a_search_predicts_with_a_user_fitted_cost_model(tmp_path: Path) -> None
     base = build_model(default_config("tdnn", 20, "tiny")).eval()
     _cost_model(profile, base, tmp_path / "fitted")
     space = find_space(ROOT / "spaces" / "tdnn-default.yaml").bind(base.structure())
-    s = SearchSettings(profile, space, "sqlite://", "t", 1, cost_models_dir=tmp_path / "none")
+    cm, work = tmp_path / "none", tmp_path / "work"  # not the checkout's work folder
+    s = SearchSettings(profile, space, "sqlite://", "t", 1, cost_models_dir=cm, work=work)
     lat = make_latency(s, reference=base)
     assert lat.predictor is None  # nothing shipped under cost_models_dir: every trial measured
     lat.close()
@@ -148,3 +151,35 @@ def test_a_search_predicts_with_a_user_fitted_cost_model(tmp_path: Path) -> None
     (r,) = lat.estimate(base, (profile.primary_input,))
     assert r.method == "predicted"
     lat.close()
+
+
+def test_a_torn_host_kernel_table_is_set_aside_not_fatal(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A torn kernel table of this host (a `voxfit device time-kernels` run killed mid-write)
+    costs the predictor its calibration, not the search: it warns, naming the file."""
+    from dataclasses import replace
+
+    from voxfit.compile._database import RECORDS, WORKLOADS
+    from voxfit.cost_models._host_kernels import host_kernels_dir
+
+    profile = pick_local_profile(ROOT / "hw_profiles")
+    profile = replace(profile, measurement=replace(profile.measurement, method="predicted"))
+    torch.manual_seed(0)
+    base = build_model(default_config("tdnn", 20, "tiny")).eval()
+    _cost_model(profile, base, tmp_path / "cm")
+    table = host_kernels_dir(profile, tmp_path / "work")
+    table.mkdir(parents=True)
+    (table / WORKLOADS).write_text('["k0", {}]\n')
+    (table / RECORDS).write_text('[0, [[0.001], "torn')  # no closing line
+    space = find_space(ROOT / "spaces" / "tdnn-default.yaml").bind(base.structure())
+    cm, work = tmp_path / "cm", tmp_path / "work"
+    s = SearchSettings(profile, space, "sqlite://", "t", 1, cost_models_dir=cm, work=work)
+    with caplog.at_level("WARNING"):
+        lat = make_latency(s, reference=base)
+    assert lat.predictor is not None
+    assert any(RECORDS in r.getMessage() and "not used" in r.getMessage() for r in caplog.records)
+    (r,) = lat.estimate(base, (profile.primary_input,), promote=always)
+    assert r.method == "predicted"
+    assert r.median_ms is not None
+    assert r.median_ms > 0

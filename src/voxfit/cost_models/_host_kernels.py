@@ -46,7 +46,7 @@ def host_table(
     ``voxfit device time-kernels`` has not timed any here.
 
     Raises:
-        DataError: the table's database is torn.
+        DataError: the table's database is torn (``voxfit device time-kernels`` repairs it).
     """
     from voxfit.compile._database import RECORDS
     from voxfit.cost_models._kernels import database_kernels
@@ -54,7 +54,13 @@ def host_table(
     d = host_kernels_dir(profile, work, host)
     if not (d / RECORDS).exists():
         return None
-    table = database_kernels(d, median=True)
+    try:
+        table = database_kernels(d, median=True)
+    except DataError as e:
+        raise DataError(
+            f"{e}: `voxfit device time-kernels {profile.name} --work {work}` writes this "
+            "host's kernel table"
+        ) from None
     return table or None
 
 

@@ -57,8 +57,8 @@ def database_kernels(db_dir: str | Path, *, median: bool = False) -> dict[str, f
     table timed with repeats, where one disturbed repeat must not count).
 
     Raises:
-        DataError: a line of either file is not a complete record (run ``voxfit tuning
-            repair``).
+        DataError: a line of either file is not a complete record (a write was killed;
+            the next run that writes the database repairs it under its lock).
     """
     from voxfit.compile._database import RECORDS, WORKLOADS, _complete_lines, _mean_secs
 
@@ -67,7 +67,10 @@ def database_kernels(db_dir: str | Path, *, median: bool = False) -> dict[str, f
     for name in (WORKLOADS, RECORDS):
         lines[name], dropped = _complete_lines(d / name)
         if dropped:
-            raise DataError(f"{d / name}: line {len(lines[name]) + 1}: not a complete record")
+            raise DataError(
+                f"{d / name}: line {len(lines[name]) + 1}: not a complete record (a killed "
+                "write; the next run that writes this database repairs it)"
+            )
     keys = [str(json.loads(w)[0]) for w in lines[WORKLOADS]]
     best: dict[str, float] = {}
     for line in lines[RECORDS]:

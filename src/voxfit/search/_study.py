@@ -34,7 +34,7 @@ from optuna.trial import FrozenTrial, TrialState
 from torch import nn
 
 from voxfit._config import OPEN_ENDED_TRIALS
-from voxfit.errors import ConfigError, VoxfitError
+from voxfit.errors import ConfigError, DataError, VoxfitError
 from voxfit.hw_profiles import HardwareProfile, check_recorded_host
 from voxfit.latency import LatencyResult, PromotingEstimator, always, front_rule
 from voxfit.plan import AdapterPlan, Candidate, GroupPlan, LayerPlan
@@ -204,7 +204,11 @@ def make_latency(s: SearchSettings, reference: nn.Module | None) -> PromotingEst
             directory = mine
             log.info("latency model: %s (fitted in the work folder)", mine)
     try:
-        predictor = load_predictor(s.profile, s.cost_models_dir, directory, work=s.work)
+        try:
+            predictor = load_predictor(s.profile, s.cost_models_dir, directory, work=s.work)
+        except DataError as e:  # this host's kernel table is torn: predict without it
+            log.warning("this host's kernel table is not used (%s)", e)
+            predictor = load_predictor(s.profile, s.cost_models_dir, directory)
     except ConfigError as e:
         if s.profile.measurement.method == "predicted":
             raise
