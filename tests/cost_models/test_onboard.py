@@ -76,8 +76,8 @@ def test_onboarding_a_tiny_device_end_to_end_with_a_small_budget(
     """The whole command in CI: only the base tuned ahead (each candidate's new kernels are
     tuned as it is measured), 3 fitted, 3 validated, the kernel model from the device's own
     records, and a second run that measures and tunes nothing. The source is named, not
-    seeded (the seeded path is the long test's: the seed's 12 MB database costs ~10 s in
-    each process that opens it, and the tiny model has no task in it)."""
+    seeded (the seeded path is the long test's; the tiny model has no task in the seed's
+    database)."""
     work = tmp_path / "work"
     args = _onboard_args(
         tmp_path, "--tune-models", "0", "--kernel-models", "0", "--source", "x86-avx2-2core",

@@ -297,7 +297,10 @@ def build(req: dict[str, Any]) -> dict[str, Any]:
         t_db = time.monotonic()
         seed_dir = req.get("seed_db_dir")
         dbs, out["db_repair"] = open_layered(
-            db_dir, Path(shipped) if shipped else None, Path(seed_dir) if seed_dir else None
+            db_dir,
+            Path(shipped) if shipped else None,
+            Path(seed_dir) if seed_dir else None,
+            keys=[k[1] for k in out["task_keys"]],
         )
         out["db_load_s"] = time.monotonic() - t_db
         seeded = dbs.seeded(tasks, target)

@@ -9,19 +9,25 @@ only when neither has it; compilation takes the better record of the two
 the shipped best records of it there, so the search starts from them.
 
 Both databases are cached per worker process and re-read only when their files change (a
-multi-MB JSON database takes seconds to parse).
+multi-MB JSON database takes seconds to parse). A compile names the workloads it needs
+(``keys``): of a read-only database only those are parsed. MetaSchedule parses every
+workload's IR when it opens a JSON database; the shipped x86 one (393 workloads, 31 MB)
+took 12.8 s of a fresh worker's first compile of the default Conformer (22 tasks), read by
+key 1.4 s (an ad-hoc check, 2026-12-06: ``db_load_s`` of ``compile_model``).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import json
+from collections.abc import Iterable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import tvm
 from tvm.s_tir import meta_schedule as ms
 
-from voxfit.compile._database import RECORDS, WORKLOADS, check, repair
+from voxfit.compile._database import RECORDS, WORKLOADS, _scan, check, repair
 from voxfit.errors import DataError
 
 # Records copied per task when re-tuning starts from the shipped database: more than the
@@ -61,25 +67,87 @@ def _open_user(db_dir: Path) -> tuple[Any, str]:
     return db, repr(report)
 
 
-def _open_shipped(db_dir: Path) -> Any | None:
-    """The shipped database read-only, or None when the folder has none.
+def _torn(db_dir: Path, dropped_workloads: int, dropped_records: int) -> DataError:
+    return DataError(
+        f"{db_dir}: the shipped tuning database is torn ({dropped_workloads} "
+        f"workload and {dropped_records} record lines broken); it is read-only "
+        "at run time: restore it (git checkout -- <folder>) or point the profile's "
+        "tuning.database_dir at a good copy"
+    )
+
+
+@dataclass
+class _ByKey:
+    """A read-only database's lines by workload key, parsed into ``db`` (a MetaSchedule
+    MemoryDatabase) only for the keys asked for."""
+
+    lines: dict[str, list[tuple[str, list[str]]]]  # key -> [(workload line, record lines)]
+    db: Any
+    loaded: set[str] = field(default_factory=set)
+
+    def load(self, keys: Iterable[str]) -> Any:
+        for key in set(keys) - self.loaded:
+            for line, records in self.lines.get(key, ()):
+                workload = ms.database.Workload.from_json(json.loads(line))
+                self.db.commit_workload(workload.mod)
+                for rec in records:
+                    # bound to its own line's workload, as MetaSchedule's JSON database does:
+                    # lines of one key are equal workloads, but their block names can differ
+                    record = ms.database.TuningRecord.from_json(json.loads(rec)[1], workload)
+                    self.db.commit_tuning_record(record)
+            self.loaded.add(key)
+        return self.db
+
+
+_BY_KEY: dict[str, tuple[tuple[int, ...], _ByKey]] = {}
+
+
+def _by_key(db_dir: Path) -> _ByKey:
+    """``db_dir``'s lines by workload key (cached until its files change).
+
+    Raises:
+        DataError: the database is torn.
+    """
+    sig = _signature(db_dir)
+    hit = _BY_KEY.get(str(db_dir.resolve()))
+    if hit is not None and hit[0] == sig:
+        return hit[1]
+    workloads, records, dropped_w, dropped_r = _scan(db_dir)
+    if dropped_w or dropped_r:
+        raise _torn(db_dir, dropped_w, dropped_r)
+    # complete lines (_scan parsed each): only their heads are read here, the rest when a
+    # workload is asked for; a workload line is ["<key>", "<its IR>"], a record's
+    # [<workload index>, <record>]
+    of: list[list[str]] = [[] for _ in workloads]
+    for line in records:
+        of[int(json.loads(line[: line.index(",")] + "]")[0])].append(line)
+    lines: dict[str, list[tuple[str, list[str]]]] = {}
+    for w, recs in zip(workloads, of, strict=True):
+        key = json.loads(w[: w.index(",")] + "]")[0]
+        lines.setdefault(str(key), []).append((w, recs))
+    out = _ByKey(lines, ms.database.MemoryDatabase())
+    _BY_KEY[str(db_dir.resolve())] = (sig, out)
+    return out
+
+
+def _open_shipped(db_dir: Path, keys: Iterable[str] | None = None) -> Any | None:
+    """The shipped database read-only, or None when the folder has none; with ``keys``
+    (workload keys: :func:`~voxfit.compile._build.task_keys`) a database holding only those
+    workloads' records (the rest of the folder is not parsed).
 
     Raises:
         DataError: the database is torn (a broken line); it is not rewritten here.
     """
     if not (db_dir / WORKLOADS).exists() or not (db_dir / RECORDS).exists():
         return None
+    if keys is not None:
+        return _by_key(db_dir).load(keys)
     db = _cached(db_dir)
     if db is not None:
         return db
     report = check(db_dir)
     if report.changed:
-        raise DataError(
-            f"{db_dir}: the shipped tuning database is torn ({report.dropped_workloads} "
-            f"workload and {report.dropped_records} record lines broken); it is read-only "
-            "at run time: restore it (git checkout -- <folder>) or point the profile's "
-            "tuning.database_dir at a good copy"
-        )
+        raise _torn(db_dir, report.dropped_workloads, report.dropped_records)
     db = ms.database.JSONDatabase(work_dir=str(db_dir), allow_missing=False)
     _CACHE[str(db_dir.resolve())] = (_signature(db_dir), db)
     return db
@@ -161,10 +229,15 @@ class LayeredDatabase:
 
 
 def open_layered(
-    user_dir: Path, shipped_dir: Path | None, seed_dir: Path | None = None
+    user_dir: Path,
+    shipped_dir: Path | None,
+    seed_dir: Path | None = None,
+    keys: Iterable[str] | None = None,
 ) -> tuple[LayeredDatabase, str]:
     """The user's database (the caller holds its lock) over the shipped one, and the seed
     profile's shipped database (read-only like the shipped one; absent files: no seed).
+    ``keys``: the workload keys the caller will ask about; the read-only databases then
+    hold only those (None: all of theirs).
 
     ``shipped_dir`` the same folder as ``user_dir`` makes one writable database (for a
     maintainer growing the shipped records on purpose). Returns the databases and what the
@@ -176,6 +249,6 @@ def open_layered(
     user, report = _open_user(user_dir)
     shipped = None
     if shipped_dir is not None and shipped_dir.resolve() != user_dir.resolve():
-        shipped = _open_shipped(shipped_dir)
-    seed = _open_shipped(seed_dir) if seed_dir is not None else None
+        shipped = _open_shipped(shipped_dir, keys)
+    seed = _open_shipped(seed_dir, keys) if seed_dir is not None else None
     return LayeredDatabase(user, shipped, user_dir, seed), report
