@@ -46,8 +46,8 @@ def test_a_read_by_key_holds_exactly_the_keys_records(tmp_path: Path) -> None:
     keys = [*({key_of[i] for i in with_records[:2]} - shared), *sorted(shared)]
     picked = [i for i, k in enumerate(key_of) if k in keys]
     other = next(i for i in with_records if key_of[i] not in keys)
-    _copy(picked, lines, records, tmp_path / "three")
-    whole = ms.database.JSONDatabase(work_dir=str(tmp_path / "three"), allow_missing=False)
+    _copy(picked, lines, records, tmp_path / "picked")
+    whole = ms.database.JSONDatabase(work_dir=str(tmp_path / "picked"), allow_missing=False)
 
     by_key = _open_shipped(SHIPPED, keys)
     assert len(by_key) == len(whole) > 3  # every record of the keys, nothing else parsed
