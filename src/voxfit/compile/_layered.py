@@ -49,8 +49,8 @@ def _signature(db_dir: Path) -> tuple[int, ...]:
     return tuple(sig)
 
 
-def _cached(db_dir: Path) -> Any | None:
-    hit = _CACHE.get(str(db_dir.resolve()))
+def _cached(db_dir: Path, cache: dict[str, tuple[tuple[int, ...], Any]] = _CACHE) -> Any | None:
+    hit = cache.get(str(db_dir.resolve()))
     if hit is None or not (db_dir / WORKLOADS).exists() or not (db_dir / RECORDS).exists():
         return None
     return hit[1] if hit[0] == _signature(db_dir) else None
@@ -102,29 +102,33 @@ class _ByKey:
 _BY_KEY: dict[str, tuple[tuple[int, ...], _ByKey]] = {}
 
 
+def _head(line: str) -> Any:
+    """The first item of a database line (a workload's ``["<key>", "<its IR>"]``, a
+    record's ``[<workload index>, <record>]``), read without parsing the rest."""
+    return json.loads(line[: line.index(",")] + "]")[0]
+
+
 def _by_key(db_dir: Path) -> _ByKey:
     """``db_dir``'s lines by workload key (cached until its files change).
 
     Raises:
         DataError: the database is torn.
     """
-    sig = _signature(db_dir)
-    hit = _BY_KEY.get(str(db_dir.resolve()))
-    if hit is not None and hit[0] == sig:
-        return hit[1]
+    hit = _cached(db_dir, _BY_KEY)
+    if hit is not None:
+        return hit  # type: ignore[no-any-return]
+    sig = _signature(db_dir)  # before reading: a write meanwhile makes the next call re-read
     workloads, records, dropped_w, dropped_r = _scan(db_dir)
     if dropped_w or dropped_r:
         raise _torn(db_dir, dropped_w, dropped_r)
     # complete lines (_scan parsed each): only their heads are read here, the rest when a
-    # workload is asked for; a workload line is ["<key>", "<its IR>"], a record's
-    # [<workload index>, <record>]
+    # workload is asked for
     of: list[list[str]] = [[] for _ in workloads]
     for line in records:
-        of[int(json.loads(line[: line.index(",")] + "]")[0])].append(line)
+        of[int(_head(line))].append(line)
     lines: dict[str, list[tuple[str, list[str]]]] = {}
     for w, recs in zip(workloads, of, strict=True):
-        key = json.loads(w[: w.index(",")] + "]")[0]
-        lines.setdefault(str(key), []).append((w, recs))
+        lines.setdefault(str(_head(w)), []).append((w, recs))
     out = _ByKey(lines, ms.database.MemoryDatabase())
     _BY_KEY[str(db_dir.resolve())] = (sig, out)
     return out
