@@ -85,8 +85,14 @@ lint: venv
 	$(BIN)/mypy
 	$(BIN)/lint-imports --no-cache
 
+# Two pytest workers (pytest-xdist), each test file on one of them (module fixtures built
+# once). A serial run keeps about one of a 2-core host's cores busy (it waits on compiles,
+# RPC, subprocesses); two workers take ~2/3 of its wall time. One torch/TVM thread per
+# worker (unless OMP_NUM_THREADS is set): the workers do not oversubscribe the cores.
+# TEST_JOBS=0 runs serially.
+TEST_JOBS ?= 2
 test: sysdeps venv lint
-	$(BIN)/pytest -q
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(BIN)/pytest -q $(if $(filter-out 0,$(TEST_JOBS)),-n $(TEST_JOBS) --dist loadfile)
 
 # The tests marked long (a whole command end to end, minutes each: the tiny device's
 # onboarding seeded from the x86 database with its kernel table, then a search and a bundle
