@@ -5,6 +5,10 @@ the widths a search prunes to, when tuned as long as ``benchmarks/int8.py`` tune
 (``--trials``, default 128 per task, into that benchmark's own database, so its records are
 reused)? Plans: every block's hidden width from an elastic checkpoint (``--checkpoint``;
 inherited, BatchNorm recalibrated), all convs at 8-bit weights and activations, no adapters.
+With ``--distill N`` (for a plain, non-elastic ``--checkpoint``) each pruned plan is built
+as a search of that base builds one with ``recovery_steps`` N: pruned by magnitude,
+distilled N steps from the base, then quantized (the distilled weights are kept under
+``<work>/int8/<profile>/``, so a rerun does not distil again).
 Each is timed in ``--rounds`` rounds alternating onnxruntime's static int8 of the unpruned
 model with the TVM libraries, so the host's drift cancels in each round's ratio; the keys
 are medians of the per-round ratios. Accuracy: dev PER of the torch model the search would
@@ -12,6 +16,8 @@ score (computing the kernels' int16 pair saturation where the profile saturates)
 delta against the checkpoint's fp32 full width (the search's accuracy bound: <= 1.0).
 
     python benchmarks/int8_pruned.py --checkpoint work/models/<base>-elastic-<hash>/checkpoint.pt
+    python benchmarks/int8_pruned.py --checkpoint work/models/<base>/checkpoint.pt --distill 1000 \
+        --out benchmarks/results/int8_pruned_distilled.json
 
 Resumable: the tuning database keeps what was tuned; a rerun measures warm.
 """
@@ -21,6 +27,7 @@ from __future__ import annotations
 import statistics
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +51,7 @@ PLANS: dict[str, list[float]] = {
     "mixed_100_50": [1.0, 0.5],
     "mixed_75_25": [0.75, 0.25],
     "hidden50": [0.5],
+    "mixed_50_25": [0.5, 0.25],
     "hidden25": [0.25],
 }
 
@@ -51,10 +59,24 @@ PLANS: dict[str, list[float]] = {
 def main(argv: list[str] | None = None) -> int:
     ap = parser("int8_pruned", __doc__, profile=True)
     ap.add_argument("--checkpoint", type=Path, required=True, help="an elastic checkpoint")
+    ap.add_argument(
+        "--distill", type=int, default=0, help="recovery steps of each pruned plan (0: inherit)"
+    )
+    ap.add_argument("--seed", type=int, default=0, help="seed of the distillation")
+    ap.add_argument(
+        "--plans",
+        default=",".join(PLANS),
+        help=f"which plans, comma-separated (full is always one): {', '.join(PLANS)}",
+    )
     ap.add_argument("--trials", type=int, default=128, help="trials per new int8 task")
     ap.add_argument("--rounds", type=int, default=9)
     ap.add_argument("--repeats", type=int, default=50, help="onnxruntime timing runs")
     args = ap.parse_args(argv)
+    names = ["full", *(n for n in args.plans.split(",") if n and n != "full")]
+    unknown = [n for n in names if n not in PLANS]
+    if unknown:
+        ap.error(f"--plans: unknown plan(s) {', '.join(unknown)} (choose from {', '.join(PLANS)})")
+    plans = {n: PLANS[n] for n in names}
     console = Console()
     t_start = time.monotonic()
     from voxfit.search import SearchContext
@@ -69,13 +91,42 @@ def main(argv: list[str] | None = None) -> int:
     w8a8 = tuple(LayerPlan(q, 8, 8) for q in s.quantizable)
     multiple = profile.channel_multiple
 
-    def plan(ratios: list[float]) -> Candidate:
-        return Candidate(groups=hidden_widths(blocks, ratios), layers=w8a8)
+    def float_model(name: str, ratios: list[float]) -> torch.nn.Module:
+        """The plan's pruned float model: inherited, or distilled ``--distill`` steps from
+        the base as a search's build does before it quantizes (once; kept under work)."""
+        cand = Candidate(groups=hidden_widths(blocks, ratios))
+        steps = args.distill if cand.groups else 0
 
-    def build(cand: Candidate, saturation: bool = False) -> torch.nn.Module:
+        def make(recovery_steps: int) -> torch.nn.Module:
+            torch.manual_seed(args.seed)
+            return apply(
+                base,
+                replace(cand, recovery_steps=recovery_steps),
+                channel_multiple=multiple,
+                calibration=ctx.calibration,
+                recovery=ctx.recovery,
+            )
+
+        if not steps:
+            return make(0)
+        path = args.work / "int8" / profile.name / f"distilled-{name}-{steps}-s{args.seed}.pt"
+        if path.is_file():
+            model = make(0)
+            model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+            return model.eval()
+        console.print(f"{name}: distilling {steps} steps")
+        model = make(steps)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(model.state_dict(), path.with_suffix(".partial"))
+        path.with_suffix(".partial").replace(path)
+        return model
+
+    floats = {name: float_model(name, r) for name, r in plans.items()}
+
+    def build(name: str, saturation: bool = False) -> torch.nn.Module:
         return apply(
-            base,
-            cand,
+            floats[name],
+            Candidate(layers=w8a8),
             channel_multiple=multiple,
             calibration=ctx.calibration,
             int8_pair_saturation=saturation,
@@ -86,10 +137,10 @@ def main(argv: list[str] | None = None) -> int:
     def dev_per(model: torch.nn.Module) -> float:
         return phone_error_rate(model, ctx.manifest.split("dev"), ctx.store, ctx.inventory)
 
-    fp32_dev = dev_per(build(Candidate()))
+    fp32_dev = dev_per(floats["full"])
     sat = saturates_int8_pairs(profile)
-    models = {name: build(plan(r)) for name, r in PLANS.items()}
-    accuracy = {name: dev_per(build(plan(r), sat)) for name, r in PLANS.items()}
+    models = {name: build(name) for name in plans}
+    accuracy = {name: dev_per(build(name, sat)) for name in plans}
     work = args.work / "int8" / profile.name
     db = work / f"tuning-t{args.trials}"
     onnx = work / "onnx" / "int8-full-of-checkpoint.onnx"
@@ -112,21 +163,22 @@ def main(argv: list[str] | None = None) -> int:
             rounds.append(row)
             ms = ", ".join(f"{k} {v:.3f}" for k, v in row.items())
             console.print(f"round {i + 1}/{args.rounds}: {ms}")
-    for name in PLANS:
+    for name in plans:
         rows[name] |= {
-            "hidden": PLANS[name],
+            "hidden": plans[name],
             "dev_per": accuracy[name],
             "dev_per_delta": accuracy[name] - fp32_dev,
             "vs_ort_int8_full": statistics.median(r["ort_int8_full"] / r[name] for r in rounds),
             "vs_tvm_int8_full": statistics.median(r["full"] / r[name] for r in rounds),
             "tvm_ms_median": statistics.median(r[name] for r in rounds),
         }
-    within = [n for n in PLANS if rows[n]["dev_per_delta"] <= 1.0]
+    within = [n for n in plans if rows[n]["dev_per_delta"] <= 1.0]
     best = max(within, key=lambda n: rows[n]["vs_ort_int8_full"]) if within else None
     result = {
         "profile": profile.name,
         "checkpoint": str(args.checkpoint),
         "int8_trials_per_task": args.trials,
+        "distill_steps": args.distill,
         "frames": frames,
         "threads": threads,
         "fp32_full_dev_per": fp32_dev,
@@ -138,7 +190,7 @@ def main(argv: list[str] | None = None) -> int:
         "provenance": provenance({"torch": torch.__version__}, wall_s=time.monotonic() - t_start),
     }
     write_result(args.out, result)
-    for name in PLANS:
+    for name in plans:
         r = rows[name]
         console.print(
             f"{name}: x{r['vs_ort_int8_full']:.2f} onnxruntime int8 full, dev PER "
