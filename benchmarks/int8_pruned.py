@@ -147,7 +147,10 @@ def main(argv: list[str] | None = None) -> int:
     export_onnx_static_int8(models["full"], onnx, _calibration(0))
     rows: dict[str, dict[str, Any]] = {}
     rounds: list[dict[str, float]] = []
-    with TvmLocalEstimator(_profile(profile, db, args.trials), work / "builds-pruned") as est:
+    # new tasks are tuned into ``db`` too (as int8.py does), never the builds' own folder:
+    # a run at another --trials must not leave its records where this one reads them
+    prof = _profile(profile, db, args.trials)
+    with TvmLocalEstimator(prof, work / "builds-pruned", tuning_dir=db) as est:
         for name, m in models.items():
             (r,) = est.estimate(m)
             if not r.ok or r.compile is None:
