@@ -7,8 +7,8 @@ reused)? Plans: every block's hidden width from an elastic checkpoint (``--check
 inherited, BatchNorm recalibrated), all convs at 8-bit weights and activations, no adapters.
 With ``--distill N`` (for a plain, non-elastic ``--checkpoint``) each pruned plan is built
 as a search of that base builds one with ``recovery_steps`` N: pruned by magnitude,
-distilled N steps from the base, then quantized (the distilled weights are kept under
-``<work>/int8/<profile>/``, so a rerun does not distil again).
+distilled N steps from the base, then quantized (the distilled weights are cached as a
+search's are, under ``<work>/models/builds``, so a rerun does not distil again).
 Each is timed in ``--rounds`` rounds alternating onnxruntime's static int8 of the unpruned
 model with the TVM libraries, so the host's drift cancels in each round's ratio; the keys
 are medians of the per-round ratios. Accuracy: dev PER of the torch model the search would
@@ -105,35 +105,13 @@ def main(argv: list[str] | None = None) -> int:
 
     def float_model(name: str, ratios: list[float]) -> torch.nn.Module:
         """The plan's pruned float model: inherited, or distilled ``--distill`` steps from
-        the base as a search's build does before it quantizes (once; kept under work)."""
+        the base as a search's build does before it quantizes (``SearchContext.build``,
+        whose cache keeps distilled candidates)."""
         cand = Candidate(groups=hidden_widths(blocks, ratios))
         steps = args.distill if cand.groups else 0
-
-        def make(recovery_steps: int) -> torch.nn.Module:
-            torch.manual_seed(args.seed)
-            return apply(
-                base,
-                replace(cand, recovery_steps=recovery_steps),
-                channel_multiple=multiple,
-                calibration=ctx.calibration,
-                recovery=ctx.recovery,
-            )
-
-        if not steps:
-            return make(0)
-        # keyed by the checkpoint's folder (<family>-<hash>) too: another base, other weights
-        tag = f"{args.checkpoint.resolve().parent.name}-{name}-{steps}-s{args.seed}"
-        path = args.work / "int8" / profile.name / f"distilled-{tag}.pt"
-        if path.is_file():
-            model = make(0)
-            model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
-            return model.eval()
-        console.print(f"{name}: distilling {steps} steps")
-        model = make(steps)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        torch.save(model.state_dict(), path.with_suffix(".partial"))
-        path.with_suffix(".partial").replace(path)
-        return model
+        if steps:
+            console.print(f"{name}: {steps} distillation steps (unless cached)")
+        return ctx.build(replace(cand, recovery_steps=steps), multiple, args.seed)
 
     floats = {name: float_model(name, r) for name, r in plans.items()}
 
