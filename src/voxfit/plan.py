@@ -30,6 +30,7 @@ from voxfit._config import (
 from voxfit.errors import ConfigError
 
 __all__ = [
+    "ADAPTER_KINDS",
     "ACT_BITS",
     "PLAN_SCHEMA_VERSION",
     "WEIGHT_BITS",
@@ -43,7 +44,8 @@ PLAN_SCHEMA_VERSION = 1
 WEIGHT_BITS = (4, 8, 16, 32)
 ACT_BITS = (8, 16, 32)
 Importance = Literal["magnitude", "adaptation"]
-AdapterKind = Literal["residual", "lora"]
+AdapterKind = Literal["residual", "lora", "merged_lora"]
+ADAPTER_KINDS = ("residual", "lora", "merged_lora")
 _KEEP_RATIO = Bound(0.0, 1.0, lo_open=True)
 
 
@@ -66,7 +68,8 @@ class LayerPlan:
 
 @dataclass(frozen=True, slots=True)
 class AdapterPlan:
-    """An adapter at slot ``slot``: ``dim`` = bottleneck (residual) or rank (lora); 0 = none."""
+    """An adapter at slot ``slot``: ``dim`` = bottleneck (residual) or rank (lora,
+    merged_lora: a LoRA folded into its layer's quantized weight); 0 = none."""
 
     slot: str
     dim: int = 0
@@ -107,9 +110,9 @@ class Candidate:
                     f"adapters.{a.slot}.dim: {show(a.dim)} must be an integer in "
                     f"0..{ADAPTER_DIM.hi:g} (0 = no adapter)"
                 )
-            if a.kind not in ("residual", "lora"):
+            if a.kind not in ADAPTER_KINDS:
                 raise ConfigError(
-                    f"adapters.{a.slot}.kind: {show(a.kind)} not in (residual, lora)"
+                    f"adapters.{a.slot}.kind: {show(a.kind)} not in ({', '.join(ADAPTER_KINDS)})"
                 )
         if check_int(self.recovery_steps, RECOVERY_STEPS) is not None:
             raise ConfigError(

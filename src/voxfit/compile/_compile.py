@@ -26,7 +26,7 @@ from voxfit.compile._runner import runner_spec
 from voxfit.compile._worker import TvmWorker
 from voxfit.errors import ConfigError
 from voxfit.hw_profiles import HardwareProfile, InputSpec
-from voxfit.models import n_mels_of
+from voxfit.models import has_unmerged_lora, merge_adapters, n_mels_of
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,7 +103,8 @@ class _Deploy(nn.Module):
 
     def __init__(self, model: nn.Module, pack: bool = True) -> None:
         super().__init__()
-        self.model = copy.deepcopy(model).eval()
+        # merged LoRA adapters become their layer's weight (a copy when there are any)
+        self.model = copy.deepcopy(merge_adapters(model)).eval()
         _fold_batchnorm(self.model)
         # 8-bit-activation convs and linears become one int8 op each (voxfit::qconv1d,
         # voxfit::qlinear), which the TVM importer lowers to int8 compute where it can run
@@ -153,15 +154,16 @@ def export_program(
 def int8_layers(model: nn.Module) -> dict[str, int]:
     """The plan's layers that lower to int8 compute (name -> weight bits): ungrouped,
     zero-padded Conv1d layers and Linear layers with calibrated 8-bit activations, 4- or
-    8-bit weights and no LoRA adapter on them. Others (depthwise convs, LoRA targets) keep
-    float compute with their quantized values."""
+    8-bit weights and no LoRA branch beside them (a ``merged_lora`` adapter is part of the
+    weight, so its layer lowers). Others (depthwise convs, ``lora`` targets) keep float
+    compute with their quantized values."""
     from voxfit.models import ActivationQuantizer
     from voxfit.plan import plan_of
 
     def lowers(layer: nn.Module) -> bool:
         if not isinstance(getattr(layer, "act_quant", None), ActivationQuantizer):
             return False
-        if hasattr(layer, "lora"):
+        if has_unmerged_lora(layer):
             return False
         if isinstance(layer, nn.Linear):
             return True
@@ -182,7 +184,7 @@ def int8_layers(model: nn.Module) -> dict[str, int]:
 def packed_convs(model: nn.Module) -> dict[str, int]:
     """The plan's layers whose weights stay packed in the TVM library (name -> weight bits):
     ungrouped, zero-padded Conv1d layers with 4-, 8- or 16-bit weights that do not lower to
-    int8 ops (:func:`int8_layers`) and carry no LoRA adapter (its branch reads the float
+    int8 ops (:func:`int8_layers`) and carry no ``lora`` branch (it reads the float
     weight's input through a hook). Other low-bit layers keep their quantized values in
     float32."""
     from voxfit.plan import plan_of
@@ -195,7 +197,7 @@ def packed_convs(model: nn.Module) -> dict[str, int]:
             and layer.groups == 1
             and layer.padding_mode == "zeros"
             and isinstance(layer.padding, tuple)
-            and not hasattr(layer, "lora")
+            and not has_unmerged_lora(layer)
         )
 
     return {

@@ -34,10 +34,10 @@ from voxfit.compress._quant import (
     fake_quant_off,
     pair_saturation_excess,
     pair_saturation_off,
-    quantize_weight,
 )
 from voxfit.compress._saliency import adaptation_saliency
 from voxfit.compress._sensitivity import SensitivityConfig, save_sensitivity, sensitivity
+from voxfit.models import quantize_weight
 
 __all__ = [
     "ELASTIC_PRESETS",

@@ -15,10 +15,9 @@ from voxfit.compress._quant import (
     attach_activation_quantizers,
     attach_pair_saturation,
     calibrate,
-    quantize_weight,
 )
 from voxfit.errors import ConfigError, ModelError
-from voxfit.models import StructuredModel, insert_adapters
+from voxfit.models import MergedLoRAAdapter, StructuredModel, insert_adapters, quantize_weight
 from voxfit.plan import PLAN_ATTR, Candidate
 
 
@@ -124,6 +123,15 @@ def apply(
     dims = candidate.adapter_dims()
     if dims:
         out = insert_adapters(out, dims, candidate.adapter_kinds())
+        # a merged LoRA requantizes its layer's weight at the layer's own plan
+        for target in (a.lora_target for a in structure.adapter_slots if a.lora_target):
+            host = out.get_submodule(target)
+            lora = getattr(host, "lora", None)
+            if isinstance(lora, MergedLoRAAdapter):
+                plan = candidate.layer(target)
+                lora.weight_bits = plan.weight_bits
+                conv = isinstance(host, nn.Conv1d)
+                lora.pair_safe = pair_safe_int8 and plan.act_bits == 8 and conv
 
     act = {x.name: x.act_bits for x in candidate.layers if x.act_bits < 32}
     if act:

@@ -34,7 +34,7 @@ from torch import nn
 from voxfit._warnings import quiet_export
 from voxfit.compress._quant import fake_quant_off
 from voxfit.errors import ConfigError
-from voxfit.models import ActivationQuantizer, n_mels_of
+from voxfit.models import ActivationQuantizer, merge_adapters, n_mels_of
 from voxfit.plan import plan_of
 
 INPUTS = ("feats", "lengths")
@@ -277,6 +277,7 @@ def export_onnx(model: nn.Module, path: str | os.PathLike[str], *, opset: int = 
     """
     dst = Path(path)
     dst.parent.mkdir(parents=True, exist_ok=True)
+    model = merge_adapters(model)  # a merged LoRA is its layer's weight
     with tempfile.TemporaryDirectory() as tmp:
         fp32 = Path(tmp) / "fp32.onnx"
         _export_float(model, fp32, opset)
@@ -320,6 +321,7 @@ def export_onnx_static_int8(
     int8 = tuple(x.name for x in plan_of(model).layers if x.weight_bits == 8)
     if not int8:
         raise ConfigError("onnxruntime static int8 needs layers planned at 8-bit weights")
+    model = merge_adapters(model)
     with tempfile.TemporaryDirectory() as tmp:
         fp32 = Path(tmp) / "fp32.onnx"
         _export_float(model, fp32, opset)

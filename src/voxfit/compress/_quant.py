@@ -19,51 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from voxfit.errors import ConfigError, ModelError
-from voxfit.models import ActivationQuantizer
-
-#: |a| + |b| of two same-signed 8-bit weights that u8 x s8 pair instructions (AVX2's
-#: vpmaddubsw: two products summed into a saturating int16) can take for any uint8 input:
-#: 255 * 128 = 32640 <= 32767.
-PAIR_BOUND = 32767 // 255
-
-
-def _pair_safe(q: torch.Tensor) -> torch.Tensor:
-    """Integer conv weights (O, C, K) with every pair of input channels (2p, 2p+1) of one
-    tap and output channel brought within :data:`PAIR_BOUND` where both have one sign: the
-    smaller of the two shrinks (on a tie the first; the larger, so each row's max, stays)."""
-    o, c, k = q.shape
-    if c % 2:
-        q = torch.cat([q, q.new_zeros(o, 1, k)], dim=1)
-    pairs = q.reshape(o, -1, 2, k)
-    a, b = pairs[:, :, 0], pairs[:, :, 1]
-    over = (a * b > 0) & (a.abs() + b.abs() > PAIR_BOUND)
-    a_small = a.abs() <= b.abs()
-    room = PAIR_BOUND - torch.maximum(a.abs(), b.abs())
-    a = torch.where(over & a_small, a.sign() * room, a)
-    b = torch.where(over & ~a_small, b.sign() * room, b)
-    return torch.stack([a, b], dim=2).reshape(o, -1, k)[:, :c]
-
-
-def quantize_weight(w: torch.Tensor, bits: int, pair_safe: bool = False) -> torch.Tensor:
-    """Fake-quantized copy of a Conv1d/Linear weight (output channels on dim 0).
-
-    ``pair_safe`` (8-bit conv weights whose layer computes in int8): no pair of adjacent
-    input channels can saturate a u8 x s8 pair instruction (:func:`_pair_safe`), so the
-    int8 kernels compute exactly what this fake-quantized weight computes."""
-    if bits == 32:
-        return w.clone()
-    if bits == 16:
-        return w.half().float()
-    if bits not in (4, 8):
-        raise ConfigError(f"weight_bits: {bits} not in (4, 8, 16, 32)")
-    qmax = 2 ** (bits - 1) - 1
-    flat = w.reshape(w.shape[0], -1)
-    scale = flat.abs().amax(dim=1).clamp_min(1e-12) / qmax
-    q = torch.round(flat / scale[:, None]).clamp(-qmax, qmax).reshape(w.shape)
-    if pair_safe and bits == 8 and w.dim() == 3:
-        q = _pair_safe(q)
-    return q * scale.reshape(-1, *([1] * (w.dim() - 1)))
+from voxfit.errors import ModelError
+from voxfit.models import PAIR_BOUND, ActivationQuantizer, effective_weight
 
 
 @contextmanager
@@ -181,8 +138,7 @@ def _saturate_pairs(
         x = args[0]
         # a Linear is a one-tap conv over its input's other axes (features last)
         x = x.reshape(1, -1, x.shape[-1]).transpose(1, 2) if linear else x
-        weight = module.weight
-        assert isinstance(weight, torch.Tensor)
+        weight = effective_weight(module)  # a merged LoRA's weight is what deploys
         weight = weight[:, :, None] if linear else weight
         q = torch.clamp(torch.round(x / scale) + zero, 0, 255)
         w_scale = weight.abs().amax(dim=(1, 2)) / 127.0

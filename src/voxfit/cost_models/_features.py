@@ -29,7 +29,13 @@ from typing import Any
 from torch import nn
 
 from voxfit.errors import ModelError
-from voxfit.models import ATTENTION_KERNELS, LoRAAdapter, ResidualAdapter, StructuredModel
+from voxfit.models import (
+    ATTENTION_KERNELS,
+    LoRAAdapter,
+    ResidualAdapter,
+    StructuredModel,
+    merge_adapters,
+)
 from voxfit.plan import plan_of
 
 #: Segment kinds and adapter kinds as numbers (xgboost reads numbers). ``blocks``: the conv
@@ -165,6 +171,8 @@ def decompose(model: nn.Module, frames: int) -> list[Task]:
     """
     plan = plan_of(model)
     bits = {lp.name: (lp.weight_bits, lp.act_bits) for lp in plan.layers}
+    # what the deployed library runs: a merged LoRA adapter is its layer's weight, no op
+    model = merge_adapters(model)
     convs = _convs(model)
     if convs is None:
         return _decompose_traced(model, frames, bits)

@@ -4,10 +4,14 @@ from voxfit.models._adapters import (
     Adapter,
     AdapterKind,
     LoRAAdapter,
+    MergedLoRAAdapter,
     ResidualAdapter,
     adapter_parameters,
+    effective_weight,
     freeze_backbone,
+    has_unmerged_lora,
     insert_adapters,
+    merge_adapters,
 )
 from voxfit.models._attention import ATTENTION_KERNELS, ATTENTION_OP_NAME, attention
 from voxfit.models._factory import (
@@ -31,7 +35,7 @@ from voxfit.models._family import (
     default_config,
     n_mels_of,
 )
-from voxfit.models._quantizer import ActivationQuantizer
+from voxfit.models._quantizer import PAIR_BOUND, ActivationQuantizer, quantize_weight
 from voxfit.models._structure import (
     ELASTIC_ATTR,
     AdapterSlot,
@@ -62,9 +66,14 @@ __all__ = [
     "OUTPUT_LENGTHS",
     "OUTPUT_STRIDE",
     "ActivationQuantizer",
+    "PAIR_BOUND",
     "Adapter",
     "AdapterKind",
     "LoRAAdapter",
+    "MergedLoRAAdapter",
+    "effective_weight",
+    "has_unmerged_lora",
+    "merge_adapters",
     "AdapterSlot",
     "ChannelGroup",
     "ChannelMember",
@@ -83,6 +92,7 @@ __all__ = [
     "freeze_backbone",
     "group_size",
     "insert_adapters",
+    "quantize_weight",
     "ELASTIC_ATTR",
     "prune_group",
     "reorder_group",

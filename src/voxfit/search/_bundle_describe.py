@@ -108,6 +108,13 @@ model computes the same thing with or without them.
 - *residual* at block `blocks.i`: the block output `x` (channels x frames) becomes
   `x + up.weight @ relu(down.weight @ x + down.bias) + up.bias`, per frame.
 - *lora* on layer `L` (`blocks.i.<layer>.lora`): `L(x) + up.weight @ (down.weight @ x)`.
+- *merged_lora* on layer `L` (`blocks.i.<layer>.lora`): `L` computed with the weight
+  `Q(W + up.weight @ down.weight)`, where `W` is `L`'s shipped (dequantized) weight and `Q`
+  rounds it back onto `L`'s own grid (per output channel, symmetric, at the plan's bits for
+  `L`, the scale recomputed from the merged rows). Train it with that forward and pass
+  gradients straight through `Q`. A user's model is the backbone with `L`'s weight replaced
+  by `Q(W + up @ down)`: export or rebuild it so (same shapes, so the same tuned kernels),
+  and nothing runs beside it: an int8 layer stays int8 and runs as fast as shipped.
 
 ## Arrays in adapters.npz
 | array | shape | dtype |
@@ -143,7 +150,8 @@ for step in 1..{adapt.steps}:
 save_npz("adapters.npz", adapters)            # {state["adapter_bytes"]} bytes for this user
 ```
 The compiled libraries take no adapter inputs: a device that trains adapters runs them
-beside the frozen backbone (or rebuilds the model with the trained arrays).
+beside the frozen backbone (or rebuilds the model with the trained arrays); *merged_lora*
+adapters are always folded into their layer's weight (above) and rebuilt.
 """
 
 

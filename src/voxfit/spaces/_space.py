@@ -31,11 +31,19 @@ from voxfit._config import (
     show,
 )
 from voxfit.errors import ConfigError
-from voxfit.plan import ACT_BITS, WEIGHT_BITS, AdapterPlan, Candidate, GroupPlan, LayerPlan
+from voxfit.plan import (
+    ACT_BITS,
+    ADAPTER_KINDS,
+    WEIGHT_BITS,
+    AdapterPlan,
+    Candidate,
+    GroupPlan,
+    LayerPlan,
+)
 from voxfit.structure import FAMILIES, ModelStructure, is_factory
 
 SPACE_SCHEMA_VERSION = 1
-_KINDS = ("residual", "lora")
+_KINDS = ADAPTER_KINDS
 _IMPORTANCE = ("magnitude", "adaptation")
 _KEEP_RATIO = Bound(0.0, 1.0, lo_open=True)
 
