@@ -14,9 +14,11 @@ model with the TVM libraries, so the host's drift cancels in each round's ratio;
 are medians of the per-round ratios. Accuracy: dev PER of the torch model the search would
 score (computing the kernels' int16 pair saturation where the profile saturates), and its
 delta against the checkpoint's fp32 full width (the search's accuracy bound: <= 1.0).
-With ``--adapters N`` every plan (and that fp32 reference) carries N-unit residual adapters
-at every slot, as a search's candidates do: the libraries time them, and the accuracy adds
-the search's post-adaptation PER (its proxy; bound: <= 2.0 over the reference).
+With ``--adapters N`` every plan (and that fp32 reference) carries N-unit adapters at every
+slot, as a search's candidates do (``--adapter-kind``: residual, lora or merged_lora, of
+rank N, folded into the int8 conv it adapts; the fp32 reference keeps residual adapters, as
+a search's fp32 baseline does): the libraries time them, and the accuracy adds the search's
+post-adaptation PER (its proxy; bound: <= 2.0 over the reference).
 
     python benchmarks/int8_pruned.py --checkpoint work/models/<base>-elastic-<hash>/checkpoint.pt
     python benchmarks/int8_pruned.py --checkpoint work/models/<base>/checkpoint.pt --distill 1000 \
@@ -41,7 +43,7 @@ from _common import parser, provenance, resolve_profile, write_result
 from voxfit.compile import saturates_int8_pairs
 from voxfit.compress import apply, export_onnx_static_int8
 from voxfit.latency import TvmLocalEstimator
-from voxfit.plan import AdapterPlan, Candidate, LayerPlan
+from voxfit.plan import ADAPTER_KINDS, AdapterPlan, Candidate, LayerPlan
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from elastic import hidden_widths  # noqa: E402
@@ -77,7 +79,14 @@ def main(argv: list[str] | None = None) -> int:
         help=f"which plans, comma-separated (full is always one): {', '.join(PLANS)}",
     )
     ap.add_argument(
-        "--adapters", type=int, default=0, help="residual adapter units at every slot (0: none)"
+        "--adapters", type=int, default=0, help="adapter units (rank) at every slot (0: none)"
+    )
+    ap.add_argument(
+        "--adapter-kind",
+        default="residual",
+        choices=ADAPTER_KINDS,
+        help="the plans' adapters (the fp32 reference keeps residual ones, as a search's "
+        "fp32 baseline does); merged_lora: folded into the int8 layer's weight",
     )
     ap.add_argument("--trials", type=int, default=128, help="trials per new int8 task")
     ap.add_argument("--rounds", type=int, default=9)
@@ -100,7 +109,12 @@ def main(argv: list[str] | None = None) -> int:
     s = base.structure()  # type: ignore[operator]
     blocks = sum(1 for g in s.groups if g.name.endswith(".hidden"))
     w8a8 = tuple(LayerPlan(q, 8, 8) for q in s.quantizable)
-    adapters = tuple(AdapterPlan(a.name, args.adapters) for a in s.adapter_slots if args.adapters)
+
+    def adapters_of(kind: str) -> tuple[AdapterPlan, ...]:
+        n = args.adapters
+        return tuple(AdapterPlan(a.name, n, kind) for a in s.adapter_slots if n)  # type: ignore[arg-type]
+
+    adapters = adapters_of(args.adapter_kind)
     multiple = profile.channel_multiple
 
     def float_model(name: str, ratios: list[float]) -> torch.nn.Module:
@@ -116,6 +130,7 @@ def main(argv: list[str] | None = None) -> int:
     floats = {name: float_model(name, r) for name, r in plans.items()}
 
     def build(name: str, saturation: bool = False) -> torch.nn.Module:
+        torch.manual_seed(args.seed)  # the adapters' initialization, the same every run
         return apply(
             floats[name],
             Candidate(layers=w8a8, adapters=adapters),
@@ -136,7 +151,8 @@ def main(argv: list[str] | None = None) -> int:
 
     fp32 = floats["full"]
     if adapters:
-        fp32 = apply(fp32, Candidate(adapters=adapters), channel_multiple=multiple)
+        torch.manual_seed(args.seed)
+        fp32 = apply(fp32, Candidate(adapters=adapters_of("residual")), channel_multiple=multiple)
     reference = scores(fp32)
     fp32_dev = reference["dev_per"]
     sat = saturates_int8_pairs(profile)
@@ -201,6 +217,7 @@ def main(argv: list[str] | None = None) -> int:
         "fp32_full_dev_per": fp32_dev,
         "fp32_full_post_adapt_per": post_ref,
         "adapters": args.adapters,
+        "adapter_kind": args.adapter_kind if args.adapters else None,
         "ort_int8_full_ms_median": statistics.median(r["ort_int8_full"] for r in rounds),
         "best_within_bounds": best,
         "best_within_bounds_vs_ort_int8_full": rows[best]["vs_ort_int8_full"] if best else None,

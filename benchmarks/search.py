@@ -27,7 +27,10 @@ sampler -- voxfit's default and random search, optionally NSGA-II -- into one SQ
   baseline's library is timed in each round too (``peer.fp32_speedup``, a coarser pairing
   than the one above, reported beside it). Every measured
   plan is also exported to onnxruntime's static int8 and timed right after its TVM library
-  (``ort_int8_same_plan_ms``): our pruning taken to onnxruntime, the other peer.
+  (``ort_int8_same_plan_ms``): our pruning taken to onnxruntime, the other peer. With
+  ``--final-trials N`` the peer rounds time that point with its tasks tuned N trials each
+  (the int8 benchmarks' database at N), as a deployment tunes the model it ships; it is
+  still chosen by the end-of-run measurements at the search's own tuning.
 
 Writes ``benchmarks/results/search.json`` (``--out``; for the Conformer, say
 ``--space conformer-default --out benchmarks/results/search_conformer.json``).
@@ -93,6 +96,23 @@ def _ort_int8_of(ctx: SearchContext, t: TrialRecord, multiple: int, path: Any) -
     return path
 
 
+def final_tuning(args: Any, profile: HardwareProfile) -> tuple[HardwareProfile, Path, str]:
+    """(profile, tuning database, builds folder name) of the peer rounds: the searches' own
+    records (``<work>/tuning/<profile>``, the profile's trials per task), or with
+    ``--final-trials N`` the int8 benchmarks' database at N trials per task
+    (``<work>/int8/<profile>/tuning-t<N>``, shared with ``benchmarks/int8.py`` and
+    ``int8_pruned.py``), into which the chosen point's new tasks are tuned N trials each, as
+    a deployment tunes the model it ships (the fp32 baseline's come from the shipped
+    database, tuned longer still)."""
+    from voxfit.compile import default_tuning_dir
+
+    if not args.final_trials:
+        return profile, default_tuning_dir(args.work, profile), "bench"
+    db = (args.work / "int8" / profile.name / f"tuning-t{args.final_trials}").resolve()
+    tuning = replace(profile.tuning, trials_per_task=args.final_trials, database_dir=str(db))
+    return replace(profile, tuning=tuning), db, f"bench-t{args.final_trials}"
+
+
 def _peer_vs_best(
     args: Any,
     ctx: SearchContext,
@@ -108,14 +128,14 @@ def _peer_vs_best(
     round, robust to the host's swings that a single re-measure of each is not)."""
     import statistics
 
-    from voxfit.compile import default_tuning_dir
     from voxfit.latency import TvmLocalEstimator, time_onnxruntime
     from voxfit.models import n_mels_of
     from voxfit.search import export_peer
 
     if args.peer_rounds <= 0 or best.plan is None or best.seed is None:
         return None
-    builds = args.work / "search-builds" / "bench"
+    profile, tuning_dir, folder = final_tuning(args, profile)
+    builds = args.work / "search-builds" / folder
     onnx_path = export_peer(ctx.base, builds / "ort-int8-base.onnx", ctx.calibration)
     # the measuring loop exported every measured plan (the peer point is one) just before
     own_path = builds / f"ort-int8-{best.number}.onnx"
@@ -126,9 +146,9 @@ def _peer_vs_best(
     spec = profile.primary_input
     with TvmLocalEstimator(
         profile,
-        args.work / "search-builds" / "bench-peer",
+        args.work / "search-builds" / f"{folder}-peer",
         cost_models_dir=args.cost_models,
-        tuning_dir=default_tuning_dir(args.work, profile),
+        tuning_dir=tuning_dir,
     ) as est:
         for i in range(args.peer_rounds):
             (r,) = est.estimate(model, (spec,))
@@ -375,6 +395,14 @@ def main(argv: list[str] | None = None) -> int:
         "measured at the end: the peer is judged against the fastest of all measured",
     )
     ap.add_argument(
+        "--final-trials",
+        type=int,
+        default=0,
+        help="the peer rounds time the chosen point (picked by the end-of-run measurements "
+        "at the search's tuning) with its tasks tuned N trials each, into the int8 benchmarks' "
+        "database at N, as a deployment tunes the model it ships (0: the search's records)",
+    )
+    ap.add_argument(
         "--checkpoint",
         default=None,
         help="search this trained model (e.g. an elastic one from `voxfit train --elastic`) "
@@ -591,6 +619,9 @@ def main(argv: list[str] | None = None) -> int:
         "space": space.name,
         "storage": args.storage,
         "studies": {n: s.study_name for n, s in studies.items()},
+        # trials per task of the peer rounds' tuning (the profile's unless --final-trials)
+        "peer_trials_per_task": final_tuning(args, measured_profile)[0].tuning.trials_per_task,
+        "peer_tuning_dir": str(final_tuning(args, measured_profile)[1]),
         "provenance": provenance({"optuna": optuna.__version__}, checkpoint=str(ctx.checkpoint)),
     }
     write_result(args.out, result, default=str)
