@@ -56,6 +56,7 @@ from rich.console import Console
 from rich.table import Table
 
 from _common import parser, provenance, resolve_profile, write_result
+from int8 import _profile as _int8_profile
 from voxfit.hw_profiles import HardwareProfile
 from voxfit.search import (
     DEFAULT_SAMPLER,
@@ -109,8 +110,8 @@ def final_tuning(args: Any, profile: HardwareProfile) -> tuple[HardwareProfile, 
     if not args.final_trials:
         return profile, default_tuning_dir(args.work, profile), "bench"
     db = (args.work / "int8" / profile.name / f"tuning-t{args.final_trials}").resolve()
-    tuning = replace(profile.tuning, trials_per_task=args.final_trials, database_dir=str(db))
-    return replace(profile, tuning=tuning), db, f"bench-t{args.final_trials}"
+    # int8.py's own: that database at N trials (the peer rounds time the primary input only)
+    return _int8_profile(profile, db, args.final_trials), db, f"bench-t{args.final_trials}"
 
 
 def _peer_vs_best(
@@ -568,6 +569,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     if peer and peer_point.number == best.number:
         best_row["speedup_vs_fp32_peer_rounds"] = peer["fp32_speedup"]
+    peer_profile, peer_db, _ = final_tuning(args, measured_profile)
     analysis_minutes = (time.monotonic() - t0 - searching) / 60
     result = {
         "hypervolume_ratio_vs_random": hv[samplers[0]] / hv["random"]
@@ -620,8 +622,8 @@ def main(argv: list[str] | None = None) -> int:
         "storage": args.storage,
         "studies": {n: s.study_name for n, s in studies.items()},
         # trials per task of the peer rounds' tuning (the profile's unless --final-trials)
-        "peer_trials_per_task": final_tuning(args, measured_profile)[0].tuning.trials_per_task,
-        "peer_tuning_dir": str(final_tuning(args, measured_profile)[1]),
+        "peer_trials_per_task": peer_profile.tuning.trials_per_task,
+        "peer_tuning_dir": str(peer_db),
         "provenance": provenance({"optuna": optuna.__version__}, checkpoint=str(ctx.checkpoint)),
     }
     write_result(args.out, result, default=str)

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Mapping
-from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -26,8 +25,7 @@ from torch import nn
 from voxfit.errors import ModelError
 from voxfit.models._quantizer import quantize_weight
 from voxfit.models._structure import Layout, StructuredModel, group_size
-
-AdapterKind = Literal["residual", "lora", "merged_lora"]
+from voxfit.plan import AdapterKind
 
 
 class Adapter(nn.Module):
