@@ -148,6 +148,7 @@ def test_local_estimator_measures_with_spread(
     assert r.peak_memory_mb > 0
 
 
+@pytest.mark.alone  # a wall-clock ratio: make test runs it with nothing beside it
 def test_a_model_timed_against_itself_is_relative_one(
     cold: CompileResult, db: Path, tmp_path: Path
 ) -> None:
