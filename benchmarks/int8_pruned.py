@@ -88,6 +88,13 @@ def main(argv: list[str] | None = None) -> int:
         help="the plans' adapters (the fp32 reference keeps residual ones, as a search's "
         "fp32 baseline does); merged_lora: folded into the int8 layer's weight",
     )
+    ap.add_argument(
+        "--w4",
+        default="",
+        help="plans (of --plans) also timed with 4-bit weights in every layer but the head "
+        "(8-bit activations; the head at 8 bits, as the spaces allow), as rows '<plan>_w4' "
+        "built from the same pruned float model",
+    )
     ap.add_argument("--trials", type=int, default=128, help="trials per new int8 task")
     ap.add_argument("--rounds", type=int, default=9)
     ap.add_argument("--repeats", type=int, default=50, help="onnxruntime timing runs")
@@ -97,6 +104,9 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         ap.error(f"--plans: unknown plan(s) {', '.join(unknown)} (choose from {', '.join(PLANS)})")
     plans = {n: PLANS[n] for n in names}
+    w4 = [n for n in args.w4.split(",") if n]
+    if missing := [n for n in w4 if n not in plans]:
+        ap.error(f"--w4: {', '.join(missing)} not among the measured plans ({', '.join(plans)})")
     console = Console()
     t_start = time.monotonic()
     from voxfit.search import SearchContext
@@ -109,6 +119,8 @@ def main(argv: list[str] | None = None) -> int:
     s = base.structure()  # type: ignore[operator]
     blocks = sum(1 for g in s.groups if g.name.endswith(".hidden"))
     w8a8 = tuple(LayerPlan(q, 8, 8) for q in s.quantizable)
+    head = s.quantizable[-1]
+    w4a8 = tuple(LayerPlan(q, 8 if q == head else 4, 8) for q in s.quantizable)
 
     def adapters_of(kind: str) -> tuple[AdapterPlan, ...]:
         n = args.adapters
@@ -128,12 +140,15 @@ def main(argv: list[str] | None = None) -> int:
         return ctx.build(replace(cand, recovery_steps=steps), multiple, args.seed)
 
     floats = {name: float_model(name, r) for name, r in plans.items()}
+    for name in w4:  # the same pruned (distilled) float model, quantized to 4-bit weights
+        floats[f"{name}_w4"] = floats[name]
+        plans[f"{name}_w4"] = plans[name]
 
     def build(name: str, saturation: bool = False) -> torch.nn.Module:
         torch.manual_seed(args.seed)  # the adapters' initialization, the same every run
         return apply(
             floats[name],
-            Candidate(layers=w8a8, adapters=adapters),
+            Candidate(layers=w4a8 if name.endswith("_w4") else w8a8, adapters=adapters),
             channel_multiple=multiple,
             calibration=ctx.calibration,
             int8_pair_saturation=saturation,
@@ -190,6 +205,7 @@ def main(argv: list[str] | None = None) -> int:
     for name in plans:
         rows[name] |= {
             "hidden": plans[name],
+            "weight_bits": 4 if name.endswith("_w4") else 8,
             **accuracy[name],
             "dev_per_delta": accuracy[name]["dev_per"] - fp32_dev,
             **(
