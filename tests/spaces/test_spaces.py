@@ -9,6 +9,7 @@ import pytest
 import yaml
 
 from voxfit.errors import ConfigError
+from voxfit.plan import Candidate, LayerPlan
 from voxfit.spaces import find_space, load_space, params_of, sample, space_from_dict
 
 SPACES = Path(__file__).resolve().parents[2] / "spaces"
@@ -265,8 +266,6 @@ def test_shared_activation_bits_with_optuna_and_the_baselines(tdnn_structure) ->
 def test_shared_activation_bits_refuse_mixed_plans_and_leave_other_hashes_alone(
     tdnn_structure,  # type: ignore[no-untyped-def]
 ) -> None:
-    from voxfit.plan import Candidate, LayerPlan
-
     bound = _shared_space(tdnn_structure)
     first = next(iter(bound.act_bits))
     with pytest.raises(ConfigError, match="not one shared choice"):
@@ -282,3 +281,37 @@ def test_shared_activation_bits_refuse_mixed_plans_and_leave_other_hashes_alone(
     raw["quantization"]["shared_act_bits"] = "yes"
     with pytest.raises(ConfigError, match="quantization.shared_act_bits"):
         space_from_dict(raw, "shared.yaml")
+
+
+def test_int8_weight_bits_narrow_the_weights_at_int8_compute_only(
+    tdnn_structure,  # type: ignore[no-untyped-def]
+) -> None:
+    """At the shared 8-bit width a layer with an int8_weight_bits rule draws from it (here:
+    8 only); at float activations its weight_bits (4, 8, 32) still hold."""
+    raw = _raw()
+    raw["quantization"]["shared_act_bits"] = True
+    raw["quantization"]["int8_weight_bits"] = {"*": [8]}
+    bound = space_from_dict(raw, "int8w.yaml").bind(tdnn_structure)
+    weights: dict[int, set[int]] = {8: set(), 32: set()}
+    for seed in range(60):
+        cand = sample(bound, _Random(seed))
+        (act,) = {cand.layer(n).act_bits for n in bound.act_bits}
+        weights[act] |= {cand.layer(n).weight_bits for n in bound.weight_bits}
+        assert sample(bound, _Replay(params_of(bound, cand))) == cand
+    assert weights[8] == {8}
+    assert weights[32] == {4, 8, 32}
+    w4a8 = Candidate(layers=tuple(LayerPlan(n, 4, 8) for n in bound.act_bits))
+    with pytest.raises(ConfigError, match="wbits@a8:.* = 4 is not offered"):
+        params_of(bound, w4a8)
+    assert "int8_weight_bits" in bound.space.to_dict()["quantization"]
+    assert bound.space.stable_hash() != _shared_space(tdnn_structure).space.stable_hash()
+    raw["quantization"]["int8_weight_bits"] = {"*": [32]}
+    with pytest.raises(ConfigError, match=r"int8w\.yaml: quantization\.int8_weight_bits"):
+        space_from_dict(raw, "int8w.yaml")
+    raw["quantization"]["int8_weight_bits"] = {"head": [4]}  # head's weight_bits: 8, 32
+    with pytest.raises(ConfigError, match="int8_weight_bits: head offers"):
+        space_from_dict(raw, "int8w.yaml").bind(tdnn_structure)
+    raw["quantization"]["int8_weight_bits"] = {"*": [8]}
+    raw["quantization"]["shared_act_bits"] = False
+    with pytest.raises(ConfigError, match="int8_weight_bits: needs shared_act_bits"):
+        space_from_dict(raw, "int8w.yaml")

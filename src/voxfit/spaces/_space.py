@@ -82,6 +82,10 @@ class SearchSpace:
     # a layer with one choice keeps it), and at 8 bits only quantized weights (int8 compute
     # pays only in unbroken int8 chains)
     shared_act_bits: bool = False
+    # with shared_act_bits: the weight bit-widths a layer draws from when the shared width
+    # is 8 (``quantization.int8_weight_bits``; a layer without a rule: its quantized
+    # weight_bits), for profiles where some of them do not pay at int8 compute
+    int8_weight_bits: tuple[Rule, ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
         def rules(rs: tuple[Rule, ...]) -> dict[str, list[Any]]:
@@ -99,6 +103,11 @@ class SearchSpace:
                 "act_bits": rules(self.act_bits),
                 # only when set: the spaces without it keep their hashes (and studies)
                 **({"shared_act_bits": True} if self.shared_act_bits else {}),
+                **(
+                    {"int8_weight_bits": rules(self.int8_weight_bits)}
+                    if self.int8_weight_bits
+                    else {}
+                ),
             },
             "adapters": {"kinds": list(self.adapter_kinds), "slots": rules(self.adapter_slots)},
         }
@@ -132,12 +141,20 @@ class SearchSpace:
             adapters=_resolve(
                 self.adapter_slots, [s.name for s in structure.adapter_slots], self.source
             ),
+            int8_weight_bits=_resolve(self.int8_weight_bits, structure.quantizable, self.source),
         )
         if self.shared_act_bits and not bound.shared_act_choices():
             raise ConfigError(
                 f"{self.source}: quantization.shared_act_bits: the layers' act_bits have no "
                 "choice in common (or no layer has a choice)"
             )
+        for n, choices in bound.int8_weight_bits.items():
+            offered = bound.weight_bits.get(n, (32,))
+            if not set(choices) <= set(offered):
+                raise ConfigError(
+                    f"{self.source}: quantization.int8_weight_bits: {n} offers {list(choices)} "
+                    f"at int8 compute, but its weight_bits are {list(offered)}"
+                )
         return bound
 
 
@@ -150,6 +167,7 @@ class BoundSpace:
     weight_bits: dict[str, tuple[Any, ...]]
     act_bits: dict[str, tuple[Any, ...]]
     adapters: dict[str, tuple[Any, ...]]
+    int8_weight_bits: dict[str, tuple[Any, ...]] = field(default_factory=dict)
 
     def shared_act_choices(self) -> tuple[int, ...]:
         """With ``shared_act_bits``: the activation bit-widths every layer with a choice of
@@ -273,10 +291,19 @@ def space_from_dict(raw: dict[str, Any], source: str = "space") -> SearchSpace:
     wbits: tuple[Rule, ...] = ()
     abits: tuple[Rule, ...] = ()
     shared = False
+    int8_wbits: tuple[Rule, ...] = ()
     if quant is not None:
         wbits = _rules(quant.sub_optional("weight_bits"), _in(WEIGHT_BITS), "bit-width")
         abits = _rules(quant.sub_optional("act_bits"), _in(ACT_BITS), "bit-width")
         shared = quant.get("shared_act_bits", bool, False)
+        int8_wbits = _rules(
+            quant.sub_optional("int8_weight_bits"), _in(tuple(b for b in WEIGHT_BITS if b < 32)),
+            "bit-width",
+        )  # fmt: skip
+        if int8_wbits and not shared:
+            raise quant.error(
+                "int8_weight_bits", "needs shared_act_bits: true (it applies at 8-bit activations)"
+            )
         quant.done()
     adapters = f.sub_optional("adapters")
     slots: tuple[Rule, ...] = ()
@@ -299,6 +326,7 @@ def space_from_dict(raw: dict[str, Any], source: str = "space") -> SearchSpace:
         description=description,
         source=source,
         shared_act_bits=bool(shared),
+        int8_weight_bits=int8_wbits,
     )
 
 
@@ -335,8 +363,9 @@ _LayerParams = tuple[str, tuple[str, tuple[Any, ...]], tuple[str | None, tuple[A
 def _layer_params(space: BoundSpace, shared: int | None) -> list[_LayerParams]:
     """Per quantizable layer: its weight parameter (name, choices) and activation parameter
     (name, choices; name None where the shared ``abits:*`` = ``shared`` decides). A layer at
-    a shared activation width below 32 draws its weights from its quantized choices only,
-    under another name (``wbits@a<bits>:<layer>``: Optuna keeps one choice list per name)."""
+    a shared activation width below 32 draws its weights from its quantized choices only
+    (at 8: its ``int8_weight_bits`` where the space has a rule for it), under another name
+    (``wbits@a<bits>:<layer>``: Optuna keeps one choice list per name)."""
     out: list[_LayerParams] = []
     for n in dict.fromkeys([*space.weight_bits, *space.act_bits]):
         wchoices = space.weight_bits.get(n, (32,))
@@ -344,6 +373,8 @@ def _layer_params(space: BoundSpace, shared: int | None) -> list[_LayerParams]:
         wname = f"wbits:{n}"
         if shared is not None and len(achoices) > 1:
             quantized = tuple(w for w in wchoices if w < 32)
+            if shared == 8 and n in space.int8_weight_bits:
+                quantized = space.int8_weight_bits[n]
             if shared < 32 and quantized and quantized != wchoices:
                 wname, wchoices = f"wbits@a{shared}:{n}", quantized
             out.append((n, (wname, wchoices), (None, achoices)))
