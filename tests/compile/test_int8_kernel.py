@@ -141,12 +141,7 @@ def test_tensorized_conv_is_exact_and_uses_the_intrinsic(tmp_path: Path) -> None
     # Which candidate measures fastest is the benchmarks' question (int8.json): with 4 trials
     # on a loaded host a candidate whose tensorize postproc fell back once won by noise (a
     # clean clone, 2026-12-06). Here: the best tensorized one, in a database of its own.
-    db = ms.database.MemoryDatabase()
-    workload = db.commit_workload(conv.dispatched[0])
-    best = tensorized[0]
-    db.commit_tuning_record(
-        ms.database.TuningRecord(best.trace, workload, best.run_secs, target, best.args_info)
-    )
+    db = _database_of(tensorized[0], conv.dispatched[0], target)
     # the compiled kernel runs the instruction (LLVM IR of the built module)
     sch = ms.tir_integration.compile_tir(db, conv.dispatched[0], target)
     assert sch is not None
@@ -235,7 +230,8 @@ def _tensorized_sample(func: Any, target: tvm.target.Target) -> Any:
 
 
 def _database_of(sch: Any, func: Any, target: tvm.target.Target) -> Any:
-    """A database whose one record is ``sch`` for ``func`` (what the build then applies)."""
+    """A database whose one record is ``sch``'s trace for ``func`` (what the build then
+    applies); ``sch`` a schedule or a tuning record."""
     db = ms.database.MemoryDatabase()
     db.commit_tuning_record(
         ms.database.TuningRecord(
