@@ -297,9 +297,10 @@ def space_from_dict(raw: dict[str, Any], source: str = "space") -> SearchSpace:
         abits = _rules(quant.sub_optional("act_bits"), _in(ACT_BITS), "bit-width")
         shared = quant.get("shared_act_bits", bool, False)
         int8_wbits = _rules(
-            quant.sub_optional("int8_weight_bits"), _in(tuple(b for b in WEIGHT_BITS if b < 32)),
+            quant.sub_optional("int8_weight_bits"),
+            _in(tuple(b for b in WEIGHT_BITS if b < 32)),
             "bit-width",
-        )  # fmt: skip
+        )
         if int8_wbits and not shared:
             raise quant.error(
                 "int8_weight_bits", "needs shared_act_bits: true (it applies at 8-bit activations)"
