@@ -365,6 +365,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--trials", type=int, default=24, help="trials per sampler (equal budget)")
     ap.add_argument("--samplers", default=f"{DEFAULT_SAMPLER},random")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument(
+        "--search-minutes",
+        type=float,
+        default=None,
+        help="start no new trial after this many minutes of each sampler's search (the "
+        "running one finishes; a later run with the same --storage resumes the study)",
+    )
     ap.add_argument("--storage", default="sqlite:///work/search/bench.db")
     ap.add_argument(
         "--predicted",
@@ -448,6 +455,7 @@ def main(argv: list[str] | None = None) -> int:
                 storage=args.storage,
                 study_name=study_name,
                 n_trials=args.trials,
+                timeout_s=None if args.search_minutes is None else 60.0 * args.search_minutes,
                 sampler=name,
                 seed=args.seed,
                 work=args.work,
