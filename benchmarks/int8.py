@@ -132,6 +132,15 @@ def _per_conv(r: LatencyResult) -> list[float]:
     return [ms for name, ms in r.calls if "conv1d" in name]
 
 
+def tuning_dir(work: Path, profile: str, trials: int, family: str | None = None) -> Path:
+    """The int8 benchmarks' tuning database for ``profile`` at ``trials`` per task:
+    ``<work>/int8/<profile>/tuning-t<trials>`` for the TDNN (int8.py, int8_pruned.py and
+    search.py's ``--final-trials`` share it, so each tunes only the tasks the others have
+    not), under ``<profile>/<family>`` for another model family (its class name)."""
+    folder = work / "int8" / profile
+    return (folder / family if family else folder) / f"tuning-t{trials}"
+
+
 def _profile(p: HardwareProfile, db: Path, trials: int) -> HardwareProfile:
     t = replace(p.tuning, database_dir=str(db.resolve()), trials_per_task=trials)
     return replace(p, tuning=t, inputs=p.inputs[:1])
@@ -198,17 +207,17 @@ def main(argv: list[str] | None = None) -> int:
     profile = resolve_profile(args.profile or "x86-avx2-2core")
     frames, threads = profile.primary_input.frames, profile.cores
     torch.set_num_threads(threads)
-    work = args.work / "int8" / profile.name
     if args.checkpoint:
         from voxfit.train import load_checkpoint
 
         base = load_checkpoint(args.checkpoint).model
-        if not isinstance(base, TdnnCtc):  # the TDNN's folder as it always was
-            work = work / type(base).__name__
     else:
         torch.manual_seed(0)
         base = build_model(default_config("tdnn", N_OUTPUTS, "default")).eval()
-    db = work / f"tuning-t{args.trials}"
+    # the TDNN's folder as it always was; another family's under its class name
+    family = None if isinstance(base, TdnnCtc) else type(base).__name__
+    db = tuning_dir(args.work, profile.name, args.trials, family)
+    work = db.parent
     multiple = profile.channel_multiple
     fp32 = apply(base, Candidate(), channel_multiple=multiple)
     int8 = _w8a8(base, multiple, seed=0, pair_safe=args.pair_safe)

@@ -47,7 +47,7 @@ from voxfit.plan import ADAPTER_KINDS, AdapterPlan, Candidate, LayerPlan
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from elastic import hidden_widths  # noqa: E402
-from int8 import _calibration, _profile  # noqa: E402
+from int8 import _calibration, _profile, tuning_dir  # noqa: E402
 from latency import time_ort  # noqa: E402
 
 #: hidden width of each block, repeated over the blocks
@@ -173,8 +173,8 @@ def main(argv: list[str] | None = None) -> int:
     sat = saturates_int8_pairs(profile)
     models = {name: build(name) for name in plans}
     accuracy = {name: scores(build(name, sat)) for name in plans}
-    work = args.work / "int8" / profile.name
-    db = work / f"tuning-t{args.trials}"
+    db = tuning_dir(args.work, profile.name, args.trials)
+    work = db.parent
     onnx = work / "onnx" / "int8-full-of-checkpoint.onnx"
     # the peer: onnxruntime's static int8 of the unpruned base as it is (no adapters)
     peer = apply(floats["full"], Candidate(layers=w8a8), channel_multiple=multiple,

@@ -57,6 +57,7 @@ from rich.table import Table
 
 from _common import parser, provenance, resolve_profile, write_result
 from int8 import _profile as _int8_profile
+from int8 import tuning_dir as _int8_tuning_dir
 from voxfit.hw_profiles import HardwareProfile
 from voxfit.search import (
     DEFAULT_SAMPLER,
@@ -109,7 +110,7 @@ def final_tuning(args: Any, profile: HardwareProfile) -> tuple[HardwareProfile, 
 
     if not args.final_trials:
         return profile, default_tuning_dir(args.work, profile), "bench"
-    db = (args.work / "int8" / profile.name / f"tuning-t{args.final_trials}").resolve()
+    db = _int8_tuning_dir(args.work, profile.name, args.final_trials).resolve()
     # int8.py's own: that database at N trials (the peer rounds time the primary input only)
     return _int8_profile(profile, db, args.final_trials), db, f"bench-t{args.final_trials}"
 
@@ -117,7 +118,7 @@ def final_tuning(args: Any, profile: HardwareProfile) -> tuple[HardwareProfile, 
 def _peer_vs_best(
     args: Any,
     ctx: SearchContext,
-    profile: Any,
+    tuning: tuple[HardwareProfile, Path, str],
     best: TrialRecord,
     fp32_model: Any,
     multiple: int,
@@ -135,7 +136,7 @@ def _peer_vs_best(
 
     if args.peer_rounds <= 0 or best.plan is None or best.seed is None:
         return None
-    profile, tuning_dir, folder = final_tuning(args, profile)
+    profile, tuning_dir, folder = tuning  # final_tuning's
     builds = args.work / "search-builds" / folder
     onnx_path = export_peer(ctx.base, builds / "ort-int8-base.onnx", ctx.calibration)
     # the measuring loop exported every measured plan (the peer point is one) just before
@@ -572,12 +573,18 @@ def main(argv: list[str] | None = None) -> int:
         if (ms := remeasured.get(label)) and within_bounds(row(t, fp32, label))
     ]
     peer_point = min(fastest, key=lambda x: x[0])[1] if fastest else best
+    peer_profile, peer_db, folder = final_tuning(args, measured_profile)
     peer = _peer_vs_best(
-        args, ctx, measured_profile, peer_point, fp32_model, profile.channel_multiple, console
+        args,
+        ctx,
+        (peer_profile, peer_db, folder),
+        peer_point,
+        fp32_model,
+        profile.channel_multiple,
+        console,
     )
     if peer and peer_point.number == best.number:
         best_row["speedup_vs_fp32_peer_rounds"] = peer["fp32_speedup"]
-    peer_profile, peer_db, _ = final_tuning(args, measured_profile)
     analysis_minutes = (time.monotonic() - t0 - searching) / 60
     result = {
         "hypervolume_ratio_vs_random": hv[samplers[0]] / hv["random"]
