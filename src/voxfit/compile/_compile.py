@@ -103,8 +103,10 @@ class _Deploy(nn.Module):
 
     def __init__(self, model: nn.Module, pack: bool = True) -> None:
         super().__init__()
-        # merged LoRA adapters become their layer's weight (a copy when there are any)
-        self.model = copy.deepcopy(merge_adapters(model)).eval()
+        # merged LoRA adapters become their layer's weight (merge_adapters copies the model
+        # when there are any; a model without them is copied here)
+        merged = merge_adapters(model)
+        self.model = (copy.deepcopy(model) if merged is model else merged).eval()
         _fold_batchnorm(self.model)
         # 8-bit-activation convs and linears become one int8 op each (voxfit::qconv1d,
         # voxfit::qlinear), which the TVM importer lowers to int8 compute where it can run
