@@ -5,6 +5,7 @@ groups, then ``voxfit train``, ``search``, ``export`` and ``verify`` from that f
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -82,7 +83,21 @@ def test_a_users_model_is_trained_searched_exported_and_verified_by_the_cli(
     # end all use 40
     fe = json.loads((bundle / "frontend.json").read_text())
     assert fe["model_input"]["feats"]["shape"] == ["batch", "frames", 40]
-    assert ", 40), dtype=" in (bundle / "tvm" / "load_example.py").read_text()
+    loader = bundle / "tvm" / "load_example.py"
+    assert ", 40), dtype=" in loader.read_text()
+    # the loader runs the library with the threads its latency was measured with (TVM's own
+    # default is 1 on a 2-core EPYC VM), unless the caller set them
+    assert f'setdefault("TVM_NUM_THREADS", "{prof["cores"]}")' in loader.read_text()
+    env = {k: v for k, v in os.environ.items() if k != "TVM_NUM_THREADS"}
+    said = "\nprint('threads', os.environ['TVM_NUM_THREADS'])"
+    (lib,) = (bundle / "tvm").glob("*.so")
+    ran = subprocess.run(
+        [sys.executable, "-c", loader.read_text() + said, str(lib)],
+        text=True, capture_output=True, timeout=300, check=False, env=env,
+    )  # fmt: skip
+    assert ran.returncode == 0, ran.stderr[-2000:]
+    assert f"threads {prof['cores']}" in ran.stdout
+    assert "log-probs (1, " in ran.stdout
     out = cli("verify", str(bundle))
     assert "conformance onnxruntime: frame agreement 1.000" in out
     assert "conformance tvm: frame agreement 1.000" in out

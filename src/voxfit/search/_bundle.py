@@ -65,11 +65,16 @@ _LOADER = '''"""Load and run the voxfit TVM library of this bundle (TVM {tvm} ru
     python load_example.py {lib}
 """
 
+import os
 import sys
 
-import numpy as np
-import tvm
-from tvm import relax
+# the threads this bundle's latency was measured with (the profile's cores), unless set:
+# TVM's own default can be fewer (1 on a 2-core AMD EPYC VM, where it ran 2x slower)
+os.environ.setdefault("TVM_NUM_THREADS", "{threads}")
+
+import numpy as np  # noqa: E402
+import tvm  # noqa: E402
+from tvm import relax  # noqa: E402
 
 lib = sys.argv[1] if len(sys.argv) > 1 else "{lib}"
 dev = tvm.cpu(0)  # tvm.cuda(0) for a cuda target; over RPC: remote.load_module(...)
@@ -352,7 +357,11 @@ def export_bundle(
             worker.close()
     (tmp / "tvm" / "load_example.py").write_text(
         _LOADER.format(
-            tvm=_tvm_version(), lib=f"{spec.name}.so", frames=spec.frames, n_mels=n_mels_of(model)
+            tvm=_tvm_version(),
+            lib=f"{spec.name}.so",
+            frames=spec.frames,
+            n_mels=n_mels_of(model),
+            threads=profile.cores,
         )
     )
     arrays = _adapter_arrays(model)
