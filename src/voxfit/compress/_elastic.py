@@ -9,6 +9,9 @@ consumer (``in`` member): for groups without a LayerNorm member that is exactly 
 physically sliced model (``apply`` slices the prefix of an elastic model), which
 :func:`masked` lets tests and training run without copying weights. BatchNorm statistics
 seen by many widths are recalibrated per candidate (``apply`` with calibration batches).
+For a space whose candidates compute in int8 end to end (one shared 8-bit activation
+width), half the sub-network passes run that chain fake-quantized (``int8_layers``), so
+inherited int8 candidates are trained for their quantization as well as their widths.
 """
 
 from __future__ import annotations
@@ -34,7 +37,14 @@ from voxfit.compress._prune import kept_channels, magnitude_scores
 from voxfit.data import FeatureStore, Manifest, PhoneInventory, Utterance, batches, collate
 from voxfit.errors import ConfigError, ModelError
 from voxfit.metrics import phone_error_rate
-from voxfit.models import ELASTIC_ATTR, ChannelGroup, group_size, reorder_group
+from voxfit.models import (
+    ELASTIC_ATTR,
+    ActivationQuantizer,
+    ChannelGroup,
+    group_size,
+    quantize_weight,
+    reorder_group,
+)
 from voxfit.train import TrainConfig
 from voxfit.train._loop import _lr, _spec_augment
 
@@ -56,6 +66,23 @@ class ElasticConfig:
     temperature: float = 1.0
     seed: int = 0
     schema_version: int = 1
+    #: layers that compute in int8 together in the space's candidates (one shared 8-bit
+    #: activation width: :func:`int8_layers_of_space`). A sub-network pass runs them
+    #: fake-quantized (8-bit weights per output channel, uint8 inputs; straight-through
+    #: gradients) with probability ``int8_share``, so an inherited int8 candidate gets
+    #: weights trained for its quantization, not only for its widths. Empty: float passes.
+    int8_layers: tuple[str, ...] = ()
+    int8_share: float = 0.5
+
+    def cache_key(self) -> dict[str, Any]:
+        """What names the trained supernet (the int8 fields only when set, so supernets
+        trained before they existed keep their cache names)."""
+        out = {**asdict(self), "widths": {k: list(v) for k, v in self.widths.items()}}
+        if not self.int8_layers:
+            del out["int8_layers"], out["int8_share"]
+        else:
+            out["int8_layers"] = list(self.int8_layers)
+        return out
 
 
 @dataclass(slots=True)
@@ -66,6 +93,7 @@ class ElasticHistory:
     sub_loss: list[float] = field(default_factory=list)
     minutes: float = 0.0
     steps: int = 0
+    int8_passes: int = 0  # sub-network passes run fake-quantized (ElasticConfig.int8_layers)
 
 
 def elastic_groups(model: nn.Module, widths: Mapping[str, Sequence[float]]) -> list[ChannelGroup]:
@@ -97,6 +125,15 @@ def elastic_groups(model: nn.Module, widths: Mapping[str, Sequence[float]]) -> l
 def widths_of_space(bound: Any) -> dict[str, tuple[float, ...]]:
     """The elastic widths a bound search space offers (its groups with a choice < 1.0)."""
     return {g: tuple(sorted(r)) for g, r in bound.groups.items() if min(r) < 1.0}
+
+
+def int8_layers_of_space(bound: Any) -> tuple[str, ...]:
+    """The layers a bound space runs in int8 together: with one activation width shared by
+    every layer (``shared_act_bits``), those that can take 8 bits. A space drawing widths
+    per layer has no such chain (its candidates mix int8 and float layers): none."""
+    if not bound.space.shared_act_bits:
+        return ()
+    return tuple(sorted(n for n, bits in bound.act_bits.items() if 8 in bits))
 
 
 def order_by_importance(model: nn.Module, groups: Sequence[ChannelGroup]) -> None:
@@ -177,6 +214,71 @@ def _mask_hook(k: int, dim: int) -> Any:
     return hook
 
 
+def _input_widths(
+    model: nn.Module, groups: Sequence[ChannelGroup], widths: Mapping[str, int]
+) -> dict[str, int]:
+    """The input channels each consumer keeps in the sub-network of ``widths`` (masked
+    ones only): module name -> the prefix :func:`masked` passes it."""
+    out = {}
+    for g in groups:
+        k = widths.get(g.name)
+        if k is None or k >= group_size(model, g):
+            continue
+        for m in g.members:
+            if m.side == "in":
+                out[m.module] = k
+    return out
+
+
+def _int8_weight(w: torch.Tensor, k: int | None) -> torch.Tensor:
+    """``w`` fake-quantized to 8 bits as ``apply`` quantizes the sliced layer (per output
+    channel over its first ``k`` input channels; the rest meet masked zeros), with a
+    straight-through gradient."""
+    if k is None:
+        q = quantize_weight(w.detach(), 8)
+    else:
+        q = torch.cat([quantize_weight(w.detach()[:, :k], 8), w.detach()[:, k:]], dim=1)
+    return w + (q - w).detach()
+
+
+def _int8_input(_mod: nn.Module, args: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+    """A layer's input on the uint8 grid of its own range (a candidate's is calibrated on
+    data: the same grid, up to the range), straight-through (ActivationQuantizer's)."""
+    x = args[0]
+    quant = ActivationQuantizer(8)
+    quant.lo, quant.hi = x.detach().min(), x.detach().max()
+    return (quant(x), *args[1:])
+
+
+def subnet_forward(
+    model: nn.Module,
+    feats: torch.Tensor,
+    lengths: torch.Tensor,
+    groups: Sequence[ChannelGroup],
+    widths: Mapping[str, int],
+    int8_layers: Sequence[str] = (),
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The sub-network of ``widths`` run on a batch (:func:`masked`), with ``int8_layers``
+    computing on 8-bit weights and uint8 inputs (fake-quantized, straight-through)."""
+    with masked(model, groups, widths):
+        if not int8_layers:
+            return model(feats, lengths)  # type: ignore[no-any-return]
+        keep = _input_widths(model, groups, widths)
+        handles = [
+            model.get_submodule(n).register_forward_pre_hook(_int8_input) for n in int8_layers
+        ]
+        try:
+            weights = {
+                f"{n}.weight": _int8_weight(model.get_parameter(f"{n}.weight"), keep.get(n))
+                for n in int8_layers
+            }
+            out = torch.func.functional_call(model, weights, (feats, lengths))
+            return out  # type: ignore[no-any-return]
+        finally:
+            for h in handles:
+                h.remove()
+
+
 @torch.no_grad()
 def recalibrate_batchnorm(
     model: nn.Module, batches_: Sequence[tuple[torch.Tensor, torch.Tensor]]
@@ -237,6 +339,13 @@ def train_elastic(
     groups = elastic_groups(model, elastic.widths)
     if not groups:
         raise ConfigError("elastic widths: no group has a width below 1.0")
+    if not 0.0 <= elastic.int8_share <= 1.0:
+        raise ConfigError(f"int8_share: {elastic.int8_share} is not a probability in [0, 1]")
+    for name in elastic.int8_layers:  # an unknown layer fails here, not mid-training
+        try:
+            model.get_parameter(f"{name}.weight")
+        except AttributeError:
+            raise ConfigError(f"int8_layers: {name!r} is not a layer of the model") from None
     torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
     order_by_importance(model, groups)
@@ -286,10 +395,16 @@ def train_elastic(
                 ]
                 sub_losses = []
                 for widths in subs:
+                    # drawn only for a space with an int8 chain (the same draws otherwise)
+                    int8 = bool(elastic.int8_layers) and rng.random() < elastic.int8_share
+                    hist.int8_passes += int8
                     # the running statistics stay the full model's (sub-networks
                     # recalibrate their own when a candidate is built)
-                    with masked(model, groups, widths), frozen_bn_stats(model):
-                        s_lp, _ = model(feats, b.lengths)
+                    with frozen_bn_stats(model):
+                        s_lp, _ = subnet_forward(
+                            model, feats, b.lengths, groups, widths,
+                            elastic.int8_layers if int8 else (),
+                        )  # fmt: skip
                     kd = _kd(s_lp, teacher, lens, elastic.temperature)
                     kd.backward()
                     sub_losses.append(kd.item())
@@ -365,12 +480,7 @@ def train_elastic_cached(
     from voxfit.train import load_checkpoint, manifest_hash, save_checkpoint
 
     base = Path(base_checkpoint).resolve()
-    key_parts = [
-        str(base),
-        base.stat().st_mtime_ns,
-        asdict(cfg),
-        {**asdict(elastic), "widths": {k: list(v) for k, v in elastic.widths.items()}},
-    ]
+    key_parts = [str(base), base.stat().st_mtime_ns, asdict(cfg), elastic.cache_key()]
     key = hashlib.sha256(json.dumps(key_parts, sort_keys=True).encode()).hexdigest()[:12]
     path = base.parent.with_name(f"{base.parent.name}-elastic-{key}") / "checkpoint.pt"
     if path.exists():
@@ -399,6 +509,7 @@ def train_elastic_cached(
             "sub_loss": hist.sub_loss,
             "minutes": hist.minutes,
             "steps": hist.steps,
+            "int8_passes": hist.int8_passes,
             "order": "magnitude",
         },
     }
@@ -437,6 +548,5 @@ def elastic_for_space(
         cfg = replace(cfg, max_minutes=max_minutes)
     if epochs is not None:
         cfg = replace(cfg, epochs=epochs)
-    return train_elastic_cached(
-        base_checkpoint, manifest, store, ElasticConfig(widths=widths), cfg
-    )
+    elastic = ElasticConfig(widths=widths, int8_layers=int8_layers_of_space(bound))
+    return train_elastic_cached(base_checkpoint, manifest, store, elastic, cfg)
