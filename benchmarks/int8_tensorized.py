@@ -4,7 +4,7 @@ workload's best one is.
 An int8 record is one whose trace marks a block for a dot-product intrinsic (the
 ``meta_schedule.auto_tensorize`` annotation of ``MultiLevelTilingWithIntrin``); it is
 tensorized when the trace tensorizes every marked block with it
-(``voxfit.compile._int8.tensorized_as_marked``). Databases tuned before the int8 design
+(``voxfit.compile._int8.tensorize_counts``). Databases tuned before the int8 design
 space dropped fallen-back samples (``_int8.require_tensorized``) hold scalar ones too; the
 build always takes a workload's fastest record, so ``best_scalar`` must be 0.
 
@@ -28,23 +28,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from int8 import tuning_dir  # noqa: E402
 
 
-def _marked(trace: Any) -> set[str]:
-    """The intrinsics ``trace`` marks blocks for."""
-    from voxfit.compile._int8 import AUTO_TENSORIZE
-
-    return {
-        str(i.inputs[1])
-        for i in trace.insts
-        if i.kind.name == "Annotate" and str(i.attrs[0]) == AUTO_TENSORIZE
-    } - {""}
-
-
 def audit(db_dir: Path) -> dict[str, Any]:
     """Per int8 workload of the JSON database in ``db_dir``: its valid records, how many are
     tensorized, and the fastest of each kind (mean run seconds)."""
     from tvm.s_tir import meta_schedule as ms
 
-    from voxfit.compile._int8 import tensorized_as_marked
+    from voxfit.compile._int8 import tensorize_counts
 
     db = ms.database.JSONDatabase(
         path_workload=str(db_dir / "database_workload.json"),
@@ -53,11 +42,11 @@ def audit(db_dir: Path) -> dict[str, Any]:
     )
     by_workload: dict[int, list[tuple[float, bool]]] = {}
     for rec in db.get_all_tuning_records():
-        marked = _marked(rec.trace)
+        marked, tensorized = tensorize_counts(rec.trace)
         secs = [float(s) for s in (rec.run_secs or [])]
         if not marked or not secs or max(secs) >= 1e9:  # not int8, or failed to run
             continue
-        done = all(tensorized_as_marked(rec.trace, m) for m in marked)
+        done = all(tensorized[m] >= n for m, n in marked.items())
         key = hash(rec.workload.mod.script())  # one workload, one script
         by_workload.setdefault(key, []).append((statistics.fmean(secs), done))
     rows = []

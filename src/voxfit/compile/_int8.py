@@ -43,6 +43,7 @@ exactly.
 
 from __future__ import annotations
 
+from collections import Counter
 from typing import Any
 
 import numpy as np
@@ -391,18 +392,27 @@ def qlinear_int8(
     return te.compute((rows, out_features), out, name="dequantize")
 
 
-def tensorized_as_marked(trace: Any, intrin: str) -> bool:
-    """Whether every block that ``trace`` marks for ``intrin`` (the
-    ``meta_schedule.auto_tensorize`` annotation ``MultiLevelTilingWithIntrin`` adds) was
-    tensorized with it: as many ``Tensorize(intrin)`` instructions as such marks."""
-    marked = done = 0
+def tensorize_counts(trace: Any) -> tuple[Counter[str], Counter[str]]:
+    """Per intrinsic: how many blocks ``trace`` marks for it (the
+    ``meta_schedule.auto_tensorize`` annotation ``MultiLevelTilingWithIntrin`` adds) and how
+    many ``Tensorize`` instructions apply it."""
+    marked: Counter[str] = Counter()
+    done: Counter[str] = Counter()
     for inst in trace.insts:
         kind = inst.kind.name
         if kind == "Annotate" and str(inst.attrs[0]) == AUTO_TENSORIZE:
-            marked += str(inst.inputs[1]) == intrin
+            marked[str(inst.inputs[1])] += 1
         elif kind == "Tensorize":
-            done += str(inst.attrs[0]) == intrin
-    return done >= marked
+            done[str(inst.attrs[0])] += 1
+    marked.pop("", None)
+    return marked, done
+
+
+def tensorized_as_marked(trace: Any, intrin: str) -> bool:
+    """Whether every block that ``trace`` marks for ``intrin`` was tensorized with it: as
+    many ``Tensorize(intrin)`` instructions as such marks (:func:`tensorize_counts`)."""
+    marked, done = tensorize_counts(trace)
+    return done[intrin] >= marked[intrin]
 
 
 def require_tensorized(intrin: str) -> Any:
