@@ -246,6 +246,32 @@ def test_training_needs_an_elastic_group(
             )
 
 
+def test_an_elastic_model_trains_on_with_its_prefixes(
+    tiny_manifest: Manifest,
+    tiny_store: FeatureStore,
+    tiny_inventory: PhoneInventory,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A plain model's channels are put in importance order first; a supernet's are not
+    (its prefixes are its sub-networks): training an elastic model again goes on."""
+    import voxfit.compress._elastic as elastic_module
+
+    ordered: list[int] = []
+    monkeypatch.setattr(
+        elastic_module, "order_by_importance", lambda _m, g: ordered.append(len(g))
+    )
+    torch.manual_seed(0)
+    model = build_model(default_config("tdnn", tiny_inventory.size, "tiny"))
+    cfg = replace(train_preset("tiny"), epochs=1, max_minutes=0.02)
+    elastic = ElasticConfig(widths={"blocks.0.hidden": (0.5, 1.0)})
+    train = tiny_manifest.split("train")
+    train_elastic(model, train, tiny_store, tiny_inventory, cfg, elastic)
+    assert ordered == [1]
+    assert elastic_widths(model) == {"blocks.0.hidden": [0.5, 1.0]}  # marked: a supernet
+    train_elastic(model, train, tiny_store, tiny_inventory, cfg, elastic)
+    assert ordered == [1]  # not reordered
+
+
 def test_a_search_of_an_elastic_base_inherits_instead_of_distilling() -> None:
     from types import SimpleNamespace
 

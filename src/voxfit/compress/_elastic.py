@@ -326,7 +326,8 @@ def train_elastic(
     dev_utts: Sequence[Utterance] = (),
 ) -> ElasticHistory:
     """Train ``model`` (in place; a trained base or a fresh one) as an elastic supernet over
-    ``elastic.widths``: channels ordered by importance, then the sandwich rule each step
+    ``elastic.widths``: channels ordered by importance (not those of a model that is already
+    elastic: training goes on with its prefixes), then the sandwich rule each step
     (full model on CTC, the smallest and ``random_subnets`` random sub-networks distilled
     from the full model's posteriors). Same schedule and time cap as :func:`train_base`.
     Marks the model (``ELASTIC_ATTR``) so ``apply`` slices prefixes.
@@ -348,7 +349,10 @@ def train_elastic(
             raise ConfigError(f"int8_layers: {name!r} is not a layer of the model") from None
     torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
-    order_by_importance(model, groups)
+    if elastic_widths(model) is None:
+        order_by_importance(model, groups)
+    else:  # a supernet trained on: its prefixes are its sub-networks, reordering loses them
+        log.info("continuing an elastic model: its channel order (prefixes) kept")
     rng = random.Random(elastic.seed)
     g = torch.Generator().manual_seed(cfg.seed)
     choices = {gr.name: tuple(elastic.widths[gr.name]) for gr in groups}
