@@ -222,18 +222,14 @@ def test_training_needs_an_elastic_group(
     tiny_manifest: Manifest, tiny_store: FeatureStore, tiny_inventory: PhoneInventory
 ) -> None:
     model = _model("tdnn")
-    with pytest.raises(ConfigError, match="no group has a width below 1.0"):
-        train_elastic(
-            model,
-            tiny_manifest.split("train"),
-            tiny_store,
-            tiny_inventory,
-            train_preset("tiny"),
-            ElasticConfig(widths={"stream": (1.0,)}),
-        )
-    for bad, match in (
-        ({"int8_layers": ("blocks.0.nope",)}, "int8_layers: 'blocks.0.nope' is not a layer"),
-        ({"int8_share": 1.5}, "int8_share: 1.5 is not a probability"),
+    narrow = {"blocks.0.hidden": (0.5, 1.0)}
+    for elastic, match in (
+        (ElasticConfig(widths={"stream": (1.0,)}), "no group has a width below 1.0"),
+        (
+            ElasticConfig(widths=narrow, int8_layers=("blocks.0.nope",)),
+            "int8_layers: 'blocks.0.nope' is not a layer",
+        ),
+        (ElasticConfig(widths=narrow, int8_share=1.5), "int8_share: 1.5 is not a probability"),
     ):
         with pytest.raises(ConfigError, match=match):
             train_elastic(
@@ -242,7 +238,7 @@ def test_training_needs_an_elastic_group(
                 tiny_store,
                 tiny_inventory,
                 train_preset("tiny"),
-                ElasticConfig(widths={"blocks.0.hidden": (0.5, 1.0)}, **bad),  # type: ignore[arg-type]
+                elastic,
             )
 
 
