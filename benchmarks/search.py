@@ -574,6 +574,7 @@ def main(argv: list[str] | None = None) -> int:
     ]
     peer_point = min(fastest, key=lambda x: x[0])[1] if fastest else best
     peer_tuning = final_tuning(args, measured_profile)
+    peer_profile, peer_db, _ = peer_tuning
     peer = _peer_vs_best(
         args,
         ctx,
@@ -637,8 +638,8 @@ def main(argv: list[str] | None = None) -> int:
         "storage": args.storage,
         "studies": {n: s.study_name for n, s in studies.items()},
         # trials per task of the peer rounds' tuning (the profile's unless --final-trials)
-        "peer_trials_per_task": peer_tuning[0].tuning.trials_per_task,
-        "peer_tuning_dir": str(peer_tuning[1]),
+        "peer_trials_per_task": peer_profile.tuning.trials_per_task,
+        "peer_tuning_dir": str(peer_db),
         "provenance": provenance({"optuna": optuna.__version__}, checkpoint=str(ctx.checkpoint)),
     }
     write_result(args.out, result, default=str)

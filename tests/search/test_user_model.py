@@ -83,16 +83,16 @@ def test_a_users_model_is_trained_searched_exported_and_verified_by_the_cli(
     # end all use 40
     fe = json.loads((bundle / "frontend.json").read_text())
     assert fe["model_input"]["feats"]["shape"] == ["batch", "frames", 40]
-    loader = bundle / "tvm" / "load_example.py"
-    assert ", 40), dtype=" in loader.read_text()
+    loader = (bundle / "tvm" / "load_example.py").read_text()
+    assert ", 40), dtype=" in loader
     # the loader runs the library with the threads its latency was measured with (TVM's own
     # default is 1 on a 2-core EPYC VM), unless the caller set them
-    assert f'setdefault("TVM_NUM_THREADS", "{prof["cores"]}")' in loader.read_text()
+    assert f'setdefault("TVM_NUM_THREADS", "{prof["cores"]}")' in loader
     env = {k: v for k, v in os.environ.items() if k != "TVM_NUM_THREADS"}
     said = "\nprint('threads', os.environ['TVM_NUM_THREADS'])"
     (lib,) = (bundle / "tvm").glob("*.so")
     ran = subprocess.run(
-        [sys.executable, "-c", loader.read_text() + said, str(lib)],
+        [sys.executable, "-c", loader + said, str(lib)],
         text=True, capture_output=True, timeout=300, check=False, env=env,
     )  # fmt: skip
     assert ran.returncode == 0, ran.stderr[-2000:]

@@ -162,6 +162,22 @@ def prefix_widths(
     }
 
 
+def _input_widths(
+    model: nn.Module, groups: Sequence[ChannelGroup], widths: Mapping[str, int]
+) -> dict[str, int]:
+    """The input channels each consumer keeps in the sub-network of ``widths`` (masked
+    ones only): module name -> its prefix (the smallest, for a consumer of two groups)."""
+    out: dict[str, int] = {}
+    for g in groups:
+        k = widths.get(g.name)
+        if k is None or k >= group_size(model, g):
+            continue
+        for m in g.members:
+            if m.side == "in":
+                out[m.module] = min(k, out.get(m.module, k))
+    return out
+
+
 @contextmanager
 def masked(
     model: nn.Module, groups: Sequence[ChannelGroup], widths: Mapping[str, int]
@@ -171,16 +187,10 @@ def masked(
     channels. The hooks are removed on exit, also after an exception."""
     handles = []
     try:
-        for g in groups:
-            k = widths.get(g.name)
-            if k is None or k >= group_size(model, g):
-                continue
-            for m in g.members:
-                if m.side != "in":
-                    continue
-                mod = model.get_submodule(m.module)
-                dim = 1 if isinstance(mod, nn.Conv1d) else -1
-                handles.append(mod.register_forward_pre_hook(_mask_hook(k, dim)))
+        for name, k in _input_widths(model, groups, widths).items():
+            mod = model.get_submodule(name)
+            dim = 1 if isinstance(mod, nn.Conv1d) else -1
+            handles.append(mod.register_forward_pre_hook(_mask_hook(k, dim)))
         yield model
     finally:
         for h in handles:
@@ -212,22 +222,6 @@ def _mask_hook(k: int, dim: int) -> Any:
         return (x * mask.reshape(shape), *args[1:])
 
     return hook
-
-
-def _input_widths(
-    model: nn.Module, groups: Sequence[ChannelGroup], widths: Mapping[str, int]
-) -> dict[str, int]:
-    """The input channels each consumer keeps in the sub-network of ``widths`` (masked
-    ones only): module name -> the prefix :func:`masked` passes it."""
-    out = {}
-    for g in groups:
-        k = widths.get(g.name)
-        if k is None or k >= group_size(model, g):
-            continue
-        for m in g.members:
-            if m.side == "in":
-                out[m.module] = k
-    return out
 
 
 def _int8_weight(w: torch.Tensor, k: int | None) -> torch.Tensor:
