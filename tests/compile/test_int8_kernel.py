@@ -60,13 +60,15 @@ def test_lanes_follow_the_target() -> None:
     assert not _int8.saturates_pairs(_int8.SDOT_INTRIN)
 
 
-def _module(w: np.ndarray, x_scale: float, x_zero: float, seed: int = 0) -> tvm.IRModule:
+def _module(
+    w: np.ndarray, x_scale: float, x_zero: float, seed: int = 0, time_major: bool = False
+) -> tvm.IRModule:
     rng = np.random.default_rng(seed)
     corr = (int(x_zero) * w.astype(np.int64).sum(axis=(1, 2))).astype("int32")
     scale = (np.float32(x_scale) * rng.uniform(1e-3, 1e-2, OUT)).astype("float32")
     bias = rng.standard_normal(OUT).astype("float32")
     bb = relax.BlockBuilder()
-    x = relax.Var("x", relax.TensorType((1, C, T), "float32"))
+    x = relax.Var("x", relax.TensorType((1, T, C) if time_major else (1, C, T), "float32"))
     with bb.function("main", [x]):
         with bb.dataflow():
             y = bb.emit_te(
@@ -82,6 +84,7 @@ def _module(w: np.ndarray, x_scale: float, x_zero: float, seed: int = 0) -> tvm.
                 1,
                 PAD,
                 D,
+                time_major,
                 primfunc_name_hint=_int8.TASK,
                 primfunc_attrs={"op_pattern": 4},
             )
@@ -112,17 +115,20 @@ def _reference(
 
 @pytest.mark.tvm
 def test_tensorized_conv_is_exact_and_uses_the_intrinsic(tmp_path: Path) -> None:
+    """Both layouts of the kernel: NCW in and out, and time-major (what a chain of int8
+    layers runs, voxfit.compile._layout), tuned in one run."""
     target = tvm.target.Target(AVX2)
     _int8.register()
     rng = np.random.default_rng(1)
     w = rng.integers(-127, 128, (OUT, C, K)).astype(np.int8)
     x_scale, x_zero = 0.01, 5.0  # inputs up to ~2.5: many hit 255, so pairs saturate
-    mod = fuse(_module(w, x_scale, x_zero), target)
-    tasks = ms.relax_integration.extract_tasks(mod, target)
-    assert [t.task_name for t in tasks] == [_int8.TASK]  # quantize, conv, epilogue: one
+    mods = {tm: fuse(_module(w, x_scale, x_zero, time_major=tm), target) for tm in (False, True)}
+    tasks = {tm: ms.relax_integration.extract_tasks(m, target) for tm, m in mods.items()}
+    for found in tasks.values():
+        assert [t.task_name for t in found] == [_int8.TASK]  # quantize, conv, epilogue: one
     db = ms.database.MemoryDatabase()
     spent = tune(
-        tasks,
+        [*tasks[False], *tasks[True]],
         db,
         target,
         trials_per_task=4,
@@ -132,23 +138,8 @@ def test_tensorized_conv_is_exact_and_uses_the_intrinsic(tmp_path: Path) -> None
         runner={"kind": "local", "timeout_s": 30},
         log_dir=tmp_path,
     )
-    assert spent == 4
-    conv = next(t for t in tasks if t.task_name == _int8.TASK)
-    # the tuner's best is tensorized: the design space drops the samples whose
-    # tensorization fell back (require_tensorized), so none of the 4 measured was scalar
-    records = db.get_top_k(db.commit_workload(conv.dispatched[0]), 4)
-    assert len(records) == 4
-    assert all(f'tensor_intrin="{_int8.AVX2_INTRIN}"' in str(r.trace) for r in records)
-    # the compiled kernel runs the instruction (LLVM IR of the built module)
-    sch = ms.tir_integration.compile_tir(db, conv.dispatched[0], target)
-    assert sch is not None
-    ir = tvm.tirx.build(sch.mod, target=target).inspect_source("ll")
-    assert "llvm.x86.avx2.pmadd.ub.sw" in ir
-    assert "llvm.x86.avx2.pmadd.wd" in ir
-
-    vm = relax.VirtualMachine(_compile_fused(db, mod, target), tvm.cpu())
+    assert spent == 8
     x = (np.random.default_rng(2).standard_normal((1, C, T)) * 1.5).astype("float32")
-    got = vm["main"](tvm.runtime.tensor(x)).numpy()[0]
     # recover the integer accumulator from the float epilogue
     rng = np.random.default_rng(0)
     scale = (np.float32(x_scale) * rng.uniform(1e-3, 1e-2, OUT)).astype("float32")
@@ -158,7 +149,26 @@ def test_tensorized_conv_is_exact_and_uses_the_intrinsic(tmp_path: Path) -> None
     exact = _reference(x, w, x_scale, x_zero, saturate=False)
     assert (sat != exact).any()  # the test input does reach saturation
     want = (sat - corr[:, None]).astype("float32") * scale[:, None] + bias[:, None]
-    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)  # bit-exact in integers
+    for tm, mod in mods.items():
+        (conv,) = tasks[tm]
+        # the tuner's best is tensorized: the design space drops the samples whose
+        # tensorization fell back (require_tensorized), so none of the 4 measured was scalar
+        records = db.get_top_k(db.commit_workload(conv.dispatched[0]), 4)
+        assert len(records) == 4
+        assert all(f'tensor_intrin="{_int8.AVX2_INTRIN}"' in str(r.trace) for r in records)
+        # the compiled kernel runs the instruction (LLVM IR of the built module)
+        sch = ms.tir_integration.compile_tir(db, conv.dispatched[0], target)
+        assert sch is not None
+        ir = tvm.tirx.build(sch.mod, target=target).inspect_source("ll")
+        assert "llvm.x86.avx2.pmadd.ub.sw" in ir
+        assert "llvm.x86.avx2.pmadd.wd" in ir
+
+        vm = relax.VirtualMachine(_compile_fused(db, mod, target), tvm.cpu())
+        # time-major: the same values in (1, T, C) in, (1, T, OUT) out
+        feed = np.ascontiguousarray(x.transpose(0, 2, 1)) if tm else x
+        got = vm["main"](tvm.runtime.tensor(feed)).numpy()[0]
+        got = got.T if tm else got
+        np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)  # bit-exact in integers
 
     # 7-bit weights (|w| <= 64): no pair can saturate, the fake-quantized result exactly
     w7 = (w // 2).astype(np.int8)

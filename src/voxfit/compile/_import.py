@@ -45,7 +45,7 @@ Import = Literal["auto", "direct", "decomposed"]
 
 
 def load_program(
-    path: str, how: Import = "auto", int8: bool = True, lanes: int = 0
+    path: str, how: Import = "auto", int8: bool = True, lanes: int = 0, time_major: bool = True
 ) -> tuple[tvm.IRModule, str, str | None, int]:
     """The Relax module of a saved torch.export program.
 
@@ -66,6 +66,9 @@ def load_program(
             dequantized weights; see :func:`int8_support`).
         lanes: the target's dot-product lanes (``_int8.lanes_for``): 8-bit-weight convs
             then take the packed layout the tensor intrinsic reads (0: plain int8 TIR).
+        time_major: tensorized convs read and write time-major tensors, and the
+            transposes between a chain of them cancel (:mod:`._layout`); False keeps
+            them NCW (``benchmarks/int8_layout.py`` times both).
 
     Returns:
         The module, the import used, why ``"auto"`` fell back (None if it did not), and how
@@ -78,7 +81,7 @@ def load_program(
     from tvm.relax.frontend.torch import from_exported_program
 
     ep = torch.export.load(path)
-    qconv = _QConv1dConverter(ep, int8, lanes)
+    qconv = _QConv1dConverter(ep, int8, lanes, time_major)
     fixes = {
         ATTENTION_OP_NAME: _attention,
         "div.Tensor_mode": _div_mode,
@@ -95,16 +98,26 @@ def load_program(
                 mod = from_exported_program(
                     ep, run_ep_decomposition=False, custom_convert_map=fixes
                 )
-            return mod, "direct", None, qconv.count
+            return _chains(mod, qconv), "direct", None, qconv.count
         except (AssertionError, ValueError, TypeError, KeyError, NotImplementedError) as e:
             if how == "direct":
                 raise
             why = f"direct import failed: {type(e).__name__}: {e}"[:300]
             log.info("%s: %s; importing decomposed", path, why)
-    qconv.count = 0
+    qconv.count = qconv.time_major = 0
     with quiet_export():  # torch's decomposition warns of its own deprecations
         mod = from_exported_program(ep, custom_convert_map=fixes)
-    return mod, "decomposed", why, qconv.count
+    return _chains(mod, qconv), "decomposed", why, qconv.count
+
+
+def _chains(mod: tvm.IRModule, qconv: _QConv1dConverter) -> tvm.IRModule:
+    """With time-major int8 convs in ``mod``: the transposes between them cancelled
+    (:func:`._layout.time_major_chains`)."""
+    if not qconv.time_major:
+        return mod
+    from voxfit.compile._layout import time_major_chains
+
+    return time_major_chains(mod)[0]
 
 
 def _needs_decomposition(ep: Any) -> str | None:
@@ -260,11 +273,13 @@ class _QConv1dConverter:
     ``int8=False``: a float32 conv of the dequantized weights (the input is not rounded).
     Counts the layers it converted (``.count``)."""
 
-    def __init__(self, ep: Any, int8: bool, lanes: int = 0) -> None:
+    def __init__(self, ep: Any, int8: bool, lanes: int = 0, time_major: bool = True) -> None:
         self.ep = ep
         self.int8 = int8
         self.lanes = lanes
+        self.tm = time_major
         self.count = 0
+        self.time_major = 0  # tensorized convs emitted time-major
 
     def __call__(self, node: Any, importer: Any) -> relax.Var:
         bb = importer.block_builder
@@ -284,9 +299,12 @@ class _QConv1dConverter:
         if self.lanes and (int(np.abs(w).max()) > 7 or self.lanes == _int8.SIGNED_LANES):
             offset = _int8.act_offset(self.lanes)
             x_q, corr, scale = _int8_constants("qconv1d", w, w_scale, x_scale, x_zero, offset)
-            return bb.emit_te(  # type: ignore[no-any-return]
+            # time-major in and out, between transposes that _layout.time_major_chains
+            # cancels along a chain of int8 layers
+            x_t = bb.emit(relax.op.permute_dims(x, [0, 2, 1])) if self.tm else x
+            y_t = bb.emit_te(
                 _int8.qconv1d_int8,
-                x,
+                x_t,
                 *x_q,
                 relax.const(_int8.pack_int8(w.astype("int8"), self.lanes)),
                 relax.const(corr),
@@ -296,10 +314,15 @@ class _QConv1dConverter:
                 int(stride),
                 int(padding),
                 int(dilation),
+                self.tm,
                 primfunc_name_hint=_int8.TASK,
                 # a conv to FuseOps (kOutEWiseFusable): the elementwise ops after it fuse
                 primfunc_attrs={"op_pattern": 4},
             )
+            if not self.tm:
+                return y_t  # type: ignore[no-any-return]
+            self.time_major += 1
+            return bb.emit(relax.op.permute_dims(y_t, [0, 2, 1]))  # type: ignore[no-any-return]
         x_q, corr, scale = _int8_constants("qconv1d", w, w_scale, x_scale, x_zero)
         q = bb.emit_te(_quantize_u8, x, *x_q, int(padding), primfunc_name_hint="quantize")
         padding = 0

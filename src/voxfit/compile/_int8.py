@@ -264,20 +264,31 @@ def round_u8(value: Any, scale: Any, zero: Any, offset: int = 0) -> Any:
 
 
 def quantize_time_major(
-    x: Any, scale: Any, zero: Any, pad: int, channels: int, offset: int = 0
+    x: Any,
+    scale: Any,
+    zero: Any,
+    pad: int,
+    channels: int,
+    offset: int = 0,
+    time_major: bool = False,
 ) -> Any:
-    """float NCW (1, C, T) -> uint8 (T + 2 pad, C4): ``round_half_even(x / scale) + zero``
-    clamped to [0, 255] (torch's fake quantization), the time padding at the zero point,
-    the channels from C to C4 at 0 (their weights are 0); int8 minus ``offset`` where that
-    is 128 (:func:`act_offset`). MetaSchedule may compute it inside the conv's loops but
-    never inlines it: the intrinsic reads it as a buffer."""
+    """float NCW (1, C, T) (``time_major``: (1, T, C)) -> uint8 (T + 2 pad, C4):
+    ``round_half_even(x / scale) + zero`` clamped to [0, 255] (torch's fake quantization),
+    the time padding at the zero point, the channels from C to C4 at 0 (their weights are
+    0); int8 minus ``offset`` where that is 128 (:func:`act_offset`). MetaSchedule may
+    compute it inside the conv's loops but never inlines it: the intrinsic reads it as a
+    buffer."""
     from tvm import te, tirx
 
-    _, c_in, t_in = x.shape
+    if time_major:
+        _, t_in, c_in = x.shape
+    else:
+        _, c_in, t_in = x.shape
     dtype = "int8" if offset else "uint8"
 
     def f(t: Any, c: Any) -> Any:
-        q = round_u8(x[0, c, t - pad], scale, zero, offset)
+        v = x[0, t - pad, c] if time_major else x[0, c, t - pad]
+        q = round_u8(v, scale, zero, offset)
         inside = tirx.all(t >= pad, t < t_in + pad)
         z = (zero[0] - float(offset)).astype(dtype)
         return tirx.if_then_else(c < c_in, tirx.if_then_else(inside, q, z), tirx.const(0, dtype))
@@ -302,13 +313,18 @@ def qconv1d_int8(
     stride: int,
     padding: int,
     dilation: int,
+    time_major: bool = False,
 ) -> Any:
     """One kernel for an int8 conv layer (steps 1-3 of the module docstring): float NCW
-    ``x`` (1, C, T) in, float NCW ``(1, out_channels, T_out)`` out."""
+    ``x`` (1, C, T) in, float NCW ``(1, out_channels, T_out)`` out; with ``time_major``
+    (1, T, C) in and (1, T_out, out_channels) out, which reads and writes channels
+    contiguously (:mod:`._layout` makes a chain of int8 layers pass such tensors)."""
     from tvm import te
 
     o8, k, c4, lanes, _ = wp.shape
-    xq = quantize_time_major(x, x_scale, x_zero, padding, c4 * 4, act_offset(int(lanes)))
+    xq = quantize_time_major(
+        x, x_scale, x_zero, padding, c4 * 4, act_offset(int(lanes)), time_major
+    )
     t_pad = xq.shape[0]
     t_out = (t_pad - dilation * (k - 1) - 1) // stride + 1
     rk = te.reduce_axis((0, k), name="rk")
@@ -323,13 +339,13 @@ def qconv1d_int8(
         ),
         name=TASK,
     )
-    return te.compute(
-        (1, out_channels, t_out),
-        lambda _, o, t: (
-            (acc[t, o // lanes, o % lanes] - corr[o]).astype("float32") * scale[o] + bias[o]
-        ),
-        name="dequantize",
-    )
+
+    def out(t: Any, o: Any) -> Any:
+        return (acc[t, o // lanes, o % lanes] - corr[o]).astype("float32") * scale[o] + bias[o]
+
+    if time_major:
+        return te.compute((1, t_out, out_channels), lambda _, t, o: out(t, o), name="dequantize")
+    return te.compute((1, out_channels, t_out), lambda _, o, t: out(t, o), name="dequantize")
 
 
 def quantize_rows(x: Any, scale: Any, zero: Any, channels: int, offset: int = 0) -> Any:

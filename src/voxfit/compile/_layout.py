@@ -1,0 +1,126 @@
+"""Time-major int8 chains: the transposes between int8 conv kernels, cancelled in Relax.
+
+The deploy graph is NCW (torch's Conv1d layout), but an int8 conv kernel reads its input
+time-major (one time step's channels are one instruction operand) and accumulates
+time-major (``_int8.qconv1d_int8``). In NCW every such kernel transposes twice: its uint8
+input gathers one channel per row, its float output scatters one. For the pruned convs a
+search keeps that costs as much as the multiply-adds: a 64 -> 256 channel 1x1 conv over 100
+frames took 84 us in NCW and 44 us time-major, tuned alike (64 trials each, AVX2 profile,
+2026-12-07; 256 -> 64 channels k=3: 87 / 63 us; 256 -> 256 k=1: 143 / 86 us).
+
+So the importer emits each int8 conv as ``permute -> time-major kernel -> permute``, and
+:func:`time_major_chains` rewrites the graph so that the elementwise ops between such
+kernels (the folded BatchNorm's multiply and add, ReLU, the residual add) run on the
+time-major tensors and the transposes meet and cancel: ``permute(permute(x))`` is ``x``.
+A transpose survives only where a tensor leaves the chain (a float layer, a reshape, an
+op not listed in :data:`ELEMENTWISE`), and there it is what the NCW kernel did inside.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import tvm
+from tvm import relax
+
+# elementwise Relax ops whose result is the same op of transposed operands transposed
+ELEMENTWISE = frozenset(
+    {
+        "relax.add",
+        "relax.subtract",
+        "relax.multiply",
+        "relax.divide",
+        "relax.maximum",
+        "relax.minimum",
+        "relax.nn.relu",
+        "relax.nn.silu",
+        "relax.nn.gelu",
+        "relax.sigmoid",
+        "relax.tanh",
+        "relax.negative",
+        "relax.exp",
+        "relax.clip",
+    }
+)
+_SWAP = (0, 2, 1)
+
+
+def _rank3(e: Any) -> bool:
+    sinfo = e.ty
+    return isinstance(sinfo, relax.TensorType) and sinfo.ndim == 3
+
+
+def _is_swap(call: Any) -> bool:
+    """``permute_dims(x, [0, 2, 1])`` of a 3-D tensor."""
+    if not isinstance(call, relax.Call) or not isinstance(call.op, tvm.ir.Op):
+        return False
+    if call.op.name != "relax.permute_dims" or not _rank3(call.args[0]):
+        return False
+    axes = call.attrs.axes
+    return axes is not None and tuple(int(a) for a in axes) == _SWAP
+
+
+@relax.expr_functor.mutator
+class _TimeMajor(relax.PyExprMutator):  # type: ignore[misc]
+    """Tracks, for each 3-D var, a var holding its transpose (``self.swapped``), emitting
+    the transposed twin of each elementwise op whose operands all have one; a transpose of
+    a var that has a twin becomes that twin."""
+
+    def __init__(self, mod: tvm.IRModule) -> None:
+        super().__init__(mod)
+        self.swapped: dict[Any, Any] = {}
+        self.cancelled = 0
+
+    def _operand(self, e: Any) -> Any:
+        """``e`` transposed, or None: a var's twin, a constant laid out again."""
+        if isinstance(e, relax.Var):
+            return self.swapped.get(e)
+        if isinstance(e, tvm.ir.expr.Constant):
+            arr: Any = getattr(e, "value", None)
+            if not hasattr(arr, "shape"):  # a scalar value (clip's bounds)
+                return e
+            v = arr.numpy()
+            if v.size == 1:  # a scalar broadcasts the same either way
+                return e
+            if v.ndim <= 3:  # broadcast against a 3-D tensor: leading 1s, then transposed
+                v = v.reshape((1,) * (3 - v.ndim) + v.shape)
+                return relax.const(np.ascontiguousarray(v.transpose(_SWAP)))
+        return None
+
+    def visit_var_binding_(self, binding: Any) -> None:
+        value = self.visit_expr(binding.value)
+        if _is_swap(value) and value.args[0] in self.swapped:
+            value = self.swapped[value.args[0]]  # permute(permute(x)) = x
+            self.cancelled += 1
+        var = binding.var
+        self.builder_.emit_normalized(relax.VarBinding(var, value))
+        if not _rank3(var):
+            return
+        if _is_swap(value):
+            self.swapped[var] = value.args[0]
+            self.swapped.setdefault(value.args[0], var)
+        elif isinstance(value, relax.Var) and value in self.swapped:
+            self.swapped[var] = self.swapped[value]
+        elif (
+            isinstance(value, relax.Call)
+            and isinstance(value.op, tvm.ir.Op)
+            and value.op.name in ELEMENTWISE
+        ):
+            args = [self._operand(a) for a in value.args]
+            if all(a is not None for a in args) and any(isinstance(a, relax.Var) for a in args):
+                twin = self.builder_.emit(relax.Call(value.op, args, value.attrs))
+                self.swapped[var] = twin
+                self.swapped[twin] = var
+
+
+def time_major_chains(mod: tvm.IRModule) -> tuple[tvm.IRModule, int]:
+    """``mod`` with the elementwise ops between transposes moved to the transposed side,
+    so transposes cancel (see the module docstring); then the tensors and kernels nothing
+    reads any more are dropped. Returns the module and how many transposes cancelled."""
+    rewriter = _TimeMajor(mod)
+    funcs = [(gv, f) for gv, f in mod.functions_items() if isinstance(f, relax.Function)]
+    for gv, func in funcs:
+        mod[gv] = rewriter.visit_expr(func)
+    mod = relax.transform.DeadCodeElimination()(mod)
+    return mod, rewriter.cancelled
