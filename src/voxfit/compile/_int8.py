@@ -5,16 +5,17 @@
 An int8 conv1d (``voxfit::qconv1d`` with 8-bit activations) compiles to three steps that
 the x86 and Arm dot-product instructions can run:
 
-1. quantize the float NCW input to uint8 in time-major ``(T + 2 pad, C4)`` layout, padded
-   with the zero point in time and 0 in the channels added to reach a multiple of 4;
+1. quantize the float input (NCW, or time-major where :mod:`._layout` runs a chain of int8
+   layers so) to uint8 in time-major ``(T + 2 pad, C4)`` layout, padded with the zero point
+   in time and 0 in the channels added to reach a multiple of 4;
 2. the reduction ``acc[t, o8, i] = sum_{k, c4, j} xq[t*s + k*d, 4*c4 + j] *
    w[o8, k, c4, i, j]`` over weights packed at build time as ``(O/L, K, C/4, L, 4)`` int8
    (:func:`pack_int8`), whose innermost ``(L, 4)`` block is one instruction's operand: the
    lane count ``L`` is 8 for AVX2 (``vpmaddubsw`` + ``vpmaddwd``), 16 for AVX-512BW
    (the same pair, or ``vpdpbusd`` with VNNI), 4 for Arm's ``sdot``;
-3. the dequantize epilogue: ``(acc - zero * sum(w)) * scale + bias``, written back in
-   NCW, where FuseOps appends the elementwise ops after the conv (folded BatchNorm, ReLU,
-   the residual add).
+3. the dequantize epilogue: ``(acc - zero * sum(w)) * scale + bias``, written back in the
+   input's layout, where FuseOps appends the elementwise ops after the conv (folded
+   BatchNorm, ReLU, the residual add).
 
 All three are one kernel (:func:`qconv1d_int8`): a separate quantize kernel per layer cost
 12 x ~10 us of the base model's 0.88 ms, and unfused elementwise ops another 0.09 ms.
