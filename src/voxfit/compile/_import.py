@@ -104,7 +104,7 @@ def load_program(
                 raise
             why = f"direct import failed: {type(e).__name__}: {e}"[:300]
             log.info("%s: %s; importing decomposed", path, why)
-    qconv.count = qconv.time_major = 0
+    qconv.count = qconv.time_major_convs = 0
     with quiet_export():  # torch's decomposition warns of its own deprecations
         mod = from_exported_program(ep, custom_convert_map=fixes)
     return _chains(mod, qconv), "decomposed", why, qconv.count
@@ -113,7 +113,7 @@ def load_program(
 def _chains(mod: tvm.IRModule, qconv: _QConv1dConverter) -> tvm.IRModule:
     """With time-major int8 convs in ``mod``: the transposes between them cancelled
     (:func:`._layout.time_major_chains`)."""
-    if not qconv.time_major:
+    if not qconv.time_major_convs:
         return mod
     from voxfit.compile._layout import time_major_chains
 
@@ -277,9 +277,9 @@ class _QConv1dConverter:
         self.ep = ep
         self.int8 = int8
         self.lanes = lanes
-        self.tm = time_major
+        self.time_major = time_major
         self.count = 0
-        self.time_major = 0  # tensorized convs emitted time-major
+        self.time_major_convs = 0  # tensorized convs emitted time-major
 
     def __call__(self, node: Any, importer: Any) -> relax.Var:
         bb = importer.block_builder
@@ -301,7 +301,7 @@ class _QConv1dConverter:
             x_q, corr, scale = _int8_constants("qconv1d", w, w_scale, x_scale, x_zero, offset)
             # time-major in and out, between transposes that _layout.time_major_chains
             # cancels along a chain of int8 layers
-            x_t = bb.emit(relax.op.permute_dims(x, [0, 2, 1])) if self.tm else x
+            x_t = bb.emit(relax.op.permute_dims(x, [0, 2, 1])) if self.time_major else x
             y_t = bb.emit_te(
                 _int8.qconv1d_int8,
                 x_t,
@@ -314,14 +314,14 @@ class _QConv1dConverter:
                 int(stride),
                 int(padding),
                 int(dilation),
-                self.tm,
+                self.time_major,
                 primfunc_name_hint=_int8.TASK,
                 # a conv to FuseOps (kOutEWiseFusable): the elementwise ops after it fuse
                 primfunc_attrs={"op_pattern": 4},
             )
-            if not self.tm:
+            if not self.time_major:
                 return y_t  # type: ignore[no-any-return]
-            self.time_major += 1
+            self.time_major_convs += 1
             return bb.emit(relax.op.permute_dims(y_t, [0, 2, 1]))  # type: ignore[no-any-return]
         x_q, corr, scale = _int8_constants("qconv1d", w, w_scale, x_scale, x_zero)
         q = bb.emit_te(_quantize_u8, x, *x_q, int(padding), primfunc_name_hint="quantize")

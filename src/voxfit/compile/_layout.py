@@ -4,9 +4,10 @@ The deploy graph is NCW (torch's Conv1d layout), but an int8 conv kernel reads i
 time-major (one time step's channels are one instruction operand) and accumulates
 time-major (``_int8.qconv1d_int8``). In NCW every such kernel transposes twice: its uint8
 input gathers one channel per row, its float output scatters one. For the pruned convs a
-search keeps that costs as much as the multiply-adds: a 64 -> 256 channel 1x1 conv over 100
-frames took 84 us in NCW and 44 us time-major, tuned alike (64 trials each, AVX2 profile,
-2026-12-07; 256 -> 64 channels k=3: 87 / 63 us; 256 -> 256 k=1: 143 / 86 us).
+search keeps that costs about as much as the multiply-adds: a 64 -> 256 channel 1x1 conv
+over 100 frames took 84 us in NCW and 44 us time-major, tuned alike (an ad hoc script, 64
+trials each, AVX2 profile, 2026-12-07; 256 -> 64 channels k=3: 87 / 63 us; 256 -> 256 k=1:
+143 / 86 us). Whole models: ``benchmarks/int8_layout.py``.
 
 So the importer emits each int8 conv as ``permute -> time-major kernel -> permute``, and
 :func:`time_major_chains` rewrites the graph so that the elementwise ops between such
