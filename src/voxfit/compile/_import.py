@@ -98,12 +98,13 @@ def load_program(
                 mod = from_exported_program(
                     ep, run_ep_decomposition=False, custom_convert_map=fixes
                 )
-            return _chains(mod, qconv), "direct", None, qconv.count
         except (AssertionError, ValueError, TypeError, KeyError, NotImplementedError) as e:
             if how == "direct":
                 raise
             why = f"direct import failed: {type(e).__name__}: {e}"[:300]
             log.info("%s: %s; importing decomposed", path, why)
+        else:  # the layout rewrite's own errors are not an import's to fall back from
+            return _chains(mod, qconv), "direct", None, qconv.count
     qconv.count = qconv.time_major_convs = 0
     with quiet_export():  # torch's decomposition warns of its own deprecations
         mod = from_exported_program(ep, custom_convert_map=fixes)
