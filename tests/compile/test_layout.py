@@ -84,6 +84,27 @@ def test_an_int8_tdnn_runs_time_major_from_input_to_output(tmp_path: Path) -> No
     np.testing.assert_allclose(b[0], ref[0], rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.tvm
+def test_a_plan_that_alternates_int8_and_float_layers_keeps_ncw_kernels(tmp_path: Path) -> None:
+    """Every conv1 int8, every conv2 and the head float: no chain to run time-major, each
+    int8 conv would keep both its transposes as kernels of their own (6% slower measured),
+    so the import is the NCW one."""
+    m = tiny_tdnn()
+    s = m.structure()
+    layers = tuple(
+        LayerPlan(n, 8, 8 if n == "stem" or n.endswith("conv1") else 32) for n in s.quantizable
+    )
+    g = torch.Generator().manual_seed(0)
+    cal = [(torch.randn(2, 64, 80, generator=g), torch.tensor([64, 64])) for _ in range(2)]
+    q = apply(m, Candidate(layers=layers), calibration=cal)
+    program = str(export_program(q, 64, tmp_path / "p.pt2"))
+    got, _, _, n_int8 = load_program(program, int8=True, lanes=8)
+    ncw, *_ = load_program(program, int8=True, lanes=8, time_major=False)
+    assert n_int8 == 1 + len(s.quantizable) // 2 - 1  # the stem and the conv1s
+    tvm.ir.assert_structural_equal(got, ncw)
+    assert _ops(got, "relax.permute_dims") == 2  # the model's own
+
+
 def test_transposes_stay_where_a_tensor_leaves_the_chain() -> None:
     """A stand-in chain: a transpose pair (a kernel's), constants of rank 2, of size 1 and
     of rank 1 (per time step), clip's scalar bounds, then a reduction (not elementwise)

@@ -104,21 +104,31 @@ def load_program(
             why = f"direct import failed: {type(e).__name__}: {e}"[:300]
             log.info("%s: %s; importing decomposed", path, why)
         else:  # the layout rewrite's own errors are not an import's to fall back from
-            return _chains(mod, qconv), "direct", None, qconv.count
+            chained = _chains(mod, qconv)
+            if chained is None:
+                return load_program(path, how, int8, lanes, time_major=False)
+            return chained, "direct", None, qconv.count
     qconv.count = qconv.time_major_convs = 0
     with quiet_export():  # torch's decomposition warns of its own deprecations
         mod = from_exported_program(ep, custom_convert_map=fixes)
-    return _chains(mod, qconv), "decomposed", why, qconv.count
+    chained = _chains(mod, qconv)
+    if chained is None:
+        ncw, done, _, n = load_program(path, "decomposed", int8, lanes, time_major=False)
+        return ncw, done, why, n
+    return chained, "decomposed", why, qconv.count
 
 
-def _chains(mod: tvm.IRModule, qconv: _QConv1dConverter) -> tvm.IRModule:
+def _chains(mod: tvm.IRModule, qconv: _QConv1dConverter) -> tvm.IRModule | None:
     """With time-major int8 convs in ``mod``: the transposes between them cancelled
-    (:func:`._layout.time_major_chains`)."""
+    (:func:`._layout.time_major_chains`); None where more transposes are left than the
+    NCW graph has (each time-major conv brought two), so the NCW import is the faster."""
     if not qconv.time_major_convs:
         return mod
-    from voxfit.compile._layout import time_major_chains
+    from voxfit.compile._layout import time_major_chains, transposes
 
-    return time_major_chains(mod)[0]
+    ncw = transposes(mod) - 2 * qconv.time_major_convs
+    chained, _ = time_major_chains(mod)
+    return chained if transposes(chained) <= ncw else None
 
 
 def _needs_decomposition(ep: Any) -> str | None:

@@ -14,7 +14,10 @@ So the importer emits each int8 conv as ``permute -> time-major kernel -> permut
 kernels (the folded BatchNorm's multiply and add, ReLU, the residual add) run on the
 time-major tensors and the transposes meet and cancel: ``permute(permute(x))`` is ``x``.
 A transpose survives only where a tensor leaves the chain (a float layer, a reshape, an
-op not listed in :data:`ELEMENTWISE`), and there it is what the NCW kernel did inside.
+op not listed in :data:`ELEMENTWISE`), and there it is what the NCW kernel did inside, plus
+a kernel of its own: a plan that alternates int8 and float layers ran 6% slower so (ad hoc,
+2026-12-07), so the importer keeps NCW kernels where the rewrite leaves more transposes
+than the NCW graph has (:func:`transposes`).
 """
 
 from __future__ import annotations
@@ -113,6 +116,20 @@ class _TimeMajor(relax.PyExprMutator):  # type: ignore[misc]
                 twin = self.builder_.emit(relax.Call(value.op, args, value.attrs))
                 self.swapped[var] = twin
                 self.swapped[twin] = var
+
+
+def transposes(mod: tvm.IRModule) -> int:
+    """How many ``permute_dims(x, [0, 2, 1])`` of 3-D tensors ``mod``'s functions hold."""
+    n = 0
+
+    def visit(e: Any) -> None:
+        nonlocal n
+        n += _is_swap(e)
+
+    for _, func in mod.functions_items():
+        if isinstance(func, relax.Function):
+            relax.analysis.post_order_visit(func.body, visit)
+    return n
 
 
 def time_major_chains(mod: tvm.IRModule) -> tuple[tvm.IRModule, int]:
