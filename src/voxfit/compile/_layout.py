@@ -135,7 +135,9 @@ def transposes(mod: tvm.IRModule) -> int:
 def time_major_chains(mod: tvm.IRModule) -> tuple[tvm.IRModule, int]:
     """``mod`` with the elementwise ops between transposes moved to the transposed side,
     so transposes cancel (see the module docstring); then the tensors and kernels nothing
-    reads any more are dropped. Returns the module and how many transposes cancelled."""
+    reads any more are dropped. Returns the module and how many transposes cancelled;
+    ``mod`` itself is left as it was."""
+    mod = mod.clone()  # the functions are replaced below: not in the caller's module
     rewriter = _TimeMajor(mod)
     funcs = [(gv, f) for gv, f in mod.functions_items() if isinstance(f, relax.Function)]
     for gv, func in funcs:
