@@ -302,6 +302,18 @@ def quantize_time_major(
     )
 
 
+def _dequantize(acc: Any, corr: Any, scale: Any, bias: Any) -> Any:
+    """The epilogue of :func:`qconv1d_int8` and :func:`qlinear_int8` at (time step, output
+    channel): ``(acc - zero * sum(w)) * scale + bias`` from the ``(T, O/L, L)`` accumulator
+    (``corr`` holds ``zero * sum(w)`` per channel)."""
+    lanes = acc.shape[2]
+
+    def out(t: Any, o: Any) -> Any:
+        return (acc[t, o // lanes, o % lanes] - corr[o]).astype("float32") * scale[o] + bias[o]
+
+    return out
+
+
 def qconv1d_int8(
     x: Any,
     x_scale: Any,
@@ -341,8 +353,7 @@ def qconv1d_int8(
         name=TASK,
     )
 
-    def out(t: Any, o: Any) -> Any:
-        return (acc[t, o // lanes, o % lanes] - corr[o]).astype("float32") * scale[o] + bias[o]
+    out = _dequantize(acc, corr, scale, bias)
 
     if time_major:
         return te.compute((1, t_out, out_channels), lambda _, t, o: out(t, o), name="dequantize")
@@ -401,8 +412,7 @@ def qlinear_int8(
         name=LINEAR_TASK,
     )
 
-    def out(t: Any, o: Any) -> Any:
-        return (acc[t, o // lanes, o % lanes] - corr[o]).astype("float32") * scale[o] + bias[o]
+    out = _dequantize(acc, corr, scale, bias)
 
     if len(shape) == 3:
         return te.compute((1, rows, out_features), lambda _, t, o: out(t, o), name="dequantize")
