@@ -13,6 +13,7 @@ import torch
 pytest.importorskip("tvm")
 
 import tvm  # noqa: E402
+import tvm_ffi  # noqa: E402
 from tvm import relax  # noqa: E402
 from tvm.s_tir import meta_schedule as ms  # noqa: E402
 
@@ -20,7 +21,7 @@ from tests._tiny import tiny_tdnn  # noqa: E402
 from voxfit.compile._build import _compile_fused, fuse  # noqa: E402
 from voxfit.compile._compile import export_program  # noqa: E402
 from voxfit.compile._import import load_program  # noqa: E402
-from voxfit.compile._layout import time_major_chains  # noqa: E402
+from voxfit.compile._layout import _callee, time_major_chains  # noqa: E402
 from voxfit.compress import apply  # noqa: E402
 from voxfit.plan import Candidate, LayerPlan  # noqa: E402
 
@@ -84,25 +85,80 @@ def test_an_int8_tdnn_runs_time_major_from_input_to_output(tmp_path: Path) -> No
     np.testing.assert_allclose(b[0], ref[0], rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.tvm
-def test_a_plan_that_alternates_int8_and_float_layers_keeps_ncw_kernels(tmp_path: Path) -> None:
-    """Every conv1 int8, every conv2 and the head float: no chain to run time-major, each
-    int8 conv would keep both its transposes as kernels of their own (6% slower measured),
-    so the import is the NCW one."""
+def _program(mod: tvm.IRModule) -> list[tuple[Any, ...]]:
+    """main's bindings in order: each Relax op by name, each ``call_tir`` by its callee's
+    structure (not its name: a module that emitted more kernels numbers them differently)."""
+    out: list[tuple[Any, ...]] = []
+    for b in mod["main"].body.blocks[0].bindings:
+        v = b.value
+        if isinstance(v, relax.Call) and isinstance(v.op, tvm.ir.Op):
+            callee = v.op.name == "relax.call_tir"
+            out.append((v.op.name, tvm_ffi.structural_hash(mod[v.args[0]]) if callee else None))
+        else:
+            out.append((type(v).__name__,))
+    return out
+
+
+def _import_plan(tmp_path: Path, int8_layers: set[str]) -> tuple[Any, str]:
+    """The tiny TDNN with 8-bit activations in ``int8_layers`` (8-bit weights everywhere),
+    exported: (the torch model, its program file)."""
     m = tiny_tdnn()
-    s = m.structure()
-    layers = tuple(
-        LayerPlan(n, 8, 8 if n == "stem" or n.endswith("conv1") else 32) for n in s.quantizable
-    )
+    names = m.structure().quantizable
+    layers = tuple(LayerPlan(n, 8, 8 if n in int8_layers else 32) for n in names)
     g = torch.Generator().manual_seed(0)
     cal = [(torch.randn(2, 64, 80, generator=g), torch.tensor([64, 64])) for _ in range(2)]
     q = apply(m, Candidate(layers=layers), calibration=cal)
-    program = str(export_program(q, 64, tmp_path / "p.pt2"))
+    return q, str(export_program(q, 64, tmp_path / "p.pt2"))
+
+
+@pytest.mark.tvm
+def test_a_plan_that_alternates_int8_and_float_layers_keeps_ncw_kernels(tmp_path: Path) -> None:
+    """Every conv1 int8, every conv2 and the head float: no chain worth running time-major,
+    each int8 conv would keep both its transposes as kernels of their own (6% slower
+    measured), so the import is the NCW one."""
+    _, program = _import_plan(tmp_path, {"stem", "blocks.0.conv1", "blocks.1.conv1"})
     got, _, _, n_int8 = load_program(program, int8=True, lanes=8)
     ncw, *_ = load_program(program, int8=True, lanes=8, time_major=False)
-    assert n_int8 == 1 + len(s.quantizable) // 2 - 1  # the stem and the conv1s
-    tvm.ir.assert_structural_equal(got, ncw)
+    assert n_int8 == 3
+    ncw = relax.transform.DeadCodeElimination()(ncw)
+    assert _program(got) == _program(ncw)
     assert _ops(got, "relax.permute_dims") == 2  # the model's own
+
+
+@pytest.mark.tvm
+def test_an_int8_conv_between_float_layers_runs_ncw_beside_a_time_major_chain(
+    tmp_path: Path,
+) -> None:
+    """blocks.0.conv1 int8 between a float stem and a float conv2: both its transposes would
+    stay, so it keeps its NCW kernel; blocks.1 and the head form a chain that runs
+    time-major (the model's output transpose cancels), so the graph has no more
+    transposes than the NCW one. Taking the whole graph time-major or NCW instead (as
+    before) would leave 4 transposes, or NCW kernels in the chain."""
+    q, program = _import_plan(
+        tmp_path, {"blocks.0.conv1", "blocks.1.conv1", "blocks.1.conv2", "head"}
+    )
+    got, _, _, n_int8 = load_program(program, int8=True, lanes=8)
+    ncw, *_ = load_program(program, int8=True, lanes=8, time_major=False)
+    assert n_int8 == 4
+    # the two convs to 48 channels: blocks.0.conv1 writes NCW, blocks.1.conv1 time-major
+    outs = []
+
+    def visit(e: Any) -> None:
+        if _callee(e) is not None and "conv1d_u8s8" in e.args[0].name_hint:
+            outs.append(tuple(int(d) for d in e.ty.shape.values))
+
+    relax.analysis.post_order_visit(got["main"].body, visit)
+    assert len(outs) == 4
+    assert sorted(o for o in outs if 48 in o) == [(1, 32, 48), (1, 48, 32)]
+    # the model's input transpose (the stem is float) and blocks.1.conv1's input's
+    assert _ops(got, "relax.permute_dims") == _ops(ncw, "relax.permute_dims") == 2
+    x = torch.randn(1, 64, 80, generator=torch.Generator().manual_seed(1)).numpy()
+    (a,) = _run(ncw, x, fused=True)
+    (b,) = _run(got, x, fused=True)
+    np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-5)
+    with torch.no_grad():
+        ref = q(torch.from_numpy(x), torch.tensor([64]))[0].numpy()
+    np.testing.assert_allclose(b[0], ref[0], rtol=1e-4, atol=1e-4)
 
 
 def test_transposes_stay_where_a_tensor_leaves_the_chain() -> None:

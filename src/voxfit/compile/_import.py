@@ -9,7 +9,7 @@ Runs only inside the TVM worker process (see ``_worker``).
 from __future__ import annotations
 
 import logging
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import numpy as np
 import tvm
@@ -66,9 +66,9 @@ def load_program(
             dequantized weights; see :func:`int8_support`).
         lanes: the target's dot-product lanes (``_int8.lanes_for``): 8-bit-weight convs
             then take the packed layout the tensor intrinsic reads (0: plain int8 TIR).
-        time_major: tensorized convs read and write time-major tensors, and the
-            transposes between a chain of them cancel (:mod:`._layout`); False keeps
-            them NCW (``benchmarks/int8_layout.py`` times both).
+        time_major: tensorized convs read and write time-major tensors where the
+            transposes between a chain of them cancel (:mod:`._layout`), NCW elsewhere;
+            False keeps them all NCW (``benchmarks/int8_layout.py`` times both).
 
     Returns:
         The module, the import used, why ``"auto"`` fell back (None if it did not), and how
@@ -103,32 +103,35 @@ def load_program(
                 raise
             why = f"direct import failed: {type(e).__name__}: {e}"[:300]
             log.info("%s: %s; importing decomposed", path, why)
-        else:  # the layout rewrite's own errors are not an import's to fall back from
-            chained = _chains(mod, qconv)
-            if chained is None:
-                return load_program(path, how, int8, lanes, time_major=False)
-            return chained, "direct", None, qconv.count
-    qconv.count = qconv.time_major_convs = 0
+        else:  # the layout decision's own errors are not an import's to fall back from
+            return _chains(mod, qconv), "direct", None, qconv.count
+    qconv.count = 0
+    qconv.twins.clear()
     with quiet_export():  # torch's decomposition warns of its own deprecations
         mod = from_exported_program(ep, custom_convert_map=fixes)
-    chained = _chains(mod, qconv)
-    if chained is None:
-        ncw, done, _, n = load_program(path, "decomposed", int8, lanes, time_major=False)
-        return ncw, done, why, n
-    return chained, "decomposed", why, qconv.count
+    return _chains(mod, qconv), "decomposed", why, qconv.count
 
 
-def _chains(mod: tvm.IRModule, qconv: _QConv1dConverter) -> tvm.IRModule | None:
-    """With time-major int8 convs in ``mod``: the transposes between them cancelled
-    (:func:`._layout.time_major_chains`); None where more transposes are left than the
-    NCW graph has (each time-major conv brought two), so the NCW import is the faster."""
-    if not qconv.time_major_convs:
+def _chains(mod: tvm.IRModule, qconv: _QConv1dConverter) -> tvm.IRModule:
+    """``mod`` with each tensorized conv time-major or NCW (:func:`._layout.choose_layouts`),
+    the other kernel dropped."""
+    if not qconv.twins:
         return mod
-    from voxfit.compile._layout import time_major_chains, transposes
+    from voxfit.compile._layout import choose_layouts
 
-    ncw = transposes(mod) - 2 * qconv.time_major_convs
-    chained, _ = time_major_chains(mod)
-    return chained if transposes(chained) <= ncw else None
+    return choose_layouts(mod, qconv.twins)
+
+
+class _Twins(NamedTuple):
+    """The callees of one conv's two kernels: time-major (between transposes) and NCW."""
+
+    time_major: str
+    ncw: str
+
+
+def _callee(bb: relax.BlockBuilder, var: relax.Var) -> str:
+    """The name of the PrimFunc the ``call_tir`` bound to ``var`` calls."""
+    return str(bb.lookup_binding(var).args[0].name_hint)
 
 
 def _needs_decomposition(ep: Any) -> str | None:
@@ -290,7 +293,8 @@ class _QConv1dConverter:
         self.lanes = lanes
         self.time_major = time_major
         self.count = 0
-        self.time_major_convs = 0  # tensorized convs emitted time-major
+        # each tensorized conv emitted both ways (time-major and NCW kernels' callees)
+        self.twins: list[_Twins] = []
 
     def __call__(self, node: Any, importer: Any) -> relax.Var:
         bb = importer.block_builder
@@ -310,30 +314,37 @@ class _QConv1dConverter:
         if self.lanes and (int(np.abs(w).max()) > 7 or self.lanes == _int8.SIGNED_LANES):
             offset = _int8.act_offset(self.lanes)
             x_q, corr, scale = _int8_constants("qconv1d", w, w_scale, x_scale, x_zero, offset)
-            # time-major in and out, between transposes that _layout.time_major_chains
-            # cancels along a chain of int8 layers
-            x_t = bb.emit(relax.op.permute_dims(x, [0, 2, 1])) if self.time_major else x
-            y_t = bb.emit_te(
-                _int8.qconv1d_int8,
-                x_t,
-                *x_q,
+            consts = (
                 relax.const(_int8.pack_int8(w.astype("int8"), self.lanes)),
                 relax.const(corr),
                 relax.const(scale),
                 relax.const(bias.astype("float32")),
-                int(w.shape[0]),
-                int(stride),
-                int(padding),
-                int(dilation),
-                self.time_major,
-                primfunc_name_hint=_int8.TASK,
-                # a conv to FuseOps (kOutEWiseFusable): the elementwise ops after it fuse
-                primfunc_attrs={"op_pattern": 4},
             )
+            shape = (int(w.shape[0]), int(stride), int(padding), int(dilation))
+
+            def kernel(inp: relax.Expr, time_major: bool) -> relax.Var:
+                return bb.emit_te(  # type: ignore[no-any-return]
+                    _int8.qconv1d_int8,
+                    inp,
+                    *x_q,
+                    *consts,
+                    *shape,
+                    time_major,
+                    primfunc_name_hint=_int8.TASK,
+                    # a conv to FuseOps (kOutEWiseFusable): the elementwise ops after it fuse
+                    primfunc_attrs={"op_pattern": 4},
+                )
+
+            y_ncw = kernel(x, False)
             if not self.time_major:
-                return y_t  # type: ignore[no-any-return]
-            self.time_major_convs += 1
-            return bb.emit(relax.op.permute_dims(y_t, [0, 2, 1]))  # type: ignore[no-any-return]
+                return y_ncw
+            # and time-major, between transposes that _layout.time_major_chains cancels
+            # along a chain of int8 layers; the NCW kernel above stays for the layout
+            # decision (_chains), which keeps one of the two and drops the other
+            y_t = kernel(bb.emit(relax.op.permute_dims(x, [0, 2, 1])), True)
+            y = bb.emit(relax.op.permute_dims(y_t, [0, 2, 1]))
+            self.twins.append(_Twins(_callee(bb, y_t), _callee(bb, y_ncw)))
+            return y  # type: ignore[no-any-return]
         x_q, corr, scale = _int8_constants("qconv1d", w, w_scale, x_scale, x_zero)
         q = bb.emit_te(_quantize_u8, x, *x_q, int(padding), primfunc_name_hint="quantize")
         padding = 0

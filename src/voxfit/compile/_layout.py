@@ -9,19 +9,22 @@ over 100 frames took 84 us in NCW and 44 us time-major, tuned alike (an ad hoc s
 trials each, AVX2 profile, 2026-12-07; 256 -> 64 channels k=3: 87 / 63 us; 256 -> 256 k=1:
 143 / 86 us). Whole models: ``benchmarks/int8_layout.py``.
 
-So the importer emits each int8 conv as ``permute -> time-major kernel -> permute``, and
-:func:`time_major_chains` rewrites the graph so that the elementwise ops between such
-kernels (the folded BatchNorm's multiply and add, ReLU, the residual add) run on the
-time-major tensors and the transposes meet and cancel: ``permute(permute(x))`` is ``x``.
-A transpose survives only where a tensor leaves the chain (a float layer, a reshape, an
-op not listed in :data:`ELEMENTWISE`), and there it is what the NCW kernel did inside, plus
-a kernel of its own: a plan that alternates int8 and float layers ran 6% slower so (ad hoc,
-2026-12-07), so the importer keeps NCW kernels where the rewrite leaves more transposes
-than the NCW graph has (:func:`transposes`).
+So the importer emits each int8 conv both ways: ``permute -> time-major kernel -> permute``
+and the NCW kernel beside it. :func:`time_major_chains` rewrites the graph so that the
+elementwise ops between time-major kernels (the folded BatchNorm's multiply and add, ReLU,
+the residual add) run on the time-major tensors and the transposes meet and cancel:
+``permute(permute(x))`` is ``x``. A transpose survives only where a tensor leaves the chain
+(a float layer, a reshape, an op not listed in :data:`ELEMENTWISE`), and there it is what
+the NCW kernel did inside, plus a kernel of its own: a plan that alternates int8 and float
+layers ran 6% slower so (ad hoc, 2026-12-07). So :func:`choose_layouts` keeps, per conv,
+the NCW kernel where both its transposes would survive (an int8 conv between float
+layers), the time-major one elsewhere, and the NCW graph whole where the result still has
+more transposes than it (:func:`transposes`).
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -144,3 +147,99 @@ def time_major_chains(mod: tvm.IRModule) -> tuple[tvm.IRModule, int]:
         mod[gv] = rewriter.visit_expr(func)
     mod = relax.transform.DeadCodeElimination()(mod)
     return mod, rewriter.cancelled
+
+
+def _bindings(mod: tvm.IRModule) -> list[Any]:
+    """Every ``VarBinding`` of ``mod``'s Relax functions, in order."""
+    return [
+        b
+        for _, f in mod.functions_items()
+        if isinstance(f, relax.Function) and isinstance(f.body, relax.SeqExpr)
+        for block in f.body.blocks
+        for b in block.bindings
+        if isinstance(b, relax.VarBinding)
+    ]
+
+
+def _callee(value: Any) -> str | None:
+    """The name of the PrimFunc a ``call_tir`` calls (None: not a ``call_tir``)."""
+    if not isinstance(value, relax.Call) or not isinstance(value.op, tvm.ir.Op):
+        return None
+    if value.op.name != "relax.call_tir":
+        return None
+    return str(value.args[0].name_hint)
+
+
+@relax.expr_functor.mutator
+class _Ncw(relax.PyExprMutator):  # type: ignore[misc]
+    """Reads each listed conv's NCW kernel where the graph read the transpose of its
+    time-major kernel's output (``self.ncw``: that transpose's var -> the NCW kernel's)."""
+
+    def __init__(self, mod: tvm.IRModule, ncw: dict[Any, Any]) -> None:
+        super().__init__(mod)
+        self.ncw = ncw
+
+    def visit_dataflow_var_(self, op: Any) -> Any:
+        return self.ncw.get(op, op)
+
+    def visit_var_(self, op: Any) -> Any:
+        return self.ncw.get(op, op)
+
+
+def _with_ncw(mod: tvm.IRModule, twins: Sequence[tuple[str, str]], which: set[int]) -> Any:
+    """``mod`` with the convs ``which`` (indices into ``twins``) reading their NCW kernels and
+    the rest their time-major ones; what nothing reads is dropped."""
+    calls = {}  # callee -> var of its call
+    swaps = {}  # var -> var of its transpose
+    for b in _bindings(mod):
+        if (name := _callee(b.value)) is not None:
+            calls[name] = b.var
+        elif _is_swap(b.value):
+            swaps[b.value.args[0]] = b.var
+    # the NCW kernel's output where the time-major one's transpose was read
+    ncw = {swaps[calls[tm]]: calls[nc] for i, (tm, nc) in enumerate(twins) if i in which}
+    mod = mod.clone()
+    funcs = [(gv, f) for gv, f in mod.functions_items() if isinstance(f, relax.Function)]
+    rewriter = _Ncw(mod, ncw)
+    for gv, func in funcs:
+        mod[gv] = rewriter.visit_expr(func)
+    return relax.transform.DeadCodeElimination()(mod)
+
+
+def _stranded(mod: tvm.IRModule, twins: Sequence[tuple[str, str]]) -> set[int]:
+    """The convs (indices into ``twins``) whose time-major kernel in ``mod`` still reads a
+    transpose and is still read through one: neither side joined a chain."""
+    calls = {}
+    swapped = set()  # vars something transposes
+    values = {}
+    for b in _bindings(mod):
+        values[b.var] = b.value
+        if (name := _callee(b.value)) is not None:
+            calls[name] = b
+        elif _is_swap(b.value):
+            swapped.add(b.value.args[0])
+    out = set()
+    for i, (tm, _) in enumerate(twins):
+        if (b := calls.get(tm)) is None:
+            continue
+        x = b.value.args[1][0]
+        if _is_swap(values.get(x)) and b.var in swapped:
+            out.add(i)
+    return out
+
+
+def choose_layouts(mod: tvm.IRModule, twins: Sequence[tuple[str, str]]) -> tvm.IRModule:
+    """Per tensorized conv, its time-major or its NCW kernel (``twins``: their callees, both
+    called in ``mod`` on the same input, the time-major one between transposes): time-major
+    chains (:func:`time_major_chains`), with the NCW kernel where both of a conv's
+    transposes would be left (until no such conv is left); the NCW graph where the result
+    has more transposes than it. The kernels not chosen are dropped."""
+    ncw = _with_ncw(mod, twins, set(range(len(twins))))
+    which: set[int] = set()
+    while True:
+        chained, _ = time_major_chains(_with_ncw(mod, twins, which))
+        stranded = _stranded(chained, twins) - which
+        if not stranded:
+            break
+        which |= stranded
+    return ncw if transposes(chained) > transposes(ncw) else chained
