@@ -21,7 +21,7 @@ from tests._tiny import tiny_tdnn  # noqa: E402
 from voxfit.compile._build import _compile_fused, fuse  # noqa: E402
 from voxfit.compile._compile import export_program  # noqa: E402
 from voxfit.compile._import import load_program  # noqa: E402
-from voxfit.compile._layout import _callee, time_major_chains  # noqa: E402
+from voxfit.compile._layout import callee, time_major_chains  # noqa: E402
 from voxfit.compress import apply  # noqa: E402
 from voxfit.plan import Candidate, LayerPlan  # noqa: E402
 
@@ -144,7 +144,7 @@ def test_an_int8_conv_between_float_layers_runs_ncw_beside_a_time_major_chain(
     outs = []
 
     def visit(e: Any) -> None:
-        if _callee(e) is not None and "conv1d_u8s8" in e.args[0].name_hint:
+        if callee(e) is not None and "conv1d_u8s8" in e.args[0].name_hint:
             outs.append(tuple(int(d) for d in e.ty.shape.values))
 
     relax.analysis.post_order_visit(got["main"].body, visit)

@@ -17,6 +17,7 @@ from tvm import relax
 
 from voxfit._warnings import quiet_export
 from voxfit.compile import _attention as att
+from voxfit.compile._layout import callee, choose_layouts
 from voxfit.compile._qops import (  # importing registers the ops
     LINEAR_OP_NAME,
     OP_NAME,
@@ -115,11 +116,7 @@ def load_program(
 def _chains(mod: tvm.IRModule, qconv: _QConv1dConverter) -> tvm.IRModule:
     """``mod`` with each tensorized conv time-major or NCW (:func:`._layout.choose_layouts`),
     the other kernel dropped."""
-    if not qconv.twins:
-        return mod
-    from voxfit.compile._layout import choose_layouts
-
-    return choose_layouts(mod, qconv.twins)
+    return choose_layouts(mod, qconv.twins) if qconv.twins else mod
 
 
 class _Twins(NamedTuple):
@@ -127,11 +124,6 @@ class _Twins(NamedTuple):
 
     time_major: str
     ncw: str
-
-
-def _callee(bb: relax.BlockBuilder, var: relax.Var) -> str:
-    """The name of the PrimFunc the ``call_tir`` bound to ``var`` calls."""
-    return str(bb.lookup_binding(var).args[0].name_hint)
 
 
 def _needs_decomposition(ep: Any) -> str | None:
@@ -343,7 +335,9 @@ class _QConv1dConverter:
             # decision (_chains), which keeps one of the two and drops the other
             y_t = kernel(bb.emit(relax.op.permute_dims(x, [0, 2, 1])), True)
             y = bb.emit(relax.op.permute_dims(y_t, [0, 2, 1]))
-            self.twins.append(_Twins(_callee(bb, y_t), _callee(bb, y_ncw)))
+            # emit_te binds call_tirs: each has a callee
+            tm, ncw = (str(callee(bb.lookup_binding(v))) for v in (y_t, y_ncw))
+            self.twins.append(_Twins(tm, ncw))
             return y  # type: ignore[no-any-return]
         x_q, corr, scale = _int8_constants("qconv1d", w, w_scale, x_scale, x_zero)
         q = bb.emit_te(_quantize_u8, x, *x_q, int(padding), primfunc_name_hint="quantize")

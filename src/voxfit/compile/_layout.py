@@ -161,7 +161,7 @@ def _bindings(mod: tvm.IRModule) -> list[Any]:
     ]
 
 
-def _callee(value: Any) -> str | None:
+def callee(value: Any) -> str | None:
     """The name of the PrimFunc a ``call_tir`` calls (None: not a ``call_tir``)."""
     if not isinstance(value, relax.Call) or not isinstance(value.op, tvm.ir.Op):
         return None
@@ -192,7 +192,7 @@ def _with_ncw(mod: tvm.IRModule, twins: Sequence[tuple[str, str]], which: set[in
     calls = {}  # callee -> var of its call
     swaps = {}  # var -> var of its transpose
     for b in _bindings(mod):
-        if (name := _callee(b.value)) is not None:
+        if (name := callee(b.value)) is not None:
             calls[name] = b.var
         elif _is_swap(b.value):
             swaps[b.value.args[0]] = b.var
@@ -214,7 +214,7 @@ def _stranded(mod: tvm.IRModule, twins: Sequence[tuple[str, str]]) -> set[int]:
     values = {}
     for b in _bindings(mod):
         values[b.var] = b.value
-        if (name := _callee(b.value)) is not None:
+        if (name := callee(b.value)) is not None:
             calls[name] = b
         elif _is_swap(b.value):
             swapped.add(b.value.args[0])
