@@ -91,9 +91,10 @@ def _program(mod: tvm.IRModule) -> list[tuple[Any, ...]]:
     out: list[tuple[Any, ...]] = []
     for b in mod["main"].body.blocks[0].bindings:
         v = b.value
-        if isinstance(v, relax.Call) and isinstance(v.op, tvm.ir.Op):
-            callee = v.op.name == "relax.call_tir"
-            out.append((v.op.name, tvm_ffi.structural_hash(mod[v.args[0]]) if callee else None))
+        if (name := callee(v)) is not None:
+            out.append(("relax.call_tir", tvm_ffi.structural_hash(mod[name])))
+        elif isinstance(v, relax.Call) and isinstance(v.op, tvm.ir.Op):
+            out.append((v.op.name,))
         else:
             out.append((type(v).__name__,))
     return out

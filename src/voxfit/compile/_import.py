@@ -312,7 +312,7 @@ class _QConv1dConverter:
                 relax.const(scale),
                 relax.const(bias.astype("float32")),
             )
-            shape = (int(w.shape[0]), int(stride), int(padding), int(dilation))
+            conv_args = (int(w.shape[0]), int(stride), int(padding), int(dilation))
 
             def kernel(inp: relax.Expr, time_major: bool) -> relax.Var:
                 return bb.emit_te(  # type: ignore[no-any-return]
@@ -320,7 +320,7 @@ class _QConv1dConverter:
                     inp,
                     *x_q,
                     *consts,
-                    *shape,
+                    *conv_args,
                     time_major,
                     primfunc_name_hint=_int8.TASK,
                     # a conv to FuseOps (kOutEWiseFusable): the elementwise ops after it fuse

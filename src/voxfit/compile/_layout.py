@@ -140,13 +140,19 @@ def time_major_chains(mod: tvm.IRModule) -> tuple[tvm.IRModule, int]:
     so transposes cancel (see the module docstring); then the tensors and kernels nothing
     reads any more are dropped. Returns the module and how many transposes cancelled;
     ``mod`` itself is left as it was."""
-    mod = mod.clone()  # the functions are replaced below: not in the caller's module
+    mod = mod.clone()  # the functions are replaced: not in the caller's module
     rewriter = _TimeMajor(mod)
+    return _rewrite(mod, rewriter), rewriter.cancelled
+
+
+def _rewrite(mod: tvm.IRModule, rewriter: Any) -> tvm.IRModule:
+    """``mod`` (a copy the caller made; its functions are replaced) with every Relax
+    function rewritten by ``rewriter`` (a ``PyExprMutator`` of it), then what nothing reads
+    dropped."""
     funcs = [(gv, f) for gv, f in mod.functions_items() if isinstance(f, relax.Function)]
     for gv, func in funcs:
         mod[gv] = rewriter.visit_expr(func)
-    mod = relax.transform.DeadCodeElimination()(mod)
-    return mod, rewriter.cancelled
+    return relax.transform.DeadCodeElimination()(mod)
 
 
 def _bindings(mod: tvm.IRModule) -> list[Any]:
@@ -186,7 +192,9 @@ class _Ncw(relax.PyExprMutator):  # type: ignore[misc]
         return self.ncw.get(op, op)
 
 
-def _with_ncw(mod: tvm.IRModule, twins: Sequence[tuple[str, str]], which: set[int]) -> Any:
+def _with_ncw(
+    mod: tvm.IRModule, twins: Sequence[tuple[str, str]], which: set[int]
+) -> tvm.IRModule:
     """``mod`` with the convs ``which`` (indices into ``twins``) reading their NCW kernels and
     the rest their time-major ones; what nothing reads is dropped."""
     calls = {}  # callee -> var of its call
@@ -198,12 +206,10 @@ def _with_ncw(mod: tvm.IRModule, twins: Sequence[tuple[str, str]], which: set[in
             swaps[b.value.args[0]] = b.var
     # the NCW kernel's output where the time-major one's transpose was read
     ncw = {swaps[calls[tm]]: calls[nc] for i, (tm, nc) in enumerate(twins) if i in which}
+    if not ncw:  # every conv time-major: only the unread NCW kernels to drop
+        return relax.transform.DeadCodeElimination()(mod)
     mod = mod.clone()
-    funcs = [(gv, f) for gv, f in mod.functions_items() if isinstance(f, relax.Function)]
-    rewriter = _Ncw(mod, ncw)
-    for gv, func in funcs:
-        mod[gv] = rewriter.visit_expr(func)
-    return relax.transform.DeadCodeElimination()(mod)
+    return _rewrite(mod, _Ncw(mod, ncw))
 
 
 def _stranded(mod: tvm.IRModule, twins: Sequence[tuple[str, str]]) -> set[int]:
@@ -234,7 +240,6 @@ def choose_layouts(mod: tvm.IRModule, twins: Sequence[tuple[str, str]]) -> tvm.I
     chains (:func:`time_major_chains`), with the NCW kernel where both of a conv's
     transposes would be left (until no such conv is left); the NCW graph where the result
     has more transposes than it. The kernels not chosen are dropped."""
-    ncw = _with_ncw(mod, twins, set(range(len(twins))))
     which: set[int] = set()
     while True:
         chained, _ = time_major_chains(_with_ncw(mod, twins, which))
@@ -242,4 +247,8 @@ def choose_layouts(mod: tvm.IRModule, twins: Sequence[tuple[str, str]]) -> tvm.I
         if not stranded:
             break
         which |= stranded
-    return ncw if transposes(chained) > transposes(ncw) else chained
+    left = transposes(chained)
+    if not left:  # no graph has fewer (an all-int8 plan): the NCW one need not be built
+        return chained
+    ncw = _with_ncw(mod, twins, set(range(len(twins))))
+    return ncw if left > transposes(ncw) else chained
