@@ -29,6 +29,7 @@ def parser(
     preset: bool = False,
     model: bool = False,
     cost_models: bool = False,
+    peer_isa: bool = False,
 ) -> argparse.ArgumentParser:
     """The parser of benchmark ``name``: ``--work`` and ``--out`` (``results/<name>.json``),
     plus the shared options asked for; the description is the docstring's first line.
@@ -41,6 +42,7 @@ def parser(
         preset: ``--preset tiny|default`` (default ``default``).
         model: ``--model tdnn|conformer`` (default ``tdnn``).
         cost_models: ``--cost-models DIR`` (default ``cost_models``).
+        peer_isa: ``--peer-isa profile|host`` (default ``profile``: see ``restrict_peer``).
     """
     ap = argparse.ArgumentParser(description=(doc or name).strip().splitlines()[0])
     if profile:
@@ -58,8 +60,29 @@ def parser(
     ap.add_argument("--work", type=Path, default=Path("work"))
     if cost_models:
         ap.add_argument("--cost-models", type=Path, default=Path("cost_models"))
+    if peer_isa:
+        ap.add_argument(
+            "--peer-isa",
+            default="profile",
+            choices=["profile", "host"],
+            help="the ISA onnxruntime runs at: the profile's mcpu (CPUID restricted in this "
+            "process where the host has more, e.g. VNNI on an AVX2 profile) or all of the host's",
+        )
     ap.add_argument("--out", type=Path, default=RESULTS / f"{name}.json")
     return ap
+
+
+def restrict_peer(profile: HardwareProfile, peer_isa: str) -> dict[str, Any]:
+    """With ``peer_isa == "profile"`` and a local profile, restrict this process's CPUID to
+    the profile's mcpu before onnxruntime is imported (``voxfit.latency.restrict_cpuid``), so
+    the peer runs the kernels the profile's device would pick, as TVM's code does. Returns
+    what the results file records: the choice and the CPU features hidden."""
+    from voxfit.latency import restrict_cpuid
+
+    hidden: tuple[str, ...] = ()
+    if peer_isa == "profile" and profile.measurement.method == "local":
+        hidden = restrict_cpuid(profile.target)
+    return {"isa": peer_isa, "mcpu": profile.target.get("mcpu"), "hidden": list(hidden)}
 
 
 def resolve_profile(name: str | None) -> HardwareProfile:

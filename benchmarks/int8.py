@@ -10,7 +10,9 @@ int8, onnxruntime int8 (its static QDQ of the same layers) and onnxruntime fp32,
 host's drift cancels in each round's ratios; the keys are medians of the per-round ratios.
 Also: the per-kernel time of both TVM builds by layer kind (``rows``), a second calibration
 of the int8 plan compiled against the database (``int8_retunes_per_calibration``: tasks it
-had to tune), and the int8 output against the fake-quantized torch model.
+had to tune), and the int8 output against the fake-quantized torch model. onnxruntime runs
+at the profile's ISA (``--peer-isa profile``: on a VNNI host an AVX2 profile's peer gets an
+AVX2 CPUID, ``voxfit.latency.restrict_cpuid``), as TVM's code does.
 
     python benchmarks/int8.py [--checkpoint work/models/.../checkpoint.pt] [--rounds 7]
     python benchmarks/int8.py --pair-safe --out benchmarks/results/int8_pair_safe.json
@@ -42,7 +44,7 @@ import torch
 from rich.console import Console
 from torch import nn
 
-from _common import parser, provenance, resolve_profile, write_result
+from _common import parser, provenance, resolve_profile, restrict_peer, write_result
 from voxfit.compile import TvmWorker, compile_model, saturates_int8_pairs
 from voxfit.compress import apply, export_onnx, export_onnx_static_int8, ort_session
 from voxfit.hw_profiles import HardwareProfile
@@ -166,12 +168,14 @@ def front_keys(path: Path) -> dict[str, Any]:
             "dev_per_delta": point.get("dev_per_delta"),
             "post_adapt_per_delta": point.get("post_adapt_per_delta"),
             "vs_ort_int8_same_plan": peer.get("vs_ort_int8_same_plan"),
+            # the ISA onnxruntime ran at in that search (absent: the host's, before --peer-isa)
+            "peer_isa": got.get("peer_isa"),
         },
     }
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = parser("int8", __doc__, profile=True, cost_models=True)
+    ap = parser("int8", __doc__, profile=True, cost_models=True, peer_isa=True)
     ap.add_argument("--checkpoint", type=Path, default=None, help="a trained base (else random)")
     ap.add_argument("--trials", type=int, default=128, help="trials per new int8 task")
     ap.add_argument("--rounds", type=int, default=7)
@@ -205,6 +209,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     t_start = time.monotonic()
     profile = resolve_profile(args.profile or "x86-avx2-2core")
+    peer_isa = restrict_peer(profile, args.peer_isa)
     frames, threads = profile.primary_input.frames, profile.cores
     torch.set_num_threads(threads)
     if args.checkpoint:
@@ -364,6 +369,8 @@ def main(argv: list[str] | None = None) -> int:
         "rounds_ms": rounds,
         "rows": layer_rows,
         "conv_rows": conv_rows,
+        # the ISA onnxruntime ran at (--peer-isa): the CPU features hidden from it
+        "peer_isa": peer_isa,
         "provenance": provenance({"torch": torch.__version__}, wall_s=time.monotonic() - t_start),
     }
     write_result(args.out, result)

@@ -33,7 +33,7 @@ import torch
 from rich.console import Console
 from rich.progress import Progress
 
-from _common import parser, provenance, resolve_profile, write_result
+from _common import parser, provenance, resolve_profile, restrict_peer, write_result
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from int8 import _calibration, _w8a8  # noqa: E402
@@ -48,7 +48,7 @@ def _front_plan(path: Path) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = parser("int8_layout", __doc__, profile=True)
+    ap = parser("int8_layout", __doc__, profile=True, peer_isa=True)
     ap.add_argument("--trials", type=int, default=64, help="tuning trials per task")
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--repeats", type=int, default=50, help="onnxruntime timing runs")
@@ -60,6 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = ap.parse_args(argv)
     profile = resolve_profile(args.profile or "x86-avx2-2core")
+    peer_isa = restrict_peer(profile, args.peer_isa)
     os.environ["TVM_NUM_THREADS"] = str(profile.cores)  # before TVM starts its pool
 
     import tvm
@@ -199,6 +200,8 @@ def main(argv: list[str] | None = None) -> int:
         # tasks the database did not hold yet (a re-run finds them all there)
         "tasks_tuned_this_run": tuned,
         "rounds_ms": rounds,
+        # the ISA onnxruntime ran at (--peer-isa): the CPU features hidden from it
+        "peer_isa": peer_isa,
         "provenance": provenance(wall_s=time.monotonic() - t_start),
     }
     write_result(args.out, result)

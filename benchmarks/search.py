@@ -25,7 +25,10 @@ sampler -- voxfit's default and random search, optionally NSGA-II -- into one SQ
   <= +2.0 points over fp32; the ``--peer-candidates`` fastest such trials are measured too):
   ``front_vs_ort_int8_base`` is the median of peer / that point per round. The fp32
   baseline's library is timed in each round too (``peer.fp32_speedup``, a coarser pairing
-  than the one above, reported beside it). Every measured
+  than the one above, reported beside it). onnxruntime runs at the profile's ISA
+  (``--peer-isa profile``, the default: CPUID restricted to the profile's mcpu in this
+  process, so an AVX2 profile's peer does not run VNNI kernels on a VNNI host; ``peer_isa``
+  records what was hidden). Every measured
   plan is also exported to onnxruntime's static int8 and timed right after its TVM library
   (``ort_int8_same_plan_ms``): our pruning taken to onnxruntime, the other peer. With
   ``--final-trials N`` the peer rounds time that point with its tasks tuned N trials each
@@ -55,7 +58,7 @@ from optuna.trial import FrozenTrial, TrialState
 from rich.console import Console
 from rich.table import Table
 
-from _common import parser, provenance, resolve_profile, write_result
+from _common import parser, provenance, resolve_profile, restrict_peer, write_result
 from int8 import _profile as _int8_profile
 from int8 import tuning_dir as _int8_tuning_dir
 from voxfit.hw_profiles import HardwareProfile
@@ -362,7 +365,9 @@ def _cost_model_figures(path: Path | None, space: str) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = parser("search", __doc__, profile=True, space=True, preset=True, cost_models=True)
+    ap = parser(
+        "search", __doc__, profile=True, space=True, preset=True, cost_models=True, peer_isa=True
+    )
     ap.add_argument("--trials", type=int, default=24, help="trials per sampler (equal budget)")
     ap.add_argument("--samplers", default=f"{DEFAULT_SAMPLER},random")
     ap.add_argument("--seed", type=int, default=0)
@@ -429,6 +434,7 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.monotonic()
     cost_figures = _cost_model_figures(args.cost_model_figures, args.space)
     profile = resolve_profile(args.profile)
+    peer_isa = restrict_peer(profile, args.peer_isa)
     measured_profile = profile
     if args.predicted:
         profile = predicted(profile)
@@ -614,6 +620,8 @@ def main(argv: list[str] | None = None) -> int:
         # onnxruntime's static int8 of the base / the fastest measured point within the
         # accuracy bounds, back to back (None: not run)
         "front_vs_ort_int8_base": peer["ratio"] if peer else None,
+        # the ISA onnxruntime ran at (--peer-isa): the CPU features hidden from it
+        "peer_isa": peer_isa,
         # the profile's cost model on this model's held-out candidates (--cost-model-figures)
         **cost_figures,
         "peer": peer,

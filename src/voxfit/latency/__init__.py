@@ -14,6 +14,7 @@ from voxfit.latency._estimators import (
     summarize,
 )
 from voxfit.latency._farm import Farm, FarmError, hosted, local_farm, tracker_state
+from voxfit.latency._isa import features_beyond, restrict_cpuid
 from voxfit.latency._ort import time_onnxruntime
 from voxfit.latency._stack import (
     LatencyPredictor,
@@ -51,5 +52,7 @@ __all__ = [
     "should_measure",
     "summarize",
     "time_onnxruntime",
+    "features_beyond",
+    "restrict_cpuid",
     "tracker_state",
 ]
