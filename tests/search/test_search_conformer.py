@@ -15,6 +15,8 @@ import yaml
 
 from tests._tiny import CI_TINY_CONFORMER_SPACE
 from voxfit.data import Manifest
+from voxfit.hw_profiles import host_cpu_flags
+from voxfit.latency import features_beyond
 from voxfit.search import record_of
 
 pytestmark = [pytest.mark.slow, pytest.mark.tvm]
@@ -60,6 +62,12 @@ def test_a_tiny_conformer_study_searches_exports_and_verifies(
     peer = study.user_attrs["peer"]
     assert len(peer["rounds"]) == 3
     assert all(r["peer_ms"] > 0 and r["tvm_base_ms"] > 0 for r in peer["rounds"])
+    # onnxruntime ran at the profile's ISA (haswell): what this host has beyond it was hidden
+    beyond = features_beyond(prof["target"], host_cpu_flags())
+    if "cpuid_fault" in host_cpu_flags():
+        assert peer["isa"] == {"mcpu": "haswell", "hidden": list(beyond), "beyond_target": []}
+    else:
+        assert peer["isa"]["beyond_target"] == list(beyond)
     assert "x ORT int8 base" in r.stdout
     from voxfit.search import front_table, peer_latency_ms
 

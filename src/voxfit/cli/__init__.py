@@ -32,6 +32,7 @@ from voxfit.errors import ConfigError, VoxfitError
 
 if TYPE_CHECKING:
     from voxfit.data import Manifest
+    from voxfit.hw_profiles import HardwareProfile
     from voxfit.train import FoundationReport
 
 __all__ = ["app", "main", "print_report"]
@@ -421,6 +422,8 @@ def search(
     sp.bind(build_named(model, 2, preset).structure())  # type: ignore[operator]
     if checkpoint is not None and not checkpoint.is_file():
         raise ConfigError(f"--checkpoint: {checkpoint} is not a file")
+    if peer and prof.measurement.method == "local":  # before anything imports onnxruntime
+        _peer_at_profile_isa(prof)
     ctx = SearchContext.prepare(
         preset=preset, model=model, work=work, manifest=manifest, checkpoint=checkpoint
     )
@@ -451,6 +454,22 @@ def search(
     st = run_search(settings, ctx)
     _print_front(front_table(st), f"Pareto front of {name} ({prof.name})")
     console.print(f"study {name} in {storage}; review: voxfit report --study {name}")
+
+
+def _peer_at_profile_isa(prof: HardwareProfile) -> None:
+    """Restrict this process's CPUID to the profile's mcpu before onnxruntime is imported,
+    so the peer runs the kernels the profile's device would (on a VNNI host, an AVX2
+    profile's peer runs AVX2 kernels, as TVM's code does). Where that cannot be done the
+    search goes on and the peer records the ISA it ran at."""
+    from voxfit.latency import restrict_cpuid
+
+    try:
+        hidden = restrict_cpuid(prof.target)
+    except VoxfitError as e:
+        console.print(f"[yellow]peer at the host's ISA, not {prof.name}'s: {e}")
+        return
+    if hidden:
+        console.print(f"peer at {prof.name}'s ISA: CPUID hides {', '.join(hidden)}")
 
 
 def _print_front(rows: list[dict], title: str) -> None:  # type: ignore[type-arg]

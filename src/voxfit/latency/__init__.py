@@ -14,7 +14,7 @@ from voxfit.latency._estimators import (
     summarize,
 )
 from voxfit.latency._farm import Farm, FarmError, hosted, local_farm, tracker_state
-from voxfit.latency._isa import features_beyond, restrict_cpuid
+from voxfit.latency._isa import features_beyond, peer_isa, restrict_cpuid
 from voxfit.latency._ort import time_onnxruntime
 from voxfit.latency._stack import (
     LatencyPredictor,
@@ -53,6 +53,7 @@ __all__ = [
     "summarize",
     "time_onnxruntime",
     "features_beyond",
+    "peer_isa",
     "restrict_cpuid",
     "tracker_state",
 ]

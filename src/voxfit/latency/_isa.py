@@ -67,6 +67,7 @@ _FEATURES: dict[str, tuple[str, int, int, int, int]] = {
 # register state that goes with a feature (CPUID leaf 0xD, subleaf 0, eax: the XCR0 bits the
 # CPU supports): YMM for AVX, opmask and ZMM for AVX-512, tile config and data for AMX
 _STATE: dict[str, tuple[int, ...]] = {"avx": (2,), "avx512f": (5, 6, 7), "amx-tile": (17, 18)}
+_hidden: tuple[str, ...] = ()  # what restrict_cpuid hid in this process
 
 
 def mcpu_features(mcpu: str) -> frozenset[str]:
@@ -159,7 +160,28 @@ def restrict_cpuid(target: Mapping[str, Any]) -> tuple[str, ...]:
             f"cannot restrict CPUID to mcpu {target.get('mcpu')!r}: arch_prctl(ARCH_SET_CPUID) "
             f"failed ({os.strerror(err)}); this CPU or hypervisor has no CPUID faulting"
         )
+    global _hidden
+    _hidden = hidden
     return hidden
+
+
+def hidden_features() -> tuple[str, ...]:
+    """What :func:`restrict_cpuid` hid from this process's CPUID (LLVM names; empty: none)."""
+    return _hidden
+
+
+def peer_isa(target: Mapping[str, Any]) -> dict[str, Any]:
+    """Which ISA onnxruntime runs at here against ``target``: the features this process
+    hides (``hidden``) and those the host has beyond the target's mcpu that it does not
+    (``beyond_target``: non-empty, the peer may use instructions TVM's code may not)."""
+    from voxfit.hw_profiles import host_cpu_flags
+
+    beyond = features_beyond(target, host_cpu_flags())
+    return {
+        "mcpu": target.get("mcpu"),
+        "hidden": list(_hidden),
+        "beyond_target": [n for n in beyond if n not in _hidden],
+    }
 
 
 def cpuid(leaf: int, subleaf: int = 0) -> tuple[int, int, int, int]:

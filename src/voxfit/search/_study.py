@@ -561,10 +561,17 @@ def measure_peer(
     if s.profile.measurement.method != "local":
         return None
     from voxfit.compile import default_tuning_dir
-    from voxfit.latency import TvmLocalEstimator, time_onnxruntime
+    from voxfit.latency import TvmLocalEstimator, peer_isa, time_onnxruntime
     from voxfit.models import n_mels_of
 
     t0 = time.monotonic()
+    isa = peer_isa(s.profile.target)
+    if isa["beyond_target"]:
+        log.warning(
+            "peer: onnxruntime may use %s, which %s (mcpu %s) lacks: `voxfit search` "
+            "restricts it to the profile's ISA",
+            ", ".join(isa["beyond_target"]), s.profile.name, isa["mcpu"],
+        )  # fmt: skip
     frames = s.profile.primary_input.frames
     try:
         onnx_path = export_peer(
@@ -597,6 +604,8 @@ def measure_peer(
         "threads": s.profile.cores,
         "input": s.profile.primary_input.name,
         "seconds": time.monotonic() - t0,
+        # the CPU features hidden from onnxruntime, and those it had beyond the profile
+        "isa": isa,
     }
     study.set_user_attr("peer", peer)
     log.info(
