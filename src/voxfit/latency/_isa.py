@@ -7,9 +7,9 @@ onnxruntime" measures two ISAs. :func:`restrict_cpuid` makes CPUID report only w
 profile's ``mcpu`` has (LLVM's feature list for it, through TVM), with Linux's CPUID
 faulting and a small trap handler (``cpuid_mask.c``, built with the system C compiler on
 first use), as Intel SDE's CPU models do for a whole program. It must run before onnxruntime
-is imported; it holds for this process and the threads it starts, not for programs it
-executes (TVM's builder and runner workers keep the whole CPU: their code is compiled for
-the profile anyway).
+is imported; it holds for the calling thread and every thread started after it (so call it
+early, before thread pools start), not for programs the process executes (TVM's builder and
+runner workers keep the whole CPU: their code is compiled for the profile anyway).
 """
 
 from __future__ import annotations
