@@ -165,11 +165,6 @@ def restrict_cpuid(target: Mapping[str, Any]) -> tuple[str, ...]:
     return hidden
 
 
-def hidden_features() -> tuple[str, ...]:
-    """What :func:`restrict_cpuid` hid from this process's CPUID (LLVM names; empty: none)."""
-    return _hidden
-
-
 def peer_isa(target: Mapping[str, Any]) -> dict[str, Any]:
     """Which ISA onnxruntime runs at here against ``target``: the features this process
     hides (``hidden``) and those the host has beyond the target's mcpu that it does not
