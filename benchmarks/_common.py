@@ -76,13 +76,15 @@ def restrict_peer(profile: HardwareProfile, peer_isa: str) -> dict[str, Any]:
     """With ``peer_isa == "profile"`` and a local profile, restrict this process's CPUID to
     the profile's mcpu before onnxruntime is imported (``voxfit.latency.restrict_cpuid``), so
     the peer runs the kernels the profile's device would pick, as TVM's code does. Returns
-    what the results file records: the choice and the CPU features hidden."""
+    what the results file records: the choice, and ``voxfit.latency.peer_isa``'s record (the
+    features hidden, those the host has beyond the profile that were not), as a study's
+    ``peer`` attribute records it."""
+    from voxfit.latency import peer_isa as isa_record
     from voxfit.latency import restrict_cpuid
 
-    hidden: tuple[str, ...] = ()
     if peer_isa == "profile" and profile.measurement.method == "local":
-        hidden = restrict_cpuid(profile.target)
-    return {"isa": peer_isa, "mcpu": profile.target.get("mcpu"), "hidden": list(hidden)}
+        restrict_cpuid(profile.target)
+    return {"isa": peer_isa, **isa_record(profile.target)}
 
 
 def resolve_profile(name: str | None) -> HardwareProfile:

@@ -186,8 +186,8 @@ def main(argv: list[str] | None = None) -> int:
         "threads": threads,
         "trials_per_task": args.trials,
         "front": front,
-        # onnxruntime's MLAS picks its u8 x s8 kernels by CPUID: VNNI ones where the host
-        # has it, whatever the profile's TVM target is
+        # the host's VNNI flags: onnxruntime's MLAS picks VNNI u8 x s8 kernels where CPUID
+        # reports them, so only where peer_isa (below) did not hide them
         "host_vnni": sorted(f for f in host_cpu_flags() if "vnni" in f),
         "tm_vs_ncw_base": med(lambda r: r["base_ncw"] / r["base_tm"]),
         "tm_vs_ncw_front": med(lambda r: r["front_ncw"] / r["front_tm"]),

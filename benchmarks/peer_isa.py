@@ -46,12 +46,13 @@ def child(argv: list[str]) -> int:
     args = ap.parse_args(argv)
     from voxfit.latency import restrict_cpuid
 
-    target = resolve_profile(args.profile).target
-    hidden = restrict_cpuid(target) if args.child == "profile" else ()
+    profile = resolve_profile(args.profile)
+    hidden = restrict_cpuid(profile.target) if args.child == "profile" else ()
     from voxfit.latency import time_onnxruntime
 
+    frames = profile.primary_input.frames
     ms = {
-        m.stem: time_onnxruntime(m, 100, args.threads, args.repeats)["median_ms"]
+        m.stem: time_onnxruntime(m, frames, args.threads, args.repeats)["median_ms"]
         for m in args.models
     }
     print(json.dumps({"hidden": list(hidden), "ms": ms}))
